@@ -1,0 +1,5 @@
+"""The ``dbnode`` command (installed as ``dbnode.cli``)."""
+
+from .main import main
+
+__all__ = ["main"]

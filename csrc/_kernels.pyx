@@ -1,0 +1,646 @@
+"""Compiled numerical kernels of dbnode (built as ``dbnode._kernels``).
+
+Three tiers, as in scikit-learn's kernels:
+
+1. ``cdef ... noexcept nogil`` cores over raw pointers, fused over
+   float/double, written as flat loops the compiler vectorizes;
+2. ``def`` entry points that check dtype, shape, contiguity and writability
+   in C (a few hundred nanoseconds; typed memoryviews cost microseconds per
+   argument, which matters for small layers), then run a core without the
+   GIL, split across OpenMP threads when the array is large enough to pay
+   for it;
+3. the Python wrapper ``dbnode.kernels`` that allocates outputs and
+   normalizes layouts.
+
+GEMM is not here: it goes to numpy's BLAS (``np.matmul(..., out=)``). These
+kernels are the memory-bound passes around it, each fused into one sweep.
+"""
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.float cimport DBL_MIN, FLT_MIN
+from libc.math cimport exp, expf, log, logf, sqrt, sqrtf, tanh, tanhf
+from libc.string cimport memcpy
+
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #if DBNODE_OPENMP
+    #include <omp.h>
+    static int dbnode_max_threads(void) { return omp_get_max_threads(); }
+    static void dbnode_set_threads(int n) { omp_set_num_threads(n); }
+    #else
+    static int dbnode_max_threads(void) { return 1; }
+    static void dbnode_set_threads(int n) { (void)n; }
+    #endif
+    """
+    const char* DBNODE_SOURCE_HASH
+    int DBNODE_OPENMP
+    int dbnode_max_threads() noexcept nogil
+    void dbnode_set_threads(int n) noexcept nogil
+
+# Bumped whenever a signature or a semantic of this module changes; the
+# Python wrapper refuses to run against a module built from other sources.
+KERNELS_API = 1
+SOURCE_HASH = DBNODE_SOURCE_HASH.decode()
+OPENMP = bool(DBNODE_OPENMP)
+
+# Activation codes shared with dbnode.kernels.ACTIVATIONS.
+cdef enum:
+    LINEAR = 0
+    SIGMOID = 1
+    TANH = 2
+    RELU = 3
+    SOFTMAX = 4
+
+# Below this many elements a pass stays on one thread: waking the OpenMP
+# team costs more than it saves.
+cdef Py_ssize_t PARALLEL_MIN = 1 << 15
+
+
+def max_threads():
+    """Threads the parallel kernels use (1 in a build without OpenMP)."""
+    return dbnode_max_threads()
+
+
+def set_threads(int n):
+    """Set the number of OpenMP threads the parallel kernels use."""
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    dbnode_set_threads(n)
+
+
+# ---------------------------------------------------------------- checking
+
+cdef inline int _dtype_of(cnp.ndarray a, str name) except -1:
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        raise TypeError(f"{name}: dtype must be float32 or float64, got {a.dtype}")
+    return t
+
+
+cdef inline int _check(cnp.ndarray a, str name, int dtype, bint writable) except -1:
+    """Same dtype as the first operand, C-contiguous, writable if an output."""
+    if cnp.PyArray_TYPE(a) != dtype:
+        raise TypeError(f"{name}: dtype {a.dtype} does not match "
+                        f"{cnp.PyArray_DescrFromType(dtype)}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"{name}: array must be C-contiguous")
+    if writable and not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError(f"{name}: output array is read-only")
+    return 0
+
+
+cdef inline int _same_size(cnp.ndarray a, cnp.ndarray b, str name) except -1:
+    if cnp.PyArray_SIZE(a) != cnp.PyArray_SIZE(b):
+        raise ValueError(f"{name}: size {cnp.PyArray_SIZE(b)} does not match "
+                         f"{cnp.PyArray_SIZE(a)}")
+    return 0
+
+
+cdef inline tuple _shape(cnp.ndarray a):
+    return (<object>a).shape
+
+
+cdef inline int _rows_cols(cnp.ndarray a, str name, Py_ssize_t* rows,
+                           Py_ssize_t* cols) except -1:
+    if cnp.PyArray_NDIM(a) != 2:
+        raise ValueError(f"{name}: expected a 2-d (batch, features) array, "
+                         f"got shape {_shape(a)}")
+    rows[0] = cnp.PyArray_DIM(a, 0)
+    cols[0] = cnp.PyArray_DIM(a, 1)
+    return 0
+
+
+cdef inline int _same_shape(cnp.ndarray a, cnp.ndarray b, str name) except -1:
+    if not cnp.PyArray_SAMESHAPE(a, b):
+        raise ValueError(f"{name}: shape {_shape(b)} does not match {_shape(a)}")
+    return 0
+
+
+cdef inline int _act_code(int act) except -1:
+    if act < LINEAR or act > SOFTMAX:
+        raise ValueError(f"unknown activation code {act}")
+    return act
+
+
+cdef inline Py_ssize_t _n_chunks(Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t t = dbnode_max_threads()
+    if n < PARALLEL_MIN or t <= 1:
+        return 1
+    return t
+
+
+# ------------------------------------------------------------ scalar math
+
+cdef inline floating _exp(floating x) noexcept nogil:
+    if floating is float:
+        return expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline floating _log(floating x) noexcept nogil:
+    if floating is float:
+        return logf(x)
+    else:
+        return log(x)
+
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef inline floating _tanh(floating x) noexcept nogil:
+    if floating is float:
+        return tanhf(x)
+    else:
+        return tanh(x)
+
+
+cdef inline floating _sigmoid(floating x) noexcept nogil:
+    # exp(-x) overflows to inf for very negative x, giving exactly 0: fine.
+    return <floating>1 / (<floating>1 + _exp(-x))
+
+
+# ------------------------------------------------------- optimizer cores
+# Each reads and writes every element once: numpy's `w -= lr * g` makes a
+# full-size temporary and sweeps memory three more times.
+
+cdef inline void _sgd(floating* w, const floating* g, floating lr,
+                      Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        w[i] -= lr * g[i]
+
+
+cdef inline void _axpy(floating* y, const floating* x, floating alpha,
+                       Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] += alpha * x[i]
+
+
+cdef inline void _momentum(floating* w, const floating* g, floating* v,
+                           floating lr, floating mu, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating vi
+    for i in range(n):
+        vi = mu * v[i] - lr * g[i]
+        v[i] = vi
+        w[i] += vi
+
+
+cdef inline void _adagrad(floating* w, const floating* g, floating* h,
+                          floating lr, floating eps, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef floating gi, hi
+    for i in range(n):
+        gi = g[i]
+        hi = h[i] + gi * gi
+        h[i] = hi
+        w[i] -= lr * gi / _sqrt(hi + eps)
+
+
+# Parallel drivers: split [0, n) into one contiguous span per thread and run
+# the serial core on each, so every span is a plain vectorizable loop.
+
+cdef void _par_sgd(floating* w, const floating* g, floating lr,
+                   Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k, lo, nk = _n_chunks(n), step = (n + nk - 1) // nk
+    if nk == 1:
+        _sgd(w, g, lr, n)
+        return
+    for k in prange(nk, schedule="static", num_threads=nk):
+        lo = k * step
+        if lo < n:
+            _sgd(w + lo, g + lo, lr, min(step, n - lo))
+
+
+cdef void _par_axpy(floating* y, const floating* x, floating alpha,
+                    Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k, lo, nk = _n_chunks(n), step = (n + nk - 1) // nk
+    if nk == 1:
+        _axpy(y, x, alpha, n)
+        return
+    for k in prange(nk, schedule="static", num_threads=nk):
+        lo = k * step
+        if lo < n:
+            _axpy(y + lo, x + lo, alpha, min(step, n - lo))
+
+
+cdef void _par_momentum(floating* w, const floating* g, floating* v,
+                        floating lr, floating mu, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k, lo, nk = _n_chunks(n), step = (n + nk - 1) // nk
+    if nk == 1:
+        _momentum(w, g, v, lr, mu, n)
+        return
+    for k in prange(nk, schedule="static", num_threads=nk):
+        lo = k * step
+        if lo < n:
+            _momentum(w + lo, g + lo, v + lo, lr, mu, min(step, n - lo))
+
+
+cdef void _par_adagrad(floating* w, const floating* g, floating* h,
+                       floating lr, floating eps, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k, lo, nk = _n_chunks(n), step = (n + nk - 1) // nk
+    if nk == 1:
+        _adagrad(w, g, h, lr, eps, n)
+        return
+    for k in prange(nk, schedule="static", num_threads=nk):
+        lo = k * step
+        if lo < n:
+            _adagrad(w + lo, g + lo, h + lo, lr, eps, min(step, n - lo))
+
+
+def sgd(cnp.ndarray w, cnp.ndarray g, double lr):
+    """In place: ``w -= lr * g``."""
+    cdef int t = _dtype_of(w, "w")
+    _check(w, "w", t, True)
+    _check(g, "g", t, False)
+    _same_size(w, g, "g")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(w)
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            _par_sgd(<float*>cnp.PyArray_DATA(w), <const float*>cnp.PyArray_DATA(g),
+                     <float>lr, n)
+        else:
+            _par_sgd(<double*>cnp.PyArray_DATA(w), <const double*>cnp.PyArray_DATA(g),
+                     lr, n)
+
+
+def axpy(cnp.ndarray y, cnp.ndarray x, double alpha):
+    """In place: ``y += alpha * x`` (gradient accumulation)."""
+    cdef int t = _dtype_of(y, "y")
+    _check(y, "y", t, True)
+    _check(x, "x", t, False)
+    _same_size(y, x, "x")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(y)
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            _par_axpy(<float*>cnp.PyArray_DATA(y), <const float*>cnp.PyArray_DATA(x),
+                      <float>alpha, n)
+        else:
+            _par_axpy(<double*>cnp.PyArray_DATA(y), <const double*>cnp.PyArray_DATA(x),
+                      alpha, n)
+
+
+def momentum(cnp.ndarray w, cnp.ndarray g, cnp.ndarray v, double lr, double mu):
+    """In place: ``v = mu * v - lr * g; w += v``."""
+    cdef int t = _dtype_of(w, "w")
+    _check(w, "w", t, True)
+    _check(g, "g", t, False)
+    _check(v, "velocity", t, True)
+    _same_size(w, g, "g")
+    _same_size(w, v, "velocity")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(w)
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            _par_momentum(<float*>cnp.PyArray_DATA(w), <const float*>cnp.PyArray_DATA(g),
+                          <float*>cnp.PyArray_DATA(v), <float>lr, <float>mu, n)
+        else:
+            _par_momentum(<double*>cnp.PyArray_DATA(w), <const double*>cnp.PyArray_DATA(g),
+                          <double*>cnp.PyArray_DATA(v), lr, mu, n)
+
+
+def adagrad(cnp.ndarray w, cnp.ndarray g, cnp.ndarray h, double lr, double eps):
+    """In place: ``h += g * g; w -= lr * g / sqrt(h + eps)``."""
+    cdef int t = _dtype_of(w, "w")
+    _check(w, "w", t, True)
+    _check(g, "g", t, False)
+    _check(h, "sum_sq", t, True)
+    _same_size(w, g, "g")
+    _same_size(w, h, "sum_sq")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(w)
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            _par_adagrad(<float*>cnp.PyArray_DATA(w), <const float*>cnp.PyArray_DATA(g),
+                         <float*>cnp.PyArray_DATA(h), <float>lr, <float>eps, n)
+        else:
+            _par_adagrad(<double*>cnp.PyArray_DATA(w), <const double*>cnp.PyArray_DATA(g),
+                         <double*>cnp.PyArray_DATA(h), lr, eps, n)
+
+
+# ------------------------------------------------------ activation cores
+# All work row by row on (rows, cols) C-contiguous blocks; softmax needs the
+# whole row, the others are elementwise within it.
+
+cdef inline void _act_row(floating* z, Py_ssize_t cols, int act) noexcept nogil:
+    """In place: z = act(z) for one row."""
+    cdef Py_ssize_t j
+    cdef floating m, s
+    if act == SIGMOID:
+        for j in range(cols):
+            z[j] = _sigmoid(z[j])
+    elif act == TANH:
+        for j in range(cols):
+            z[j] = _tanh(z[j])
+    elif act == RELU:
+        for j in range(cols):
+            z[j] = z[j] if z[j] > 0 else 0
+    elif act == SOFTMAX:
+        m = z[0]
+        for j in range(1, cols):
+            if z[j] > m:
+                m = z[j]
+        s = 0
+        for j in range(cols):
+            z[j] = _exp(z[j] - m)
+            s += z[j]
+        s = 1 / s
+        for j in range(cols):
+            z[j] *= s
+
+
+cdef inline int _threads_for(Py_ssize_t n) noexcept nogil:
+    return 1 if n < PARALLEL_MIN else dbnode_max_threads()
+
+
+cdef inline void _bias_act_row(floating* z, const floating* b, Py_ssize_t cols,
+                               int act) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(cols):
+        z[j] += b[j]
+    _act_row(z, cols, act)
+
+
+cdef void _bias_act(floating* z, const floating* b, Py_ssize_t rows,
+                    Py_ssize_t cols, int act) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int nt = _threads_for(rows * cols)
+    if nt == 1:
+        for i in range(rows):
+            _bias_act_row(z + i * cols, b, cols, act)
+    else:
+        for i in prange(rows, schedule="static", num_threads=nt):
+            _bias_act_row(z + i * cols, b, cols, act)
+
+
+cdef void _act(const floating* z, floating* out, Py_ssize_t rows,
+               Py_ssize_t cols, int act) noexcept nogil:
+    cdef Py_ssize_t i
+    if out != z:
+        memcpy(out, z, rows * cols * sizeof(floating))
+    cdef int nt = _threads_for(rows * cols)
+    if nt == 1:
+        for i in range(rows):
+            _act_row(out + i * cols, cols, act)
+    else:
+        for i in prange(rows, schedule="static", num_threads=nt):
+            _act_row(out + i * cols, cols, act)
+
+
+cdef inline void _act_grad_row(const floating* a, const floating* d,
+                               floating* dz, Py_ssize_t cols,
+                               int act) noexcept nogil:
+    """dz = d * act'(.) for one row, the derivative written in terms of the
+    activation's output ``a`` (what the forward pass keeps)."""
+    cdef Py_ssize_t j
+    cdef floating s
+    if act == LINEAR:
+        for j in range(cols):
+            dz[j] = d[j]
+    elif act == SIGMOID:
+        for j in range(cols):
+            dz[j] = d[j] * a[j] * (1 - a[j])
+    elif act == TANH:
+        for j in range(cols):
+            dz[j] = d[j] * (1 - a[j] * a[j])
+    elif act == RELU:
+        for j in range(cols):
+            dz[j] = d[j] if a[j] > 0 else 0
+    elif act == SOFTMAX:
+        # Jacobian-vector product of softmax: a * (d - <d, a>).
+        s = 0
+        for j in range(cols):
+            s += d[j] * a[j]
+        for j in range(cols):
+            dz[j] = a[j] * (d[j] - s)
+
+
+cdef void _act_grad(const floating* a, const floating* d, floating* dz,
+                    Py_ssize_t rows, Py_ssize_t cols, int act) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int nt = _threads_for(rows * cols)
+    if nt == 1:
+        for i in range(rows):
+            _act_grad_row(a + i * cols, d + i * cols, dz + i * cols, cols, act)
+    else:
+        for i in prange(rows, schedule="static", num_threads=nt):
+            _act_grad_row(a + i * cols, d + i * cols, dz + i * cols, cols, act)
+
+
+cdef void _act_grad_bias(const floating* a, const floating* d, floating* dz,
+                         floating* gb, Py_ssize_t rows, Py_ssize_t cols,
+                         int act) noexcept nogil:
+    # Serial over rows: the bias gradient is a column sum, and rows are few
+    # (a minibatch); each row's inner loop vectorizes.
+    cdef Py_ssize_t i, j
+    cdef floating* dzi
+    for j in range(cols):
+        gb[j] = 0
+    for i in range(rows):
+        dzi = dz + i * cols
+        _act_grad_row(a + i * cols, d + i * cols, dzi, cols, act)
+        for j in range(cols):
+            gb[j] += dzi[j]
+
+
+def bias_activation(cnp.ndarray z, cnp.ndarray b, int act):
+    """In place on a (batch, out) block: ``z = act(z + b)``.
+
+    The epilogue of a dense layer's forward pass, one sweep after the GEMM.
+    """
+    cdef int t = _dtype_of(z, "z")
+    cdef Py_ssize_t rows, cols
+    _rows_cols(z, "z", &rows, &cols)
+    _check(z, "z", t, True)
+    _check(b, "b", t, False)
+    if cnp.PyArray_NDIM(b) != 1 or cnp.PyArray_DIM(b, 0) != cols:
+        raise ValueError(f"b: shape {_shape(b)} does not match ({cols},)")
+    _act_code(act)
+    if rows == 0 or cols == 0:
+        return
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            _bias_act(<float*>cnp.PyArray_DATA(z), <const float*>cnp.PyArray_DATA(b),
+                      rows, cols, act)
+        else:
+            _bias_act(<double*>cnp.PyArray_DATA(z), <const double*>cnp.PyArray_DATA(b),
+                      rows, cols, act)
+
+
+def activation(cnp.ndarray z, cnp.ndarray out, int act):
+    """``out = act(z)`` on a (batch, features) block; ``out`` may be ``z``."""
+    cdef int t = _dtype_of(z, "z")
+    cdef Py_ssize_t rows, cols
+    _rows_cols(z, "z", &rows, &cols)
+    _check(z, "z", t, False)
+    _check(out, "out", t, True)
+    _same_shape(z, out, "out")
+    _act_code(act)
+    if rows == 0 or cols == 0:
+        return
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            _act(<const float*>cnp.PyArray_DATA(z), <float*>cnp.PyArray_DATA(out),
+                 rows, cols, act)
+        else:
+            _act(<const double*>cnp.PyArray_DATA(z), <double*>cnp.PyArray_DATA(out),
+                 rows, cols, act)
+
+
+def activation_grad(cnp.ndarray a, cnp.ndarray d, cnp.ndarray out, int act):
+    """``out = d * act'`` given the activation's output ``a``; ``out`` may be ``d``."""
+    cdef int t = _dtype_of(a, "a")
+    cdef Py_ssize_t rows, cols
+    _rows_cols(a, "a", &rows, &cols)
+    _check(a, "a", t, False)
+    _check(d, "delta", t, False)
+    _check(out, "out", t, True)
+    _same_shape(a, d, "delta")
+    _same_shape(a, out, "out")
+    _act_code(act)
+    if rows == 0 or cols == 0:
+        return
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            _act_grad(<const float*>cnp.PyArray_DATA(a), <const float*>cnp.PyArray_DATA(d),
+                      <float*>cnp.PyArray_DATA(out), rows, cols, act)
+        else:
+            _act_grad(<const double*>cnp.PyArray_DATA(a), <const double*>cnp.PyArray_DATA(d),
+                      <double*>cnp.PyArray_DATA(out), rows, cols, act)
+
+
+def activation_grad_bias(cnp.ndarray a, cnp.ndarray d, cnp.ndarray dz,
+                         cnp.ndarray gb, int act):
+    """One sweep: ``dz = d * act'`` and ``gb = dz.sum(axis=0)``.
+
+    The start of a dense layer's backward pass; ``dz`` may be ``d``.
+    """
+    cdef int t = _dtype_of(a, "a")
+    cdef Py_ssize_t rows, cols
+    _rows_cols(a, "a", &rows, &cols)
+    _check(a, "a", t, False)
+    _check(d, "delta", t, False)
+    _check(dz, "dz", t, True)
+    _check(gb, "grad_bias", t, True)
+    _same_shape(a, d, "delta")
+    _same_shape(a, dz, "dz")
+    if cnp.PyArray_NDIM(gb) != 1 or cnp.PyArray_DIM(gb, 0) != cols:
+        raise ValueError(f"grad_bias: shape {_shape(gb)} does not match ({cols},)")
+    _act_code(act)
+    if cols == 0:
+        return
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            _act_grad_bias(<const float*>cnp.PyArray_DATA(a),
+                           <const float*>cnp.PyArray_DATA(d),
+                           <float*>cnp.PyArray_DATA(dz), <float*>cnp.PyArray_DATA(gb),
+                           rows, cols, act)
+        else:
+            _act_grad_bias(<const double*>cnp.PyArray_DATA(a),
+                           <const double*>cnp.PyArray_DATA(d),
+                           <double*>cnp.PyArray_DATA(dz), <double*>cnp.PyArray_DATA(gb),
+                           rows, cols, act)
+
+
+# ---------------------------------------------------------------- losses
+# Both return the loss averaged over the batch (accumulated in double) and
+# write its gradient, also divided by the batch size, into ``delta``.
+
+cdef double _squared_error(const floating* p, const floating* t, floating* d,
+                           Py_ssize_t rows, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double acc = 0
+    cdef floating r, inv = <floating>1 / <floating>rows
+    for i in range(n):
+        r = p[i] - t[i]
+        acc += <double>r * r
+        d[i] = r * inv
+    return 0.5 * acc / rows
+
+
+cdef double _cross_entropy(const floating* p, const Py_ssize_t* y, floating* d,
+                           Py_ssize_t rows, Py_ssize_t cols) noexcept nogil:
+    cdef Py_ssize_t i, j
+    cdef double acc = 0
+    cdef floating inv = <floating>1 / <floating>rows, pi, tiny
+    # The smallest positive normal keeps log finite when a probability
+    # underflowed to 0 (float32 softmax of a confident wrong answer).
+    if floating is float:
+        tiny = FLT_MIN
+    else:
+        tiny = DBL_MIN
+    for i in range(rows):
+        for j in range(cols):
+            d[i * cols + j] = p[i * cols + j] * inv
+        pi = p[i * cols + y[i]]
+        acc -= _log(pi if pi > tiny else tiny)
+        d[i * cols + y[i]] -= inv
+    return acc / rows
+
+
+def squared_error(cnp.ndarray p, cnp.ndarray t, cnp.ndarray delta):
+    """Loss ``0.5 * sum((t - p)**2) / batch``; ``delta = (p - t) / batch``.
+
+    ``delta`` is the gradient with respect to the prediction ``p``.
+    """
+    cdef int ty = _dtype_of(p, "prediction")
+    cdef Py_ssize_t rows, cols
+    _rows_cols(p, "prediction", &rows, &cols)
+    _check(p, "prediction", ty, False)
+    _check(t, "target", ty, False)
+    _check(delta, "delta", ty, True)
+    _same_shape(p, t, "target")
+    _same_shape(p, delta, "delta")
+    if rows == 0:
+        raise ValueError("prediction: empty batch")
+    cdef double loss
+    with nogil:
+        if ty == cnp.NPY_FLOAT32:
+            loss = _squared_error(<const float*>cnp.PyArray_DATA(p),
+                                  <const float*>cnp.PyArray_DATA(t),
+                                  <float*>cnp.PyArray_DATA(delta), rows, rows * cols)
+        else:
+            loss = _squared_error(<const double*>cnp.PyArray_DATA(p),
+                                  <const double*>cnp.PyArray_DATA(t),
+                                  <double*>cnp.PyArray_DATA(delta), rows, rows * cols)
+    return loss
+
+
+def softmax_cross_entropy(cnp.ndarray p, cnp.ndarray labels, cnp.ndarray delta):
+    """Loss ``-mean(log p[i, labels[i]])`` of softmax probabilities ``p``;
+    ``delta = (p - onehot(labels)) / batch``, the gradient with respect to
+    the softmax's *input* (the two derivatives cancel to this)."""
+    cdef int ty = _dtype_of(p, "probabilities")
+    cdef Py_ssize_t rows, cols, i
+    _rows_cols(p, "probabilities", &rows, &cols)
+    _check(p, "probabilities", ty, False)
+    _check(delta, "delta", ty, True)
+    _same_shape(p, delta, "delta")
+    if cnp.PyArray_TYPE(labels) != cnp.NPY_INTP or not cnp.PyArray_IS_C_CONTIGUOUS(labels):
+        raise TypeError(f"labels: expected a C-contiguous intp array, got {labels.dtype}")
+    if cnp.PyArray_NDIM(labels) != 1 or cnp.PyArray_DIM(labels, 0) != rows:
+        raise ValueError(f"labels: shape {_shape(labels)} does not match ({rows},)")
+    if rows == 0:
+        raise ValueError("probabilities: empty batch")
+    cdef const Py_ssize_t* y = <const Py_ssize_t*>cnp.PyArray_DATA(labels)
+    for i in range(rows):
+        if y[i] < 0 or y[i] >= cols:
+            raise ValueError(f"labels[{i}] = {y[i]} is not a class in [0, {cols})")
+    cdef double loss
+    with nogil:
+        if ty == cnp.NPY_FLOAT32:
+            loss = _cross_entropy(<const float*>cnp.PyArray_DATA(p), y,
+                                  <float*>cnp.PyArray_DATA(delta), rows, cols)
+        else:
+            loss = _cross_entropy(<const double*>cnp.PyArray_DATA(p), y,
+                                  <double*>cnp.PyArray_DATA(delta), rows, cols)
+    return loss

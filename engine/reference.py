@@ -1,0 +1,99 @@
+"""Plain-numpy twins of :mod:`dbnode.kernels`: same signatures, same
+results, written for obviousness rather than speed. The tests hold the
+compiled kernels to these, and these to finite differences."""
+
+import numpy as np
+
+
+def _sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+_FORWARD = {
+    "linear": lambda z: z,
+    "sigmoid": _sigmoid,
+    "tanh": np.tanh,
+    "relu": lambda z: np.maximum(z, 0),
+    "softmax": _softmax,
+}
+
+
+def _out(out, value):
+    if out is None:
+        return np.array(value)
+    out[...] = value
+    return out
+
+
+def sgd(w, g, lr):
+    w -= w.dtype.type(lr) * g
+
+
+def momentum(w, g, velocity, lr, mu):
+    velocity *= velocity.dtype.type(mu)
+    velocity -= velocity.dtype.type(lr) * g
+    w += velocity
+
+
+def adagrad(w, g, sum_sq, lr, eps=1e-8):
+    sum_sq += g * g
+    w -= w.dtype.type(lr) * g / np.sqrt(sum_sq + w.dtype.type(eps))
+
+
+def accumulate(acc, g, scale=1.0):
+    acc += acc.dtype.type(scale) * g
+
+
+def activation(z, name, out=None):
+    return _out(out, _FORWARD[name](z))
+
+
+def activation_grad(a, delta, name, out=None):
+    if name == "linear":
+        dz = delta
+    elif name == "sigmoid":
+        dz = delta * a * (1 - a)
+    elif name == "tanh":
+        dz = delta * (1 - a * a)
+    elif name == "relu":
+        dz = delta * (a > 0)
+    elif name == "softmax":
+        dz = a * (delta - (delta * a).sum(axis=1, keepdims=True))
+    else:
+        raise ValueError(f"unknown activation {name!r}")
+    return _out(out, dz)
+
+
+def squared_error(p, t, delta=None):
+    t = np.reshape(t, p.shape)
+    n = p.shape[0]
+    loss = 0.5 * float(np.sum((t.astype(np.float64) - p) ** 2)) / n
+    return loss, _out(delta, (p - t) / p.dtype.type(n))
+
+
+def softmax_cross_entropy(p, labels, delta=None):
+    n = p.shape[0]
+    labels = np.asarray(labels, dtype=np.intp)
+    picked = p[np.arange(n), labels].astype(np.float64)
+    loss = -float(np.mean(np.log(np.maximum(picked, np.finfo(p.dtype).tiny))))
+    onehot = np.zeros_like(p)
+    onehot[np.arange(n), labels] = 1
+    return loss, _out(delta, (p - onehot) / p.dtype.type(n))
+
+
+def dense_forward(x, weight, bias, name, out=None):
+    return _out(out, _FORWARD[name](x @ weight.T + bias))
+
+
+def dense_backward(x, a, delta, weight, name, grad_weight=None, grad_bias=None,
+                   delta_below=None, dz=None, need_delta_below=True):
+    dz = activation_grad(a, delta, name, out=dz)
+    grad_weight = _out(grad_weight, dz.T @ x)
+    grad_bias = _out(grad_bias, dz.sum(axis=0))
+    delta_below = _out(delta_below, dz @ weight) if need_delta_below else None
+    return grad_weight, grad_bias, delta_below
