@@ -19,12 +19,16 @@ kernels are the memory-bound passes around it, each fused into one sweep.
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.float cimport DBL_MIN, FLT_MIN
-from libc.math cimport exp, expf, log, logf, sqrt, sqrtf, tanh, tanhf
+from libc.math cimport log, logf, sqrt, sqrtf, tanh, tanhf
 from libc.string cimport memcpy
 
 cimport numpy as cnp
 
 cnp.import_array()
+
+cdef extern from "dbnode_math.h":
+    float dbn_expf(float x) noexcept nogil
+    double dbn_exp(double x) noexcept nogil
 
 cdef extern from *:
     """
@@ -56,9 +60,14 @@ cdef enum:
     RELU = 3
     SOFTMAX = 4
 
-# Below this many elements a pass stays on one thread: waking the OpenMP
-# team costs more than it saves.
-cdef Py_ssize_t PARALLEL_MIN = 1 << 15
+# A pass splits across threads only when its work, in element-updates of a
+# plain SGD sweep, passes this: waking a sleeping OpenMP team costs tens of
+# microseconds, and one core streams about a million floats in 100 us from
+# cache. Heavier loops weigh their elements (see the COST_ constants).
+cdef Py_ssize_t PARALLEL_MIN = 1 << 20
+cdef Py_ssize_t COST_ADAGRAD = 6      # sqrt and divide per element
+cdef Py_ssize_t COST_EXP = 8          # sigmoid, softmax
+cdef Py_ssize_t COST_SIMPLE = 1
 
 
 def max_threads():
@@ -94,13 +103,6 @@ cdef inline int _check(cnp.ndarray a, str name, int dtype, bint writable) except
     return 0
 
 
-cdef inline int _same_size(cnp.ndarray a, cnp.ndarray b, str name) except -1:
-    if cnp.PyArray_SIZE(a) != cnp.PyArray_SIZE(b):
-        raise ValueError(f"{name}: size {cnp.PyArray_SIZE(b)} does not match "
-                         f"{cnp.PyArray_SIZE(a)}")
-    return 0
-
-
 cdef inline tuple _shape(cnp.ndarray a):
     return (<object>a).shape
 
@@ -127,20 +129,18 @@ cdef inline int _act_code(int act) except -1:
     return act
 
 
-cdef inline Py_ssize_t _n_chunks(Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t t = dbnode_max_threads()
-    if n < PARALLEL_MIN or t <= 1:
-        return 1
-    return t
+cdef inline int _threads_for(Py_ssize_t work) noexcept nogil:
+    return 1 if work < PARALLEL_MIN else dbnode_max_threads()
 
 
 # ------------------------------------------------------------ scalar math
 
 cdef inline floating _exp(floating x) noexcept nogil:
+    # Inline and branch-free (csrc/dbnode_math.h): loops calling it vectorize.
     if floating is float:
-        return expf(x)
+        return dbn_expf(x)
     else:
-        return exp(x)
+        return dbn_exp(x)
 
 
 cdef inline floating _log(floating x) noexcept nogil:
@@ -213,7 +213,7 @@ cdef inline void _adagrad(floating* w, const floating* g, floating* h,
 
 cdef void _par_sgd(floating* w, const floating* g, floating lr,
                    Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t k, lo, nk = _n_chunks(n), step = (n + nk - 1) // nk
+    cdef Py_ssize_t k, lo, nk = _threads_for(n * COST_SIMPLE), step = (n + nk - 1) // nk
     if nk == 1:
         _sgd(w, g, lr, n)
         return
@@ -225,7 +225,7 @@ cdef void _par_sgd(floating* w, const floating* g, floating lr,
 
 cdef void _par_axpy(floating* y, const floating* x, floating alpha,
                     Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t k, lo, nk = _n_chunks(n), step = (n + nk - 1) // nk
+    cdef Py_ssize_t k, lo, nk = _threads_for(n * COST_SIMPLE), step = (n + nk - 1) // nk
     if nk == 1:
         _axpy(y, x, alpha, n)
         return
@@ -237,7 +237,7 @@ cdef void _par_axpy(floating* y, const floating* x, floating alpha,
 
 cdef void _par_momentum(floating* w, const floating* g, floating* v,
                         floating lr, floating mu, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t k, lo, nk = _n_chunks(n), step = (n + nk - 1) // nk
+    cdef Py_ssize_t k, lo, nk = _threads_for(n * COST_SIMPLE), step = (n + nk - 1) // nk
     if nk == 1:
         _momentum(w, g, v, lr, mu, n)
         return
@@ -249,7 +249,7 @@ cdef void _par_momentum(floating* w, const floating* g, floating* v,
 
 cdef void _par_adagrad(floating* w, const floating* g, floating* h,
                        floating lr, floating eps, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t k, lo, nk = _n_chunks(n), step = (n + nk - 1) // nk
+    cdef Py_ssize_t k, lo, nk = _threads_for(n * COST_ADAGRAD), step = (n + nk - 1) // nk
     if nk == 1:
         _adagrad(w, g, h, lr, eps, n)
         return
@@ -264,7 +264,7 @@ def sgd(cnp.ndarray w, cnp.ndarray g, double lr):
     cdef int t = _dtype_of(w, "w")
     _check(w, "w", t, True)
     _check(g, "g", t, False)
-    _same_size(w, g, "g")
+    _same_shape(w, g, "g")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(w)
     with nogil:
         if t == cnp.NPY_FLOAT32:
@@ -276,11 +276,12 @@ def sgd(cnp.ndarray w, cnp.ndarray g, double lr):
 
 
 def axpy(cnp.ndarray y, cnp.ndarray x, double alpha):
-    """In place: ``y += alpha * x`` (gradient accumulation)."""
-    cdef int t = _dtype_of(y, "y")
-    _check(y, "y", t, True)
-    _check(x, "x", t, False)
-    _same_size(y, x, "x")
+    """In place: ``y += alpha * x`` (gradient accumulation: y is the
+    accumulator ``acc``, x the gradient ``g``)."""
+    cdef int t = _dtype_of(y, "acc")
+    _check(y, "acc", t, True)
+    _check(x, "g", t, False)
+    _same_shape(y, x, "g")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(y)
     with nogil:
         if t == cnp.NPY_FLOAT32:
@@ -297,8 +298,8 @@ def momentum(cnp.ndarray w, cnp.ndarray g, cnp.ndarray v, double lr, double mu):
     _check(w, "w", t, True)
     _check(g, "g", t, False)
     _check(v, "velocity", t, True)
-    _same_size(w, g, "g")
-    _same_size(w, v, "velocity")
+    _same_shape(w, g, "g")
+    _same_shape(w, v, "velocity")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(w)
     with nogil:
         if t == cnp.NPY_FLOAT32:
@@ -315,8 +316,8 @@ def adagrad(cnp.ndarray w, cnp.ndarray g, cnp.ndarray h, double lr, double eps):
     _check(w, "w", t, True)
     _check(g, "g", t, False)
     _check(h, "sum_sq", t, True)
-    _same_size(w, g, "g")
-    _same_size(w, h, "sum_sq")
+    _same_shape(w, g, "g")
+    _same_shape(w, h, "sum_sq")
     cdef Py_ssize_t n = cnp.PyArray_SIZE(w)
     with nogil:
         if t == cnp.NPY_FLOAT32:
@@ -358,10 +359,6 @@ cdef inline void _act_row(floating* z, Py_ssize_t cols, int act) noexcept nogil:
             z[j] *= s
 
 
-cdef inline int _threads_for(Py_ssize_t n) noexcept nogil:
-    return 1 if n < PARALLEL_MIN else dbnode_max_threads()
-
-
 cdef inline void _bias_act_row(floating* z, const floating* b, Py_ssize_t cols,
                                int act) noexcept nogil:
     cdef Py_ssize_t j
@@ -370,10 +367,14 @@ cdef inline void _bias_act_row(floating* z, const floating* b, Py_ssize_t cols,
     _act_row(z, cols, act)
 
 
+cdef inline Py_ssize_t _act_cost(int act) noexcept nogil:
+    return COST_EXP if act == SIGMOID or act == TANH or act == SOFTMAX else COST_SIMPLE
+
+
 cdef void _bias_act(floating* z, const floating* b, Py_ssize_t rows,
                     Py_ssize_t cols, int act) noexcept nogil:
     cdef Py_ssize_t i
-    cdef int nt = _threads_for(rows * cols)
+    cdef int nt = _threads_for(rows * cols * _act_cost(act))
     if nt == 1:
         for i in range(rows):
             _bias_act_row(z + i * cols, b, cols, act)
@@ -382,12 +383,33 @@ cdef void _bias_act(floating* z, const floating* b, Py_ssize_t rows,
             _bias_act_row(z + i * cols, b, cols, act)
 
 
+cdef void _bias_act_t(const floating* zt, const floating* b, floating* out,
+                      Py_ssize_t rows, Py_ssize_t cols, int act) noexcept nogil:
+    # out[i, j] = act(zt[j, i] + b[j]): a transpose fused into the epilogue,
+    # by TB x TB tiles that stay in L1. Row by row would write one float per
+    # cache line of ``out`` at a stride of whole rows, which alias in cache.
+    cdef Py_ssize_t i0 = 0, j0, i, j, ilim, jlim
+    cdef Py_ssize_t TB = 16
+    while i0 < rows:
+        ilim = min(i0 + TB, rows)
+        j0 = 0
+        while j0 < cols:
+            jlim = min(j0 + TB, cols)
+            for i in range(i0, ilim):
+                for j in range(j0, jlim):
+                    out[i * cols + j] = zt[j * rows + i] + b[j]
+            j0 = jlim
+        for i in range(i0, ilim):
+            _act_row(out + i * cols, cols, act)
+        i0 = ilim
+
+
 cdef void _act(const floating* z, floating* out, Py_ssize_t rows,
                Py_ssize_t cols, int act) noexcept nogil:
     cdef Py_ssize_t i
     if out != z:
         memcpy(out, z, rows * cols * sizeof(floating))
-    cdef int nt = _threads_for(rows * cols)
+    cdef int nt = _threads_for(rows * cols * _act_cost(act))
     if nt == 1:
         for i in range(rows):
             _act_row(out + i * cols, cols, act)
@@ -413,8 +435,9 @@ cdef inline void _act_grad_row(const floating* a, const floating* d,
         for j in range(cols):
             dz[j] = d[j] * (1 - a[j] * a[j])
     elif act == RELU:
+        # Multiply by the mask, no branch: signs are random, a branch mispredicts.
         for j in range(cols):
-            dz[j] = d[j] if a[j] > 0 else 0
+            dz[j] = d[j] * <floating>(a[j] > 0)
     elif act == SOFTMAX:
         # Jacobian-vector product of softmax: a * (d - <d, a>).
         s = 0
@@ -474,6 +497,34 @@ def bias_activation(cnp.ndarray z, cnp.ndarray b, int act):
         else:
             _bias_act(<double*>cnp.PyArray_DATA(z), <const double*>cnp.PyArray_DATA(b),
                       rows, cols, act)
+
+
+def bias_activation_t(cnp.ndarray zt, cnp.ndarray b, cnp.ndarray out, int act):
+    """``out = act(zt.T + b)`` for ``zt`` of shape (out_features, batch).
+
+    The epilogue of a dense layer whose GEMM was computed transposed
+    (``W @ x.T``), which BLAS runs faster for wide layers.
+    """
+    cdef int t = _dtype_of(out, "out")
+    cdef Py_ssize_t rows, cols
+    _rows_cols(out, "out", &rows, &cols)
+    _check(out, "out", t, True)
+    _check(zt, "zt", t, False)
+    _check(b, "b", t, False)
+    if cnp.PyArray_NDIM(zt) != 2 or cnp.PyArray_DIM(zt, 0) != cols or cnp.PyArray_DIM(zt, 1) != rows:
+        raise ValueError(f"zt: shape {_shape(zt)} does not match ({cols}, {rows})")
+    if cnp.PyArray_NDIM(b) != 1 or cnp.PyArray_DIM(b, 0) != cols:
+        raise ValueError(f"b: shape {_shape(b)} does not match ({cols},)")
+    _act_code(act)
+    if rows == 0 or cols == 0:
+        return
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            _bias_act_t(<const float*>cnp.PyArray_DATA(zt), <const float*>cnp.PyArray_DATA(b),
+                        <float*>cnp.PyArray_DATA(out), rows, cols, act)
+        else:
+            _bias_act_t(<const double*>cnp.PyArray_DATA(zt), <const double*>cnp.PyArray_DATA(b),
+                        <double*>cnp.PyArray_DATA(out), rows, cols, act)
 
 
 def activation(cnp.ndarray z, cnp.ndarray out, int act):

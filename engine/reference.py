@@ -49,8 +49,15 @@ def accumulate(acc, g, scale=1.0):
     acc += acc.dtype.type(scale) * g
 
 
+def _forward(name):
+    try:
+        return _FORWARD[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}") from None
+
+
 def activation(z, name, out=None):
-    return _out(out, _FORWARD[name](z))
+    return _out(out, _forward(name)(z))
 
 
 def activation_grad(a, delta, name, out=None):
@@ -70,7 +77,10 @@ def activation_grad(a, delta, name, out=None):
 
 
 def squared_error(p, t, delta=None):
-    t = np.reshape(t, p.shape)
+    if t.ndim == 1 and p.shape == (len(t), 1):
+        t = t.reshape(p.shape)
+    if t.shape != p.shape:
+        raise ValueError(f"target: shape {t.shape} does not match {p.shape}")
     n = p.shape[0]
     loss = 0.5 * float(np.sum((t.astype(np.float64) - p) ** 2)) / n
     return loss, _out(delta, (p - t) / p.dtype.type(n))
@@ -86,8 +96,8 @@ def softmax_cross_entropy(p, labels, delta=None):
     return loss, _out(delta, (p - onehot) / p.dtype.type(n))
 
 
-def dense_forward(x, weight, bias, name, out=None):
-    return _out(out, _FORWARD[name](x @ weight.T + bias))
+def dense_forward(x, weight, bias, name, out=None, scratch=None):
+    return _out(out, _forward(name)(x @ weight.T + bias))
 
 
 def dense_backward(x, a, delta, weight, name, grad_weight=None, grad_bias=None,

@@ -1,0 +1,287 @@
+"""Dense networks: the model description, its parameters and the compiled
+forward/backward passes over a contiguous block of layers.
+
+Parameters are a flat dict of named arrays, ``layer{i}.weight`` of shape
+``(out, in)`` and ``layer{i}.bias`` of shape ``(out,)`` — the names the
+parameter shards and the ``.npz`` files use.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels
+
+HIDDEN_ACTIVATIONS = ("sigmoid", "tanh", "relu", "linear")
+OUTPUTS = ("sigmoid", "softmax", "linear")
+LOSSES = ("squared_error", "cross_entropy")
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a network is: layer sizes (input first) and how it computes.
+
+    The defaults are the original project's: sigmoid everywhere and the
+    squared error ``0.5 * (t - p)**2``.
+    """
+
+    layers: tuple[int, ...]
+    activation: str = "sigmoid"
+    output: str = "sigmoid"
+    loss: str = "squared_error"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        layers = tuple(self.layers)
+        object.__setattr__(self, "layers", layers)
+        if len(layers) < 2:
+            raise ValueError(f"layers: need at least an input and an output size, got {layers}")
+        for size in layers:
+            if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+                raise ValueError(f"layers: sizes must be positive integers, got {layers}")
+        _choice("activation", self.activation, HIDDEN_ACTIVATIONS)
+        _choice("output", self.output, OUTPUTS)
+        _choice("loss", self.loss, LOSSES)
+        _choice("dtype", self.dtype, DTYPES)
+        if self.loss == "cross_entropy" and self.output != "softmax":
+            raise ValueError(f"loss: cross_entropy needs output = 'softmax', got {self.output!r}")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers) - 1
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def activation_of(self, layer: int) -> str:
+        return self.output if layer == self.n_layers - 1 else self.activation
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every parameter, in layer order."""
+        out = {}
+        for i, (n_in, n_out) in enumerate(zip(self.layers, self.layers[1:])):
+            out[f"layer{i}.weight"] = (n_out, n_in)
+            out[f"layer{i}.bias"] = (n_out,)
+        return out
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+# ------------------------------------------------------------ parameters
+
+
+def init_params(spec: ModelSpec, init: str = "normal:0.2", seed: int = 0) -> dict[str, np.ndarray]:
+    """Fresh parameters. ``init`` is ``normal:STD`` (the original project's
+    Normal(0, 0.2) is ``normal:0.2``), ``xavier`` (Glorot normal) or ``he``
+    (He normal); biases are drawn like weights for ``normal`` (as the
+    original did) and start at zero otherwise."""
+    rng = np.random.default_rng(seed)
+    dtype = spec.np_dtype
+    params = {}
+    kind, _, arg = init.partition(":")
+    if kind == "normal":
+        try:
+            std = float(arg) if arg else 0.2
+        except ValueError:
+            raise ValueError(f"init: bad standard deviation in {init!r}") from None
+    elif kind not in ("xavier", "he") or arg:
+        raise ValueError(f"init: {init!r} is not normal:STD, xavier or he")
+    for name, shape in spec.shapes().items():
+        fan_in = spec.layers[int(name[5:name.index(".")])]
+        fan_out = shape[0]
+        if kind == "normal":
+            value = rng.normal(0.0, std, shape)
+        elif name.endswith(".bias"):
+            value = np.zeros(shape)
+        elif kind == "xavier":
+            value = rng.normal(0.0, np.sqrt(2.0 / (fan_in + fan_out)), shape)
+        else:
+            value = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+        params[name] = kernels.aligned_copy(value, dtype)
+    return params
+
+
+def check_params(spec: ModelSpec, params: dict[str, np.ndarray], where: str = "parameters") -> None:
+    """Raise ValueError naming the first missing, extra or misshapen array."""
+    shapes = spec.shapes()
+    missing = sorted(set(shapes) - set(params))
+    extra = sorted(set(params) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"{where}: missing {missing}, unexpected {extra} for layers {spec.layers}")
+    for name, shape in shapes.items():
+        if params[name].shape != shape:
+            raise ValueError(f"{where}: {name} has shape {params[name].shape}, layers {spec.layers} need {shape}")
+
+
+def save_params(path: str | Path, params: dict[str, np.ndarray]) -> None:
+    """Write ``layer{i}.weight`` / ``layer{i}.bias`` arrays to an ``.npz``."""
+    np.savez(path, **params)
+
+
+def load_params(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Read and check an ``.npz`` of parameters for ``spec``, cast to its dtype."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"parameters file not found: {path}")
+    with np.load(path, allow_pickle=False) as npz:
+        params = {name: kernels.aligned_copy(npz[name], spec.np_dtype) for name in npz.files}
+    check_params(spec, params, where=str(path))
+    return params
+
+
+def to_bias_first(params: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The original project's layout: one ``(out, in + 1)`` matrix per layer,
+    bias in column 0 and weights after it (inputs had a constant 1 prepended)."""
+    n = len(params) // 2
+    return [np.hstack([params[f"layer{i}.bias"][:, None], params[f"layer{i}.weight"]]) for i in range(n)]
+
+
+def from_bias_first(matrices: list[np.ndarray], dtype: str | np.dtype | None = None) -> dict[str, np.ndarray]:
+    """Inverse of :func:`to_bias_first`."""
+    params = {}
+    for i, m in enumerate(matrices):
+        m = np.asarray(m, dtype=dtype)
+        if m.ndim != 2 or m.shape[1] < 2:
+            raise ValueError(f"layer {i}: expected an (out, in + 1) matrix, got shape {m.shape}")
+        params[f"layer{i}.weight"] = kernels.aligned_copy(m[:, 1:])
+        params[f"layer{i}.bias"] = kernels.aligned_copy(m[:, 0])
+    return params
+
+
+# --------------------------------------------------------------- compute
+
+
+class LayerStack:
+    """Forward and backward through layers ``[first, last)`` of a network.
+
+    A whole replica is one stack; a layer partition of a distributed replica
+    is a stack over its block of layers. Activations and gradients live in
+    buffers that are reused from step to step (reallocated only when the
+    batch size changes). ``params`` is read at every pass, so a caller may
+    swap in fetched values between steps.
+    """
+
+    def __init__(self, spec: ModelSpec, params: dict[str, np.ndarray],
+                 first: int = 0, last: int | None = None):
+        last = spec.n_layers if last is None else last
+        if not 0 <= first < last <= spec.n_layers:
+            raise ValueError(f"layer range [{first}, {last}) outside 0..{spec.n_layers}")
+        self.spec, self.params, self.first, self.last = spec, params, first, last
+        self.dtype = spec.np_dtype
+        self.names = [(f"layer{i}.weight", f"layer{i}.bias") for i in range(first, last)]
+        self.acts = [spec.activation_of(i) for i in range(first, last)]
+        self.grads = {name: kernels.zeros(spec.shapes()[name], self.dtype)
+                      for pair in self.names for name in pair}
+        self._batch = -1
+
+    def _buffers(self, batch: int) -> None:
+        if batch == self._batch:
+            return
+        sizes = self.spec.layers[self.first:self.last + 1]
+        # outputs[k] is layer k's activation; deltas[k] is dL/d(its input).
+        self.outputs = [kernels.empty((batch, n), self.dtype) for n in sizes[1:]]
+        self.deltas = [kernels.empty((batch, n), self.dtype) for n in sizes[:-1]]
+        self.scratch = [kernels.empty((batch, n), self.dtype) for n in sizes[1:]]
+        self._batch = batch
+
+    @property
+    def in_size(self) -> int:
+        return self.spec.layers[self.first]
+
+    @property
+    def out_size(self) -> int:
+        return self.spec.layers[self.last]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Activations of the stack's last layer for the batch ``x``."""
+        if x.ndim != 2 or x.shape[1] != self.in_size:
+            raise ValueError(f"input: shape {x.shape} does not match (batch, {self.in_size})")
+        if x.dtype != self.dtype:
+            raise TypeError(f"input: dtype {x.dtype} does not match the model's {self.dtype}")
+        self._buffers(x.shape[0])
+        self.x = x
+        h = x
+        # scratch[k] doubles as the transposed GEMM result here and as dz in
+        # backward: the two uses never overlap.
+        for (wname, bname), act, out, scratch in zip(self.names, self.acts, self.outputs, self.scratch):
+            h = kernels.dense_forward(h, self.params[wname], self.params[bname], act,
+                                      out=out, scratch=scratch)
+        return h
+
+    def backward(self, delta: np.ndarray, need_delta_below: bool = True,
+                 preactivation: bool = False) -> np.ndarray | None:
+        """Gradients of the last :meth:`forward` into :attr:`grads`, given
+        ``delta = dL/d(output)``; returns ``dL/d(input)`` for the stack below
+        (``None`` when ``need_delta_below`` is false).
+
+        ``preactivation`` says ``delta`` is already taken with respect to the
+        last layer's pre-activation (softmax with cross-entropy).
+        """
+        if delta.shape != self.outputs[-1].shape:
+            raise ValueError(f"delta: shape {delta.shape} does not match {self.outputs[-1].shape}")
+        n = self.last - self.first
+        for k in range(n - 1, -1, -1):
+            wname, bname = self.names[k]
+            act = "linear" if (preactivation and k == n - 1) else self.acts[k]
+            below = k > 0 or need_delta_below
+            kernels.dense_backward(
+                self.outputs[k - 1] if k else self.x, self.outputs[k], delta,
+                self.params[wname], act,
+                grad_weight=self.grads[wname], grad_bias=self.grads[bname],
+                delta_below=self.deltas[k], dz=self.scratch[k], need_delta_below=below)
+            delta = self.deltas[k]
+        return delta if need_delta_below else None
+
+
+class Loss:
+    """The network's loss on its output, with the delta that starts backward."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.preactivation = spec.loss == "cross_entropy"
+
+    def targets(self, y: np.ndarray) -> np.ndarray:
+        """Targets in the form the kernel takes: class indices or float rows."""
+        if self.spec.loss == "cross_entropy":
+            return np.asarray(y, dtype=np.intp)
+        y = np.asarray(y, dtype=self.spec.np_dtype)
+        return y.reshape(len(y), -1)
+
+    def __call__(self, out: np.ndarray, targets: np.ndarray,
+                 delta: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        if self.spec.loss == "cross_entropy":
+            return kernels.softmax_cross_entropy(out, targets, delta)
+        return kernels.squared_error(out, targets, delta)
+
+
+def predict(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray,
+            batch_size: int = 1024) -> np.ndarray:
+    """Network outputs for every row of ``x``."""
+    stack = LayerStack(spec, params)
+    x = np.asarray(x, dtype=spec.np_dtype)
+    outs = [stack.forward(np.ascontiguousarray(x[i:i + batch_size])).copy()
+            for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs) if outs else np.empty((0, spec.layers[-1]), spec.np_dtype)
+
+
+def evaluate(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray,
+             y: np.ndarray) -> dict[str, float]:
+    """Mean loss over ``(x, y)`` and, for a classifier, accuracy."""
+    if len(x) == 0:
+        raise ValueError("evaluate: empty data set")
+    out = predict(spec, params, x)
+    loss = Loss(spec)
+    targets = loss.targets(y)
+    value, _ = loss(out, targets)
+    result = {"loss": value}
+    if spec.loss == "cross_entropy":
+        result["accuracy"] = float(np.mean(out.argmax(axis=1) == targets))
+    elif spec.layers[-1] == 1:
+        result["accuracy"] = float(np.mean((out[:, 0] > 0.5) == (targets[:, 0] > 0.5)))
+    return result

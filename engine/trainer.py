@@ -1,0 +1,59 @@
+"""The single-process trainer: minibatch SGD on one model in one process.
+
+It is the reference the distributed engine must agree with: one Downpour
+replica that fetches and pushes every step computes exactly this.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kernels
+from .data import minibatches
+from .model import LayerStack, Loss, ModelSpec
+from .optim import SGD, Adagrad, Momentum
+
+
+@dataclass
+class TrainResult:
+    params: dict[str, np.ndarray]
+    steps: int
+    examples: int
+    losses: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    """Forward, loss, backward and an in-place optimizer step, all in the
+    model's dtype with buffers reused across steps."""
+
+    def __init__(self, spec: ModelSpec, params: dict[str, np.ndarray],
+                 optimizer: SGD | Momentum | Adagrad):
+        self.spec = spec
+        self.params = params
+        self.optimizer = optimizer
+        self.stack = LayerStack(spec, params)
+        self.loss = Loss(spec)
+        self.state = {name: optimizer.state(p) for name, p in params.items()}
+        self._delta = None
+
+    def step(self, x: np.ndarray, targets: np.ndarray) -> float:
+        """One SGD step on a batch; ``targets`` as given by ``Loss.targets``.
+        Returns the batch's loss before the update."""
+        out = self.stack.forward(x)
+        if self._delta is None or self._delta.shape != out.shape:
+            self._delta = kernels.empty(out.shape, out.dtype)
+        value, delta = self.loss(out, targets, self._delta)
+        self.stack.backward(delta, need_delta_below=False, preactivation=self.loss.preactivation)
+        for name, grad in self.stack.grads.items():
+            self.optimizer.apply(self.params[name], grad, self.state[name])
+        return value
+
+    def fit(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1, epochs: int = 1,
+            seed: int = 0, shuffle: bool = True) -> TrainResult:
+        """Train over ``(x, y)``; the per-step losses are kept."""
+        x = np.asarray(x, dtype=self.spec.np_dtype)
+        y = self.loss.targets(y)
+        losses = []
+        for xb, yb in minibatches(x, y, batch_size, epochs, seed, shuffle):
+            losses.append(self.step(xb, yb))
+        return TrainResult(self.params, len(losses), epochs * len(x), losses)
