@@ -1,13 +1,22 @@
-"""Training data: built-in data sets and the order examples are visited in.
+"""Training data: where it comes from, and the order examples are visited in.
+
+:func:`load` reads a data source named in a run config: a built-in
+(``xor:N``, ``blobs:N``, ``digits``), an ``.npz`` with arrays ``X`` and
+``y``, a ``.csv`` with the label last, or an MNIST-format idx pair.
 
 The visiting order is a pure function of (examples, epoch, seed), so the
 single-process trainer and a distributed replica given the same shard see
 the same minibatches.
 """
 
+import gzip
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+
+from .errors import ConfigError
 
 XOR_ROWS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
 XOR_TARGETS = np.array([0, 1, 1, 0], dtype=np.float64)
@@ -53,3 +62,140 @@ def minibatches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int = 1,
             # Fancy indexing copies into a fresh contiguous batch, which the
             # kernels want anyway.
             yield x[idx], y[idx]
+
+
+# ---------------------------------------------------------------- sources
+
+
+def load(source: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` from a data source; ``X`` is float64 ``(N, features)``.
+
+    Sources: ``xor:N``; ``blobs:N`` (8 features, 3 classes); ``digits``
+    (scikit-learn's bundled 8x8 digits, scaled to [0, 1]; needs the
+    ``digits`` extra); ``PATH.npz`` (arrays ``X`` and ``y``); ``PATH.csv``
+    (numbers, label last, an optional header line); ``idx:IMAGES,LABELS`` or
+    the images file of an MNIST-format pair whose name contains
+    ``images-idx`` (labels: the same name with ``labels-idx1``; pixels
+    scaled to [0, 1]).
+    """
+    kind, _, arg = source.partition(":")
+    if kind in ("xor", "blobs") and arg:
+        if not arg.isdigit() or int(arg) < 1:
+            raise ConfigError("data", source, f"expected {kind}:N with N a positive integer")
+        return (xor if kind == "xor" else blobs)(int(arg), seed=seed)
+    if source == "digits":
+        return _digits()
+    if kind == "idx":
+        images, _, labels = arg.partition(",")
+        return _idx_pair(Path(images), Path(labels))
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError("data", source, "no such file, and not a built-in data set "
+                          "(xor:N, blobs:N, digits)")
+    name = path.name.lower()
+    if name.endswith(".npz"):
+        return _npz(path)
+    if name.endswith(".csv"):
+        return _csv(path)
+    if "images-idx" in name:
+        # MNIST's naming: train-images-idx3-ubyte beside train-labels-idx1-ubyte.
+        return _idx_pair(path, path.with_name(re.sub(r"images-idx\d", "labels-idx1", path.name)))
+    raise ConfigError("data", source, "unknown format: expected .npz, .csv or an idx images file")
+
+
+def split(x: np.ndarray, y: np.ndarray, test_fraction: float,
+          seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A reproducible random train/test split: ``(x_train, y_train, x_test, y_test)``."""
+    n_test = int(round(len(x) * test_fraction))
+    order = np.random.default_rng([seed, 0x7E57]).permutation(len(x))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _checked(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or len(x) == 0:
+        raise ConfigError("data", where, f"X must be a non-empty (examples, features) array, got shape {x.shape}")
+    if len(y) != len(x):
+        raise ConfigError("data", where, f"{len(x)} examples but {len(y)} targets")
+    if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
+        raise ConfigError("data", where, f"X and y must be numeric, got {x.dtype} and {y.dtype}")
+    x = x.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ConfigError("data", where, "X holds NaN or infinite values")
+    return x, y
+
+
+def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"X", "y"} - set(npz.files)
+            if missing:
+                raise ConfigError("data", str(path), f"missing arrays {sorted(missing)}; has {npz.files}")
+            return _checked(npz["X"], npz["y"], str(path))
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError("data", str(path), f"cannot be read as .npz: {exc}") from None
+
+
+def _csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path) as f:
+        first = f.readline()
+    try:
+        float(first.split(",")[0])
+        skip = 0
+    except ValueError:
+        skip = 1  # a header line
+    try:
+        table = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
+    except ValueError as exc:
+        raise ConfigError("data", str(path), f"not a numeric CSV: {exc}") from None
+    if table.shape[1] < 2:
+        raise ConfigError("data", str(path), "needs at least one feature column and the label")
+    return _checked(table[:, :-1], table[:, -1], str(path))
+
+
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An array from an idx file (MNIST's format), optionally gzipped."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError("data", str(path), f"cannot be read: {exc}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
+        raise ConfigError("data", str(path), "not an idx file (bad magic)")
+    ndim = data[3]
+    dtype = np.dtype(_IDX_TYPES[data[2]])
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ConfigError("data", str(path), "truncated idx header")
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    if len(data) != header + int(np.prod(shape)) * dtype.itemsize:
+        raise ConfigError("data", str(path), f"idx payload does not match its shape {shape}")
+    return np.frombuffer(data, dtype, offset=header).reshape(shape)
+
+
+def _idx_pair(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
+    x = read_idx(images)
+    y = read_idx(labels)
+    x = x.reshape(len(x), -1).astype(np.float64)
+    if x.size and x.max() > 1:
+        x /= 255.0
+    return _checked(x, y.astype(np.int64), str(images))
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ConfigError("data", "digits", "needs scikit-learn: pip install 'dbnode[digits]'") from None
+    digits = load_digits()
+    return digits.data / 16.0, digits.target.astype(np.int64)

@@ -1,0 +1,266 @@
+"""Run configuration: a TOML file, overridable key by key, checked up front.
+
+A run config has five sections::
+
+    [model]      layers, activation, output, loss, dtype, init, partitions
+    [data]       train, test, test_fraction
+    [train]      replicas | examples_per_replica, batch_size, epochs,
+                 n_fetch, n_push, seed, eval_interval
+    [optimizer]  name, learning_rate, momentum, eps
+    [cluster]    hosts, parameter_shards, secret_file, nodes
+
+Every key is optional except ``model.layers`` and ``data.train``. An unknown
+section or key, or a value of the wrong type or range, is a
+:class:`~dbnode.errors.ConfigError` naming ``section.key``. The same object
+is what the Python API takes: ``RunConfig.from_dict({...})``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .model import DTYPES, HIDDEN_ACTIVATIONS, LOSSES, OUTPUTS, ModelSpec
+from .optim import OPTIMIZERS
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    layers: tuple[int, ...] = ()
+    activation: str = "sigmoid"
+    output: str = "sigmoid"
+    loss: str = "squared_error"
+    dtype: str = "float32"
+    init: str = "normal:0.2"
+    partitions: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = ""
+    test: str = ""
+    test_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    replicas: int = 0
+    examples_per_replica: int = 0
+    batch_size: int = 1
+    epochs: int = 1
+    n_fetch: int = 1
+    n_push: int = 1
+    seed: int = 0
+    eval_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    hosts: tuple[str, ...] = ()
+    parameter_shards: int = 1
+    secret_file: str = ""
+    nodes: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
+        """Build and check a config from nested dicts, then apply
+        ``section.key=value`` overrides (values in TOML syntax)."""
+        raw = {section: dict(values) if isinstance(values, dict) else values
+               for section, values in raw.items()}
+        for item in overrides:
+            section, key, value = parse_override(item)
+            raw.setdefault(section, {})
+            if not isinstance(raw[section], dict):
+                raise ConfigError(section, raw[section], "must be a table of keys")
+            raw[section][key] = value
+        sections = {}
+        hints = typing.get_type_hints(cls)
+        for name, values in raw.items():
+            if name not in hints:
+                raise ConfigError(name, values, f"unknown section; expected one of {', '.join(hints)}")
+            if not isinstance(values, dict):
+                raise ConfigError(name, values, "must be a table of keys")
+            sections[name] = _section(hints[name], name, values)
+        config = cls(**sections)
+        config.check()
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
+        """Read a TOML run config; relative data paths are taken from the
+        config file's directory."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("config", str(path), "file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("config", str(path), f"cannot be read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", str(path), f"is not valid TOML: {exc}") from None
+        config = cls.from_dict(raw, overrides)
+        return config.relative_to(path.parent)
+
+    def relative_to(self, base: Path) -> RunConfig:
+        """Resolve data and secret paths that are relative to ``base``."""
+        def resolve(value: str) -> str:
+            if not value or ":" in value.split("/")[0] or Path(value).is_absolute():
+                return value  # empty, a built-in name like "xor:100", or absolute
+            return str(base / value)
+        return dataclasses.replace(
+            self,
+            data=dataclasses.replace(self.data, train=resolve(self.data.train), test=resolve(self.data.test)),
+            model=dataclasses.replace(self.model, init=resolve(self.model.init)
+                                      if self.model.init.endswith(".npz") else self.model.init),
+            cluster=dataclasses.replace(self.cluster, secret_file=resolve(self.cluster.secret_file)),
+        )
+
+    def spec(self) -> ModelSpec:
+        m = self.model
+        return ModelSpec(m.layers, m.activation, m.output, m.loss, m.dtype)
+
+    def check(self) -> None:
+        """Cross-field and range checks; each error names its key."""
+        m, d, t, o, c = self.model, self.data, self.train, self.optimizer, self.cluster
+        if not m.layers:
+            raise ConfigError("model.layers", m.layers, "is required (sizes, input first)")
+        _choice("model.activation", m.activation, HIDDEN_ACTIVATIONS)
+        _choice("model.output", m.output, OUTPUTS)
+        _choice("model.loss", m.loss, LOSSES)
+        _choice("model.dtype", m.dtype, DTYPES)
+        _choice("optimizer.name", o.name, tuple(OPTIMIZERS))
+        try:
+            self.spec()
+        except ValueError as exc:
+            raise ConfigError("model", m.layers, str(exc)) from None
+        if not 1 <= m.partitions <= len(m.layers) - 1:
+            raise ConfigError("model.partitions", m.partitions,
+                              f"must be between 1 and the number of layers ({len(m.layers) - 1})")
+        if not d.train:
+            raise ConfigError("data.train", d.train, "is required (a built-in name or a path)")
+        if not 0 <= d.test_fraction < 1:
+            raise ConfigError("data.test_fraction", d.test_fraction, "must be in [0, 1)")
+        if t.replicas and t.examples_per_replica:
+            raise ConfigError("train.replicas", t.replicas, "give replicas or examples_per_replica, not both")
+        for key in ("replicas", "examples_per_replica"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 0")
+        for key in ("batch_size", "epochs", "n_fetch", "n_push"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 1")
+        if not t.eval_interval > 0:
+            raise ConfigError("train.eval_interval", t.eval_interval, "must be > 0 seconds")
+        if not (o.learning_rate > 0 and math.isfinite(o.learning_rate)):
+            raise ConfigError("optimizer.learning_rate", o.learning_rate, "must be a finite number > 0")
+        if not 0 <= o.momentum < 1:
+            raise ConfigError("optimizer.momentum", o.momentum, "must be in [0, 1)")
+        if not o.eps > 0:
+            raise ConfigError("optimizer.eps", o.eps, "must be > 0")
+        if c.parameter_shards < 1:
+            raise ConfigError("cluster.parameter_shards", c.parameter_shards, "must be >= 1")
+        if c.nodes < 0:
+            raise ConfigError("cluster.nodes", c.nodes, "must be >= 0 (0: one per core)")
+        for host in c.hosts:
+            parse_address(host, key="cluster.hosts")
+
+    def replicas_for(self, n_examples: int) -> int:
+        """Replica count: given, or ceil(examples / examples_per_replica)
+        (the original's dataPerReplica), or 1."""
+        t = self.train
+        if t.replicas:
+            return t.replicas
+        if t.examples_per_replica:
+            return max(1, math.ceil(n_examples / t.examples_per_replica))
+        return 1
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in dataclasses.asdict(getattr(self, name)).items()}
+                for name in typing.get_type_hints(type(self))}
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value); the value is read as
+    TOML (``3``, ``0.5``, ``[2, 2, 1]``, ``"relu"``), else as a bare string."""
+    dotted, sep, text = item.partition("=")
+    section, dot, key = dotted.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError("override", item, "expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return section, key, value
+
+
+def parse_address(text: str, key: str = "address", default_port: int | None = None) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, "" if default_port is None else str(default_port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, text, "expected HOST:PORT with a port in 0..65535")
+    return host, int(port)
+
+
+def _section(cls: type, name: str, values: dict[str, Any]):
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{name}.{key}", value,
+                              f"unknown key; [{name}] takes {', '.join(hints)}")
+        out[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**out)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, f"must be a list of {item.__name__}")
+        return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "must be a number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "must be an integer")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "must be a string")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # pragma: no cover
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, f"must be one of {', '.join(allowed)}")
