@@ -47,21 +47,34 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarr
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def batch_indices(n: int, batch_size: int, epochs: int = 1, seed: int = 0,
+                  shuffle: bool = True) -> Iterator[np.ndarray]:
+    """Indices of each minibatch over ``epochs`` passes of ``n`` examples;
+    the last batch of an epoch may be smaller. A replica's first partition
+    takes inputs and its last partition takes targets by the same indices."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for epoch in range(epochs):
+        order = epoch_order(n, epoch, seed, shuffle)
+        for start in range(0, n, batch_size):
+            yield order[start:start + batch_size]
+
+
+def steps_per_run(n: int, batch_size: int, epochs: int) -> int:
+    """How many minibatches :func:`batch_indices` yields."""
+    return epochs * -(-n // batch_size)
+
+
 def minibatches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int = 1,
                 seed: int = 0, shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Contiguous minibatches of ``(x, y)`` for ``epochs`` passes; the last
     batch of an epoch may be smaller."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(x) != len(y):
         raise ValueError(f"data: {len(x)} inputs but {len(y)} targets")
-    for epoch in range(epochs):
-        order = epoch_order(len(x), epoch, seed, shuffle)
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            # Fancy indexing copies into a fresh contiguous batch, which the
-            # kernels want anyway.
-            yield x[idx], y[idx]
+    for idx in batch_indices(len(x), batch_size, epochs, seed, shuffle):
+        # Fancy indexing copies into a fresh contiguous batch, which the
+        # kernels want anyway.
+        yield x[idx], y[idx]
 
 
 # ---------------------------------------------------------------- sources

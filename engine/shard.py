@@ -1,0 +1,723 @@
+"""The parameter shard service, without the network: tensors, optimizers,
+versions, deduplicated pushes and crash-safe snapshots.
+
+A :class:`ParameterShard` holds named tensors (whole tensors or row ranges of
+large ones, see :mod:`dbnode.placement`), each under an integer key (the
+wire protocol's u32 ``key``) with its own optimizer, optimizer state and a
+version counter. The node feeds it decoded PULL / PUSH / PUSH_PULL / STATS /
+SNAPSHOT requests; this module never touches a socket.
+
+Concurrency: a shard is **not thread-safe**. ``push`` updates the
+parameters, the optimizer state, the version and the dedup table in several
+steps with no lock. That is by design: the node drives a shard from its one
+trio event loop, and every method here is synchronous (no ``await`` inside),
+so each call runs to completion before the loop can start another — pushes
+are applied one at a time, exactly, in arrival order. Never call into a
+shard from ``trio.to_thread`` while the loop may call it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass, field
+from math import prod
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import kernels
+from .errors import DBNodeError
+from .optim import OPTIMIZERS, make_optimizer
+from .protocol import ErrorCode
+
+__all__ = [
+    "ParameterShard",
+    "Pulled",
+    "ShardError",
+    "UnknownKeyError",
+    "ShapeMismatchError",
+    "DTypeMismatchError",
+    "KeyConflictError",
+    "SnapshotError",
+    "SNAPSHOT_FORMAT",
+]
+
+SNAPSHOT_FORMAT = "dbnode-shard-snapshot"
+SNAPSHOT_VERSION = 1
+# Caps checked against the zip directory before anything is allocated, so a
+# corrupt size field cannot make restore allocate gigabytes.
+_MAX_META_BYTES = 64 << 20
+_NPY_HEADER_SLACK = 64 << 10  # an .npy header is 128 bytes; its cap is 10 000
+_MAX_U64 = 2**64 - 1
+
+
+# ----------------------------------------------------------------- errors
+
+
+class ShardError(DBNodeError, ValueError):
+    """A request the shard refuses; nothing was changed.
+
+    Attributes:
+        code: the :class:`dbnode.protocol.ErrorCode` for the ERROR frame.
+        key: the tensor key the request named (None if none applies).
+    """
+
+    code = ErrorCode.BAD_REQUEST
+
+    def __init__(self, key: int | None, message: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+
+class UnknownKeyError(ShardError):
+    """The request names a key this shard does not hold."""
+
+    code = ErrorCode.UNKNOWN_KEY
+
+
+class ShapeMismatchError(ShardError):
+    """A pushed gradient (or an init value) has the wrong shape."""
+
+    code = ErrorCode.SHAPE_MISMATCH
+
+
+class DTypeMismatchError(ShardError):
+    """A pushed gradient (or an init value) has the wrong dtype."""
+
+    code = ErrorCode.DTYPE_MISMATCH
+
+
+class KeyConflictError(ShardError):
+    """An init for an existing key disagrees with it (name, shape, dtype or
+    optimizer)."""
+
+
+class SnapshotError(DBNodeError, ValueError):
+    """A snapshot file is missing, truncated, corrupt or not a snapshot.
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"snapshot {str(path)!r}: {reason}")
+
+
+# ------------------------------------------------------------------ state
+
+
+class Pulled(NamedTuple):
+    """A tensor's value and the version it has (pushes applied so far)."""
+
+    value: np.ndarray
+    version: int
+
+
+@dataclass(eq=False)
+class _Tensor:
+    key: int
+    name: str
+    value: np.ndarray  # aligned, C-contiguous, owned by the shard
+    optimizer: Any  # an optim.SGD / Momentum / Adagrad
+    state: dict[str, np.ndarray]
+    version: int = 0
+    pushes: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    last_seq: dict[str, int] = field(default_factory=dict)
+
+    def optimizer_config(self) -> dict[str, Any]:
+        return _optimizer_config(self.optimizer)
+
+    def describe(self) -> dict[str, Any]:
+        return {"key": self.key, "name": self.name, "shape": list(self.value.shape),
+                "dtype": self.value.dtype.name}  # fmt: skip
+
+
+def _optimizer_config(opt) -> dict[str, Any]:
+    return {"name": opt.name, **asdict(opt)}
+
+
+def _make_optimizer(key: int, spec):
+    """An optimizer from a config mapping ``{"name": ..., "learning_rate":
+    ..., **options}`` or an optimizer object."""
+    if isinstance(spec, tuple(OPTIMIZERS.values())):
+        return spec
+    if not isinstance(spec, dict) or "name" not in spec or "learning_rate" not in spec:
+        raise ShardError(
+            key, f"key {key}: optimizer must be an optimizer object or a mapping with 'name' "
+            f"and 'learning_rate', got {spec!r}",
+        )  # fmt: skip
+    options = {k: v for k, v in spec.items() if k not in ("name", "learning_rate")}
+    try:
+        return make_optimizer(spec["name"], spec["learning_rate"], **options)
+    except (TypeError, ValueError) as exc:
+        raise ShardError(key, f"key {key}: bad optimizer {spec!r}: {exc}") from None
+
+
+def _initial_value(key: int, shape, dtype: np.dtype, initializer: str, seed: int) -> np.ndarray:
+    """``zeros``, ``constant:C`` or ``normal:STD`` (seeded by ``seed``)."""
+    kind, _, arg = initializer.partition(":")
+    try:
+        if kind == "zeros" and not arg:
+            return kernels.zeros(shape, dtype)
+        if kind == "constant":
+            out = kernels.empty(shape, dtype)
+            out.fill(float(arg))
+            return out
+        if kind == "normal":
+            std = float(arg) if arg else 0.2
+            # Drawn in float64 and rounded once, as model.init_params does.
+            return kernels.aligned_copy(np.random.default_rng(seed).normal(0.0, std, shape), dtype)
+    except ValueError:
+        pass
+    raise ShardError(
+        key, f"key {key}: initializer {initializer!r} is not zeros, constant:C or normal:STD"
+    )
+
+
+def _kernel_dtype(key: int, name: str, dtype) -> np.dtype:
+    """``dtype`` as a numpy dtype the optimizer kernels update (float32/64)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        ok = False
+    else:
+        ok = dt in kernels.DTYPES
+    if not ok:
+        raise DTypeMismatchError(
+            key, f"key {key} ({name}): dtype must be float32 or float64, got {dtype}"
+        )
+    return dt
+
+
+def _is_uint(x, top: int = _MAX_U64) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and 0 <= x <= top
+
+
+def _check_key(key) -> int:
+    if not _is_uint(key, 2**32 - 1):
+        raise ShardError(None, f"key must be an integer in [0, 2**32), got {key!r}")
+    return int(key)
+
+
+# ------------------------------------------------------------------ shard
+
+
+class ParameterShard:
+    """Named tensors, their optimizers and versions: one parameter shard.
+
+    Every tensor lives under an integer ``key`` (unique in the shard) with a
+    human-readable ``name``; its ``version`` starts at 0 and grows by one for
+    every push applied. Bad requests raise a :class:`ShardError` subclass
+    (whose ``code`` is the protocol's ErrorCode for the reply) and change
+    nothing.
+
+    Not thread-safe; see the module docstring for why that is fine.
+
+    Args:
+        shard_id: this shard's index in the plan (reported in stats and
+            stored in snapshots).
+    """
+
+    def __init__(self, shard_id: int = 0) -> None:
+        self.shard_id = int(shard_id)
+        self._tensors: dict[int, _Tensor] = {}
+        self._rejected_unknown = 0  # pushes to keys the shard does not hold
+
+    # -- introspection ------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def keys(self) -> list[int]:
+        """The keys held, in ascending order."""
+        return sorted(self._tensors)
+
+    def name(self, key: int) -> str:
+        """The name of tensor ``key``."""
+        return self._get(key).name
+
+    def version(self, key: int) -> int:
+        """The version of tensor ``key`` (pushes applied so far)."""
+        return self._get(key).version
+
+    def optimizer(self, key: int):
+        """The optimizer object tensor ``key`` is updated with."""
+        return self._get(key).optimizer
+
+    def optimizer_state(self, key: int) -> dict[str, np.ndarray]:
+        """Copies of tensor ``key``'s optimizer state arrays (e.g.
+        ``{"velocity": ...}`` for momentum, ``{}`` for SGD)."""
+        return {k: v.copy() for k, v in self._get(key).state.items()}
+
+    def _get(self, key: int) -> _Tensor:
+        try:
+            return self._tensors[key]
+        except (KeyError, TypeError):
+            msg = f"key {key!r}: no such tensor on shard {self.shard_id}"
+            raise UnknownKeyError(key, msg) from None
+
+    # -- requests -------------------------------------------------------------
+
+    def init(
+        self,
+        key: int,
+        name: str,
+        value: np.ndarray | None = None,
+        *,
+        shape: tuple[int, ...] | None = None,
+        dtype: str | np.dtype | None = None,
+        initializer: str = "zeros",
+        seed: int = 0,
+        optimizer: dict[str, Any] | Any,
+    ) -> int:
+        """Create tensor ``key`` named ``name`` and return its version.
+
+        The initial value is either ``value`` (copied into a buffer the shard
+        owns: the caller may reuse its array) or made from ``shape``,
+        ``dtype`` and ``initializer`` (``"zeros"``, ``"constant:C"``,
+        ``"normal:STD"`` drawn with ``seed``). With ``value``, ``shape`` and
+        ``dtype`` may still be given and must then match it. The dtype must
+        be float32 or float64 (what the kernels update).
+
+        ``optimizer`` is a mapping ``{"name": "sgd" | "momentum" | "adagrad",
+        "learning_rate": lr, **options}`` (JSON-friendly, as INIT's meta
+        carries it) or an optimizer object from :mod:`dbnode.optim`.
+
+        Re-init of an existing key is idempotent when name, shape, dtype and
+        optimizer agree: it changes nothing — not even the value, which
+        pushes may have moved since — and returns the current version. This
+        makes a retried INIT (its reply was lost) harmless. Any disagreement
+        raises :class:`KeyConflictError`.
+        """
+        key = _check_key(key)
+        if not isinstance(name, str) or not name:
+            raise ShardError(key, f"key {key}: name must be a non-empty string, got {name!r}")
+        opt = _make_optimizer(key, optimizer)
+
+        if value is not None:
+            if not isinstance(value, np.ndarray):
+                raise ShardError(
+                    key, f"key {key}: value must be a numpy array, got {type(value).__name__}"
+                )
+            if shape is not None and tuple(shape) != value.shape:
+                raise ShapeMismatchError(
+                    key, f"key {key} ({name}): shape {tuple(shape)} given, value has {value.shape}"
+                )
+            if dtype is not None and _kernel_dtype(key, name, dtype) != value.dtype:
+                raise DTypeMismatchError(
+                    key, f"key {key} ({name}): dtype {np.dtype(dtype)} given, value has {value.dtype}"
+                )
+            shape, dtype = value.shape, value.dtype
+        elif shape is None or dtype is None:
+            raise ShardError(key, f"key {key} ({name}): give a value, or a shape and a dtype")
+        shape = tuple(shape)
+        if not all(_is_uint(d) for d in shape):
+            raise ShapeMismatchError(key, f"key {key} ({name}): bad shape {shape}")
+        shape = tuple(int(d) for d in shape)
+        dtype = _kernel_dtype(key, name, dtype)
+
+        old = self._tensors.get(key)
+        if old is not None:
+            want = {"name": name, "shape": list(shape), "dtype": dtype.name,
+                    "optimizer": _optimizer_config(opt)}  # fmt: skip
+            have = {**old.describe(), "optimizer": old.optimizer_config()}
+            if diff := {k: (have[k], want[k]) for k in want if have[k] != want[k]}:
+                raise KeyConflictError(
+                    key, f"key {key} already holds a different tensor: (have, init) = {diff}"
+                )
+            return old.version
+
+        # Copies below: the shard must own an aligned, C-contiguous buffer the
+        # compiled kernels can update in place for as long as the key lives.
+        if value is not None:
+            data = kernels.aligned_copy(value)
+        else:
+            data = _initial_value(key, shape, dtype, initializer, seed)
+        self._tensors[key] = _Tensor(key, name, data, opt, opt.state(data))
+        return 0
+
+    def view(self, key: int) -> Pulled:
+        """Tensor ``key``'s live parameters as a read-only view, no copy.
+
+        The view changes as pushes are applied. It is a consistent snapshot
+        of ``version`` only until the next push to ``key``, so use it only
+        when nothing can push before you are done with it (in-process use,
+        or a node that sends it without yielding to the loop). Otherwise use
+        :meth:`pull`.
+        """
+        t = self._get(key)
+        v = t.value.view()
+        v.flags.writeable = False  # callers must not bypass push()
+        return Pulled(v, t.version)
+
+    def pull(self, key: int, *, out: np.ndarray | None = None) -> Pulled:
+        """A copy of tensor ``key``'s parameters and its version.
+
+        A copy, not a view, because sending a tensor takes many turns of the
+        event loop (a partial ``send_all`` awaits), and a push applied in one
+        of them would otherwise tear the reply into a mix of two versions.
+        The copy is one memcpy, far faster than the network that sends it.
+        Pass ``out`` (a pooled send buffer: C-contiguous, writable, same
+        shape and dtype) to avoid the allocation. See :meth:`view` for the
+        zero-copy variant.
+        """
+        t = self._get(key)
+        if out is None:
+            out = kernels.empty(t.value.shape, t.value.dtype)
+        else:
+            self._check_out(t, out)
+        np.copyto(out, t.value)
+        return Pulled(out, t.version)
+
+    def push(
+        self, key: int, grad: np.ndarray, *, pusher: str | None = None, seq: int | None = None
+    ) -> int:
+        """Apply ``grad`` to tensor ``key`` with its optimizer, in place, and
+        return the new version.
+
+        ``grad`` must have exactly the tensor's shape and dtype; it is checked
+        before anything is touched, so a rejected push leaves parameters,
+        optimizer state and version as they were.
+
+        Deduplication: give ``pusher`` (a stable id of the sender, e.g. its
+        replica/partition) and ``seq`` (an integer that grows with each new
+        gradient that pusher sends to this key; gaps are fine) to make a
+        retried push harmless. A push whose ``seq`` is not greater than the
+        last applied seq of that pusher for this key is dropped: nothing
+        changes, the current version is returned and ``duplicates`` counts
+        it. Sequences are tracked per (key, pusher), so pushes to different
+        keys may arrive in any order. Without ``pusher``/``seq`` every push
+        is applied.
+
+        Raises:
+            UnknownKeyError, ShapeMismatchError, DTypeMismatchError,
+            ShardError (bad pusher/seq or a non-array gradient).
+        """
+        t = self._tensors.get(key) if isinstance(key, (int, np.integer)) else None
+        if t is None:
+            self._rejected_unknown += 1
+            self._get(key)  # raises UnknownKeyError
+        try:
+            self._check_push(t, grad, pusher, seq)
+        except ShardError:
+            t.rejected += 1
+            raise
+        if pusher is not None and seq <= t.last_seq.get(pusher, -1):
+            t.duplicates += 1
+            return t.version
+        # Checked above, so the kernel cannot fail half-way: it validates its
+        # operands before it writes, and they are now known to be valid.
+        t.optimizer.apply(t.value, grad, t.state)
+        t.version += 1
+        t.pushes += 1
+        if pusher is not None:
+            t.last_seq[pusher] = int(seq)
+        return t.version
+
+    def push_pull(
+        self, key: int, grad: np.ndarray, *, pusher: str | None = None, seq: int | None = None,
+        out: np.ndarray | None = None,
+    ) -> Pulled:  # fmt: skip
+        """:meth:`push`, then :meth:`pull`: the updated parameters (a copy,
+        into ``out`` if given) and the version after the push. A duplicate
+        push is dropped as in :meth:`push` and the current value returned."""
+        if out is not None:
+            self._check_out(self._get(key), out)  # before the push is applied
+        self.push(key, grad, pusher=pusher, seq=seq)
+        return self.pull(key, out=out)
+
+    def _check_out(self, t: _Tensor, out) -> None:
+        if not isinstance(out, np.ndarray):
+            raise ShardError(t.key, f"key {t.key} ({t.name}): out must be a numpy array")
+        self._check_like(t, out, "out")
+        if not (out.flags.c_contiguous and out.flags.writeable):
+            raise ShardError(t.key, f"key {t.key} ({t.name}): out must be C-contiguous and writable")
+
+    def _check_like(self, t: _Tensor, a: np.ndarray, what: str) -> None:
+        if a.dtype != t.value.dtype:
+            raise DTypeMismatchError(
+                t.key, f"key {t.key} ({t.name}): {what} dtype expected {t.value.dtype}, got {a.dtype}"
+            )
+        if a.shape != t.value.shape:
+            raise ShapeMismatchError(
+                t.key, f"key {t.key} ({t.name}): {what} shape expected {t.value.shape}, got {a.shape}"
+            )
+
+    def _check_push(self, t: _Tensor, grad, pusher, seq) -> None:
+        where = f"key {t.key} ({t.name})"
+        if not isinstance(grad, np.ndarray):
+            raise ShardError(
+                t.key, f"{where}: gradient must be a numpy array, got {type(grad).__name__}"
+            )
+        self._check_like(t, grad, "gradient")
+        if (pusher is None) != (seq is None):
+            raise ShardError(t.key, f"{where}: give both pusher and seq, or neither")
+        if pusher is not None:
+            if not isinstance(pusher, str) or not pusher:
+                raise ShardError(t.key, f"{where}: pusher must be a non-empty string, got {pusher!r}")
+            if not _is_uint(seq):
+                raise ShardError(t.key, f"{where}: seq must be an integer in [0, 2**64), got {seq!r}")
+
+    def stats(self) -> dict[str, Any]:
+        """JSON-ready statistics: ``{"shard", "tensors": [per key: key, name,
+        shape, dtype, version, pushes, duplicates, rejected, bytes,
+        state_bytes, optimizer, pushers], "totals": {tensors, bytes,
+        state_bytes, pushes, duplicates, rejected}}``. ``rejected`` in the
+        totals includes pushes to unknown keys."""
+        tensors = []
+        for key in self.keys():
+            t = self._tensors[key]
+            tensors.append({
+                **t.describe(),
+                "version": t.version,
+                "pushes": t.pushes,
+                "duplicates": t.duplicates,
+                "rejected": t.rejected,
+                "bytes": t.value.nbytes,
+                "state_bytes": sum(a.nbytes for a in t.state.values()),
+                "optimizer": t.optimizer_config(),
+                "pushers": len(t.last_seq),
+            })  # fmt: skip
+        counters = ("bytes", "state_bytes", "pushes", "duplicates", "rejected")
+        totals = {k: sum(d[k] for d in tensors) for k in counters}
+        totals["rejected"] += self._rejected_unknown
+        totals["tensors"] = len(tensors)
+        return {"shard": self.shard_id, "tensors": tensors, "totals": totals}
+
+    # -- snapshots ----------------------------------------------------------
+
+    def snapshot(self, path: str | os.PathLike) -> Path:
+        """Write the whole shard to ``path`` atomically and durably; return it.
+
+        The file is an ``.npz`` (no pickle anywhere): every tensor, its
+        optimizer state, a JSON ``meta`` (stored as a uint8 array) with names,
+        shapes, dtypes, versions, counters, optimizer settings and the last
+        seq per pusher, and a SHA-256 ``checksum`` over meta and all arrays.
+
+        Atomic: it is written to a temporary file in the same directory,
+        flushed and fsynced, then renamed over ``path`` (``os.replace``) and
+        the directory fsynced. A crash or error at any point leaves either
+        the previous snapshot or the new one, never a mix; the temporary
+        file is removed on error. Errors writing (disk full, ...) propagate
+        as ``OSError``.
+
+        Synchronous: it reads the live tensors, so no push may run while it
+        writes (true under the node's single event loop; a large shard will
+        hold the loop for the duration of the write).
+        """
+        path = Path(path)
+        arrays = self._snapshot_arrays()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                _write_payload(f, arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)  # makes the rename itself durable
+        return path
+
+    def _snapshot_arrays(self) -> dict[str, np.ndarray]:
+        tensors, arrays = [], []
+        for key in self.keys():
+            t = self._tensors[key]
+            tensors.append({
+                **t.describe(),
+                "version": t.version,
+                "pushes": t.pushes,
+                "duplicates": t.duplicates,
+                "rejected": t.rejected,
+                "optimizer": t.optimizer_config(),
+                "state": sorted(t.state),
+                "last_seq": dict(sorted(t.last_seq.items())),
+            })  # fmt: skip
+            arrays.append((f"{key}.value", t.value))
+            arrays.extend((f"{key}.state.{s}", t.state[s]) for s in sorted(t.state))
+        meta = {
+            "format": SNAPSHOT_FORMAT,
+            "version": SNAPSHOT_VERSION,
+            "shard": self.shard_id,
+            "rejected_unknown": self._rejected_unknown,
+            "tensors": tensors,
+        }
+        meta_array = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
+        out = {"meta": meta_array, "checksum": _checksum(meta_array, [a for _, a in arrays])}
+        out.update(arrays)
+        return out
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike) -> ParameterShard:
+        """A shard exactly as it was snapshotted to ``path``: values, versions,
+        counters, optimizers, optimizer state and dedup sequences.
+
+        Every size is checked against the zip directory and the metadata
+        before it is allocated, every array against the metadata, and the
+        checksum over everything before the shard is built.
+
+        Raises:
+            SnapshotError: the file is missing, unreadable, truncated,
+                corrupt or not a shard snapshot; the message names it.
+        """
+        path = Path(path)
+        try:
+            with zipfile.ZipFile(path) as zf:
+                return cls._restore(zf)
+        except FileNotFoundError:
+            raise SnapshotError(path, "no such file") from None
+        except SnapshotError as exc:
+            raise SnapshotError(path, exc.reason) from None
+        except (zipfile.BadZipFile, EOFError) as exc:
+            reason = f"not a readable .npz file (truncated or corrupt): {exc}"
+            raise SnapshotError(path, reason) from exc
+        except Exception as exc:
+            # Whatever else zipfile, numpy or json raise on bad bytes (a
+            # corrupt version field makes zipfile raise NotImplementedError),
+            # the file is bad; the cause stays chained for debugging.
+            raise SnapshotError(path, f"corrupt: {type(exc).__name__}: {exc}") from exc
+
+    @classmethod
+    def _restore(cls, zf: zipfile.ZipFile) -> ParameterShard:
+        meta_array = _read_member(zf, "meta", np.dtype(np.uint8), None)
+        checksum = _read_member(zf, "checksum", np.dtype(np.uint8), (32,))
+        meta = json.loads(meta_array.tobytes().decode())
+        if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotError("", "not a dbnode shard snapshot")
+        if meta.get("version") != SNAPSHOT_VERSION:
+            raise SnapshotError(
+                "", f"format version {meta.get('version')!r}, this dbnode reads {SNAPSHOT_VERSION}"
+            )
+
+        expected = {"meta", "checksum"}
+        records = []
+        for d in meta["tensors"]:
+            key, dtype = int(d["key"]), np.dtype(d["dtype"])
+            shape = tuple(int(n) for n in d["shape"])
+            if f"{key}.value" in expected:
+                raise SnapshotError("", f"key {key} appears twice in the metadata")
+            expected.add(f"{key}.value")
+            expected.update(f"{key}.state.{s}" for s in d["state"])
+            records.append((key, dtype, shape, d))
+        members = {n.removesuffix(".npy") for n in zf.namelist()}
+        if members != expected:
+            raise SnapshotError(
+                "", f"members {sorted(members)} do not match the metadata's {sorted(expected)}"
+            )
+
+        shard = cls(int(meta["shard"]))
+        shard._rejected_unknown = int(meta["rejected_unknown"])
+        arrays = []
+        for key, dtype, shape, d in records:
+            value = _read_member(zf, f"{key}.value", dtype, shape)
+            state = {s: _read_member(zf, f"{key}.state.{s}", dtype, shape) for s in d["state"]}
+            arrays.append(value)
+            arrays.extend(state[s] for s in d["state"])
+            opt = _make_optimizer(key, d["optimizer"])
+            if sorted(opt.state(value)) != sorted(state):
+                raise SnapshotError(
+                    "", f"key {key}: state {sorted(state)} does not fit optimizer {opt.name}"
+                )
+            shard._tensors[key] = _Tensor(
+                key, d["name"], value, opt, state,
+                version=int(d["version"]), pushes=int(d["pushes"]), duplicates=int(d["duplicates"]),
+                rejected=int(d["rejected"]),
+                last_seq={str(p): int(s) for p, s in d["last_seq"].items()},
+            )  # fmt: skip
+        if not hmac.compare_digest(_checksum(meta_array, arrays).tobytes(), checksum.tobytes()):
+            raise SnapshotError("", "checksum mismatch: the file is corrupt")
+        return shard
+
+
+# ------------------------------------------------------------ file helpers
+
+
+def _checksum(meta: np.ndarray, arrays: list[np.ndarray]) -> np.ndarray:
+    # The meta fixes every array's dtype and shape, hence its length, so the
+    # plain concatenation of their bytes is unambiguous.
+    h = hashlib.sha256(meta.tobytes())
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # no copy: contiguous
+    return np.frombuffer(h.digest(), np.uint8)
+
+
+def _write_payload(f, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an .npz to the open file ``f`` (a seam for tests).
+
+    All arrays are numeric, so nothing is pickled (numpy pickles only object
+    arrays); restore reads with its own reader that accepts only the dtypes
+    the metadata names.
+    """
+    np.savez(f, **arrays)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_member(
+    zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...] | None
+) -> np.ndarray:
+    """Read the .npy member ``name`` straight into a fresh aligned array,
+    checking its dtype and shape (``None``: any 1-d shape up to the meta cap)
+    against the expectation *before* allocating it."""
+    info = zf.getinfo(name + ".npy")
+    cap = _MAX_META_BYTES if shape is None else prod(shape) * dtype.itemsize
+    # np.savez stores members uncompressed, so a member is never larger than
+    # the archive holding it: that bounds what a corrupt size can allocate.
+    archive = os.fstat(zf.fp.fileno()).st_size
+    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        raise SnapshotError("", f"member {name}: compressed; snapshots are stored uncompressed")
+    low = 0 if shape is None else cap
+    high = min(cap + _NPY_HEADER_SLACK, archive)
+    if not low <= info.file_size <= high:
+        raise SnapshotError("", f"member {name}: {info.file_size} bytes, expected {low}..{high}")
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise SnapshotError("", f"member {name}: unsupported .npy version {version}")
+        if shape is None:
+            if len(got_shape) != 1 or got_shape[0] > min(cap, info.file_size):
+                raise SnapshotError("", f"member {name}: shape {got_shape}, expected (n <= {cap},)")
+            shape = got_shape
+        if got_dtype != dtype or got_shape != shape or fortran:
+            raise SnapshotError(
+                "",
+                f"member {name}: {got_dtype} {got_shape} (fortran={fortran}), "
+                f"expected {dtype} {shape}",
+            )
+        out = kernels.empty(shape, dtype)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        filled = 0
+        while filled < len(buf):
+            n = f.readinto(buf[filled:])
+            if not n:
+                raise SnapshotError("", f"member {name}: truncated after {filled} of {len(buf)} bytes")
+            filled += n
+        if f.read(1):
+            raise SnapshotError("", f"member {name}: trailing bytes after the array")
+    return out
