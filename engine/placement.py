@@ -408,3 +408,39 @@ def place(n_hosts: int, n_shards: int, replicas: int, partitions: int) -> Placem
         for r in range(replicas)
     )
     return Placement(n_hosts, shards, parts)
+
+
+def split_layers(layers: tuple[int, ...], partitions: int) -> tuple[tuple[int, int], ...]:
+    """Cut a network's layers into ``partitions`` contiguous blocks
+    ``(first, last)`` whose largest parameter count is as small as possible
+    (compute and traffic both scale with it).
+
+    ``layers`` are the sizes, input first, so layer ``i`` has
+    ``layers[i] * layers[i + 1] + layers[i + 1]`` parameters. Every block has
+    at least one layer. Exact, by dynamic programming over the cut points.
+    """
+    n = len(layers) - 1
+    partitions = _check_int("partitions", partitions, 1)
+    if partitions > n:
+        raise ConfigError("partitions", partitions, f"more partitions than layers ({n})")
+    weight = [layers[i] * layers[i + 1] + layers[i + 1] for i in range(n)]
+    prefix = [0]
+    for w in weight:
+        prefix.append(prefix[-1] + w)
+    # best[p][i]: the smallest possible largest block when the first i layers
+    # form p blocks; cut[p][i] is where the last of those blocks starts.
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(partitions + 1)]
+    cut = [[0] * (n + 1) for _ in range(partitions + 1)]
+    best[0][0] = 0
+    for p in range(1, partitions + 1):
+        for i in range(p, n + 1):
+            for j in range(p - 1, i):
+                cost = max(best[p - 1][j], prefix[i] - prefix[j])
+                if cost < best[p][i]:
+                    best[p][i], cut[p][i] = cost, j
+    bounds, i = [], n
+    for p in range(partitions, 0, -1):
+        bounds.append((cut[p][i], i))
+        i = cut[p][i]
+    return tuple(reversed(bounds))

@@ -1,6 +1,7 @@
 """Placement as pure functions: tensor pieces over shards, roles over hosts."""
 
 from collections import Counter
+from itertools import combinations
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 
 from dbnode.errors import ConfigError
 from dbnode.model import ModelSpec
-from dbnode.placement import DEFAULT_MIN_SPLIT_BYTES, ShardPlan, plan_shards, place
+from dbnode.placement import DEFAULT_MIN_SPLIT_BYTES, ShardPlan, place, plan_shards, split_layers
 
 NAMES = [f"layer{i}.{kind}" for i in range(6) for kind in ("weight", "bias")] + ["emb", "x"]
 
@@ -254,3 +255,27 @@ def test_place_rejects_bad_counts(args, key):
     with pytest.raises(ConfigError) as info:
         place(*args)
     assert info.value.key == key
+
+
+# --------------------------------------------------------------- split_layers
+
+@given(st.lists(st.integers(1, 300), min_size=2, max_size=9), st.data())
+@settings(max_examples=100, deadline=None)
+def test_split_layers_is_contiguous_and_optimal(layers, data):
+    n = len(layers) - 1
+    parts = data.draw(st.integers(1, n))
+    bounds = split_layers(tuple(layers), parts)
+    assert len(bounds) == parts and bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a < b for a, b in bounds) and all(bounds[k][1] == bounds[k + 1][0] for k in range(parts - 1))
+    weight = [layers[i] * layers[i + 1] + layers[i + 1] for i in range(n)]
+    cost = max(sum(weight[a:b]) for a, b in bounds)
+    brute = min(max(sum(weight[a:b]) for a, b in zip((0, *cuts), (*cuts, n)))
+                for cuts in combinations(range(1, n), parts - 1))
+    assert cost == brute
+
+
+def test_split_layers_rejects_more_partitions_than_layers():
+    with pytest.raises(ConfigError, match="partitions"):
+        split_layers((2, 2, 1), 3)
+    with pytest.raises(ConfigError, match="partitions"):
+        split_layers((2, 2, 1), 0)
