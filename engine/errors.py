@@ -66,3 +66,73 @@ class ConfigError(DBNodeError, ValueError):
         self.value = value
         self.reason = reason
         super().__init__(f"{key}={value!r}: {reason}")
+
+
+# -- transport (appended by the transport layer; dbnode.transport raises them) --
+
+__all__ += [
+    "TransportError",
+    "ConnectionClosedError",
+    "AuthenticationError",
+    "RequestTimeout",
+    "RequestError",
+    "RemoteError",
+]
+
+
+class TransportError(DBNodeError):
+    """A connection failed, or a request on it did not complete."""
+
+
+class ConnectionClosedError(TransportError):
+    """The connection is gone (or going): lost, refused, closed, or poisoned.
+
+    Every request still waiting for its answer on the connection fails with
+    this error, and so does every later use of it.
+
+    Attributes:
+        code: the error code the connection ended with when there was one
+            (a ``dbnode.protocol.ErrorCode`` when known, else the int): e.g.
+            ``UNAVAILABLE`` from a node at its connection limit, ``TIMEOUT``
+            for a handshake that took too long, the fatal code of a bad frame
+            either side detected. None for a plain loss of the peer.
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class AuthenticationError(ConnectionClosedError):
+    """The handshake failed: one side could not prove it knows the shared secret.
+
+    Raised on the side that detected the bad proof and on the side whose
+    proof was rejected; ``code`` is ``AUTH_FAILED``.
+    """
+
+
+class RequestTimeout(TransportError, TimeoutError):
+    """A request got no answer in time. The connection itself stays usable."""
+
+
+class RequestError(DBNodeError):
+    """A request failed with an error code that concerns only that request.
+
+    A request handler raises it to answer with an ERROR frame of that code
+    (``code`` should be 32 or more: request or node errors; see
+    docs/protocol.md section 9); the connection carries on.
+
+    Attributes:
+        code: the error code (``dbnode.protocol.ErrorCode`` when known).
+        message: human-readable detail.
+    """
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        self.message = message
+        name = getattr(code, "name", None) or str(int(code))
+        super().__init__(f"{message} [{name}]")
+
+
+class RemoteError(RequestError):
+    """The peer answered our request with an ERROR frame (``code``, ``message``)."""
