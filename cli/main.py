@@ -2,30 +2,219 @@
 
 Thin by design: each subcommand turns its arguments into engine objects and
 calls into ``dbnode``; the engine never reads ``argv``.
+
+Exit codes: 0 success, 1 the run failed, 2 bad usage or configuration,
+130 interrupted.
 """
 
+from __future__ import annotations
+
 import argparse
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
 import sys
+import tempfile
+from pathlib import Path
 
 import dbnode
+from dbnode.errors import ConfigError, DBNodeError
+
+log = logging.getLogger("dbnode")
+
+DEFAULT_PORT = 7070
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dbnode",
-        description="Downpour SGD on a cluster of plain CPU machines.",
-    )
+        prog="dbnode", description="Downpour SGD on a cluster of plain CPU machines.")
     parser.add_argument("--version", action="version", version=f"dbnode {dbnode.__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run a node that hosts parameter shards and layer partitions")
+    serve.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}",
+                       help="HOST:PORT to listen on (default 127.0.0.1:%(default)s; port 0 picks one)")
+    serve.add_argument("--secret-file", help="shared cluster secret (default: $DBNODE_SECRET)")
+    serve.add_argument("--name", default="", help="the node's name in logs")
+    serve.add_argument("--exit-on-eof", action="store_true",
+                       help="exit when standard input closes (used by the embedded cluster)")
+
+    train = sub.add_parser("train", help="run a training job (the driver)")
+    train.add_argument("config", help="run config (TOML)")
+    train.add_argument("--hosts", help="comma-separated HOST:PORT of running nodes "
+                       "(default: [cluster] hosts, else an embedded local cluster)")
+    train.add_argument("--out", help="directory for model.npz, metrics.csv, summary.json")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config key (repeatable), e.g. --set train.seed=3")
+    train.add_argument("--secret-file", help="cluster secret for --hosts (default: [cluster] "
+                       "secret_file, else $DBNODE_SECRET)")
+
+    ev = sub.add_parser("eval", help="loss and accuracy of a saved model on a data set")
+    ev.add_argument("model", help="model.npz written by dbnode train")
+    ev.add_argument("--data", required=True, help="data source (built-in name or path)")
+    ev.add_argument("--config", help="the run config the model was trained with "
+                    "(default: summary.json beside the model)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command is None:
         parser.print_help()
         return 2
+    command = {"serve": cmd_serve, "train": cmd_train, "eval": cmd_eval}[args.command]
+    try:
+        return command(args)
+    except ConfigError as exc:
+        print(f"dbnode {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except (DBNodeError, OSError) as exc:
+        print(f"dbnode {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"dbnode {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------- serve
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None))
+    except (socket.gaierror, ValueError):
+        return False
+
+
+def serve_secret(secret_file: str | None, host: str) -> tuple[bytes, str | None]:
+    """The node's secret, and the path of a fresh one made for a loopback node
+    started without any (None otherwise)."""
+    from dbnode.cluster import write_secret
+    from dbnode.transport import load_secret
+
+    if secret_file or os.environ.get("DBNODE_SECRET"):
+        return load_secret(secret_file), None
+    if not _is_loopback(host):
+        raise ConfigError("--listen", host, "a node reachable from other machines needs a secret: "
+                          "pass --secret-file or set DBNODE_SECRET")
+    path = write_secret(Path(tempfile.mkdtemp(prefix="dbnode-")) / "secret")
+    return path.read_bytes(), str(path)
+
+
+def cmd_serve(args) -> int:
+    import trio
+
+    from dbnode.config import parse_address
+    from dbnode.node import run_node
+
+    host, port = parse_address(args.listen, key="--listen", default_port=DEFAULT_PORT)
+    secret, made = serve_secret(args.secret_file, host)
+
+    async def serve_until_stopped() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(lambda task_status: run_node(
+                host, port, secret, name=args.name, task_status=task_status))
+            if made:
+                print(f"dbnode serve: secret written to {made}", flush=True)
+            print(f"dbnode serve: listening on {bound[0]}:{bound[1]}", flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                if args.exit_on_eof:
+                    nursery.start_soon(_cancel_on_stdin_eof, nursery.cancel_scope)
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+
+    trio.run(serve_until_stopped)
+    return 0
+
+
+async def _cancel_on_stdin_eof(scope) -> None:
+    import trio
+
+    stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with stream:
+        while await stream.receive_some(4096):
+            pass
+    scope.cancel()
+
+
+# ------------------------------------------------------------------- train
+
+
+def cmd_train(args) -> int:
+    from dbnode.config import RunConfig, parse_address
+    from dbnode.driver import train
+    from dbnode.transport import load_secret
+
+    config = RunConfig.load(args.config, args.set)
+    hosts = [parse_address(h.strip(), key="--hosts") for h in args.hosts.split(",")] if args.hosts else None
+    secret = load_secret(args.secret_file) if args.secret_file else None
+    show = _progress_printer(sys.stderr)
+    summary = train(config, hosts=hosts, out_dir=args.out, secret=secret, progress=show)
+    show.close()
+    print(json.dumps({k: v for k, v in summary.__dict__.items() if k != "config"}, indent=2))
+    return 0
+
+
+class _progress_printer:
+    """One updating line on a terminal; a plain log line per second otherwise."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = -1.0
+
+    def __call__(self, p) -> None:
+        loss = "-" if p.train_loss is None else f"{p.train_loss:.4f}"
+        test = ""
+        if p.test:
+            test = f"  test loss {p.test['loss']:.4f}" + (
+                f" acc {p.test['accuracy']:.3f}" if "accuracy" in p.test else "")
+        rate = p.examples / p.seconds if p.seconds else 0.0
+        line = (f"{p.seconds:7.1f}s  {p.examples}/{p.total_examples} examples  {rate:,.0f}/s  "
+                f"loss {loss}{test}  replicas done {p.replicas_done}/{p.replicas}")
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self.stream.flush()
+        elif p.seconds - self.last >= 1.0 or p.test:
+            self.stream.write(line + "\n")
+            self.last = p.seconds
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+# -------------------------------------------------------------------- eval
+
+
+def cmd_eval(args) -> int:
+    from dbnode.config import RunConfig
+    from dbnode.data import load
+    from dbnode.model import evaluate, load_params
+
+    config_path = Path(args.config) if args.config else Path(args.model).with_name("summary.json")
+    if config_path.suffix == ".json":
+        try:
+            config = RunConfig.from_dict(json.loads(config_path.read_text())["config"])
+        except FileNotFoundError:
+            raise ConfigError("--config", str(config_path), "not found: pass the run config") from None
+    else:
+        config = RunConfig.load(config_path)
+    spec = config.spec()
+    params = load_params(args.model, spec)
+    x, y = load(args.data, seed=config.train.seed)
+    from dbnode.driver import check_data
+    check_data(spec, x, y, args.data)
+    print(json.dumps(evaluate(spec, params, x, y)))
     return 0
 
 

@@ -8,10 +8,14 @@ the parameter shards.
 
 Between fetches the partition applies its own gradients to its local copy
 with plain SGD at the run's learning rate, as the paper's replicas do, so
-the next step never waits for the network. With the shard's optimizer also
+the next step never waits for the network. A fetch is asynchronous too: it
+answers with the shard's parameters as they were when it was issued, and
+the partition may have taken more steps since. :meth:`PartitionCore.install`
+therefore re-applies the local gradients of those steps to the fetched
+values, so no step's own update is lost. With the shard's optimizer also
 plain SGD and one replica, the local copy and the shard's copy are then
 bit-for-bit the same, which is why a one-replica run reproduces the
-single-process trainer exactly.
+single-process trainer exactly, however late its fetches land.
 """
 
 from __future__ import annotations
@@ -19,42 +23,45 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .model import LayerStack, Loss, ModelSpec
+from .model import LayerStack, Loss, ModelSpec, block_layout, block_views
 
 
 class PartitionCore:
     """Layers ``[first, last)`` of one replica, without I/O.
 
-    ``params`` holds this partition's tensors (``layer{i}.weight`` and
-    ``layer{i}.bias`` for its layers); it is used in place and later
-    replaced by :meth:`install`.
+    ``flat`` is this partition's parameter block (see
+    :func:`~dbnode.model.block_views`): used in place, later replaced by
+    :meth:`install`. Gradients, their accumulation for the next push and
+    the local updates all work on flat blocks of the same layout, one pass
+    each.
     """
 
-    def __init__(self, spec: ModelSpec, first: int, last: int, params: dict[str, np.ndarray],
+    def __init__(self, spec: ModelSpec, first: int, last: int, flat: np.ndarray,
                  learning_rate: float, n_fetch: int = 1, n_push: int = 1):
         if n_fetch < 1 or n_push < 1:
             raise ValueError(f"n_fetch and n_push must be >= 1, got {n_fetch} and {n_push}")
-        self.spec = spec
-        self.stack = LayerStack(spec, params, first, last)
-        self.names = list(self.stack.grads)
-        missing = sorted(set(self.names) - set(params))
-        if missing:
-            raise ValueError(f"partition [{first}, {last}): missing parameters {missing}")
+        self.spec, self.first, self.last = spec, first, last
+        self.flat = flat
+        self._grad = self._zeros()
+        self.stack = LayerStack(spec, block_views(spec, flat, first, last), first, last,
+                                grads=block_views(spec, self._grad, first, last))
         self.is_first = first == 0
         self.is_last = last == spec.n_layers
         self.loss = Loss(spec) if self.is_last else None
         self.learning_rate = float(learning_rate)
         self.n_fetch, self.n_push = n_fetch, n_push
         self.step = 0
-        self._acc = self._zeros()
-        self._free: list[dict[str, np.ndarray]] = []
+        self._acc = self._zeros()               # gradients since the last push
+        self._since_fetch = self._zeros()       # gradients since the last fetch was issued
+        self._free: list[np.ndarray] = []
         self._delta: np.ndarray | None = None
 
-    def _zeros(self) -> dict[str, np.ndarray]:
-        return {name: kernels.zeros(self.stack.grads[name].shape, self.stack.dtype) for name in self.names}
+    def _zeros(self) -> np.ndarray:
+        return kernels.zeros(block_layout(self.spec, self.first, self.last)[1], self.spec.np_dtype)
 
     @property
     def params(self) -> dict[str, np.ndarray]:
+        """The local copy's tensors (views into :attr:`flat`)."""
         return self.stack.params
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -76,9 +83,9 @@ class PartitionCore:
         the partition below (``None`` for the first)."""
         preactivation = self.loss is not None and self.loss.preactivation
         below = self.stack.backward(delta, need_delta_below=not self.is_first, preactivation=preactivation)
-        for name, grad in self.stack.grads.items():
-            kernels.accumulate(self._acc[name], grad)
-            kernels.sgd(self.stack.params[name], grad, self.learning_rate)
+        kernels.accumulate(self._acc, self._grad)
+        kernels.accumulate(self._since_fetch, self._grad)
+        kernels.sgd(self.flat, self._grad, self.learning_rate)
         self.step += 1
         return below
 
@@ -90,25 +97,32 @@ class PartitionCore:
     def fetch_due(self) -> bool:
         return self.step % self.n_fetch == 0
 
-    def take_gradients(self) -> dict[str, np.ndarray]:
-        """The gradients accumulated since the last push. They stay valid
-        until handed back with :meth:`release`; accumulation continues in
-        another buffer meanwhile."""
+    def take_gradients(self) -> np.ndarray:
+        """The gradients accumulated since the last push (a flat block). It
+        stays valid until handed back with :meth:`release`; accumulation
+        continues in another buffer meanwhile."""
         taken = self._acc
         self._acc = self._free.pop() if self._free else self._zeros()
         return taken
 
-    def release(self, grads: dict[str, np.ndarray]) -> None:
-        """Give back a pushed gradient buffer for reuse."""
-        for g in grads.values():
-            g.fill(0)
+    def release(self, grads: np.ndarray) -> None:
+        """Give back a pushed gradient block for reuse."""
+        grads.fill(0)
         self._free.append(grads)
 
-    def install(self, fetched: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Make freshly fetched parameters the local copy (no copy: the
-        dicts swap). Returns the previous copy, free to receive the next fetch."""
-        if set(fetched) != set(self.names):
-            raise ValueError(f"fetched {sorted(fetched)}, partition needs {sorted(self.names)}")
-        previous = self.stack.params
-        self.stack.params = fetched
+    def fetch_issued(self) -> None:
+        """Mark the moment a fetch is sent: local steps from here on are
+        re-applied to what it brings back."""
+        self._since_fetch.fill(0)
+
+    def install(self, fetched: np.ndarray) -> np.ndarray:
+        """Make a fetched parameter block the local copy, after re-applying
+        the local gradients taken since the fetch was issued. No copy: the
+        blocks swap. Returns the previous block, free for the next fetch."""
+        if fetched.shape != self.flat.shape or fetched.dtype != self.flat.dtype:
+            raise ValueError(f"fetched block {fetched.shape} {fetched.dtype} does not match "
+                             f"{self.flat.shape} {self.flat.dtype}")
+        kernels.sgd(fetched, self._since_fetch, self.learning_rate)
+        previous, self.flat = self.flat, fetched
+        self.stack.params = block_views(self.spec, fetched, self.first, self.last)
         return previous

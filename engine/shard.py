@@ -28,7 +28,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -134,6 +134,7 @@ class _Tensor:
     duplicates: int = 0
     rejected: int = 0
     last_seq: dict[str, int] = field(default_factory=dict)
+    pins: int = 0  # zero-copy sends of ``value`` still in flight (see pin)
 
     def optimizer_config(self) -> dict[str, Any]:
         return _optimizer_config(self.optimizer)
@@ -364,6 +365,27 @@ class ParameterShard:
         v.flags.writeable = False  # callers must not bypass push()
         return Pulled(v, t.version)
 
+    def pin(self, key: int) -> tuple[Pulled, Callable[[], None]]:
+        """Tensor ``key``'s live buffer for a zero-copy send, and its unpin.
+
+        Until ``unpin()`` is called, the buffer is frozen at ``version``:
+        a push arriving meanwhile first moves the tensor to a fresh copy
+        (copy on write) and updates that, so the send goes out whole and
+        consistent, and the common case — no push during the send — copies
+        nothing.
+        """
+        t = self._get(key)
+        buffer = t.value
+        t.pins += 1
+        v = buffer.view()
+        v.flags.writeable = False
+
+        def unpin() -> None:
+            if t.value is buffer:  # a copy on write already set the buffer free
+                t.pins -= 1
+
+        return Pulled(v, t.version), unpin
+
     def pull(self, key: int, *, out: np.ndarray | None = None) -> Pulled:
         """A copy of tensor ``key``'s parameters and its version.
 
@@ -419,6 +441,11 @@ class ParameterShard:
         if pusher is not None and seq <= t.last_seq.get(pusher, -1):
             t.duplicates += 1
             return t.version
+        if t.pins:
+            # A zero-copy send of the current buffer is in flight: leave it
+            # to the send and update a copy (see pin).
+            t.value = kernels.aligned_copy(t.value)
+            t.pins = 0
         # Checked above, so the kernel cannot fail half-way: it validates its
         # operands before it writes, and they are now known to be valid.
         t.optimizer.apply(t.value, grad, t.state)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dbnode.data import batch_indices
-from dbnode.model import Loss, ModelSpec, init_params
+from dbnode.model import Loss, ModelSpec, block_layout, block_views, init_params, pack_block
 from dbnode.optim import make_optimizer
 from dbnode.partition import PartitionCore
 from dbnode.placement import plan_shards
@@ -14,16 +14,16 @@ from dbnode.trainer import Trainer
 
 
 def run_one_replica(spec, params, x, y, bounds, n_shards, lr, n_fetch, n_push, batch, epochs, seed):
-    plan = plan_shards(spec.shapes(), n_shards, spec.np_dtype.itemsize, min_split_bytes=64)
+    blocks = {f"block{k}": pack_block(spec, params, a, b) for k, (a, b) in enumerate(bounds)}
+    plan = plan_shards({n: b.shape for n, b in blocks.items()}, n_shards, spec.np_dtype.itemsize,
+                       min_split_bytes=64)
     shards = [ParameterShard(i) for i in range(n_shards)]
-    for name, full in params.items():
+    for name, full in blocks.items():
         for key, piece in plan.cut(name, full).items():
             shards[plan.slice(key).shard].init(key, plan.slice(key).name, piece,
                                                optimizer={"name": "sgd", "learning_rate": lr})
-    cores = []
-    for first, last in bounds:
-        mine = {n: params[n].copy() for n in params if first <= int(n[5:n.index(".")]) < last}
-        cores.append(PartitionCore(spec, first, last, mine, lr, n_fetch, n_push))
+    cores = [PartitionCore(spec, a, b, blocks[f"block{k}"].copy(), lr, n_fetch, n_push)
+             for k, (a, b) in enumerate(bounds)]
     targets = Loss(spec).targets(y)
     for step, idx in enumerate(batch_indices(len(x), batch, epochs, seed)):
         h = x[idx]
@@ -32,24 +32,25 @@ def run_one_replica(spec, params, x, y, bounds, n_shards, lr, n_fetch, n_push, b
         _, delta = cores[-1].loss_delta(h, targets[idx])
         for core in reversed(cores):
             delta = core.backward(delta)
-        for core in cores:
+        for k, core in enumerate(cores):
             if core.push_due:
                 grads = core.take_gradients()
-                for name, g in grads.items():
-                    for key, piece in plan.cut(name, g).items():
-                        shards[plan.slice(key).shard].push(key, piece, pusher="r0", seq=step)
+                for key, piece in plan.cut(f"block{k}", grads).items():
+                    shards[plan.slice(key).shard].push(key, piece, pusher="r0", seq=step)
                 core.release(grads)
             if core.fetch_due:
-                fetched = {n: np.empty_like(p) for n, p in core.params.items()}
-                for name, buf in fetched.items():
-                    for key, view in plan.cut(name, buf).items():
-                        shards[plan.slice(key).shard].pull(key, out=view)
+                core.fetch_issued()
+                fetched = np.empty_like(core.flat)
+                for key, view in plan.cut(f"block{k}", fetched).items():
+                    shards[plan.slice(key).shard].pull(key, out=view)
                 core.install(fetched)
-    final = {name: np.empty(shape, spec.np_dtype) for name, shape in spec.shapes().items()}
-    for name, buf in final.items():
-        for key, view in plan.cut(name, buf).items():
+    final = {}
+    for k, (a, b) in enumerate(bounds):
+        flat = np.empty_like(blocks[f"block{k}"])
+        for key, view in plan.cut(f"block{k}", flat).items():
             shards[plan.slice(key).shard].pull(key, out=view)
-    return final, shards
+        final.update(block_views(spec, flat, a, b))
+    return final, shards, plan
 
 
 @pytest.mark.parametrize("bounds", [[(0, 3)], [(0, 1), (1, 3)], [(0, 1), (1, 2), (2, 3)]])
@@ -62,14 +63,10 @@ def test_one_replica_fetching_and_pushing_every_step_is_the_reference_trainer(bo
     params = init_params(spec, "xavier", seed=1)
     ref = {k: v.copy() for k, v in params.items()}
     Trainer(spec, ref, make_optimizer("sgd", 0.2)).fit(x, y, batch_size=1, epochs=2, seed=7)
-    final, shards = run_one_replica(spec, params, x, y, bounds, n_shards, 0.2, 1, 1, 1, 2, 7)
+    final, shards, plan = run_one_replica(spec, params, x, y, bounds, n_shards, 0.2, 1, 1, 1, 2, 7)
     for name in ref:
         np.testing.assert_allclose(final[name], ref[name], rtol=0, atol=1e-9)
-    assert sum(s.stats()["totals"]["pushes"] for s in shards) == 80 * len(plan_pieces(spec, n_shards))
-
-
-def plan_pieces(spec, n_shards):
-    return plan_shards(spec.shapes(), n_shards, spec.np_dtype.itemsize, min_split_bytes=64).slices
+    assert sum(s.stats()["totals"]["pushes"] for s in shards) == 80 * len(plan.slices)
 
 
 def test_accumulating_pushes_sum_the_steps_between_them():
@@ -79,32 +76,78 @@ def test_accumulating_pushes_sum_the_steps_between_them():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(9, 3)), rng.random(9)
     params = init_params(spec, seed=3)
-    final, shards = run_one_replica(spec, {k: v.copy() for k, v in params.items()}, x, y,
-                                    [(0, 1), (1, 2)], 2, 0.1, 3, 3, 1, 1, 0)
+    final, shards, plan = run_one_replica(spec, {k: v.copy() for k, v in params.items()}, x, y,
+                                          [(0, 1), (1, 2)], 2, 0.1, 3, 3, 1, 1, 0)
     ref = {k: v.copy() for k, v in params.items()}
     Trainer(spec, ref, make_optimizer("sgd", 0.1)).fit(x, y, batch_size=1, epochs=1, seed=0)
     for name in ref:   # local SGD between pushes: the same trajectory
         np.testing.assert_allclose(final[name], ref[name], rtol=0, atol=1e-12)
-    assert sum(s.stats()["totals"]["pushes"] for s in shards) == 3 * len(plan_pieces(spec, 2))
+    assert sum(s.stats()["totals"]["pushes"] for s in shards) == 3 * len(plan.slices)
+
+
+def test_block_layout_aligns_every_tensor_and_round_trips():
+    spec = ModelSpec((5, 7, 3), dtype="float32")
+    params = init_params(spec, seed=0)
+    flat = pack_block(spec, params, 0, 2)
+    layout, total = block_layout(spec, 0, 2)
+    assert flat.shape == (total,) and all(off % 16 == 0 for off, _ in layout.values())
+    assert total >= sum(p.size for p in params.values())
+    views = block_views(spec, flat, 0, 2)
+    for name in params:
+        np.testing.assert_array_equal(views[name], params[name])
+        assert views[name].base is flat or views[name].base is flat.base
+    padding = np.ones(total, bool)
+    for off, shape in layout.values():
+        padding[off:off + int(np.prod(shape))] = False
+    assert not flat[padding].any()
+    with pytest.raises(ValueError, match="flat block"):
+        block_views(spec, flat[:-1], 0, 2)
 
 
 def test_core_buffers():
     spec = ModelSpec((3, 4, 2), dtype="float32")
-    params = init_params(spec)
-    core = PartitionCore(spec, 0, 2, params, 0.1, n_fetch=2, n_push=1)
+    flat = pack_block(spec, init_params(spec), 0, 2)
+    core = PartitionCore(spec, 0, 2, flat, 0.1, n_fetch=2, n_push=1)
     out = core.forward(np.ones((2, 3), np.float32))
     _, delta = core.loss_delta(out, np.zeros((2, 2), np.float32))
     assert core.backward(delta) is None and core.step == 1
     assert core.push_due and not core.fetch_due
     grads = core.take_gradients()
-    assert any(g.any() for g in grads.values())
-    assert not any(g.any() for g in core.take_gradients().values())   # fresh buffer
+    assert grads.any() and grads.dtype == np.float32
+    assert not core.take_gradients().any()              # a fresh buffer
     core.release(grads)
-    assert not any(g.any() for g in grads.values())
-    with pytest.raises(ValueError, match="fetched"):
-        core.install({"layer0.weight": params["layer0.weight"]})
-    with pytest.raises(ValueError, match="missing parameters"):
-        PartitionCore(spec, 0, 2, {"layer0.weight": params["layer0.weight"]}, 0.1)
-    middle = PartitionCore(ModelSpec((3, 4, 4, 2)), 1, 2, init_params(ModelSpec((3, 4, 4, 2))), 0.1)
+    assert not grads.any()
+    with pytest.raises(ValueError, match="fetched block"):
+        core.install(flat[:-1].copy())
+    other = core.install(flat.copy() + 1)
+    assert other is flat and core.flat is not flat
+    middle_spec = ModelSpec((3, 4, 4, 2))
+    middle = PartitionCore(middle_spec, 1, 2, pack_block(middle_spec, init_params(middle_spec), 1, 2), 0.1)
     with pytest.raises(RuntimeError, match="last partition"):
         middle.loss_delta(np.zeros((1, 4), np.float32), np.zeros((1, 2), np.float32))
+
+
+def test_a_late_fetch_keeps_the_local_steps_taken_since_it_was_issued():
+    spec = ModelSpec((3, 4, 2), dtype="float64")
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(6, 3)), rng.random((6, 2))
+    params = init_params(spec, seed=1)
+    shard = pack_block(spec, params, 0, 2)                # a stand-in shard, plain SGD
+    core = PartitionCore(spec, 0, 2, shard.copy(), 0.3)
+    ref = {k: v.copy() for k, v in params.items()}
+    trainer = Trainer(spec, ref, make_optimizer("sgd", 0.3))
+    pending = None
+    for i in range(6):
+        out = core.forward(x[i:i + 1])
+        _, delta = core.loss_delta(out, y[i:i + 1])
+        core.backward(delta)
+        trainer.step(x[i:i + 1], y[i:i + 1])
+        grads = core.take_gradients()
+        shard -= 0.3 * grads                               # the push lands at once ...
+        core.release(grads)
+        if pending is not None:                            # ... the fetch a step late
+            core.install(pending)
+        core.fetch_issued()
+        pending = shard.copy()
+    for name in ref:
+        np.testing.assert_allclose(core.params[name], ref[name], rtol=0, atol=1e-12)

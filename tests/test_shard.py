@@ -558,3 +558,21 @@ def test_not_a_snapshot(tmp_path):
     path.write_text("hello")
     with pytest.raises(SnapshotError, match="params.npz.*not a readable"):
         ParameterShard.restore(path)
+
+
+def test_pinned_buffer_stays_at_its_version_while_pushes_go_to_a_copy():
+    shard = ParameterShard()
+    shard.init(1, "w", np.arange(4, dtype=np.float32), optimizer={"name": "sgd", "learning_rate": 1.0})
+    (view, version), unpin = shard.pin(1)
+    assert version == 0 and not view.flags.writeable
+    shard.push(1, np.ones(4, np.float32))
+    np.testing.assert_array_equal(view, [0, 1, 2, 3])            # the send sees version 0
+    np.testing.assert_array_equal(shard.pull(1).value, [-1, 0, 1, 2])
+    unpin()                                                      # stale unpin: harmless
+    (view2, version2), unpin2 = shard.pin(1)
+    assert version2 == 1
+    unpin2()
+    base = shard.view(1).value.base
+    shard.push(1, np.ones(4, np.float32))                        # unpinned: updated in place
+    assert shard.view(1).value.base is base
+    np.testing.assert_array_equal(view2, [-2, -1, 0, 1])

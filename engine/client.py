@@ -1,0 +1,161 @@
+"""Talking to other nodes: a pool of channels, and the parameter server client.
+
+:class:`Peers` keeps one authenticated :class:`~dbnode.transport.Channel`
+per remote node, opened on first use, shared by every task of the process.
+:class:`ParameterClient` spreads a model's tensors over the parameter
+shards of a :class:`~dbnode.placement.ShardPlan` and moves them in and out
+concurrently, every piece straight into or out of its rows of the caller's
+buffers (no gather, no scatter copies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import trio
+
+from .errors import ConnectionClosedError
+from .placement import ShardPlan
+from .protocol import MessageKind
+from .transport import Channel, open_connection
+
+Address = tuple[str, int]
+
+
+class Peers:
+    """One channel per remote address, opened on first use and kept.
+
+    The channels' reader tasks run in ``nursery``, which the owner of this
+    object owns; a channel whose connection ended is replaced on the next
+    :meth:`get`.
+    """
+
+    def __init__(self, nursery: trio.Nursery, secret: bytes, name: str = "",
+                 handler=None, connect_timeout: float = 10.0):
+        self._nursery = nursery
+        self._secret = secret
+        self._name = name
+        self._handler = handler
+        self._timeout = connect_timeout
+        self._channels: dict[Address, Channel] = {}
+        self._locks: dict[Address, trio.Lock] = {}
+
+    async def get(self, address: Address) -> Channel:
+        """The open channel to ``address``, connecting if needed."""
+        address = (address[0], int(address[1]))
+        ch = self._channels.get(address)
+        if ch is not None and not ch.closed:
+            return ch
+        lock = self._locks.setdefault(address, trio.Lock())
+        async with lock:
+            ch = self._channels.get(address)
+            if ch is None or ch.closed:
+                conn = await open_connection(address[0], address[1], self._secret, name=self._name,
+                                             handshake_timeout=self._timeout)
+                ch = Channel(conn, self._handler)
+                await self._nursery.start(ch.run)
+                self._channels[address] = ch
+            return ch
+
+    async def aclose(self) -> None:
+        """Close every channel gracefully."""
+        channels, self._channels = list(self._channels.values()), {}
+        async with trio.open_nursery() as nursery:
+            for ch in channels:
+                nursery.start_soon(ch.aclose)
+
+
+class ParameterClient:
+    """Pull, push and initialize a model's tensors on its parameter shards.
+
+    Args:
+        plan: which shard owns which rows of which tensor.
+        shards: the address of each shard of the plan, by shard index.
+        peers: where channels come from.
+        timeout: seconds for any one request.
+    """
+
+    def __init__(self, plan: ShardPlan, shards: list[Address], peers: Peers,
+                 timeout: float | None = 60.0):
+        if len(shards) != plan.n_shards:
+            raise ValueError(f"{len(shards)} shard addresses for a plan of {plan.n_shards} shards")
+        self.plan = plan
+        self.shards = [(h, int(p)) for h, p in shards]
+        self.peers = peers
+        self.timeout = timeout
+
+    def _address(self, key: int) -> Address:
+        return self.shards[self.plan.slice(key).shard]
+
+    async def _each(self, jobs: Iterable[tuple[int, Any]], request) -> None:
+        """Run ``request(key, arg)`` for every job concurrently."""
+        async with trio.open_nursery() as nursery:
+            for key, arg in jobs:
+                nursery.start_soon(request, key, arg)
+
+    async def _request(self, kind: MessageKind, key: int, **kwargs):
+        ch = await self.peers.get(self._address(key))
+        return await ch.request(kind, key=key, timeout=self.timeout, **kwargs)
+
+    def _pieces(self, tensors: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]]:
+        return [(key, view) for name, full in tensors.items()
+                for key, view in self.plan.cut(name, full).items()]
+
+    async def init(self, params: dict[str, np.ndarray], optimizer: dict[str, Any]) -> None:
+        """Create every piece of ``params`` on its shard with ``optimizer``
+        (``{"name": ..., "learning_rate": ..., **options}``). Idempotent."""
+        async def one(key, view):
+            meta = {"name": self.plan.slice(key).name, "optimizer": optimizer}
+            await self._request(MessageKind.INIT, key, array=view, meta=meta)
+        await self._each(self._pieces(params), one)
+
+    async def pull(self, into: dict[str, np.ndarray]) -> dict[int, int]:
+        """Fetch the current values of the tensors ``into`` names, each piece
+        received straight into its rows. Returns key -> version."""
+        versions: dict[int, int] = {}
+
+        async def one(key, view):
+            versions[key] = (await self._request(MessageKind.PULL, key, into=view)).seq
+        await self._each(self._pieces(into), one)
+        return versions
+
+    async def push(self, grads: dict[str, np.ndarray], *, pusher: str, seq: int,
+                   fetch_into: dict[str, np.ndarray] | None = None) -> None:
+        """Send gradients to be applied by the shards' optimizers; with
+        ``fetch_into`` (same tensors), each piece's reply brings the values
+        after its push (PUSH_PULL: one round trip for both).
+
+        ``pusher`` and ``seq`` let the shards drop a retried duplicate.
+        """
+        targets = self.plan_views(fetch_into) if fetch_into is not None else {}
+        meta = {"pusher": pusher}
+
+        async def one(key, view):
+            if targets:
+                await self._request(MessageKind.PUSH_PULL, key, array=view, seq=seq, meta=meta,
+                                    into=targets[key])
+            else:
+                await self._request(MessageKind.PUSH, key, array=view, seq=seq, meta=meta)
+        await self._each(self._pieces(grads), one)
+
+    def plan_views(self, tensors: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+        return dict(self._pieces(tensors))
+
+    async def stats(self) -> list[dict[str, Any]]:
+        """STATS from every distinct shard node."""
+        out = []
+        for address in dict.fromkeys(self.shards):
+            ch = await self.peers.get(address)
+            out.append((await ch.request(MessageKind.STATS, timeout=self.timeout)).meta)
+        return out
+
+
+async def connected(peers: Peers, address: Address) -> bool:
+    """Whether a channel to ``address`` can be had right now."""
+    try:
+        await peers.get(address)
+    except (OSError, ConnectionClosedError):
+        return False
+    return True

@@ -1,0 +1,331 @@
+"""The driver: one Downpour SGD run across a set of nodes.
+
+:func:`train` takes a :class:`~dbnode.config.RunConfig` and the addresses
+of running ``dbnode serve`` nodes (or starts an embedded local cluster),
+then:
+
+1. loads the data, checks it against the model, splits off the test set
+   and cuts the training set into one data shard per replica;
+2. places parameter shards and every replica's layer partitions on the
+   nodes (:func:`dbnode.placement.place`, :func:`~dbnode.placement.split_layers`);
+3. initializes the parameter shards, ships each replica's inputs to its
+   first partition and its targets to its last, and starts the partitions;
+4. watches progress, evaluating the parameter server's current model on
+   the test set every ``train.eval_interval`` seconds;
+5. when every partition has finished (and so every push has been applied),
+   pulls the final model and writes ``model.npz``, ``metrics.csv`` and
+   ``summary.json`` to the output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from . import data as datasets
+from . import kernels
+from .client import Address, ParameterClient, Peers
+from .cluster import LocalCluster
+from .config import RunConfig, parse_address
+from .errors import ConfigError, DBNodeError
+from .model import (ModelSpec, block_views, blocks, evaluate, init_params, load_params, pack_block,
+                    save_params)
+from .placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
+from .protocol import MessageKind
+from .transport import load_secret
+
+log = logging.getLogger("dbnode.driver")
+
+
+@dataclass
+class Progress:
+    """What the driver knows about the run at one moment."""
+
+    seconds: float
+    examples: int
+    total_examples: int
+    train_loss: float | None
+    replicas_done: int
+    replicas: int
+    per_replica: list[float] = field(default_factory=list)   # fraction done
+    test: dict[str, float] | None = None
+
+
+@dataclass
+class Summary:
+    config: dict[str, Any]
+    replicas: int
+    partitions: int
+    nodes: int
+    examples: int
+    seconds: float
+    examples_per_second: float
+    final_train_loss: float | None
+    test_loss: float | None
+    test_accuracy: float | None
+    out_dir: str | None
+
+
+# ------------------------------------------------------------------- data
+
+
+def load_data(config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Training and test sets, checked against the model."""
+    spec = config.spec()
+    seed = config.train.seed
+    x, y = datasets.load(config.data.train, seed=seed)
+    if config.data.test:
+        x_test, y_test = datasets.load(config.data.test, seed=seed + 1)
+    elif config.data.test_fraction:
+        x, y, x_test, y_test = datasets.split(x, y, config.data.test_fraction, seed)
+    else:
+        x_test = y_test = None
+    check_data(spec, x, y, config.data.train)
+    if x_test is not None:
+        check_data(spec, x_test, y_test, config.data.test or config.data.train)
+    return x, y, x_test, y_test
+
+
+def check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray, where: str) -> None:
+    """A clear error when the data does not fit the model."""
+    if x.shape[1] != spec.layers[0]:
+        raise ConfigError("data", where, f"examples have {x.shape[1]} features, "
+                          f"model.layers[0] is {spec.layers[0]}")
+    outputs = spec.layers[-1]
+    if spec.loss == "cross_entropy":
+        if y.ndim != 1 or not np.all(np.mod(y, 1) == 0) or y.min() < 0 or y.max() >= outputs:
+            raise ConfigError("data", where, f"cross_entropy needs integer labels in [0, {outputs}), "
+                              f"got values in [{y.min()}, {y.max()}]")
+    else:
+        width = 1 if y.ndim == 1 else y.shape[1]
+        if width != outputs:
+            raise ConfigError("data", where, f"targets have {width} columns, the model has {outputs} outputs")
+
+
+def shard_data(n: int, replicas: int) -> list[slice]:
+    """Contiguous, near-equal slices of ``range(n)``, one per replica (the
+    original's dataPerReplica shards)."""
+    if replicas > n:
+        raise ConfigError("train.replicas", replicas, f"more replicas than training examples ({n})")
+    bounds = np.linspace(0, n, replicas + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
+
+
+# --------------------------------------------------------------------- run
+
+
+def train(config: RunConfig, hosts: list[Address] | None = None, out_dir: str | Path | None = None,
+          secret: bytes | None = None, progress: Callable[[Progress], None] | None = None) -> Summary:
+    """Run ``config`` on ``hosts`` (default: ``config.cluster.hosts``, or an
+    embedded local cluster when there are none). Blocks until the run ends."""
+    x, y, x_test, y_test = load_data(config)
+    hosts = list(hosts or [_address(h) for h in config.cluster.hosts])
+    if hosts:
+        if secret is None:
+            secret = load_secret(config.cluster.secret_file or None)
+        return trio.run(_run, config, hosts, secret, (x, y, x_test, y_test), out_dir, progress)
+    with LocalCluster(config.cluster.nodes or None) as cluster:
+        return trio.run(_run, config, cluster.addresses, cluster.secret_file.read_bytes(),
+                        (x, y, x_test, y_test), out_dir, progress)
+
+
+def _address(text: str) -> Address:
+    return parse_address(text, key="cluster.hosts")
+
+
+class _Run:
+    """The state of one run as the driver sees it."""
+
+    def __init__(self, config: RunConfig, hosts: list[Address], peers: Peers, n_train: int):
+        self.config, self.hosts, self.peers = config, hosts, peers
+        self.spec = config.spec()
+        self.replicas = config.replicas_for(n_train)
+        self.partitions = config.model.partitions
+        self.placement = place(len(hosts), config.cluster.parameter_shards, self.replicas, self.partitions)
+        self.bounds = split_layers(self.spec.layers, self.partitions)
+        self.plan = plan_shards(blocks(self.spec, self.bounds), config.cluster.parameter_shards,
+                                self.spec.np_dtype.itemsize)
+        self.shard_hosts = [hosts[h] for h in self.placement.shards]
+        self.client = ParameterClient(self.plan, self.shard_hosts, peers)
+
+    def uid(self, replica: int, index: int) -> int:
+        return replica * self.partitions + index + 1
+
+    def host_of(self, replica: int, index: int) -> Address:
+        return self.hosts[self.placement.partitions[replica][index]]
+
+    async def control(self, host: Address, op: str, *, key: int = 0, array=None, **meta) -> dict:
+        ch = await self.peers.get(host)
+        frame = await ch.request(MessageKind.CONTROL, key=key, array=array, meta={"op": op, **meta},
+                                 timeout=60.0)
+        return frame.meta
+
+    def job(self, replica: int, index: int, n_examples: int) -> dict[str, Any]:
+        c, m = self.config, self.config.model
+        first, last = self.bounds[index]
+        neighbour = lambda i: [*self.host_of(replica, i), self.uid(replica, i)]  # noqa: E731
+        return {
+            "uid": self.uid(replica, index), "replica": replica, "index": index,
+            "first": first, "last": last,
+            "model": {"layers": list(m.layers), "activation": m.activation, "output": m.output,
+                      "loss": m.loss, "dtype": m.dtype},
+            "learning_rate": c.optimizer.learning_rate, "n_fetch": c.train.n_fetch,
+            "n_push": c.train.n_push, "batch_size": c.train.batch_size, "epochs": c.train.epochs,
+            "seed": c.train.seed, "n_examples": n_examples,
+            "shards": [list(a) for a in self.shard_hosts], "min_split_bytes": DEFAULT_MIN_SPLIT_BYTES,
+            "bounds": [list(b) for b in self.bounds],
+            "prev": neighbour(index - 1) if index > 0 else None,
+            "next": neighbour(index + 1) if index < self.partitions - 1 else None,
+        }
+
+    def pack(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A model as the parameter server holds it: one flat block per partition."""
+        return {f"block{k}": pack_block(self.spec, params, a, b) for k, (a, b) in enumerate(self.bounds)}
+
+    async def model(self) -> dict[str, np.ndarray]:
+        """The parameter server's current model."""
+        flat = {name: kernels.empty(shape, self.spec.np_dtype) for name, shape in blocks(self.spec, self.bounds).items()}
+        await self.client.pull(flat)
+        params = {}
+        for k, (a, b) in enumerate(self.bounds):
+            params.update(block_views(self.spec, flat[f"block{k}"], a, b))
+        return params
+
+
+def _initial_params(config: RunConfig, spec: ModelSpec) -> dict[str, np.ndarray]:
+    init = config.model.init
+    if init.endswith(".npz"):
+        return load_params(init, spec)
+    try:
+        return init_params(spec, init, seed=config.train.seed)
+    except ValueError as exc:
+        raise ConfigError("model.init", init, str(exc)) from None
+
+
+async def _run(config: RunConfig, hosts: list[Address], secret: bytes, datasets_, out_dir,
+               progress) -> Summary:
+    x, y, x_test, y_test = datasets_
+    spec = config.spec()
+    params = _initial_params(config, spec)
+    start = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        peers = Peers(nursery, secret, name="driver")
+        run = _Run(config, hosts, peers, len(x))
+        try:
+            summary = await _drive(run, params, x, y, x_test, y_test, out_dir, progress, start)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                for host in hosts:
+                    try:
+                        await run.control(host, "reset", force=True)
+                    except Exception:  # best effort: the node may be gone
+                        pass
+                await peers.aclose()
+        nursery.cancel_scope.cancel()
+    return summary
+
+
+async def _connect_all(run: _Run) -> None:
+    for host in run.hosts:
+        try:
+            await run.control(host, "info")
+        except OSError as exc:
+            raise DBNodeError(f"node {host[0]}:{host[1]} is unreachable: {exc}") from None
+
+
+async def _drive(run: _Run, params, x, y, x_test, y_test, out_dir, progress, start) -> Summary:
+    config = run.config
+    await _connect_all(run)
+    for host in run.hosts:
+        await run.control(host, "reset", force=True)
+    opt = config.optimizer
+    optimizer = {"name": opt.name, "learning_rate": opt.learning_rate}
+    if opt.name == "momentum":
+        optimizer["momentum"] = opt.momentum
+    elif opt.name == "adagrad":
+        optimizer["eps"] = opt.eps
+    await run.client.init(run.pack(params), optimizer)
+
+    shards = shard_data(len(x), run.replicas)
+    for r, rows in enumerate(shards):
+        n = rows.stop - rows.start
+        for p in range(run.partitions):
+            await run.control(run.host_of(r, p), "start", **run.job(r, p, n))
+        uid_first, uid_last = run.uid(r, 0), run.uid(r, run.partitions - 1)
+        await run.control(run.host_of(r, 0), "data", key=uid_first, role="x",
+                          array=np.ascontiguousarray(x[rows], dtype=run.spec.np_dtype))
+        await run.control(run.host_of(r, run.partitions - 1), "data", key=uid_last, role="y",
+                          array=np.ascontiguousarray(y[rows]))
+    for host in run.hosts:
+        await run.control(host, "run")
+
+    total = config.train.epochs * len(x)
+    metrics: list[dict[str, Any]] = []
+    loss_sum, loss_count, last_loss = 0.0, 0, None
+    next_eval = time.monotonic() + config.train.eval_interval
+    while True:
+        await trio.sleep(0.2)
+        statuses = {}
+        for host in set(run.hosts):
+            statuses.update((await run.control(host, "status"))["partitions"])
+        failed = [(uid, s["error"]) for uid, s in statuses.items() if s["error"]]
+        if failed:
+            uid, error = failed[0]
+            raise DBNodeError(f"partition {uid} failed: {error}")
+        last = {r: statuses.get(str(run.uid(r, run.partitions - 1))) for r in range(run.replicas)}
+        examples = sum(s["examples"] for s in last.values() if s)
+        window_sum = sum(s["loss_sum"] for s in last.values() if s)
+        window_count = sum(s["loss_count"] for s in last.values() if s)
+        loss_sum += window_sum
+        loss_count += window_count
+        if window_count:
+            last_loss = window_sum / window_count
+        done = sum(1 for uid, s in statuses.items() if s["done"])
+        finished = done == run.replicas * run.partitions
+        now = time.monotonic()
+        test = None
+        if x_test is not None and (now >= next_eval or finished):
+            test = evaluate(run.spec, await run.model(), x_test, y_test)
+            next_eval = now + config.train.eval_interval
+        if test is not None or finished:
+            metrics.append({"seconds": round(now - start, 3), "examples": examples,
+                            "train_loss": last_loss, "test_loss": test and test["loss"],
+                            "test_accuracy": test and test.get("accuracy")})
+        if progress:
+            progress(Progress(now - start, examples, total, last_loss,
+                              sum(1 for s in last.values() if s and s["done"]), run.replicas,
+                              [s["step"] / max(1, s["steps"]) if s else 0.0 for s in last.values()],
+                              test))
+        if finished:
+            break
+
+    seconds = time.monotonic() - start
+    final = await run.model()
+    test = evaluate(run.spec, final, x_test, y_test) if x_test is not None else None
+    summary = Summary(config=config.to_dict(), replicas=run.replicas, partitions=run.partitions,
+                      nodes=len(run.hosts), examples=total, seconds=round(seconds, 3),
+                      examples_per_second=round(total / seconds, 1), final_train_loss=last_loss,
+                      test_loss=test and test["loss"], test_accuracy=test and test.get("accuracy"),
+                      out_dir=str(out_dir) if out_dir else None)
+    if out_dir is not None:
+        write_outputs(Path(out_dir), final, metrics, summary)
+    return summary
+
+
+def write_outputs(out: Path, params, metrics: list[dict], summary: Summary) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_params(out / "model.npz", params)
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["seconds", "examples", "train_loss", "test_loss", "test_accuracy"])
+        writer.writeheader()
+        writer.writerows(metrics)
+    (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
