@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data import is_builtin
 from .errors import ConfigError
 from .model import DTYPES, HIDDEN_ACTIVATIONS, LOSSES, OUTPUTS, ModelSpec
 from .optim import OPTIMIZERS
@@ -127,8 +128,8 @@ class RunConfig:
     def relative_to(self, base: Path) -> RunConfig:
         """Resolve data and secret paths that are relative to ``base``."""
         def resolve(value: str) -> str:
-            if not value or ":" in value.split("/")[0] or Path(value).is_absolute():
-                return value  # empty, a built-in name like "xor:100", or absolute
+            if not value or is_builtin(value) or Path(value).is_absolute():
+                return value
             return str(base / value)
         return dataclasses.replace(
             self,

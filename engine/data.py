@@ -80,6 +80,12 @@ def minibatches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int = 1,
 # ---------------------------------------------------------------- sources
 
 
+
+def is_builtin(source: str) -> bool:
+    """Whether ``source`` names a built-in data set rather than a file."""
+    return source == "digits" or source.partition(":")[0] in ("xor", "blobs", "idx")
+
+
 def load(source: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(X, y)`` from a data source; ``X`` is float64 ``(N, features)``.
 

@@ -33,10 +33,11 @@ import trio
 
 from . import data as datasets
 from . import kernels
+from .aio import first_error
 from .client import Address, ParameterClient, Peers
 from .cluster import LocalCluster
 from .config import RunConfig, parse_address
-from .errors import ConfigError, DBNodeError
+from .errors import ConfigError, DBNodeError, TransportError
 from .model import (ModelSpec, block_views, blocks, evaluate, init_params, load_params, pack_block,
                     save_params)
 from .placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
@@ -123,19 +124,39 @@ def shard_data(n: int, replicas: int) -> list[slice]:
 # --------------------------------------------------------------------- run
 
 
+@dataclass
+class Inputs:
+    """Everything a run needs before any node is contacted, all checked."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    params: dict[str, np.ndarray]
+    shards: list[slice]          # each replica's rows of (x, y)
+
+
+def prepare(config: RunConfig) -> Inputs:
+    """Load and check the data and the initial model: every mistake in the
+    config shows up here, before a node is started or contacted."""
+    x, y, x_test, y_test = load_data(config)
+    params = _initial_params(config, config.spec())
+    return Inputs(x, y, x_test, y_test, params, shard_data(len(x), config.replicas_for(len(x))))
+
+
 def train(config: RunConfig, hosts: list[Address] | None = None, out_dir: str | Path | None = None,
           secret: bytes | None = None, progress: Callable[[Progress], None] | None = None) -> Summary:
     """Run ``config`` on ``hosts`` (default: ``config.cluster.hosts``, or an
     embedded local cluster when there are none). Blocks until the run ends."""
-    x, y, x_test, y_test = load_data(config)
+    inputs = prepare(config)
     hosts = list(hosts or [_address(h) for h in config.cluster.hosts])
     if hosts:
         if secret is None:
             secret = load_secret(config.cluster.secret_file or None)
-        return trio.run(_run, config, hosts, secret, (x, y, x_test, y_test), out_dir, progress)
+        return trio.run(_run, config, hosts, secret, inputs, out_dir, progress)
     with LocalCluster(config.cluster.nodes or None) as cluster:
         return trio.run(_run, config, cluster.addresses, cluster.secret_file.read_bytes(),
-                        (x, y, x_test, y_test), out_dir, progress)
+                        inputs, out_dir, progress)
 
 
 def _address(text: str) -> Address:
@@ -164,9 +185,14 @@ class _Run:
         return self.hosts[self.placement.partitions[replica][index]]
 
     async def control(self, host: Address, op: str, *, key: int = 0, array=None, **meta) -> dict:
-        ch = await self.peers.get(host)
-        frame = await ch.request(MessageKind.CONTROL, key=key, array=array, meta={"op": op, **meta},
-                                 timeout=60.0)
+        """Send a command to a node; a node that is gone is a DBNodeError naming it."""
+        try:
+            ch = await self.peers.get(host)
+            frame = await ch.request(MessageKind.CONTROL, key=key, array=array,
+                                     meta={"op": op, **meta}, timeout=60.0)
+        except (OSError, TransportError) as exc:
+            raise DBNodeError(f"node {host[0]}:{host[1]} is unreachable or stopped answering "
+                              f"({op}): {exc}") from None
         return frame.meta
 
     def job(self, replica: int, index: int, n_examples: int) -> dict[str, Any]:
@@ -203,25 +229,30 @@ class _Run:
 
 def _initial_params(config: RunConfig, spec: ModelSpec) -> dict[str, np.ndarray]:
     init = config.model.init
-    if init.endswith(".npz"):
-        return load_params(init, spec)
     try:
+        if init.endswith(".npz"):
+            return load_params(init, spec)
         return init_params(spec, init, seed=config.train.seed)
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise ConfigError("model.init", init, str(exc)) from None
 
 
-async def _run(config: RunConfig, hosts: list[Address], secret: bytes, datasets_, out_dir,
+async def _run(config: RunConfig, hosts: list[Address], secret: bytes, inputs: Inputs, out_dir,
                progress) -> Summary:
-    x, y, x_test, y_test = datasets_
-    spec = config.spec()
-    params = _initial_params(config, spec)
+    try:
+        return await _run_in_nursery(config, hosts, secret, inputs, out_dir, progress)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+
+
+async def _run_in_nursery(config: RunConfig, hosts: list[Address], secret: bytes, inputs: Inputs,
+                          out_dir, progress) -> Summary:
     start = time.monotonic()
     async with trio.open_nursery() as nursery:
         peers = Peers(nursery, secret, name="driver")
-        run = _Run(config, hosts, peers, len(x))
+        run = _Run(config, hosts, peers, len(inputs.x))
         try:
-            summary = await _drive(run, params, x, y, x_test, y_test, out_dir, progress, start)
+            summary = await _drive(run, inputs, out_dir, progress, start)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 for host in hosts:
@@ -234,17 +265,11 @@ async def _run(config: RunConfig, hosts: list[Address], secret: bytes, datasets_
     return summary
 
 
-async def _connect_all(run: _Run) -> None:
-    for host in run.hosts:
-        try:
-            await run.control(host, "info")
-        except OSError as exc:
-            raise DBNodeError(f"node {host[0]}:{host[1]} is unreachable: {exc}") from None
-
-
-async def _drive(run: _Run, params, x, y, x_test, y_test, out_dir, progress, start) -> Summary:
+async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary:
     config = run.config
-    await _connect_all(run)
+    x, y, x_test, y_test = inputs.x, inputs.y, inputs.x_test, inputs.y_test
+    for host in run.hosts:
+        await run.control(host, "info")
     for host in run.hosts:
         await run.control(host, "reset", force=True)
     opt = config.optimizer
@@ -253,10 +278,9 @@ async def _drive(run: _Run, params, x, y, x_test, y_test, out_dir, progress, sta
         optimizer["momentum"] = opt.momentum
     elif opt.name == "adagrad":
         optimizer["eps"] = opt.eps
-    await run.client.init(run.pack(params), optimizer)
+    await run.client.init(run.pack(inputs.params), optimizer)
 
-    shards = shard_data(len(x), run.replicas)
-    for r, rows in enumerate(shards):
+    for r, rows in enumerate(inputs.shards):
         n = rows.stop - rows.start
         for p in range(run.partitions):
             await run.control(run.host_of(r, p), "start", **run.job(r, p, n))

@@ -30,6 +30,7 @@ import numpy as np
 import trio
 
 from . import kernels
+from .aio import first_error
 from .client import Address, ParameterClient, Peers
 from .data import batch_indices, steps_per_run
 from .errors import DBNodeError, RequestError
@@ -163,8 +164,10 @@ class PartitionRunner:
                 self._raise_sync_error()
             self.status.done = True
         except Exception as exc:  # reported through status; the node keeps serving
-            log.exception("partition %s failed", job.uid)
-            self.status.error = f"{type(exc).__name__}: {exc}"
+            cause = first_error(exc)
+            self.status.error = f"{type(cause).__name__}: {cause}"
+            log.error("partition %s failed: %s", job.uid, self.status.error)
+            log.debug("partition %s failure", job.uid, exc_info=True)
 
     def _check_data(self) -> None:
         job = self.job

@@ -1,0 +1,203 @@
+"""Downpour SGD across real ``dbnode serve`` processes talking TCP on loopback."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dbnode.config import RunConfig
+from dbnode.data import XOR_ROWS, XOR_TARGETS
+from dbnode.driver import load_data, train
+from dbnode.model import init_params, load_params, predict
+from dbnode.optim import make_optimizer
+from dbnode.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DBNODE = [sys.executable, "-m", "dbnode.cli"]
+
+
+def start_node(secret_file: Path, name: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([*DBNODE, "serve", "--listen", "127.0.0.1:0", "--secret-file",
+                             str(secret_file), "--name", name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("dbnode serve: listening on "), line + proc.stderr.read()
+    return proc, line.rsplit(" ", 1)[1].strip()
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    """Two nodes started by the test, as an operator would start them."""
+    secret = tmp_path_factory.mktemp("secret") / "secret"
+    secret.write_bytes(os.urandom(32))
+    started = [start_node(secret, f"test-{i}") for i in range(2)]
+    yield [addr for _, addr in started], secret
+    for proc, _ in started:
+        proc.send_signal(signal.SIGTERM)
+    for proc, _ in started:
+        assert proc.wait(timeout=10) == 0     # SIGTERM is a clean shutdown
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def hosts_of(nodes):
+    addresses, secret = nodes
+    return [(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in addresses], secret.read_bytes()
+
+
+def serve_pids() -> set[int]:
+    """Pids of every ``dbnode serve`` process on the machine."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"dbnode.cli" in cmdline and b"serve" in cmdline:
+                pids.add(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("partitions,shards", [(1, 1), (2, 2), (3, 1), (3, 3)])
+def test_one_replica_reproduces_the_single_process_trainer(nodes, tmp_path, partitions, shards):
+    raw = {
+        "model": {"layers": [8, 6, 5, 3], "activation": "tanh", "output": "softmax",
+                  "loss": "cross_entropy", "dtype": "float64", "init": "xavier",
+                  "partitions": partitions},
+        "data": {"train": "blobs:150"},
+        "train": {"replicas": 1, "batch_size": 1, "epochs": 2, "seed": 4},
+        "optimizer": {"name": "sgd", "learning_rate": 0.1},
+        "cluster": {"parameter_shards": shards},
+    }
+    config = RunConfig.from_dict(raw)
+    hosts, secret = hosts_of(nodes)
+    summary = train(config, hosts=hosts, out_dir=tmp_path, secret=secret)
+    assert summary.examples == 300 and summary.replicas == 1 and summary.partitions == partitions
+
+    spec = config.spec()
+    x, y, _, _ = load_data(config)
+    ref = init_params(spec, "xavier", seed=4)
+    Trainer(spec, ref, make_optimizer("sgd", 0.1)).fit(x, y, batch_size=1, epochs=2, seed=4)
+    got = load_params(tmp_path / "model.npz", spec)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=1e-9)
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([*DBNODE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_xor_example_converges_on_the_embedded_cluster(tmp_path):
+    before = serve_pids()
+    out = run_cli("train", str(EXAMPLES / "xor.toml"), "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = RunConfig.load(EXAMPLES / "xor.toml")
+    assert config.replicas_for(50_000) == 25
+    params = load_params(tmp_path / "model.npz", config.spec())
+    rows = predict(config.spec(), params, XOR_ROWS)[:, 0]
+    assert np.all((rows > 0.5) == (XOR_TARGETS > 0.5)), rows
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["replicas"] == 25 and summary["examples"] == 50_000
+    assert summary["test_accuracy"] == 1.0
+    metrics = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert metrics[0] == "seconds,examples,train_loss,test_loss,test_accuracy" and len(metrics) >= 2
+    assert serve_pids() <= before                    # the embedded nodes are gone
+
+
+def test_digits_example_on_hosts_given_by_the_command_line(nodes, tmp_path):
+    pytest.importorskip("sklearn")
+    addresses, secret = nodes
+    out = run_cli("train", str(EXAMPLES / "digits.toml"), "--hosts", ",".join(addresses),
+                  "--secret-file", str(secret), "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.95
+    assert summary["replicas"] == 4 and summary["partitions"] == 2 and summary["nodes"] == 2
+    evaluated = run_cli("eval", str(tmp_path / "model.npz"), "--data", "digits")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["accuracy"] >= 0.95
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.layers=[3, 2, 1]", "examples have 2 features, model.layers[0] is 3"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("optimizer.name=adam", "optimizer.name"),
+    ("model.colour=1", "model.colour"),
+    ("data.train=missing.csv", "missing.csv"),
+])
+def test_bad_configs_fail_clearly_before_starting_anything(override, message):
+    before = serve_pids()
+    out = run_cli("train", str(EXAMPLES / "xor.toml"), "--set", override, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert serve_pids() <= before
+
+
+def test_unreachable_host_is_named(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32))
+    out = run_cli("train", str(EXAMPLES / "xor.toml"), "--hosts", "127.0.0.1:1",
+                  "--secret-file", str(secret), timeout=60)
+    assert out.returncode == 1
+    assert "127.0.0.1:1" in out.stderr and "unreachable" in out.stderr
+
+
+def test_bad_initial_weights_are_caught_before_any_node_starts(tmp_path):
+    bad = tmp_path / "w.npz"
+    np.savez(bad, **init_params(RunConfig.load(EXAMPLES / "xor.toml", ["model.layers=[2, 3, 1]"]).spec()))
+    before = serve_pids()
+    out = run_cli("train", str(EXAMPLES / "xor.toml"), "--set", f'model.init="{bad}"', timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "model.init" in out.stderr and "layer0.weight has shape (3, 2)" in out.stderr
+    assert serve_pids() <= before
+
+
+def wait_for_new_nodes(before: set[int], count: int, timeout: float = 30) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while len(serve_pids() - before) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    new = serve_pids() - before
+    assert len(new) >= count, "the embedded cluster never started"
+    return new
+
+
+def wait_until_gone(pids: set[int], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while serve_pids() & pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not serve_pids() & pids, "nodes were left running"
+
+
+def test_a_node_killed_mid_run_fails_the_run_clearly_and_leaves_no_orphans():
+    before = serve_pids()
+    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "xor.toml"), "--set", "cluster.nodes=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nodes = wait_for_new_nodes(before, 2)
+    time.sleep(1.5)
+    victim = min(nodes)
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    assert "dbnode train: node 127.0.0.1:" in err or "dbnode train: partition" in err, err
+    wait_until_gone(nodes)
+
+
+def test_interrupted_run_stops_its_nodes():
+    before = serve_pids()
+    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "xor.toml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nodes = wait_for_new_nodes(before, 1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    wait_until_gone(nodes)
