@@ -10,15 +10,15 @@ buffers (no gather, no scatter copies).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 import trio
 
-from .errors import ConnectionClosedError
 from .placement import ShardPlan
 from .protocol import MessageKind
+from .shard import ParameterShard
 from .transport import Channel, open_connection
 
 Address = tuple[str, int]
@@ -75,22 +75,36 @@ class ParameterClient:
         shards: the address of each shard of the plan, by shard index.
         peers: where channels come from.
         timeout: seconds for any one request.
+        local: ``local(address)`` is the in-process ParameterShard serving
+            ``address``, or None. Pieces held by this very process are then
+            pushed and pulled by direct calls (same arithmetic, same dedup),
+            not through the loopback interface.
     """
 
     def __init__(self, plan: ShardPlan, shards: list[Address], peers: Peers,
-                 timeout: float | None = 60.0):
+                 timeout: float | None = 60.0,
+                 local: Callable[[Address], ParameterShard | None] | None = None):
         if len(shards) != plan.n_shards:
             raise ValueError(f"{len(shards)} shard addresses for a plan of {plan.n_shards} shards")
         self.plan = plan
         self.shards = [(h, int(p)) for h, p in shards]
         self.peers = peers
         self.timeout = timeout
+        self._local = local or (lambda address: None)
 
     def _address(self, key: int) -> Address:
         return self.shards[self.plan.slice(key).shard]
 
+    def _in_process(self, key: int) -> ParameterShard | None:
+        return self._local(self._address(key))
+
     async def _each(self, jobs: Iterable[tuple[int, Any]], request) -> None:
-        """Run ``request(key, arg)`` for every job concurrently."""
+        """Run ``request(key, arg)`` for every job, concurrently when there
+        are several (one needs no nursery)."""
+        jobs = list(jobs)
+        if len(jobs) == 1:
+            await request(*jobs[0])
+            return
         async with trio.open_nursery() as nursery:
             for key, arg in jobs:
                 nursery.start_soon(request, key, arg)
@@ -117,7 +131,11 @@ class ParameterClient:
         versions: dict[int, int] = {}
 
         async def one(key, view):
-            versions[key] = (await self._request(MessageKind.PULL, key, into=view)).seq
+            shard = self._in_process(key)
+            if shard is not None:
+                versions[key] = shard.pull(key, out=view).version
+            else:
+                versions[key] = (await self._request(MessageKind.PULL, key, into=view)).seq
         await self._each(self._pieces(into), one)
         return versions
 
@@ -133,7 +151,13 @@ class ParameterClient:
         meta = {"pusher": pusher}
 
         async def one(key, view):
-            if targets:
+            shard = self._in_process(key)
+            if shard is not None:
+                if targets:
+                    shard.push_pull(key, view, pusher=pusher, seq=seq, out=targets[key])
+                else:
+                    shard.push(key, view, pusher=pusher, seq=seq)
+            elif targets:
                 await self._request(MessageKind.PUSH_PULL, key, array=view, seq=seq, meta=meta,
                                     into=targets[key])
             else:
@@ -151,11 +175,3 @@ class ParameterClient:
             out.append((await ch.request(MessageKind.STATS, timeout=self.timeout)).meta)
         return out
 
-
-async def connected(peers: Peers, address: Address) -> bool:
-    """Whether a channel to ``address`` can be had right now."""
-    try:
-        await peers.get(address)
-    except (OSError, ConnectionClosedError):
-        return False
-    return True

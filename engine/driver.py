@@ -68,8 +68,9 @@ class Summary:
     partitions: int
     nodes: int
     examples: int
-    seconds: float
-    examples_per_second: float
+    seconds: float                 # wall time of the run, setup included
+    train_seconds: float           # the replicas' training loops, to the last applied push
+    examples_per_second: float     # examples / train_seconds
     final_train_loss: float | None
     test_loss: float | None
     test_accuracy: float | None
@@ -330,6 +331,7 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
                               [s["step"] / max(1, s["steps"]) if s else 0.0 for s in last.values()],
                               test))
         if finished:
+            train_seconds = max(s["seconds"] for s in statuses.values())
             break
 
     seconds = time.monotonic() - start
@@ -337,7 +339,8 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
     test = evaluate(run.spec, final, x_test, y_test) if x_test is not None else None
     summary = Summary(config=config.to_dict(), replicas=run.replicas, partitions=run.partitions,
                       nodes=len(run.hosts), examples=total, seconds=round(seconds, 3),
-                      examples_per_second=round(total / seconds, 1), final_train_loss=last_loss,
+                      train_seconds=round(train_seconds, 4),
+                      examples_per_second=round(total / train_seconds, 1), final_train_loss=last_loss,
                       test_loss=test and test["loss"], test_accuracy=test and test.get("accuracy"),
                       out_dir=str(out_dir) if out_dir else None)
     if out_dir is not None:

@@ -43,6 +43,10 @@ from .transport import Reply, serve
 
 log = logging.getLogger("dbnode.node")
 
+# Steps of at least this many floating-point operations run in a worker
+# thread (about 50 us of BLAS work; a trio thread hop costs tens of us).
+OFFLOAD_FLOPS = 1 << 22
+
 
 # --------------------------------------------------------------- partitions
 
@@ -54,13 +58,14 @@ class PartitionStatus:
     examples: int = 0
     loss_sum: float = 0.0       # since the last status report
     loss_count: int = 0
+    seconds: float = 0.0        # in the training loop, until the last push was applied
     done: bool = False
     error: str | None = None
 
     def report(self) -> dict[str, Any]:
         out = {"step": self.step, "steps": self.steps, "examples": self.examples,
                "loss_sum": self.loss_sum, "loss_count": self.loss_count,
-               "done": self.done, "error": self.error}
+               "seconds": self.seconds, "done": self.done, "error": self.error}
         self.loss_sum, self.loss_count = 0.0, 0
         return out
 
@@ -148,20 +153,33 @@ class PartitionRunner:
         self._sync_done = trio.Event()
         self._sync_done.set()
         self._sync_error: BaseException | None = None
+        # A step that takes long enough to matter computes in a worker thread
+        # (the kernels and BLAS release the GIL), so the event loop keeps
+        # moving this node's frames — its pushes and fetches among them —
+        # meanwhile. A tiny step stays in the loop: a thread hop costs more.
+        flops = 2 * job.batch_size * self.core.flat.size
+        self._offload = flops >= OFFLOAD_FLOPS
 
     async def run(self) -> None:
         job = self.job
         try:
-            self.client = ParameterClient(self.plan, job.shards, self.node.peers)
+            node = self.node
+            self.client = ParameterClient(
+                self.plan, job.shards, node.peers,
+                local=lambda address: node.shard if address == node.address else None)
             self._check_data()
             await self.client.pull({self.block: self.core.flat})
+            start = trio.current_time()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self._loop()
                 await self._sync_done.wait()
-                if self.core.step % job.n_push:
-                    await self._sync(self.core.take_gradients(), None, self.core.step)
                 self._raise_sync_error()
+                self._install_ready()
+                if self.core.step % job.n_push:   # the last steps' gradients
+                    await self._sync(self.core.take_gradients(), None, self.core.step)
+                    self._raise_sync_error()
+            self.status.seconds = trio.current_time() - start
             self.status.done = True
         except Exception as exc:  # reported through status; the node keeps serving
             cause = first_error(exc)
@@ -183,13 +201,11 @@ class PartitionRunner:
         job, core, status = self.job, self.core, self.status
         for step, idx in enumerate(batch_indices(job.n_examples, job.batch_size, job.epochs,
                                                  job.seed + job.replica)):
-            if self._ready is not None:
-                self._spare = core.install(self._ready)
-                self._ready = None
+            self._install_ready()
             if core.is_first:
-                h = core.forward(self.x[idx])
+                h = await self._compute(core.forward, self.x[idx])
             else:
-                h = core.forward((await self._receive(MessageKind.FORWARD, step)).array)
+                h = await self._compute(core.forward, (await self._receive(MessageKind.FORWARD, step)).array)
             if core.is_last:
                 loss, delta = core.loss_delta(h, self.y[idx])
                 status.loss_sum += loss * len(idx)
@@ -197,12 +213,17 @@ class PartitionRunner:
             else:
                 await self.node.send(job.next, MessageKind.FORWARD, step, h)
                 delta = (await self._receive(MessageKind.BACKWARD, step)).array
-            below = core.backward(delta)
+            below = await self._compute(core.backward, delta)
             if below is not None:
                 await self.node.send(job.prev, MessageKind.BACKWARD, step, below)
             status.step = step + 1
             status.examples += len(idx)
             await self._after_step(step)
+
+    async def _compute(self, fn, *args):
+        if self._offload:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
 
     async def _receive(self, kind: MessageKind, step: int) -> Frame:
         frame = await self.inbox.receive()
@@ -218,9 +239,7 @@ class PartitionRunner:
             return
         await self._sync_done.wait()   # one push/fetch in flight at a time
         self._raise_sync_error()
-        if self._ready is not None:
-            self._spare = core.install(self._ready)
-            self._ready = None
+        self._install_ready()
         grads = core.take_gradients() if push else None
         staging = None
         if fetch:
@@ -247,6 +266,11 @@ class PartitionRunner:
             if staging is not None and self._ready is not staging:
                 self._spare = staging
             done.set()
+
+    def _install_ready(self) -> None:
+        if self._ready is not None:
+            self._spare = self.core.install(self._ready)
+            self._ready = None
 
     def _raise_sync_error(self) -> None:
         if self._sync_error is not None:

@@ -11,8 +11,8 @@ with plain SGD at the run's learning rate, as the paper's replicas do, so
 the next step never waits for the network. A fetch is asynchronous too: it
 answers with the shard's parameters as they were when it was issued, and
 the partition may have taken more steps since. :meth:`PartitionCore.install`
-therefore re-applies the local gradients of those steps to the fetched
-values, so no step's own update is lost. With the shard's optimizer also
+therefore re-applies the local gradients the shards have not seen yet to the
+fetched values, so no step's own update is lost. With the shard's optimizer also
 plain SGD and one replica, the local copy and the shard's copy are then
 bit-for-bit the same, which is why a one-replica run reproduces the
 single-process trainer exactly, however late its fetches land.
@@ -51,8 +51,10 @@ class PartitionCore:
         self.learning_rate = float(learning_rate)
         self.n_fetch, self.n_push = n_fetch, n_push
         self.step = 0
-        self._acc = self._zeros()               # gradients since the last push
-        self._since_fetch = self._zeros()       # gradients since the last fetch was issued
+        # Gradients since the last push: what the next push sends, and what a
+        # fetched value lacks of this partition's own work (see install).
+        self._acc = self._zeros()
+        self._fetch_pending = False
         self._free: list[np.ndarray] = []
         self._delta: np.ndarray | None = None
 
@@ -84,7 +86,6 @@ class PartitionCore:
         preactivation = self.loss is not None and self.loss.preactivation
         below = self.stack.backward(delta, need_delta_below=not self.is_first, preactivation=preactivation)
         kernels.accumulate(self._acc, self._grad)
-        kernels.accumulate(self._since_fetch, self._grad)
         kernels.sgd(self.flat, self._grad, self.learning_rate)
         self.step += 1
         return below
@@ -101,6 +102,9 @@ class PartitionCore:
         """The gradients accumulated since the last push (a flat block). It
         stays valid until handed back with :meth:`release`; accumulation
         continues in another buffer meanwhile."""
+        if self._fetch_pending:
+            raise RuntimeError("install the fetch in flight before taking more gradients: "
+                               "its correction is the gradients accumulated since the last push")
         taken = self._acc
         self._acc = self._free.pop() if self._free else self._zeros()
         return taken
@@ -111,18 +115,26 @@ class PartitionCore:
         self._free.append(grads)
 
     def fetch_issued(self) -> None:
-        """Mark the moment a fetch is sent: local steps from here on are
-        re-applied to what it brings back."""
-        self._since_fetch.fill(0)
+        """Mark a fetch as sent: until it is installed no gradients may be
+        taken (see :meth:`install`)."""
+        self._fetch_pending = True
 
     def install(self, fetched: np.ndarray) -> np.ndarray:
         """Make a fetched parameter block the local copy, after re-applying
-        the local gradients taken since the fetch was issued. No copy: the
-        blocks swap. Returns the previous block, free for the next fetch."""
+        the local gradients it lacks. No copy: the blocks swap. Returns the
+        previous block, free for the next fetch.
+
+        What it lacks is exactly the gradients accumulated since the last
+        push, provided (as the node guarantees) every push before the fetch
+        was applied by the time the fetch was answered — one push or fetch
+        in flight at a time, a paired PUSH_PULL applies before it answers —
+        and no gradients were taken while the fetch was in flight (refused).
+        """
         if fetched.shape != self.flat.shape or fetched.dtype != self.flat.dtype:
             raise ValueError(f"fetched block {fetched.shape} {fetched.dtype} does not match "
                              f"{self.flat.shape} {self.flat.dtype}")
-        kernels.sgd(fetched, self._since_fetch, self.learning_rate)
+        kernels.sgd(fetched, self._acc, self.learning_rate)
+        self._fetch_pending = False
         previous, self.flat = self.flat, fetched
         self.stack.params = block_views(self.spec, fetched, self.first, self.last)
         return previous

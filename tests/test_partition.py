@@ -142,12 +142,53 @@ def test_a_late_fetch_keeps_the_local_steps_taken_since_it_was_issued():
         _, delta = core.loss_delta(out, y[i:i + 1])
         core.backward(delta)
         trainer.step(x[i:i + 1], y[i:i + 1])
-        grads = core.take_gradients()
-        shard -= 0.3 * grads                               # the push lands at once ...
-        core.release(grads)
-        if pending is not None:                            # ... the fetch a step late
+        if pending is not None:                            # the last fetch lands a step late
             core.install(pending)
+        grads = core.take_gradients()
+        shard -= 0.3 * grads                               # the push lands at once
+        core.release(grads)
         core.fetch_issued()
         pending = shard.copy()
     for name in ref:
         np.testing.assert_allclose(core.params[name], ref[name], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_fetch,n_push", [(1, 1), (2, 1), (1, 3)])
+def test_late_fetches_with_any_push_and_fetch_periods(n_fetch, n_push):
+    spec = ModelSpec((3, 4, 2), dtype="float64")
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(12, 3)), rng.random((12, 2))
+    params = init_params(spec, seed=2)
+    shard = pack_block(spec, params, 0, 2)
+    core = PartitionCore(spec, 0, 2, shard.copy(), 0.2, n_fetch, n_push)
+    ref = {k: v.copy() for k, v in params.items()}
+    trainer = Trainer(spec, ref, make_optimizer("sgd", 0.2))
+    pending = None
+    for i in range(12):
+        out = core.forward(x[i:i + 1])
+        _, delta = core.loss_delta(out, y[i:i + 1])
+        core.backward(delta)
+        trainer.step(x[i:i + 1], y[i:i + 1])
+        if pending is not None and (core.push_due or core.fetch_due):
+            core.install(pending)
+            pending = None
+        if core.push_due:
+            grads = core.take_gradients()
+            shard -= 0.2 * grads
+            core.release(grads)
+        if core.fetch_due:
+            core.fetch_issued()
+            pending = shard.copy()
+    if pending is not None:
+        core.install(pending)
+    for name in ref:
+        np.testing.assert_allclose(core.params[name], ref[name], rtol=0, atol=1e-12)
+
+
+def test_taking_gradients_over_a_paired_fetch_in_flight_is_refused():
+    spec = ModelSpec((3, 2), dtype="float64")
+    core = PartitionCore(spec, 0, 1, pack_block(spec, init_params(spec), 0, 1), 0.1)
+    core.take_gradients()
+    core.fetch_issued()
+    with pytest.raises(RuntimeError, match="install the fetch in flight"):
+        core.take_gradients()
