@@ -13,7 +13,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from dbnode import kernels
-from dbnode.model import LayerStack, Loss, ModelSpec, init_params
+from dbnode.model import Loss, ModelSpec, init_params
 from dbnode.optim import SGD
 from dbnode.trainer import Trainer
 

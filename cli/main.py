@@ -20,8 +20,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import trio
+
 import dbnode
+from dbnode.cluster import write_secret
+from dbnode.config import RunConfig, parse_address
+from dbnode.data import load
+from dbnode.driver import check_data, status, train
 from dbnode.errors import ConfigError, DBNodeError
+from dbnode.model import evaluate, load_params
+from dbnode.node import run_node
+from dbnode.transport import load_secret
 
 log = logging.getLogger("dbnode")
 
@@ -40,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HOST:PORT to listen on (default 127.0.0.1:%(default)s; port 0 picks one)")
     serve.add_argument("--secret-file", help="shared cluster secret (default: $DBNODE_SECRET)")
     serve.add_argument("--name", default="", help="the node's name in logs")
+    serve.add_argument("--snapshot-dir", help="directory SNAPSHOT requests write to (default: "
+                       "snapshots refused)")
+    serve.add_argument("--restore", help="start the parameter shard from this snapshot file")
     serve.add_argument("--exit-on-eof", action="store_true",
                        help="exit when standard input closes (used by the embedded cluster)")
 
@@ -52,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key (repeatable), e.g. --set train.seed=3")
     train.add_argument("--secret-file", help="cluster secret for --hosts (default: [cluster] "
                        "secret_file, else $DBNODE_SECRET)")
+
+    st = sub.add_parser("status", help="what running nodes host and how far their partitions are")
+    st.add_argument("--hosts", required=True, help="comma-separated HOST:PORT of nodes")
+    st.add_argument("--secret-file", help="cluster secret (default: $DBNODE_SECRET)")
 
     ev = sub.add_parser("eval", help="loss and accuracy of a saved model on a data set")
     ev.add_argument("model", help="model.npz written by dbnode train")
@@ -69,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    command = {"serve": cmd_serve, "train": cmd_train, "eval": cmd_eval}[args.command]
+    command = {"serve": cmd_serve, "train": cmd_train, "eval": cmd_eval,
+               "status": cmd_status}[args.command]
     try:
         return command(args)
     except ConfigError as exc:
@@ -97,9 +114,6 @@ def _is_loopback(host: str) -> bool:
 def serve_secret(secret_file: str | None, host: str) -> tuple[bytes, str | None]:
     """The node's secret, and the path of a fresh one made for a loopback node
     started without any (None otherwise)."""
-    from dbnode.cluster import write_secret
-    from dbnode.transport import load_secret
-
     if secret_file or os.environ.get("DBNODE_SECRET"):
         return load_secret(secret_file), None
     if not _is_loopback(host):
@@ -110,18 +124,14 @@ def serve_secret(secret_file: str | None, host: str) -> tuple[bytes, str | None]
 
 
 def cmd_serve(args) -> int:
-    import trio
-
-    from dbnode.config import parse_address
-    from dbnode.node import run_node
-
     host, port = parse_address(args.listen, key="--listen", default_port=DEFAULT_PORT)
     secret, made = serve_secret(args.secret_file, host)
 
     async def serve_until_stopped() -> None:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(lambda task_status: run_node(
-                host, port, secret, name=args.name, task_status=task_status))
+                host, port, secret, name=args.name, snapshot_dir=args.snapshot_dir,
+                restore=args.restore, task_status=task_status))
             if made:
                 print(f"dbnode serve: secret written to {made}", flush=True)
             print(f"dbnode serve: listening on {bound[0]}:{bound[1]}", flush=True)
@@ -137,7 +147,6 @@ def cmd_serve(args) -> int:
 
 
 async def _cancel_on_stdin_eof(scope) -> None:
-    import trio
 
     stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     async with stream:
@@ -150,12 +159,8 @@ async def _cancel_on_stdin_eof(scope) -> None:
 
 
 def cmd_train(args) -> int:
-    from dbnode.config import RunConfig, parse_address
-    from dbnode.driver import train
-    from dbnode.transport import load_secret
-
     config = RunConfig.load(args.config, args.set)
-    hosts = [parse_address(h.strip(), key="--hosts") for h in args.hosts.split(",")] if args.hosts else None
+    hosts = _hosts(args.hosts, "--hosts") if args.hosts else None
     secret = load_secret(args.secret_file) if args.secret_file else None
     show = _progress_printer(sys.stderr)
     summary = train(config, hosts=hosts, out_dir=args.out, secret=secret, progress=show)
@@ -193,14 +198,24 @@ class _progress_printer:
             self.stream.write("\n")
 
 
+# ------------------------------------------------------------------ status
+
+
+def _hosts(text: str, key: str) -> list[tuple[str, int]]:
+    return [parse_address(h.strip(), key=key) for h in text.split(",") if h.strip()]
+
+
+def cmd_status(args) -> int:
+    report = status(_hosts(args.hosts, "--hosts"), load_secret(args.secret_file))
+    for entry in report:
+        print(json.dumps(entry))
+    return 1 if any("error" in entry for entry in report) else 0
+
+
 # -------------------------------------------------------------------- eval
 
 
 def cmd_eval(args) -> int:
-    from dbnode.config import RunConfig
-    from dbnode.data import load
-    from dbnode.model import evaluate, load_params
-
     config_path = Path(args.config) if args.config else Path(args.model).with_name("summary.json")
     if config_path.suffix == ".json":
         try:
@@ -212,7 +227,6 @@ def cmd_eval(args) -> int:
     spec = config.spec()
     params = load_params(args.model, spec)
     x, y = load(args.data, seed=config.train.seed)
-    from dbnode.driver import check_data
     check_data(spec, x, y, args.data)
     print(json.dumps(evaluate(spec, params, x, y)))
     return 0

@@ -7,6 +7,8 @@ the wire format in :mod:`dbnode.protocol`.
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from .config import RunConfig
+from .driver import Summary, train
 from .errors import ConfigError, DBNodeError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .model import (LayerStack, ModelSpec, evaluate, from_bias_first, init_params, load_params,
                     predict, save_params, to_bias_first)
@@ -28,7 +30,9 @@ __all__ = [
     "Momentum",
     "ProtocolError",
     "RemoteProtocolError",
+    "RunConfig",
     "SGD",
+    "Summary",
     "TrainResult",
     "Trainer",
     "__version__",
@@ -40,4 +44,5 @@ __all__ = [
     "predict",
     "save_params",
     "to_bias_first",
+    "train",
 ]

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,8 @@ from .model import ModelSpec, blocks
 from .partition import PartitionCore
 from .placement import plan_shards
 from .protocol import ErrorCode, Frame, MessageKind
-from .shard import ParameterShard, ShardError
-from .transport import Reply, serve
+from .shard import ParameterShard, ShardError, SnapshotError
+from .transport import DEFER, Reply, serve
 
 log = logging.getLogger("dbnode.node")
 
@@ -288,14 +289,16 @@ class Node:
     """
 
     def __init__(self, secret: bytes, nursery: trio.Nursery, name: str = "",
-                 address: Address = ("127.0.0.1", 0)):
+                 address: Address = ("127.0.0.1", 0), snapshot_dir: str | Path | None = None,
+                 shard: ParameterShard | None = None):
         self.secret = secret
         self.name = name
         self.address = address
         self.nursery = nursery
         self.peers = Peers(nursery, secret, name=name, handler=self.handle)
-        self.shard = ParameterShard()
+        self.shard = shard if shard is not None else ParameterShard()
         self.partitions: dict[int, PartitionRunner] = {}
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
 
     async def send(self, target: tuple[str, int, int], kind: MessageKind, step: int,
                    array: np.ndarray) -> None:
@@ -312,8 +315,23 @@ class Node:
         ch = await self.peers.get((host, int(port)))
         await ch.notify(kind, key=uid, seq=step, array=array)
 
+    def handle_inline(self, frame: Frame) -> Reply | None | object:
+        """Answer a parameter shard request at once, in the connection's reader
+        (the transport's inline handler: synchronous, in arrival order);
+        ``DEFER`` the others to :meth:`handle`."""
+        handler = self._shard_handlers.get(frame.kind)
+        if handler is None:
+            return DEFER
+        try:
+            return handler(self, frame)
+        except ShardError as exc:
+            raise RequestError(exc.code, str(exc)) from None
+
     async def handle(self, frame: Frame) -> Reply | None:
         """Answer one request frame (the transport's handler)."""
+        reply = self.handle_inline(frame)
+        if reply is not DEFER:
+            return reply
         try:
             handler = self._handlers[MessageKind(frame.kind)]
         except (KeyError, ValueError):
@@ -325,7 +343,7 @@ class Node:
 
     # -- parameter shard ------------------------------------------------------------
 
-    async def _init(self, frame: Frame) -> Reply:
+    def _init(self, frame: Frame) -> Reply:
         meta = frame.meta
         version = self.shard.init(frame.key, meta.get("name"), frame.array,
                                   optimizer=meta.get("optimizer"))
@@ -335,7 +353,7 @@ class Node:
         (value, version), unpin = self.shard.pin(key)
         return Reply(array=value, seq=version, release=unpin)
 
-    async def _pull(self, frame: Frame) -> Reply:
+    def _pull(self, frame: Frame) -> Reply:
         return self._pinned(frame.key)
 
     def _apply(self, frame: Frame) -> int:
@@ -343,20 +361,30 @@ class Node:
         return self.shard.push(frame.key, frame.array, pusher=pusher,
                                seq=frame.seq if pusher is not None else None)
 
-    async def _push(self, frame: Frame) -> Reply:
+    def _push(self, frame: Frame) -> Reply:
         return Reply(seq=self._apply(frame))
 
-    async def _push_pull(self, frame: Frame) -> Reply:
+    def _push_pull(self, frame: Frame) -> Reply:
         self._apply(frame)
         return self._pinned(frame.key)
 
-    async def _stats(self, frame: Frame) -> Reply:
+    def _stats(self, frame: Frame) -> Reply:
         return Reply(meta=self.shard.stats())
 
+    def _snapshot_path(self, frame: Frame) -> Path:
+        """The file a SNAPSHOT or restore names: a plain file name inside the
+        node's snapshot directory, so that no peer can make it write or read
+        anywhere else."""
+        name = frame.meta.get("name")
+        if self.snapshot_dir is None:
+            raise RequestError(ErrorCode.BAD_REQUEST, "this node was started without --snapshot-dir")
+        if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+            raise RequestError(ErrorCode.BAD_REQUEST, f"snapshot name {name!r} is not a plain file name")
+        return self.snapshot_dir / name
+
     async def _snapshot(self, frame: Frame) -> Reply:
-        path = frame.meta.get("path")
-        if not isinstance(path, str) or not path:
-            raise RequestError(ErrorCode.BAD_REQUEST, "SNAPSHOT needs meta.path")
+        path = self._snapshot_path(frame)
+        path.parent.mkdir(parents=True, exist_ok=True)
         written = self.shard.snapshot(path)
         return Reply(meta={"path": str(written)})
 
@@ -427,6 +455,13 @@ class Node:
         return Reply(meta={"partitions": {str(uid): r.status.report()
                                           for uid, r in self.partitions.items()}})
 
+    async def _op_restore(self, frame: Frame) -> Reply:
+        try:
+            self.shard = ParameterShard.restore(self._snapshot_path(frame))
+        except SnapshotError as exc:
+            raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        return Reply(meta={"keys": len(self.shard)})
+
     async def _op_reset(self, frame: Frame) -> Reply:
         busy = [uid for uid, r in self.partitions.items()
                 if not (r.status.done or r.status.error) and r.status.step]
@@ -436,24 +471,31 @@ class Node:
         self.shard = ParameterShard()
         return Reply()
 
-    _handlers: dict[MessageKind, Callable] = {
+    _shard_handlers: dict[MessageKind, Callable] = {
         MessageKind.INIT: _init, MessageKind.PULL: _pull, MessageKind.PUSH: _push,
         MessageKind.PUSH_PULL: _push_pull, MessageKind.STATS: _stats,
+    }
+    _handlers: dict[MessageKind, Callable] = {
         MessageKind.SNAPSHOT: _snapshot, MessageKind.FORWARD: _deliver,
         MessageKind.BACKWARD: _deliver, MessageKind.CONTROL: _control,
     }
     _ops: dict[str, Callable] = {
         "info": _op_info, "start": _op_start, "data": _op_data, "run": _op_run,
-        "status": _op_status, "reset": _op_reset,
+        "status": _op_status, "reset": _op_reset, "restore": _op_restore,
     }
 
 
 async def run_node(host: str, port: int, secret: bytes, *, name: str = "",
+                   snapshot_dir: str | Path | None = None, restore: str | Path | None = None,
                    task_status=trio.TASK_STATUS_IGNORED, **serve_options) -> None:
-    """Serve a node until cancelled; reports its bound ``(host, port)``."""
+    """Serve a node until cancelled; reports its bound ``(host, port)``.
+    ``restore`` starts its parameter shard from a snapshot file."""
+    shard = ParameterShard.restore(restore) if restore else None
     async with trio.open_nursery() as nursery:
-        node = Node(secret, nursery, name=name or f"node-{os.getpid()}")
+        node = Node(secret, nursery, name=name or f"node-{os.getpid()}", snapshot_dir=snapshot_dir,
+                    shard=shard)
         bound = await nursery.start(partial(serve, node.handle, host, port, secret=secret,
-                                            name=node.name, **serve_options))
+                                            inline=node.handle_inline, name=node.name,
+                                            **serve_options))
         node.address = (bound[0], int(bound[1]))
         task_status.started(node.address)

@@ -201,3 +201,17 @@ def test_interrupted_run_stops_its_nodes():
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     wait_until_gone(nodes)
+
+
+def test_status_reports_each_node_and_names_the_unreachable(nodes, tmp_path):
+    addresses, secret = nodes
+    out = run_cli("status", "--hosts", ",".join(addresses), "--secret-file", str(secret), timeout=60)
+    assert out.returncode == 0, out.stderr
+    entries = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [e["address"] for e in entries] == addresses
+    assert {e["node"]["name"] for e in entries} == {"test-0", "test-1"}
+    assert all("partitions" in e and "shard" in e for e in entries)
+    out = run_cli("status", "--hosts", f"{addresses[0]},127.0.0.1:1", "--secret-file", str(secret),
+                  timeout=60)
+    assert out.returncode == 1
+    assert "error" in json.loads(out.stdout.splitlines()[1])

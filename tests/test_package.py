@@ -28,9 +28,9 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_public_api_is_pinned():
     assert sorted(dbnode.__all__) == [
         "Adagrad", "ConfigError", "DBNodeError", "LayerStack", "LocalProtocolError", "ModelSpec",
-        "Momentum", "ProtocolError", "RemoteProtocolError", "SGD", "TrainResult", "Trainer",
-        "__version__", "evaluate", "from_bias_first", "init_params", "load_params",
-        "make_optimizer", "predict", "save_params", "to_bias_first",
+        "Momentum", "ProtocolError", "RemoteProtocolError", "RunConfig", "SGD", "Summary",
+        "TrainResult", "Trainer", "__version__", "evaluate", "from_bias_first", "init_params",
+        "load_params", "make_optimizer", "predict", "save_params", "to_bias_first", "train",
     ]
     for name in dbnode.__all__:
         assert getattr(dbnode, name) is not None

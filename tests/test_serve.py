@@ -1,0 +1,270 @@
+"""``dbnode serve`` as a parameter server: real processes, real TCP on loopback."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import trio
+
+from dbnode import reference
+from dbnode.errors import AuthenticationError, ConnectionClosedError, RemoteError
+from dbnode.protocol import HEADER_SIZE, MAGIC, MessageKind, encode_frame
+from dbnode.transport import Channel, open_connection
+
+DBNODE = [sys.executable, "-m", "dbnode.cli"]
+SGD = {"name": "sgd", "learning_rate": 1.0}
+
+
+class NodeProcess:
+    def __init__(self, tmp_path, *extra):
+        self.secret_file = tmp_path / "secret"
+        if not self.secret_file.exists():
+            self.secret_file.write_bytes(os.urandom(32))
+        self.secret = self.secret_file.read_bytes()
+        self.proc = subprocess.Popen(
+            [*DBNODE, "serve", "--listen", "127.0.0.1:0", "--secret-file", str(self.secret_file),
+             "--snapshot-dir", str(tmp_path / "snaps"), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        assert line.startswith("dbnode serve: listening on "), line + self.proc.stderr.read()
+        host, _, port = line.rsplit(" ", 1)[1].strip().rpartition(":")
+        self.address = (host, int(port))
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        return code
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = NodeProcess(tmp_path)
+    yield n
+    if n.proc.poll() is None:
+        assert n.stop() == 0
+
+
+async def channel(nursery, node, secret=None) -> Channel:
+    conn = await open_connection(*node.address, secret or node.secret)
+    ch = Channel(conn)
+    await nursery.start(ch.run)
+    return ch
+
+
+async def init(ch, key, value, optimizer=SGD):
+    await ch.request(MessageKind.INIT, key=key, array=value, meta={"name": f"t{key}", "optimizer": optimizer})
+
+
+async def pull(ch, key):
+    frame = await ch.request(MessageKind.PULL, key=key)
+    return frame.array, frame.seq
+
+
+def run_cli(*args, timeout=30):
+    return subprocess.run([*DBNODE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_refuses_a_public_address_without_a_secret():
+    env = {k: v for k, v in os.environ.items() if k != "DBNODE_SECRET"}
+    out = subprocess.run([*DBNODE, "serve", "--listen", "0.0.0.0:0"], capture_output=True, text=True,
+                         timeout=30, env=env)
+    assert out.returncode == 2
+    assert "needs a secret" in out.stderr
+
+
+def test_serve_on_loopback_without_a_secret_makes_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DBNODE_SECRET"}
+    proc = subprocess.Popen([*DBNODE, "serve", "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        made = proc.stdout.readline()
+        listening = proc.stdout.readline()
+        assert made.startswith("dbnode serve: secret written to ")
+        path = made.rsplit(" ", 1)[1].strip()
+        assert os.stat(path).st_mode & 0o077 == 0          # owner-only
+        assert len(open(path, "rb").read()) == 32
+        assert listening.startswith("dbnode serve: listening on 127.0.0.1:")
+        assert not listening.strip().endswith(":0")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+async def test_wrong_or_missing_secret_is_rejected_and_good_clients_still_served(node):
+    with pytest.raises(AuthenticationError):
+        await open_connection(*node.address, os.urandom(32))
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(*node.address)
+        # A request before any handshake: answered with an ERROR, then closed.
+        for part in encode_frame(MessageKind.PULL, request_id=1, key=1):
+            await stream.send_all(part)
+        received = b""
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+        assert received[:4] == MAGIC
+        await stream.aclose()
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, node)
+        await init(ch, 1, np.arange(3.0))
+        value, version = await pull(ch, 1)
+        np.testing.assert_array_equal(value, [0.0, 1.0, 2.0])
+        assert version == 0 and value.dtype == np.float64
+        await ch.aclose()
+
+
+def malformed_frames(rng, count):
+    """Headers that lie, bytes that are not frames at all, truncations."""
+    good = b"".join(bytes(p) for p in encode_frame(MessageKind.PUSH, request_id=7, key=1,
+                                                      array=np.ones(3)))
+    for i in range(count):
+        kind = i % 5
+        if kind == 0:
+            yield rng.bytes(int(rng.integers(1, 400)))
+        elif kind == 1:                                         # bit flips in the header
+            frame = bytearray(good)
+            for _ in range(int(rng.integers(1, 6))):
+                bit = int(rng.integers(0, HEADER_SIZE * 8))
+                frame[bit // 8] ^= 1 << (bit % 8)
+            yield bytes(frame)
+        elif kind == 2:                                         # a payload of 2**60 bytes
+            frame = bytearray(good)
+            frame[104:112] = (1 << 60).to_bytes(8, "little")
+            yield bytes(frame)
+        elif kind == 3:                                         # wrong magic
+            yield b"XXXX" + good[4:]
+        else:                                                   # a truncated frame, then EOF
+            yield good[:int(rng.integers(1, len(good)))]
+
+
+async def test_thousands_of_malformed_frames_change_nothing(node):
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, node)
+        await init(ch, 1, np.arange(4.0))
+        await ch.request(MessageKind.PUSH, key=1, array=np.ones(4))
+        before, version = await pull(ch, 1)
+
+        rng = np.random.default_rng(0)
+        frames = list(malformed_frames(rng, 2000))
+        limit = trio.CapacityLimiter(64)
+
+        async def attack(data: bytes, authenticate: bool) -> None:
+            async with limit:
+                with trio.fail_after(20):
+                    if authenticate:
+                        conn = await open_connection(*node.address, node.secret)
+                        try:
+                            await conn.send_parts([data])
+                            # The node answers garbage with an ERROR and a close;
+                            # a frame it is still waiting to complete, we abandon.
+                            with trio.move_on_after(0.5):
+                                while True:
+                                    await conn.receive_frame()
+                        except ConnectionClosedError:
+                            pass
+                        finally:
+                            conn.abort()
+                    else:
+                        stream = await trio.open_tcp_stream(*node.address)
+                        try:
+                            await stream.send_all(data)
+                            await stream.send_eof()
+                            while await stream.receive_some(65536):
+                                pass
+                        except trio.BrokenResourceError:
+                            pass
+                        finally:
+                            await stream.aclose()
+
+        async with trio.open_nursery() as attackers:
+            for i, data in enumerate(frames):
+                attackers.start_soon(attack, data, i % 2 == 0)
+
+        after, version_after = await pull(ch, 1)       # the old channel still works
+        np.testing.assert_array_equal(after, before)
+        assert version_after == version == 1
+        fresh = await channel(nursery, node)            # and so does a new one
+        np.testing.assert_array_equal((await pull(fresh, 1))[0], before)
+        stats = (await fresh.request(MessageKind.STATS)).meta
+        assert stats["totals"]["pushes"] == 1
+        await fresh.aclose()
+        await ch.aclose()
+
+
+async def test_concurrent_pushers_lose_no_update(node):
+    clients, pushes = 8, 150
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, node)
+        await init(ch, 1, np.zeros(1024))
+        await init(ch, 2, np.zeros((3, 5), np.float32))
+
+        async def pusher(i):
+            mine = await channel(nursery, node)
+            for k in range(pushes):
+                await mine.request(MessageKind.PUSH, key=1 + (k % 2),
+                                   array=np.full(1024, 1.0) if k % 2 == 0 else np.ones((3, 5), np.float32))
+            await mine.aclose()
+
+        async with trio.open_nursery() as pushers:
+            for i in range(clients):
+                pushers.start_soon(pusher, i)
+        value, version = await pull(ch, 1)
+        np.testing.assert_array_equal(value, np.full(1024, -clients * pushes / 2))
+        assert version == clients * pushes // 2
+        value2, version2 = await pull(ch, 2)
+        np.testing.assert_array_equal(value2, np.full((3, 5), -clients * pushes / 2, np.float32))
+        assert version2 == clients * pushes // 2 and value2.dtype == np.float32
+        with pytest.raises(RemoteError, match="shape"):
+            await ch.request(MessageKind.PUSH, key=1, array=np.ones(3))
+        with pytest.raises(RemoteError, match="no such tensor"):
+            await ch.request(MessageKind.PULL, key=99)
+        assert (await pull(ch, 1))[1] == version
+        await ch.aclose()
+
+
+async def test_snapshot_then_restart_restores_exact_values_and_versions(tmp_path):
+    node = NodeProcess(tmp_path)
+    rng = np.random.default_rng(1)
+    values = {1: rng.normal(size=(6, 4)), 2: rng.normal(size=7).astype(np.float32)}
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, node)
+        await init(ch, 1, values[1], {"name": "adagrad", "learning_rate": 0.1})
+        await init(ch, 2, values[2], {"name": "momentum", "learning_rate": 0.1, "momentum": 0.9})
+        grads = [rng.normal(size=(6, 4)) for _ in range(4)]
+        for g in grads[:3]:
+            await ch.request(MessageKind.PUSH, key=1, array=g)
+            await ch.request(MessageKind.PUSH, key=2, array=rng.normal(size=7).astype(np.float32))
+        saved = {k: await pull(ch, k) for k in (1, 2)}
+        reply = await ch.request(MessageKind.SNAPSHOT, meta={"name": "shard.npz"})
+        assert reply.meta["path"].endswith("shard.npz")
+        with pytest.raises(RemoteError, match="plain file name"):
+            await ch.request(MessageKind.SNAPSHOT, meta={"name": "../escape.npz"})
+        await ch.aclose()
+    assert node.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    node = NodeProcess(tmp_path, "--restore", str(tmp_path / "snaps" / "shard.npz"))
+    try:
+        async with trio.open_nursery() as nursery:
+            ch = await channel(nursery, node)
+            for k, (value, version) in saved.items():
+                got, got_version = await pull(ch, k)
+                np.testing.assert_array_equal(got, value)
+                assert got_version == version == 3 and got.dtype == value.dtype
+            # The optimizer state came back too: a fourth push lands where
+            # Adagrad's accumulated squares from the first three put it.
+            await ch.request(MessageKind.PUSH, key=1, array=grads[3])
+            expected, sum_sq = values[1].copy(), np.zeros((6, 4))
+            for g in grads:
+                reference.adagrad(expected, g, sum_sq, 0.1)
+            got, version = await pull(ch, 1)
+            np.testing.assert_allclose(got, expected, rtol=1e-12)
+            assert version == 4
+            await ch.aclose()
+    finally:
+        assert node.stop() == 0
