@@ -169,6 +169,9 @@ def cmd_train(args) -> int:
     return 0
 
 
+BARS = " ▁▂▃▄▅▆▇█"
+
+
 class _progress_printer:
     """One updating line on a terminal; a plain log line per second otherwise."""
 
@@ -186,6 +189,9 @@ class _progress_printer:
         rate = p.examples / p.seconds if p.seconds else 0.0
         line = (f"{p.seconds:7.1f}s  {p.examples}/{p.total_examples} examples  {rate:,.0f}/s  "
                 f"loss {loss}{test}  replicas done {p.replicas_done}/{p.replicas}")
+        if self.tty and p.per_replica:
+            # One character per replica (up to 64), filling up as it progresses.
+            line += "  " + "".join(BARS[min(8, int(f * 8))] for f in p.per_replica[:64])
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
             self.stream.flush()
