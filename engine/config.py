@@ -7,7 +7,7 @@ A run config has five sections::
     [train]      replicas | examples_per_replica, batch_size, epochs,
                  n_fetch, n_push, seed, eval_interval
     [optimizer]  name, learning_rate, momentum, eps
-    [cluster]    hosts, parameter_shards, secret_file, nodes
+    [cluster]    hosts, parameter_shards, secret_file, nodes, heartbeat
 
 Every key is optional except ``model.layers`` and ``data.train``. An unknown
 section or key, or a value of the wrong type or range, is a
@@ -75,6 +75,7 @@ class ClusterConfig:
     parameter_shards: int = 1
     secret_file: str = ""
     nodes: int = 0
+    heartbeat: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ class RunConfig:
             raise ConfigError("optimizer.eps", o.eps, "must be > 0")
         if c.parameter_shards < 1:
             raise ConfigError("cluster.parameter_shards", c.parameter_shards, "must be >= 1")
+        if not c.heartbeat > 0:
+            raise ConfigError("cluster.heartbeat", c.heartbeat, "must be > 0 seconds")
         if c.nodes < 0:
             raise ConfigError("cluster.nodes", c.nodes, "must be >= 0 (0: one per core)")
         for host in c.hosts:

@@ -46,6 +46,9 @@ from .transport import load_secret
 
 log = logging.getLogger("dbnode.driver")
 
+# A replica whose partitions fail this many times fails the run.
+MAX_RESTARTS = 3
+
 
 @dataclass
 class Progress:
@@ -75,6 +78,8 @@ class Summary:
     test_loss: float | None
     test_accuracy: float | None
     out_dir: str | None
+    dead_nodes: list[str] = field(default_factory=list)
+    restarts: list[dict[str, Any]] = field(default_factory=list)   # replicas started again
 
 
 # ------------------------------------------------------------------- data
@@ -164,55 +169,131 @@ def _address(text: str) -> Address:
     return parse_address(text, key="cluster.hosts")
 
 
+@dataclass
+class _Replica:
+    """One replica as the driver tracks it, across restarts."""
+
+    index: int
+    rows: slice                      # its data shard: rows of the training set
+    hosts: list[Address]             # the node of each partition
+    uids: list[int]                  # each partition's id on its node
+    incarnation: int = 0
+    start_step: int = 0              # where the current incarnation began
+    base_examples: int = 0           # examples trained by earlier incarnations
+    last: dict[str, Any] | None = None  # the last status of its last partition
+    done: bool = False
+
+    @property
+    def n_examples(self) -> int:
+        return self.rows.stop - self.rows.start
+
+    @property
+    def examples(self) -> int:
+        return self.base_examples + (self.last["examples"] if self.last else 0)
+
+
 class _Run:
     """The state of one run as the driver sees it."""
 
-    def __init__(self, config: RunConfig, hosts: list[Address], peers: Peers, n_train: int):
+    def __init__(self, config: RunConfig, hosts: list[Address], peers: Peers, inputs: Inputs):
         self.config, self.hosts, self.peers = config, hosts, peers
         self.spec = config.spec()
-        self.replicas = config.replicas_for(n_train)
+        n_replicas = len(inputs.shards)
         self.partitions = config.model.partitions
-        self.placement = place(len(hosts), config.cluster.parameter_shards, self.replicas, self.partitions)
+        placement = place(len(hosts), config.cluster.parameter_shards, n_replicas, self.partitions)
         self.bounds = split_layers(self.spec.layers, self.partitions)
         self.plan = plan_shards(blocks(self.spec, self.bounds), config.cluster.parameter_shards,
                                 self.spec.np_dtype.itemsize)
-        self.shard_hosts = [hosts[h] for h in self.placement.shards]
+        self.shard_hosts = [hosts[h] for h in placement.shards]
         self.client = ParameterClient(self.plan, self.shard_hosts, peers)
+        self._uids = iter(range(1, 2**32))
+        self.replicas = [
+            _Replica(r, rows, [hosts[h] for h in placement.partitions[r]], [])
+            for r, rows in enumerate(inputs.shards)]
+        self.dead: set[Address] = set()
+        self.restarts: list[dict[str, Any]] = []
 
-    def uid(self, replica: int, index: int) -> int:
-        return replica * self.partitions + index + 1
-
-    def host_of(self, replica: int, index: int) -> Address:
-        return self.hosts[self.placement.partitions[replica][index]]
-
-    async def control(self, host: Address, op: str, *, key: int = 0, array=None, **meta) -> dict:
+    async def control(self, host: Address, op: str, *, key: int = 0, array=None,
+                      timeout: float = 60.0, **meta) -> dict:
         """Send a command to a node; a node that is gone is a DBNodeError naming it."""
         try:
             ch = await self.peers.get(host)
             frame = await ch.request(MessageKind.CONTROL, key=key, array=array,
-                                     meta={"op": op, **meta}, timeout=60.0)
+                                     meta={"op": op, **meta}, timeout=timeout)
         except (OSError, TransportError) as exc:
             raise DBNodeError(f"node {host[0]}:{host[1]} is unreachable or stopped answering "
                               f"({op}): {exc}") from None
         return frame.meta
 
-    def job(self, replica: int, index: int, n_examples: int) -> dict[str, Any]:
+    def job(self, replica: _Replica, index: int) -> dict[str, Any]:
         c, m = self.config, self.config.model
         first, last = self.bounds[index]
-        neighbour = lambda i: [*self.host_of(replica, i), self.uid(replica, i)]  # noqa: E731
+        neighbour = lambda i: [*replica.hosts[i], replica.uids[i]]  # noqa: E731
         return {
-            "uid": self.uid(replica, index), "replica": replica, "index": index,
+            "uid": replica.uids[index], "replica": replica.index, "index": index,
             "first": first, "last": last,
             "model": {"layers": list(m.layers), "activation": m.activation, "output": m.output,
                       "loss": m.loss, "dtype": m.dtype},
             "learning_rate": c.optimizer.learning_rate, "n_fetch": c.train.n_fetch,
             "n_push": c.train.n_push, "batch_size": c.train.batch_size, "epochs": c.train.epochs,
-            "seed": c.train.seed, "n_examples": n_examples,
+            "seed": c.train.seed, "n_examples": replica.n_examples,
             "shards": [list(a) for a in self.shard_hosts], "min_split_bytes": DEFAULT_MIN_SPLIT_BYTES,
             "bounds": [list(b) for b in self.bounds],
             "prev": neighbour(index - 1) if index > 0 else None,
             "next": neighbour(index + 1) if index < self.partitions - 1 else None,
+            "start_step": replica.start_step, "incarnation": replica.incarnation,
         }
+
+    async def launch(self, replica: _Replica, inputs: Inputs, run: bool) -> None:
+        """Create a replica's partitions on their nodes and give them its data."""
+        replica.uids = [next(self._uids) for _ in range(self.partitions)]
+        for p in range(self.partitions):
+            await self.control(replica.hosts[p], "start", **self.job(replica, p))
+        rows = replica.rows
+        await self.control(replica.hosts[0], "data", key=replica.uids[0], role="x",
+                           array=np.ascontiguousarray(inputs.x[rows], dtype=self.spec.np_dtype))
+        await self.control(replica.hosts[-1], "data", key=replica.uids[-1], role="y",
+                           array=np.ascontiguousarray(inputs.y[rows]))
+        if run:
+            for host in dict.fromkeys(replica.hosts):
+                await self.control(host, "run", uids=[u for h, u in zip(replica.hosts, replica.uids)
+                                                      if h == host])
+
+    async def restart(self, replica: _Replica, inputs: Inputs, reason: str) -> None:
+        """Start a failed replica again on live nodes, from the step its
+        last partition had reached: the other replicas never stop."""
+        if replica.incarnation >= MAX_RESTARTS:
+            raise DBNodeError(f"replica {replica.index} failed {replica.incarnation + 1} times; "
+                              f"last: {reason}")
+        live = [h for h in self.hosts if h not in self.dead]
+        if not live:
+            raise DBNodeError(f"no node left to restart replica {replica.index} on ({reason})")
+        for host, uid in zip(replica.hosts, replica.uids):
+            if host not in self.dead:
+                try:   # its surviving partitions wait for peers that are gone
+                    await self.control(host, "stop", uids=[uid], timeout=5.0)
+                except DBNodeError:
+                    self.dead.add(host)
+        load = {h: 0 for h in live}
+        for other in self.replicas:
+            if other is not replica and not other.done:
+                for h in other.hosts:
+                    if h in load:
+                        load[h] += 1
+        hosts = []
+        for _ in range(self.partitions):
+            host = min(live, key=lambda h: (load[h], live.index(h)))
+            hosts.append(host)
+            load[host] += 1
+        if replica.last is not None:
+            replica.base_examples += replica.last["examples"]
+            replica.start_step = replica.last["step"]
+        log.warning("replica %d failed (%s); restarting it at step %d on %s", replica.index, reason,
+                    replica.start_step, ", ".join(f"{h}:{p}" for h, p in hosts))
+        self.restarts.append({"replica": replica.index, "at_step": replica.start_step,
+                              "reason": reason})
+        replica.hosts, replica.incarnation, replica.last = hosts, replica.incarnation + 1, None
+        await self.launch(replica, inputs, run=True)
 
     def pack(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A model as the parameter server holds it: one flat block per partition."""
@@ -251,14 +332,16 @@ async def _run_in_nursery(config: RunConfig, hosts: list[Address], secret: bytes
     start = time.monotonic()
     async with trio.open_nursery() as nursery:
         peers = Peers(nursery, secret, name="driver")
-        run = _Run(config, hosts, peers, len(inputs.x))
+        run = _Run(config, hosts, peers, inputs)
         try:
             summary = await _drive(run, inputs, out_dir, progress, start)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 for host in hosts:
+                    if host in run.dead:
+                        continue
                     try:
-                        await run.control(host, "reset", force=True)
+                        await run.control(host, "reset", force=True, timeout=2.0)
                     except Exception:  # best effort: the node may be gone
                         pass
                 await peers.aclose()
@@ -268,7 +351,6 @@ async def _run_in_nursery(config: RunConfig, hosts: list[Address], secret: bytes
 
 async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary:
     config = run.config
-    x, y, x_test, y_test = inputs.x, inputs.y, inputs.x_test, inputs.y_test
     for host in run.hosts:
         await run.control(host, "info")
     for host in run.hosts:
@@ -280,46 +362,48 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
     elif opt.name == "adagrad":
         optimizer["eps"] = opt.eps
     await run.client.init(run.pack(inputs.params), optimizer)
-
-    for r, rows in enumerate(inputs.shards):
-        n = rows.stop - rows.start
-        for p in range(run.partitions):
-            await run.control(run.host_of(r, p), "start", **run.job(r, p, n))
-        uid_first, uid_last = run.uid(r, 0), run.uid(r, run.partitions - 1)
-        await run.control(run.host_of(r, 0), "data", key=uid_first, role="x",
-                          array=np.ascontiguousarray(x[rows], dtype=run.spec.np_dtype))
-        await run.control(run.host_of(r, run.partitions - 1), "data", key=uid_last, role="y",
-                          array=np.ascontiguousarray(y[rows]))
+    for replica in run.replicas:
+        await run.launch(replica, inputs, run=False)
     for host in run.hosts:
         await run.control(host, "run")
 
-    total = config.train.epochs * len(x)
+    total = config.train.epochs * len(inputs.x)
     metrics: list[dict[str, Any]] = []
-    loss_sum, loss_count, last_loss = 0.0, 0, None
+    last_loss = None
     next_eval = time.monotonic() + config.train.eval_interval
+    # A node that does not answer a status request within this long is dead
+    # (or frozen, which for a run is the same).
+    heartbeat_timeout = 3 * config.cluster.heartbeat
     while True:
-        await trio.sleep(0.2)
-        statuses = {}
-        for host in set(run.hosts):
-            statuses.update((await run.control(host, "status"))["partitions"])
-        failed = [(uid, s["error"]) for uid, s in statuses.items() if s["error"]]
-        if failed:
-            uid, error = failed[0]
-            raise DBNodeError(f"partition {uid} failed: {error}")
-        last = {r: statuses.get(str(run.uid(r, run.partitions - 1))) for r in range(run.replicas)}
-        examples = sum(s["examples"] for s in last.values() if s)
-        window_sum = sum(s["loss_sum"] for s in last.values() if s)
-        window_count = sum(s["loss_count"] for s in last.values() if s)
-        loss_sum += window_sum
-        loss_count += window_count
+        await trio.sleep(min(0.2, config.cluster.heartbeat))
+        statuses = await _poll(run, heartbeat_timeout)
+        lost = sorted(set(run.shard_hosts) & run.dead)
+        if lost:
+            raise DBNodeError(f"node {lost[0][0]}:{lost[0][1]} died holding parameter shards; "
+                              "the run cannot continue without them")
+        window_sum = window_count = 0.0
+        for replica in run.replicas:
+            if replica.done:
+                continue
+            mine = [statuses.get(str(uid)) for uid in replica.uids]
+            failure = next((f"node {h[0]}:{h[1]} is dead" for h in replica.hosts if h in run.dead), None)
+            failure = failure or next((s["error"] for s in mine if s and s["error"]), None)
+            if failure:
+                await run.restart(replica, inputs, failure)
+                continue
+            if mine[-1] is not None:
+                replica.last = mine[-1]
+                window_sum += mine[-1]["loss_sum"]
+                window_count += mine[-1]["loss_count"]
+            replica.done = all(s is not None and s["done"] for s in mine)
         if window_count:
             last_loss = window_sum / window_count
-        done = sum(1 for uid, s in statuses.items() if s["done"])
-        finished = done == run.replicas * run.partitions
+        examples = sum(r.examples for r in run.replicas)
+        finished = all(r.done for r in run.replicas)
         now = time.monotonic()
         test = None
-        if x_test is not None and (now >= next_eval or finished):
-            test = evaluate(run.spec, await run.model(), x_test, y_test)
+        if inputs.x_test is not None and (now >= next_eval or finished):
+            test = evaluate(run.spec, await run.model(), inputs.x_test, inputs.y_test)
             next_eval = now + config.train.eval_interval
         if test is not None or finished:
             metrics.append({"seconds": round(now - start, 3), "examples": examples,
@@ -327,25 +411,46 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
                             "test_accuracy": test and test.get("accuracy")})
         if progress:
             progress(Progress(now - start, examples, total, last_loss,
-                              sum(1 for s in last.values() if s and s["done"]), run.replicas,
-                              [s["step"] / max(1, s["steps"]) if s else 0.0 for s in last.values()],
-                              test))
+                              sum(r.done for r in run.replicas), len(run.replicas),
+                              [r.last["step"] / max(1, r.last["steps"]) if r.last else 0.0
+                               for r in run.replicas], test))
         if finished:
-            train_seconds = max(s["seconds"] for s in statuses.values())
+            train_seconds = max(r.last["seconds"] for r in run.replicas)
             break
 
     seconds = time.monotonic() - start
     final = await run.model()
-    test = evaluate(run.spec, final, x_test, y_test) if x_test is not None else None
-    summary = Summary(config=config.to_dict(), replicas=run.replicas, partitions=run.partitions,
+    test = evaluate(run.spec, final, inputs.x_test, inputs.y_test) if inputs.x_test is not None else None
+    summary = Summary(config=config.to_dict(), replicas=len(run.replicas), partitions=run.partitions,
                       nodes=len(run.hosts), examples=total, seconds=round(seconds, 3),
                       train_seconds=round(train_seconds, 4),
                       examples_per_second=round(total / train_seconds, 1), final_train_loss=last_loss,
                       test_loss=test and test["loss"], test_accuracy=test and test.get("accuracy"),
-                      out_dir=str(out_dir) if out_dir else None)
+                      out_dir=str(out_dir) if out_dir else None,
+                      dead_nodes=[f"{h}:{p}" for h, p in sorted(run.dead)], restarts=run.restarts)
     if out_dir is not None:
         write_outputs(Path(out_dir), final, metrics, summary)
     return summary
+
+
+async def _poll(run: _Run, timeout: float) -> dict[str, dict[str, Any]]:
+    """Every live node's partition statuses, by uid; a node that does not
+    answer in time joins ``run.dead``."""
+    statuses: dict[str, dict[str, Any]] = {}
+
+    async def one(host: Address) -> None:
+        try:
+            with trio.fail_after(timeout):
+                statuses.update((await run.control(host, "status", timeout=timeout))["partitions"])
+        except (DBNodeError, trio.TooSlowError) as exc:
+            log.warning("node %s:%s is dead: %s", host[0], host[1], exc)
+            run.dead.add(host)
+
+    async with trio.open_nursery() as nursery:
+        for host in run.hosts:
+            if host not in run.dead:
+                nursery.start_soon(one, host)
+    return statuses
 
 
 def write_outputs(out: Path, params, metrics: list[dict], summary: Summary) -> None:

@@ -93,6 +93,8 @@ class PartitionJob:
     bounds: list[tuple[int, int]]              # every partition's layers: the plan's blocks
     prev: tuple[str, int, int] | None = None    # host, port, uid
     next: tuple[str, int, int] | None = None
+    start_step: int = 0                          # a restarted replica resumes its schedule here
+    incarnation: int = 0                         # how many times the replica was restarted
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> PartitionJob:
@@ -111,6 +113,8 @@ class PartitionJob:
                 bounds=[(int(a), int(b)) for a, b in meta["bounds"]],
                 prev=tuple(meta["prev"]) if meta.get("prev") else None,
                 next=tuple(meta["next"]) if meta.get("next") else None,
+                start_step=int(meta.get("start_step", 0)),
+                incarnation=int(meta.get("incarnation", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, f"bad partition description: {exc!r}") from None
@@ -118,7 +122,9 @@ class PartitionJob:
 
     @property
     def pusher(self) -> str:
-        return f"r{self.replica}p{self.index}"
+        # A restarted replica pushes under a new name: its sequence numbers
+        # start again, and the shards must not take them for retries.
+        return f"r{self.replica}p{self.index}i{self.incarnation}"
 
 
 class PartitionRunner:
@@ -135,7 +141,9 @@ class PartitionRunner:
     def __init__(self, job: PartitionJob, node: Node):
         self.job = job
         self.node = node
-        self.status = PartitionStatus(steps=steps_per_run(job.n_examples, job.batch_size, job.epochs))
+        self.status = PartitionStatus(step=job.start_step,
+                                      steps=steps_per_run(job.n_examples, job.batch_size, job.epochs))
+        self.cancel_scope = trio.CancelScope()
         self.inbox_send, self.inbox = trio.open_memory_channel[Frame](4)
         self.x: np.ndarray | None = None
         self.y: np.ndarray | None = None
@@ -162,6 +170,15 @@ class PartitionRunner:
         self._offload = flops >= OFFLOAD_FLOPS
 
     async def run(self) -> None:
+        with self.cancel_scope:
+            await self._run()
+
+    def stop(self) -> None:
+        """Cancel the partition; frames still arriving for it are refused."""
+        self.cancel_scope.cancel()
+        self.inbox_send.close()
+
+    async def _run(self) -> None:
         job = self.job
         try:
             node = self.node
@@ -202,6 +219,8 @@ class PartitionRunner:
         job, core, status = self.job, self.core, self.status
         for step, idx in enumerate(batch_indices(job.n_examples, job.batch_size, job.epochs,
                                                  job.seed + job.replica)):
+            if step < job.start_step:      # done by an earlier incarnation of the replica
+                continue
             self._install_ready()
             if core.is_first:
                 h = await self._compute(core.forward, self.x[idx])
@@ -451,6 +470,14 @@ class Node:
             self.nursery.start_soon(runner.run)
         return Reply()
 
+    async def _op_stop(self, frame: Frame) -> Reply:
+        """Cancel and forget partitions (of a replica being restarted elsewhere)."""
+        for uid in frame.meta.get("uids", []):
+            runner = self.partitions.pop(int(uid), None)
+            if runner is not None:
+                runner.stop()
+        return Reply()
+
     async def _op_status(self, frame: Frame) -> Reply:
         return Reply(meta={"partitions": {str(uid): r.status.report()
                                           for uid, r in self.partitions.items()}})
@@ -467,6 +494,8 @@ class Node:
                 if not (r.status.done or r.status.error) and r.status.step]
         if busy and not frame.meta.get("force"):
             raise RequestError(ErrorCode.BAD_REQUEST, f"partitions {busy} are still running")
+        for runner in self.partitions.values():
+            runner.stop()
         self.partitions.clear()
         self.shard = ParameterShard()
         return Reply()
@@ -481,7 +510,7 @@ class Node:
     }
     _ops: dict[str, Callable] = {
         "info": _op_info, "start": _op_start, "data": _op_data, "run": _op_run,
-        "status": _op_status, "reset": _op_reset, "restore": _op_restore,
+        "status": _op_status, "reset": _op_reset, "restore": _op_restore, "stop": _op_stop,
     }
 
 

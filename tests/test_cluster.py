@@ -52,18 +52,27 @@ def hosts_of(nodes):
     return [(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in addresses], secret.read_bytes()
 
 
-def serve_pids() -> set[int]:
-    """Pids of every ``dbnode serve`` process on the machine."""
-    pids = set()
+def serve_processes(parent: int | None = None) -> dict[int, str]:
+    """Pid -> node name of every ``dbnode serve`` process on the machine (or
+    only the children of ``parent``)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent is not None and ppid != parent:
                 continue
             if b"dbnode.cli" in cmdline and b"serve" in cmdline:
-                pids.add(int(entry.name))
-    return pids
+                name = cmdline[cmdline.index(b"--name") + 1] if b"--name" in cmdline else b""
+                found[int(entry.name)] = name.decode()
+    return found
+
+
+def serve_pids() -> set[int]:
+    return set(serve_processes())
 
 
 @pytest.mark.parametrize("partitions,shards", [(1, 1), (2, 2), (3, 1), (3, 3)])
@@ -160,13 +169,14 @@ def test_bad_initial_weights_are_caught_before_any_node_starts(tmp_path):
     assert serve_pids() <= before
 
 
-def wait_for_new_nodes(before: set[int], count: int, timeout: float = 30) -> set[int]:
+def wait_for_nodes(driver: subprocess.Popen, count: int, timeout: float = 30) -> dict[int, str]:
+    """The embedded cluster of a ``dbnode train`` process: its children."""
     deadline = time.monotonic() + timeout
-    while len(serve_pids() - before) < count and time.monotonic() < deadline:
+    while len(serve_processes(driver.pid)) < count and time.monotonic() < deadline:
         time.sleep(0.05)
-    new = serve_pids() - before
-    assert len(new) >= count, "the embedded cluster never started"
-    return new
+    nodes = serve_processes(driver.pid)
+    assert len(nodes) >= count, "the embedded cluster never started"
+    return nodes
 
 
 def wait_until_gone(pids: set[int], timeout: float = 10) -> None:
@@ -176,26 +186,57 @@ def wait_until_gone(pids: set[int], timeout: float = 10) -> None:
     assert not serve_pids() & pids, "nodes were left running"
 
 
-def test_a_node_killed_mid_run_fails_the_run_clearly_and_leaves_no_orphans():
-    before = serve_pids()
-    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "xor.toml"), "--set", "cluster.nodes=2"],
+def embedded_node(driver: subprocess.Popen, name: str) -> tuple[int, set[int]]:
+    """The pid of the embedded node called ``name``, and all of them."""
+    nodes = wait_for_nodes(driver, 3)
+    return next(pid for pid, n in nodes.items() if n == name), set(nodes)
+
+
+def test_killing_the_node_that_holds_the_parameters_fails_the_run_clearly():
+    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "xor.toml"), "--set", "cluster.nodes=3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    nodes = wait_for_new_nodes(before, 2)
+    victim, nodes = embedded_node(proc, "local-0")     # placement puts shard 0 on the first node
     time.sleep(1.5)
-    victim = min(nodes)
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert "Traceback" not in err
-    assert "dbnode train: node 127.0.0.1:" in err or "dbnode train: partition" in err, err
+    assert "died holding parameter shards" in err, err
     wait_until_gone(nodes)
 
 
+def test_a_replica_node_killed_mid_run_is_replaced_and_the_run_completes(tmp_path):
+    pytest.importorskip("sklearn")
+    common = ["--set", "cluster.nodes=3", "--set", "cluster.parameter_shards=1",
+              "--set", "train.epochs=60", "--set", "cluster.heartbeat=0.5"]
+    calm = run_cli("train", str(EXAMPLES / "digits.toml"), *common, "--out", str(tmp_path / "calm"))
+    assert calm.returncode == 0, calm.stderr[-2000:]
+    calm_accuracy = json.loads((tmp_path / "calm" / "summary.json").read_text())["test_accuracy"]
+
+    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common,
+                             "--out", str(tmp_path / "hit")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, nodes = embedded_node(proc, "local-2")     # replica partitions only
+    time.sleep(1.0)
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "hit" / "summary.json").read_text())
+    assert summary["dead_nodes"] and summary["restarts"], summary
+    assert all(r["at_step"] >= 0 for r in summary["restarts"])
+    assert summary["examples"] == calm_json_examples(tmp_path)
+    assert summary["test_accuracy"] >= calm_accuracy - 0.02
+    wait_until_gone(nodes)
+
+
+def calm_json_examples(tmp_path):
+    return json.loads((tmp_path / "calm" / "summary.json").read_text())["examples"]
+
+
 def test_interrupted_run_stops_its_nodes():
-    before = serve_pids()
     proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "xor.toml")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    nodes = wait_for_new_nodes(before, 1)
+    nodes = set(wait_for_nodes(proc, 1))
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
