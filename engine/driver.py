@@ -78,8 +78,9 @@ class Summary:
     test_loss: float | None
     test_accuracy: float | None
     out_dir: str | None
-    dead_nodes: list[str] = field(default_factory=list)
+    dead_nodes: list[str] = field(default_factory=list)            # declared dead during the run
     restarts: list[dict[str, Any]] = field(default_factory=list)   # replicas started again
+    events: list[dict[str, Any]] = field(default_factory=list)     # node dead/rejoined, restarts
 
 
 # ------------------------------------------------------------------- data
@@ -211,7 +212,15 @@ class _Run:
             _Replica(r, rows, [hosts[h] for h in placement.partitions[r]], [])
             for r, rows in enumerate(inputs.shards)]
         self.dead: set[Address] = set()
+        self.ever_dead: list[str] = []
         self.restarts: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []     # what happened to nodes and replicas, when
+
+    def event(self, what: str, **details) -> None:
+        self.events.append({"time": round(time.time(), 3), "event": what, **details})
+
+    def current_uids(self) -> set[int]:
+        return {uid for r in self.replicas for uid in r.uids}
 
     async def control(self, host: Address, op: str, *, key: int = 0, array=None,
                       timeout: float = 60.0, **meta) -> dict:
@@ -292,6 +301,8 @@ class _Run:
                     replica.start_step, ", ".join(f"{h}:{p}" for h, p in hosts))
         self.restarts.append({"replica": replica.index, "at_step": replica.start_step,
                               "reason": reason})
+        self.event("replica restarted", replica=replica.index, at_step=replica.start_step,
+                   on=[f"{h}:{p}" for h, p in hosts])
         replica.hosts, replica.incarnation, replica.last = hosts, replica.incarnation + 1, None
         await self.launch(replica, inputs, run=True)
 
@@ -427,29 +438,48 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
                       examples_per_second=round(total / train_seconds, 1), final_train_loss=last_loss,
                       test_loss=test and test["loss"], test_accuracy=test and test.get("accuracy"),
                       out_dir=str(out_dir) if out_dir else None,
-                      dead_nodes=[f"{h}:{p}" for h, p in sorted(run.dead)], restarts=run.restarts)
+                      dead_nodes=run.ever_dead, restarts=run.restarts, events=run.events)
     if out_dir is not None:
         write_outputs(Path(out_dir), final, metrics, summary)
     return summary
 
 
 async def _poll(run: _Run, timeout: float) -> dict[str, dict[str, Any]]:
-    """Every live node's partition statuses, by uid; a node that does not
-    answer in time joins ``run.dead``."""
+    """Every live node's partition statuses, by uid. A node that does not
+    answer within ``timeout`` joins ``run.dead``; a dead node is probed
+    briefly each round, and one that answers again (it was frozen, not
+    gone) has the partitions it ran stopped — they were replaced — and
+    rejoins the live nodes."""
     statuses: dict[str, dict[str, Any]] = {}
 
     async def one(host: Address) -> None:
+        was_dead = host in run.dead
+        wait = min(timeout, 0.5) if was_dead else timeout
+        name = f"{host[0]}:{host[1]}"
         try:
-            with trio.fail_after(timeout):
-                statuses.update((await run.control(host, "status", timeout=timeout))["partitions"])
+            with trio.fail_after(wait):
+                mine = (await run.control(host, "status", timeout=wait))["partitions"]
+                if was_dead:
+                    stale = [int(uid) for uid in mine if int(uid) not in run.current_uids()]
+                    if stale:
+                        await run.control(host, "stop", uids=stale, timeout=wait)
         except (DBNodeError, trio.TooSlowError) as exc:
-            log.warning("node %s:%s is dead: %s", host[0], host[1], exc)
-            run.dead.add(host)
+            if not was_dead:
+                log.warning("node %s is dead: %s", name, exc)
+                run.dead.add(host)
+                run.ever_dead.append(name)
+                run.event("node dead", node=name)
+            return
+        if was_dead:
+            log.warning("node %s answers again; its old partitions are stopped", name)
+            run.dead.discard(host)
+            run.event("node rejoined", node=name)
+            mine = {uid: st for uid, st in mine.items() if int(uid) in run.current_uids()}
+        statuses.update(mine)
 
     async with trio.open_nursery() as nursery:
         for host in run.hosts:
-            if host not in run.dead:
-                nursery.start_soon(one, host)
+            nursery.start_soon(one, host)
     return statuses
 
 

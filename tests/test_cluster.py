@@ -256,3 +256,35 @@ def test_status_reports_each_node_and_names_the_unreachable(nodes, tmp_path):
                   timeout=60)
     assert out.returncode == 1
     assert "error" in json.loads(out.stdout.splitlines()[1])
+
+
+def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp_path):
+    pytest.importorskip("sklearn")
+    heartbeat = 0.5
+    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "digits.toml"), "--set", "cluster.nodes=3",
+                             "--set", "cluster.parameter_shards=1", "--set", "train.epochs=60",
+                             "--set", f"cluster.heartbeat={heartbeat}", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, nodes = embedded_node(proc, "local-2")
+    time.sleep(1.0)
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "summary.json").exists() and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if time.time() - stopped_at > 4 * heartbeat:
+                break
+    finally:
+        os.kill(victim, signal.SIGCONT)           # it comes back; its old partitions must stop
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    dead = [e for e in summary["events"] if e["event"] == "node dead"]
+    assert dead, summary["events"]
+    # Detected within 3 heartbeats (+ one polling round and scheduling slack).
+    assert dead[0]["time"] - stopped_at <= 3 * heartbeat + 0.2 + 0.5, (dead[0], stopped_at)
+    assert summary["restarts"]
+    assert summary["test_accuracy"] >= 0.93
+    wait_until_gone(nodes)
