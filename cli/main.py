@@ -24,7 +24,8 @@ import trio
 
 import dbnode
 from dbnode.cluster import write_secret
-from dbnode.config import RunConfig, parse_address
+from dbnode.aio import first_error
+from dbnode.config import RunConfig, format_address, parse_address
 from dbnode.data import load
 from dbnode.driver import check_data, status, train
 from dbnode.errors import ConfigError, DBNodeError
@@ -88,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     command = {"serve": cmd_serve, "train": cmd_train, "eval": cmd_eval,
                "status": cmd_status}[args.command]
     try:
-        return command(args)
+        try:
+            return command(args)
+        except BaseExceptionGroup as group:   # what trio's nurseries raise
+            raise first_error(group) from None
     except ConfigError as exc:
         print(f"dbnode {args.command}: {exc}", file=sys.stderr)
         return 2
@@ -134,7 +138,7 @@ def cmd_serve(args) -> int:
                 restore=args.restore, task_status=task_status))
             if made:
                 print(f"dbnode serve: secret written to {made}", flush=True)
-            print(f"dbnode serve: listening on {bound[0]}:{bound[1]}", flush=True)
+            print(f"dbnode serve: listening on {format_address(bound)}", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 if args.exit_on_eof:
                     nursery.start_soon(_cancel_on_stdin_eof, nursery.cancel_scope)

@@ -221,14 +221,29 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 
 
 def parse_address(text: str, key: str = "address", default_port: int | None = None) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, "" if default_port is None else str(default_port)
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(key, text, "expected HOST:PORT with a port in 0..65535")
+    """``host:port`` -> (host, port); IPv6 as ``[addr]:port``, or a bare
+    ``addr`` when a default port applies."""
+    text = text.strip()
+    if text.startswith("["):                      # [v6] or [v6]:port
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ("" if rest else None)
+    elif text.count(":") > 1:                     # a bare IPv6 address: no port
+        host, port = text, None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, None
+    if port is None and default_port is not None:
+        port = str(default_port)
+    if not host or port is None or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, text, "expected HOST:PORT with a port in 0..65535 ([ADDR]:PORT for IPv6)")
     return host, int(port)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    """(host, port) -> ``host:port``, with IPv6 hosts in brackets."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _section(cls: type, name: str, values: dict[str, Any]):

@@ -36,7 +36,7 @@ from . import kernels
 from .aio import first_error
 from .client import Address, ParameterClient, Peers
 from .cluster import LocalCluster
-from .config import RunConfig, parse_address
+from .config import RunConfig, format_address, parse_address
 from .errors import ConfigError, DBNodeError, TransportError
 from .model import (ModelSpec, block_views, blocks, evaluate, init_params, load_params, pack_block,
                     save_params)
@@ -230,7 +230,7 @@ class _Run:
             frame = await ch.request(MessageKind.CONTROL, key=key, array=array,
                                      meta={"op": op, **meta}, timeout=timeout)
         except (OSError, TransportError) as exc:
-            raise DBNodeError(f"node {host[0]}:{host[1]} is unreachable or stopped answering "
+            raise DBNodeError(f"node {format_address(host)} is unreachable or stopped answering "
                               f"({op}): {exc}") from None
         return frame.meta
 
@@ -298,11 +298,11 @@ class _Run:
             replica.base_examples += replica.last["examples"]
             replica.start_step = replica.last["step"]
         log.warning("replica %d failed (%s); restarting it at step %d on %s", replica.index, reason,
-                    replica.start_step, ", ".join(f"{h}:{p}" for h, p in hosts))
+                    replica.start_step, ", ".join(format_address(h) for h in hosts))
         self.restarts.append({"replica": replica.index, "at_step": replica.start_step,
                               "reason": reason})
         self.event("replica restarted", replica=replica.index, at_step=replica.start_step,
-                   on=[f"{h}:{p}" for h, p in hosts])
+                   on=[format_address(h) for h in hosts])
         replica.hosts, replica.incarnation, replica.last = hosts, replica.incarnation + 1, None
         await self.launch(replica, inputs, run=True)
 
@@ -390,14 +390,14 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
         statuses = await _poll(run, heartbeat_timeout)
         lost = sorted(set(run.shard_hosts) & run.dead)
         if lost:
-            raise DBNodeError(f"node {lost[0][0]}:{lost[0][1]} died holding parameter shards; "
+            raise DBNodeError(f"node {format_address(lost[0])} died holding parameter shards; "
                               "the run cannot continue without them")
         window_sum = window_count = 0.0
         for replica in run.replicas:
             if replica.done:
                 continue
             mine = [statuses.get(str(uid)) for uid in replica.uids]
-            failure = next((f"node {h[0]}:{h[1]} is dead" for h in replica.hosts if h in run.dead), None)
+            failure = next((f"node {format_address(h)} is dead" for h in replica.hosts if h in run.dead), None)
             failure = failure or next((s["error"] for s in mine if s and s["error"]), None)
             if failure:
                 await run.restart(replica, inputs, failure)
@@ -455,7 +455,7 @@ async def _poll(run: _Run, timeout: float) -> dict[str, dict[str, Any]]:
     async def one(host: Address) -> None:
         was_dead = host in run.dead
         wait = min(timeout, 0.5) if was_dead else timeout
-        name = f"{host[0]}:{host[1]}"
+        name = format_address(host)
         try:
             with trio.fail_after(wait):
                 mine = (await run.control(host, "status", timeout=wait))["partitions"]
@@ -507,7 +507,7 @@ async def _status(hosts: list[Address], secret: bytes, timeout: float) -> list[d
     async with trio.open_nursery() as nursery:
         peers = Peers(nursery, secret, name="status", connect_timeout=timeout)
         for host in hosts:
-            entry: dict[str, Any] = {"address": f"{host[0]}:{host[1]}"}
+            entry: dict[str, Any] = {"address": format_address(host)}
             try:
                 with trio.fail_after(timeout):
                     ch = await peers.get(host)

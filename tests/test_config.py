@@ -2,7 +2,7 @@
 
 import pytest
 
-from dbnode.config import RunConfig, parse_address, parse_override
+from dbnode.config import RunConfig, format_address, parse_address, parse_override
 from dbnode.errors import ConfigError
 
 XOR = """
@@ -105,6 +105,13 @@ def test_addresses():
     assert parse_address("127.0.0.1:7070") == ("127.0.0.1", 7070)
     assert parse_address("[::1]:0") == ("::1", 0)
     assert parse_address("node1", default_port=7070) == ("node1", 7070)
-    for bad in ("node1", "h:99999", ":80", "h:x"):
+    assert parse_address("::1", default_port=7070) == ("::1", 7070)
+    assert parse_address("fd13::1", default_port=7070) == ("fd13::1", 7070)
+    assert parse_address("[fd13::1]", default_port=7070) == ("fd13::1", 7070)
+    for bad in ("node1", "h:99999", ":80", "h:x", "::1", "[::1]x", "[]:80"):
         with pytest.raises(ConfigError, match="HOST:PORT"):
             parse_address(bad)
+    assert format_address(("fd13::1", 7070)) == "[fd13::1]:7070"
+    assert format_address(("10.0.0.5", 7070)) == "10.0.0.5:7070"
+    for address in (("fd13::1", 1), ("h", 2)):
+        assert parse_address(format_address(address)) == address
