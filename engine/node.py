@@ -309,12 +309,12 @@ class Node:
 
     def __init__(self, secret: bytes, nursery: trio.Nursery, name: str = "",
                  address: Address = ("127.0.0.1", 0), snapshot_dir: str | Path | None = None,
-                 shard: ParameterShard | None = None):
+                 shard: ParameterShard | None = None, spin: float = 0.0):
         self.secret = secret
         self.name = name
         self.address = address
         self.nursery = nursery
-        self.peers = Peers(nursery, secret, name=name, handler=self.handle)
+        self.peers = Peers(nursery, secret, name=name, handler=self.handle, spin=spin)
         self.shard = shard if shard is not None else ParameterShard()
         self.partitions: dict[int, PartitionRunner] = {}
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
@@ -516,15 +516,18 @@ class Node:
 
 async def run_node(host: str, port: int, secret: bytes, *, name: str = "",
                    snapshot_dir: str | Path | None = None, restore: str | Path | None = None,
-                   task_status=trio.TASK_STATUS_IGNORED, **serve_options) -> None:
+                   spin: float = 0.0, task_status=trio.TASK_STATUS_IGNORED,
+                   **serve_options) -> None:
     """Serve a node until cancelled; reports its bound ``(host, port)``.
-    ``restore`` starts its parameter shard from a snapshot file."""
+    ``restore`` starts its parameter shard from a snapshot file; ``spin``
+    (seconds) busy-polls sockets before sleeping, on its server side and on
+    its channels to other nodes (the transport's latency option)."""
     shard = ParameterShard.restore(restore) if restore else None
     async with trio.open_nursery() as nursery:
         node = Node(secret, nursery, name=name or f"node-{os.getpid()}", snapshot_dir=snapshot_dir,
-                    shard=shard)
+                    shard=shard, spin=spin)
         bound = await nursery.start(partial(serve, node.handle, host, port, secret=secret,
-                                            inline=node.handle_inline, name=node.name,
+                                            inline=node.handle_inline, name=node.name, spin=spin,
                                             **serve_options))
         node.address = (bound[0], int(bound[1]))
         task_status.started(node.address)

@@ -159,6 +159,17 @@ _WIRE_DTYPES = {
 # Keyed by dtype.str ("<f4", "|u1"), which spells out the byte order.
 _DTYPE_CODES = {dt.str: code for code, dt in _WIRE_DTYPES.items()}
 
+# Lookups for the fast paths of encode_frame and decode_header. A small frame
+# must encode and decode in a microsecond or two, and building an enum member
+# from an int or a dtype's .str costs a good part of that. Keyed by the
+# np.dtype itself: "=f4" equals "<f4" on a little-endian host, and a
+# big-endian dtype finds nothing here and takes the converting slow path.
+_KIND_OF = {int(k): k for k in MessageKind}
+_WIRE_DTYPE_OF = {int(code): dt for code, dt in _WIRE_DTYPES.items()}
+_CODE_OF_DTYPE = {dt: int(code) for code, dt in _WIRE_DTYPES.items()}
+_ZERO_DIMS = tuple((0,) * (MAX_NDIM - n) for n in range(MAX_NDIM + 1))
+_U16, _U32, _U64 = 2**16 - 1, 2**32 - 1, 2**64 - 1
+
 
 class ErrorCode(enum.IntEnum):
     """Codes carried by ERROR frames and by :class:`ProtocolError`.
@@ -402,9 +413,43 @@ def decode_header(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
         raise LocalProtocolError(
             ErrorCode.INTERNAL, "len(buf)", len(buf), f"need exactly {HEADER_SIZE}"
         )
-    magic, version, kind, flags, dtype_code, ndim, key, request_id, seq, *rest = (
-        _HEADER.unpack(buf)
-    )
+    fields = _HEADER.unpack(buf)
+    # Fast path: a well-formed header of a non-empty tensor or of no tensor
+    # passes every check below in one pass. Anything else (an error, or an
+    # empty tensor, whose check 12 needs the full rule) goes through the
+    # checks one by one, which raise the documented first failing code.
+    kind = _KIND_OF.get(fields[2])
+    ndim = fields[5]
+    if (
+        fields[0] == MAGIC and fields[1] == PROTOCOL_VERSION and kind is not None
+        and ndim <= MAX_NDIM and not fields[18] and fields[17] <= limits.max_meta
+    ):  # fmt: skip
+        dims = fields[9 : 9 + ndim]
+        payload_length = fields[19]
+        if not any(fields[9 + ndim : 17]):
+            code = fields[4]
+            if code == 0:
+                if not ndim and not payload_length:
+                    return Header(
+                        kind, fields[7], fields[6], fields[8], fields[3], None, (), fields[17], 0
+                    )
+            elif kind in TENSOR_KINDS and payload_length <= limits.max_payload:
+                dtype = _WIRE_DTYPE_OF.get(code)
+                if dtype is not None:
+                    needed = dtype.itemsize
+                    for d in dims:
+                        needed *= d
+                    if needed == payload_length and needed:
+                        return Header(
+                            kind, fields[7], fields[6], fields[8], fields[3], dtype, dims,
+                            fields[17], payload_length,
+                        )  # fmt: skip
+    return _decode_fields(fields, limits)
+
+
+def _decode_fields(fields: tuple[Any, ...], limits: Limits) -> Header:
+    """decode_header's checks one at a time, in the documented order."""
+    magic, version, kind, flags, dtype_code, ndim, key, request_id, seq, *rest = fields
     dims, (meta_length, reserved, payload_length) = rest[:MAX_NDIM], rest[MAX_NDIM:]
     err = RemoteProtocolError
     if magic != MAGIC:
@@ -455,6 +500,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# The hot path sends the same small metas over and over (a PUSH's
+# {"pusher": "r0p1"}): remember what they parse to. Only flat objects of
+# immutable values are kept, so a shallow copy is a private copy.
+_META_CACHE: dict[bytes, dict[str, Any]] = {}
+_META_CACHE_TEXT = 256  # bytes of meta text at most
+_META_CACHE_SIZE = 1024  # entries; then it starts over
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def parse_meta(
     data: bytes | bytearray | memoryview, kind: MessageKind | None = None
 ) -> dict[str, Any]:
@@ -469,6 +523,8 @@ def parse_meta(
     """
     if not data:
         meta: Any = {}
+    elif len(data) <= _META_CACHE_TEXT and (cached := _META_CACHE.get(bytes(data))) is not None:
+        meta = dict(cached)  # a fresh dict each time: the caller owns it
     else:
         try:
             text = str(data, "utf-8")
@@ -491,6 +547,10 @@ def parse_meta(
             raise RemoteProtocolError(
                 ErrorCode.BAD_META, "meta", type(meta).__name__, "must be a JSON object"
             )
+        if len(data) <= _META_CACHE_TEXT and all(type(v) in _SCALARS for v in meta.values()):
+            if len(_META_CACHE) >= _META_CACHE_SIZE:
+                _META_CACHE.clear()
+            _META_CACHE[bytes(data)] = dict(meta)
     if kind == MessageKind.ERROR:
         _check_error_meta(meta, RemoteProtocolError)
     return meta
@@ -628,6 +688,10 @@ class FrameDecoder:
 # -- encoding ------------------------------------------------------------------
 
 
+# Built once: json.dumps with options builds a new encoder on every call.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _dump_meta(meta: dict[str, Any] | None) -> bytes:
     if not meta:
         return b""
@@ -638,8 +702,7 @@ def _dump_meta(meta: dict[str, Any] | None) -> bytes:
             # json.dumps would turn it into a str and the peer would see another key.
             raise LocalProtocolError(ErrorCode.BAD_META, "meta key", k, "must be a str")
     try:
-        text = json.dumps(meta, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        return text.encode("utf-8")
+        return _JSON_ENCODER.encode(meta).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         raise LocalProtocolError(
             ErrorCode.BAD_META, "meta", type(meta).__name__, str(exc)
@@ -689,6 +752,44 @@ def encode_frame(
     Raises:
         LocalProtocolError: the arguments do not make a valid frame.
     """
+    # Fast path for the common frame: int fields in range, no meta or a
+    # plain one, no tensor or a non-empty C-contiguous little-endian one.
+    # It packs exactly the bytes the general path below would, which
+    # handles (and reports) everything else.
+    try:
+        kind_member = _KIND_OF[kind]
+    except (KeyError, TypeError):
+        kind_member = None
+    if (
+        kind_member is not None and kind_member is not MessageKind.ERROR
+        and type(request_id) is int and 0 <= request_id <= _U64
+        and type(key) is int and 0 <= key <= _U32
+        and type(seq) is int and 0 <= seq <= _U64
+        and type(flags) is int and 0 <= flags <= _U16
+    ):  # fmt: skip
+        meta_bytes = _dump_meta(meta) if meta else b""
+        meta_length = len(meta_bytes)
+        if meta_length <= limits.max_meta:
+            if array is None:
+                return [
+                    _HEADER.pack(
+                        MAGIC, PROTOCOL_VERSION, kind_member, flags, 0, 0, key, request_id, seq,
+                        0, 0, 0, 0, 0, 0, 0, 0, meta_length, 0, 0,
+                    ) + meta_bytes
+                ]  # fmt: skip
+            if type(array) is np.ndarray:
+                code = _CODE_OF_DTYPE.get(array.dtype)
+                ndim = array.ndim
+                nbytes = array.nbytes
+                if (
+                    code is not None and kind_member in TENSOR_KINDS and ndim <= MAX_NDIM
+                    and 0 < nbytes <= limits.max_payload and array.flags.c_contiguous
+                ):  # fmt: skip
+                    head = _HEADER.pack(
+                        MAGIC, PROTOCOL_VERSION, kind_member, flags, code, ndim, key, request_id,
+                        seq, *array.shape, *_ZERO_DIMS[ndim], meta_length, 0, nbytes,
+                    )  # fmt: skip
+                    return [head + meta_bytes, memoryview(array).cast("B")]
     try:
         kind = MessageKind(kind)
     except ValueError:

@@ -39,6 +39,7 @@ from dbnode.protocol import (
     parse_meta,
     payload_view,
 )
+from dbnode.protocol import _decode_fields  # the general path, against the fast one
 
 DTYPES = [np.float32, np.float64, np.int32, np.int64, np.uint8]
 TENSORLESS_KINDS = sorted(set(MessageKind) - TENSOR_KINDS)
@@ -247,6 +248,33 @@ def test_frames_carry_the_dtype_sent():
     for dtype in DTYPES:
         (got,) = decode_all(wire(encode_frame(MessageKind.PUSH, array=np.ones(3, dtype))))
         assert got.array.dtype == dtype
+
+
+@settings(max_examples=150, deadline=None)
+@given(tensor_frames() | tensorless_frames())
+def test_fast_paths_agree_with_the_general_ones(frame):
+    """encode_frame and decode_header take a shortcut for common frames; it
+    must produce and accept exactly what the general, check-by-check path does."""
+    fast = wire(frame.encode())
+    general = wire(encode_frame(
+        frame.kind, request_id=np.uint64(frame.request_id), key=frame.key, seq=frame.seq,
+        array=frame.array, meta=frame.meta, flags=frame.flags,
+    ))  # fmt: skip  # a numpy integer is not an int: the general path
+    assert fast == general
+    fields = struct.unpack("<4sHHHBBIQQ8QIIQ", fast[:HEADER_SIZE])
+    assert decode_header(fast[:HEADER_SIZE]) == _decode_fields(fields, DEFAULT_LIMITS)
+
+
+def test_parsed_meta_is_the_callers_own():
+    text = b'{"pusher":"r0p1","n":3}'
+    first = parse_meta(text)
+    first["pusher"] = "changed"
+    assert parse_meta(text) == {"pusher": "r0p1", "n": 3}
+    nested = b'{"a":{"b":[1]}}'
+    parse_meta(nested)["a"]["b"].append(2)
+    assert parse_meta(nested) == {"a": {"b": [1]}}
+    with pytest.raises(RemoteProtocolError):  # cached or not, an ERROR still needs its keys
+        parse_meta(text, MessageKind.ERROR)
 
 
 # -- encoding ------------------------------------------------------------------

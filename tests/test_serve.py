@@ -20,6 +20,9 @@ SGD = {"name": "sgd", "learning_rate": 1.0}
 
 class NodeProcess:
     def __init__(self, tmp_path, *extra):
+        # The node's log goes to a file: a pipe nobody reads fills up, and
+        # then the node blocks writing its log.
+        self.log = open(tmp_path / f"node-{len(list(tmp_path.glob('node-*.log')))}.log", "w")
         self.secret_file = tmp_path / "secret"
         if not self.secret_file.exists():
             self.secret_file.write_bytes(os.urandom(32))
@@ -27,17 +30,21 @@ class NodeProcess:
         self.proc = subprocess.Popen(
             [*DBNODE, "serve", "--listen", "127.0.0.1:0", "--secret-file", str(self.secret_file),
              "--snapshot-dir", str(tmp_path / "snaps"), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = self.proc.stdout.readline()
-        assert line.startswith("dbnode serve: listening on "), line + self.proc.stderr.read()
+        assert line.startswith("dbnode serve: listening on "), line + self.log_text()
         host, _, port = line.rsplit(" ", 1)[1].strip().rpartition(":")
         self.address = (host, int(port))
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return open(self.log.name).read()
 
     def stop(self, sig=signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout=10)
         self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.log.close()
         return code
 
 

@@ -34,6 +34,7 @@ from dbnode.protocol import (
     encode_frame,
 )
 from dbnode.transport import (
+    DEFER,
     Channel,
     Connection,
     Reply,
@@ -867,3 +868,307 @@ def test_error_types():
     assert issubclass(ConnectionClosedError, DBNodeError)
     assert issubclass(RemoteError, RequestError)
     assert str(RemoteError(ErrorCode.UNKNOWN_KEY, "no tensor 9")) == "no tensor 9 [UNKNOWN_KEY]"
+
+
+# -- the fast paths: inline handlers, read-ahead, queued sends, timers, spin -----------------
+
+
+class Counter:
+    """An inline handler: synchronous, keeps what it saw, DEFERs key 99 and up."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, frame):
+        if frame.key >= 99:
+            return DEFER
+        if frame.key == 13:
+            raise RequestError(ErrorCode.UNKNOWN_KEY, "no tensor 13")
+        if frame.key == 14:
+            raise ValueError("a bug")
+        self.seen.append((frame.kind, frame.key, frame.seq))
+        if frame.kind == K.STATS:
+            return Reply(meta={"seen": len(self.seen)})
+        return Reply(array=frame.array, seq=frame.seq)
+
+
+async def test_inline_handler_answers_in_the_reader_in_arrival_order(nursery, caplog):
+    inline = Counter()
+    deferred = []
+
+    async def handler(frame):
+        deferred.append(frame.key)
+        await trio.sleep(0)
+        return Reply(seq=frame.key)
+
+    host, port = await start_server(nursery, handler, inline=inline)
+    async with connect(host, port, SECRET) as channel:
+        x = np.arange(7, dtype=np.float32)
+        reply = await channel.request(K.PUSH_PULL, key=1, seq=5, array=x, timeout=5)
+        assert reply.seq == 5 and same_bits(reply.array, x)
+        assert (await channel.request(K.PULL, key=100, timeout=5)).seq == 100  # DEFERred
+        assert deferred == [100]
+        with pytest.raises(RemoteError) as info:
+            await channel.request(K.PULL, key=13, timeout=5)
+        assert info.value.code == ErrorCode.UNKNOWN_KEY
+        with pytest.raises(RemoteError) as info:
+            await channel.request(K.PULL, key=14, timeout=5)
+        assert info.value.code == ErrorCode.INTERNAL
+        # Pipelined notifies: every one applied, in order, before a request sent after them.
+        with caplog.at_level(logging.WARNING, logger="dbnode.transport"):
+            for seq in range(2000):
+                await channel.notify(K.PUSH, key=2, seq=seq, array=x)
+            await channel.notify(K.PUSH, key=13)  # fails: reported with request_id 0
+            stats = await channel.request(K.STATS, key=3, timeout=5)
+            with trio.fail_after(5):
+                while "no tensor 13" not in caplog.text:
+                    await trio.sleep(0.01)
+        assert [s for k, key, s in inline.seen if key == 2] == list(range(2000))
+        assert stats.meta == {"seen": len(inline.seen)}
+        await channel.ping(timeout=5)  # PING is answered inline, whatever the handlers
+
+
+async def test_deferred_requests_start_in_arrival_order(nursery):
+    started = []
+
+    async def handler(frame):
+        started.append(frame.key)
+        await trio.sleep(random.uniform(0, 0.01))
+
+    a, b = await memory_channels(nursery, None, handler)
+    for key in range(50):
+        await a.notify(K.FORWARD, key=key)
+    await a.ping()
+    with trio.fail_after(5):
+        while len(started) < 50:
+            await trio.sleep(0.01)
+    assert started == list(range(50))
+
+
+async def test_inline_answers_larger_than_the_socket_buffer(nursery):
+    """The reader never waits for the peer to read: a big answer is finished by a task."""
+    big = random_array(np.random.default_rng(3), np.uint8, (8 << 20,))
+
+    def inline(frame):
+        return Reply(array=big if frame.key == 1 else frame.array)
+
+    host, port = await start_server(nursery, None, inline=inline)
+    async with connect(host, port, SECRET) as channel:
+        results = {}
+
+        async def one(i):
+            if i % 4 == 0:
+                results[i] = await channel.request(K.PULL, key=1, timeout=10)
+            else:
+                results[i] = await channel.request(K.PUSH_PULL, key=2, array=np.full(3, i), timeout=10)
+
+        async with trio.open_nursery() as n:
+            for i in range(24):
+                n.start_soon(one, i)
+        for i, reply in results.items():
+            if i % 4 == 0:
+                assert same_bits(reply.array, big)
+            else:
+                assert np.array_equal(reply.array, np.full(3, i))
+        await channel.ping(timeout=5)  # and small frames still come at once after big ones
+
+
+def frame_stream(rng, count):
+    """Encoded frames of every size class the receiver treats differently, and the frames."""
+    frames = []
+    for i in range(count):
+        size = [0, 3, 1000, 5000, 20000, 300_000][i % 6]
+        array = random_array(rng, np.float32, (size,)) if size else None
+        meta = {"i": i, "pad": "x" * int(rng.integers(0, 3000))} if i % 3 == 0 else None
+        frames.append((i, array, meta))
+    data = b"".join(
+        bytes(p) for i, array, meta in frames
+        for p in encode_frame(K.PUSH, request_id=i + 1, key=i, array=array, meta=meta)
+    )  # fmt: skip
+    return frames, data
+
+
+async def test_read_ahead_over_a_socket_with_frames_split_anywhere():
+    a, b = trio.socket.socketpair()
+    sender, receiver = trio.SocketStream(a), Connection(trio.SocketStream(b))
+    receiver.authenticated = True
+    rng = np.random.default_rng(4)
+    frames, data = frame_stream(rng, 60)
+
+    async def send_in_random_pieces():
+        at = 0
+        while at < len(data):
+            n = int(rng.integers(1, 70_000))
+            await sender.send_all(data[at : at + n])
+            at += n
+            if rng.random() < 0.3:
+                await trio.sleep(0.001)  # let the receiver catch up and wait mid-frame
+
+    async with trio.open_nursery() as n:
+        n.start_soon(send_in_random_pieces)
+        for i, array, meta in frames:
+            frame = await receiver.receive_frame()
+            assert (frame.key, frame.request_id, frame.meta) == (i, i + 1, meta or {})
+            assert (frame.array is None) == (array is None)
+            if array is not None:
+                assert same_bits(frame.array, array)
+    await sender.aclose()
+    await receiver.aclose()
+
+
+async def test_a_cancelled_receive_that_consumed_nothing_loses_nothing():
+    a, b = trio.socket.socketpair()
+    sender, receiver = Connection(trio.SocketStream(a)), Connection(trio.SocketStream(b))
+    sender.authenticated = receiver.authenticated = True
+    one = b"".join(bytes(p) for p in encode_frame(K.PING, request_id=1))
+    two = b"".join(bytes(p) for p in encode_frame(K.PING, request_id=2, seq=7))
+    await sender.send_parts([one + two[:50]])  # the first frame, and half a header
+    assert (await receiver.receive_frame()).request_id == 1
+    with trio.move_on_after(0.05) as waited:
+        await receiver.receive_frame()  # waits for the rest of frame two: nothing consumed
+    assert waited.cancelled_caught and not receiver.closed
+    await sender.send_parts([two[50:]])
+    frame = await receiver.receive_frame()
+    assert (frame.request_id, frame.seq) == (2, 7)
+    await sender.aclose()
+    await receiver.aclose()
+
+
+async def test_queued_sends_combine_and_a_cancelled_one_is_dropped_cleanly():
+    a, b = trio.socket.socketpair()
+    sender, receiver = Connection(trio.SocketStream(a)), Connection(trio.SocketStream(b))
+    sender.authenticated = receiver.authenticated = True
+    big = np.ones(4 << 20, np.uint8)  # far more than the socket buffers: the first send waits
+    sent = []
+
+    async def send(i, array):
+        await sender.send_frame(K.PUSH, request_id=i, array=array)
+        sent.append(i)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(send, 1, big)
+        await trio.sleep(0.05)  # frame 1 is half out; these queue up behind it
+        for i in range(2, 6):
+            n.start_soon(send, i, np.full(10, i, np.uint8))
+        doomed = trio.CancelScope()
+
+        async def cancelled_send():
+            with doomed:
+                await sender.send_frame(K.PUSH, request_id=99, array=np.zeros(5, np.uint8))
+
+        n.start_soon(cancelled_send)
+        await trio.sleep(0.05)
+        doomed.cancel()  # queued, nothing of it sent: dropped, the connection lives
+        got = [await receiver.receive_frame() for _ in range(5)]
+    # Frame 1 first, whole; then the others whole (new tasks start in any order).
+    assert got[0].request_id == 1 and same_bits(got[0].array, big)
+    assert sorted(f.request_id for f in got) == sorted(sent) == [1, 2, 3, 4, 5]
+    for f in got[1:]:
+        assert np.array_equal(f.array, np.full(10, f.request_id, np.uint8))
+    assert not sender.closed
+    await sender.send_frame(K.PING, request_id=7)
+    assert (await receiver.receive_frame()).request_id == 7
+    await sender.aclose()
+    await receiver.aclose()
+
+
+async def test_a_shorter_timeout_after_a_longer_one_fires_on_time(autojump_clock, nursery):
+    async def never(frame):
+        await trio.sleep_forever()
+
+    a, b = await memory_channels(nursery, None, never)
+    outcome = {}
+
+    async def ask(key, timeout):
+        start = trio.current_time()
+        try:
+            await a.request(K.PULL, key=key, timeout=timeout)
+        except RequestTimeout:
+            outcome[key] = trio.current_time() - start
+
+    async with trio.open_nursery() as n:
+        n.start_soon(ask, 1, 100)
+        await trio.sleep(1)
+        n.start_soon(ask, 2, 5)  # earlier than the timer's current target: it is woken
+    assert outcome == {1: 100, 2: 5}
+    await a.ping()
+
+
+async def test_spin_is_a_latency_option_only(nursery):
+    with pytest.raises(ConfigError):
+        await serve(echo, secret=SECRET, spin=1.0)
+    host, port = await start_server(nursery, echo, spin=50e-6)
+    async with connect(host, port, SECRET, spin=50e-6) as channel:
+        x = np.arange(1000, dtype=np.float64)
+        for i in range(200):
+            reply = await channel.request(K.PUSH_PULL, key=i, array=x, timeout=5)
+            assert reply.key == i and same_bits(reply.array, x)
+        await channel.ping(timeout=5)
+
+
+async def test_small_frames_arrive_at_once_after_a_big_payload(nursery):
+    """The receive low-water mark set for a big payload is reset after it."""
+    host, port = await start_server(nursery)
+    async with connect(host, port, SECRET) as channel:
+        big = np.ones(16 << 20, np.uint8)
+        into = np.zeros_like(big)
+        await channel.request(K.PUSH_PULL, array=big, into=into, timeout=10)
+        assert into.all()
+        for _ in range(20):
+            assert await channel.ping(timeout=1) < 1
+
+
+async def test_many_senders_of_every_size_both_ways(nursery):
+    """Queued, combined and handed-over sends; read-ahead and direct receives;
+    inline and task-handled answers: every frame arrives whole and bit-exact."""
+    rng = np.random.default_rng(5)
+
+    def inline(frame):
+        return DEFER if frame.key % 3 == 0 else Reply(array=frame.array, seq=frame.key)
+
+    async def handler(frame):
+        await trio.sleep(0)
+        return Reply(array=frame.array, seq=frame.key)
+
+    host, port = await start_server(nursery, handler, inline=inline)
+    sizes = [0, 1, 100, 4000, 17000, 70000, 1 << 20, 3 << 20]
+    arrays = [random_array(rng, np.uint8, (sizes[i % len(sizes)],)) for i in range(96)]
+    async with connect(host, port, SECRET) as channel:
+        got = {}
+
+        async def one(i):
+            into = np.empty_like(arrays[i]) if i % 2 else None
+            reply = await channel.request(K.PUSH_PULL, key=i, array=arrays[i], into=into, timeout=30)
+            got[i] = reply
+
+        async with trio.open_nursery() as n:
+            for i in range(len(arrays)):
+                n.start_soon(one, i)
+        for i, reply in got.items():
+            assert reply.seq == i and same_bits(reply.array, arrays[i]), i
+        assert len(got) == len(arrays)
+
+
+async def test_a_slow_but_steady_payload_is_not_a_stall():
+    """The receive low-water mark hides bytes until enough have come; a frame
+    that keeps making progress must not time out as stalled because of it."""
+    # Over TCP: a unix socketpair ignores the low-water mark.
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    sender = await trio.open_tcp_stream(*listener.socket.getsockname())
+    receiver = Connection(await listener.accept(), stall_timeout=0.35)
+    await listener.aclose()
+    receiver.authenticated = True
+    x = np.arange(25_600, dtype=np.float32)  # 100 KiB
+    data = b"".join(bytes(p) for p in encode_frame(K.PUSH, request_id=3, array=x))
+
+    async def trickle():
+        for at in range(0, len(data), 10_240):
+            await sender.send_all(data[at : at + 10_240])
+            await trio.sleep(0.1)  # 10 KiB every 0.1 s: about 1 s for the frame
+
+    async with trio.open_nursery() as n:
+        n.start_soon(trickle)
+        frame = await receiver.receive_frame()
+    assert frame.request_id == 3 and same_bits(frame.array, x)
+    await sender.aclose()
+    await receiver.aclose()
