@@ -1,6 +1,6 @@
 """Run configuration: a TOML file, overridable key by key, checked up front.
 
-A run config has five sections::
+A run config has these sections::
 
     [model]      layers, activation, output, loss, dtype, init, partitions
     [data]       train, test, test_fraction
@@ -8,6 +8,7 @@ A run config has five sections::
                  n_fetch, n_push, seed, eval_interval
     [optimizer]  name, learning_rate, momentum, eps
     [cluster]    hosts, parameter_shards, secret_file, nodes, heartbeat
+    [checkpoint] interval, keep, dir
 
 Every key is optional except ``model.layers`` and ``data.train``. An unknown
 section or key, or a value of the wrong type or range, is a
@@ -79,12 +80,20 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    interval: float = 0.0      # seconds between checkpoints; 0: none
+    keep: int = 3              # newest checkpoints kept
+    dir: str = ""              # default: <out>/checkpoints
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
@@ -138,6 +147,7 @@ class RunConfig:
             model=dataclasses.replace(self.model, init=resolve(self.model.init)
                                       if self.model.init.endswith(".npz") else self.model.init),
             cluster=dataclasses.replace(self.cluster, secret_file=resolve(self.cluster.secret_file)),
+            checkpoint=dataclasses.replace(self.checkpoint, dir=resolve(self.checkpoint.dir)),
         )
 
     def spec(self) -> ModelSpec:
@@ -183,6 +193,11 @@ class RunConfig:
             raise ConfigError("optimizer.eps", o.eps, "must be > 0")
         if c.parameter_shards < 1:
             raise ConfigError("cluster.parameter_shards", c.parameter_shards, "must be >= 1")
+        k = self.checkpoint
+        if k.interval < 0:
+            raise ConfigError("checkpoint.interval", k.interval, "must be >= 0 seconds (0: off)")
+        if k.keep < 1:
+            raise ConfigError("checkpoint.keep", k.keep, "must be >= 1")
         if not c.heartbeat > 0:
             raise ConfigError("cluster.heartbeat", c.heartbeat, "must be > 0 seconds")
         if c.nodes < 0:

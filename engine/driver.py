@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from . import checkpoint
 from . import data as datasets
 from . import kernels
 from .aio import first_error
@@ -156,6 +157,8 @@ def train(config: RunConfig, hosts: list[Address] | None = None, out_dir: str | 
     """Run ``config`` on ``hosts`` (default: ``config.cluster.hosts``, or an
     embedded local cluster when there are none). Blocks until the run ends."""
     inputs = prepare(config)
+    if config.checkpoint.interval and not (config.checkpoint.dir or out_dir):
+        raise ConfigError("checkpoint.dir", "", "checkpoints need a directory: set it or give --out")
     hosts = list(hosts or [_address(h) for h in config.cluster.hosts])
     if hosts:
         if secret is None:
@@ -213,6 +216,8 @@ class _Run:
             for r, rows in enumerate(inputs.shards)]
         self.dead: set[Address] = set()
         self.ever_dead: list[str] = []
+        self.checkpoint_dir: Path | None = None
+        self.checkpoints_written = 0
         self.restarts: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []     # what happened to nodes and replicas, when
 
@@ -306,6 +311,52 @@ class _Run:
         replica.hosts, replica.incarnation, replica.last = hosts, replica.incarnation + 1, None
         await self.launch(replica, inputs, run=True)
 
+    async def checkpoint(self) -> None:
+        """Export every plan shard's pieces and write them as one checkpoint."""
+        snapshots = {}
+        for i, host in enumerate(self.shard_hosts):
+            keys = [piece.key for piece in self.plan.on_shard(i)]
+            if not keys:
+                continue
+            try:
+                ch = await self.peers.get(host)
+                frame = await ch.request(MessageKind.CONTROL, meta={"op": "export", "keys": keys},
+                                         timeout=60.0)
+            except (OSError, TransportError) as exc:   # the poll will name the dead node
+                log.warning("checkpoint skipped: node %s: %s", format_address(host), exc)
+                return
+            snapshots[i] = frame.array.tobytes()
+        self.checkpoints_written += 1
+        steps = {r.index: (r.last["step"] if r.last else r.start_step) for r in self.replicas}
+        written = checkpoint.write(self.checkpoint_dir, self.checkpoints_written, snapshots,
+                                   checkpoint.config_hash(self.config.to_dict()), steps,
+                                   self.config.checkpoint.keep)
+        self.event("checkpoint", number=written.number)
+
+    async def recover_shards(self) -> None:
+        """Put the pieces of parameter shards whose node died back on live
+        nodes, from the newest checkpoint. What the shards had learned since
+        that checkpoint is lost; the events say how old it was."""
+        lost = [i for i, host in enumerate(self.shard_hosts) if host in self.dead]
+        newest = checkpoint.newest(self.checkpoint_dir) if self.checkpoint_dir else None
+        dead_names = ", ".join(sorted({format_address(self.shard_hosts[i]) for i in lost}))
+        if newest is None:
+            raise DBNodeError(f"node {dead_names} died holding parameter shards and there is no "
+                              "checkpoint to restore them from (set checkpoint.interval)")
+        live = [h for h in self.hosts if h not in self.dead]
+        if not live:
+            raise DBNodeError(f"node {dead_names} died holding parameter shards, and no node is left")
+        for i in lost:
+            target = min(live, key=lambda h: (self.shard_hosts.count(h), live.index(h)))
+            data = np.frombuffer(newest.read_shard(i), np.uint8)
+            await self.control(target, "import", array=data)
+            self.shard_hosts[i] = target
+        self.client.shards = list(self.shard_hosts)
+        age = round(time.time() - newest.time, 3)
+        log.warning("parameter shards %s restored from checkpoint %d (%.1f s old)", lost,
+                    newest.number, age)
+        self.event("shards restored", shards=lost, checkpoint=newest.number, seconds_lost=age)
+
     def pack(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A model as the parameter server holds it: one flat block per partition."""
         return {f"block{k}": pack_block(self.spec, params, a, b) for k, (a, b) in enumerate(self.bounds)}
@@ -344,6 +395,8 @@ async def _run_in_nursery(config: RunConfig, hosts: list[Address], secret: bytes
     async with trio.open_nursery() as nursery:
         peers = Peers(nursery, secret, name="driver")
         run = _Run(config, hosts, peers, inputs)
+        if config.checkpoint.interval:
+            run.checkpoint_dir = Path(config.checkpoint.dir or Path(out_dir) / "checkpoints")
         try:
             summary = await _drive(run, inputs, out_dir, progress, start)
         finally:
@@ -382,16 +435,16 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
     metrics: list[dict[str, Any]] = []
     last_loss = None
     next_eval = time.monotonic() + config.train.eval_interval
+    every = config.checkpoint.interval
+    next_checkpoint = time.monotonic() + every
     # A node that does not answer a status request within this long is dead
     # (or frozen, which for a run is the same).
     heartbeat_timeout = 3 * config.cluster.heartbeat
     while True:
         await trio.sleep(min(0.2, config.cluster.heartbeat))
         statuses = await _poll(run, heartbeat_timeout)
-        lost = sorted(set(run.shard_hosts) & run.dead)
-        if lost:
-            raise DBNodeError(f"node {format_address(lost[0])} died holding parameter shards; "
-                              "the run cannot continue without them")
+        if set(run.shard_hosts) & run.dead:
+            await run.recover_shards()
         window_sum = window_count = 0.0
         for replica in run.replicas:
             if replica.done:
@@ -412,6 +465,9 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
         examples = sum(r.examples for r in run.replicas)
         finished = all(r.done for r in run.replicas)
         now = time.monotonic()
+        if every and now >= next_checkpoint and not finished:
+            await run.checkpoint()
+            next_checkpoint = now + every
         test = None
         if inputs.x_test is not None and (now >= next_eval or finished):
             test = evaluate(run.spec, await run.model(), inputs.x_test, inputs.y_test)

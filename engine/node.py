@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -489,6 +490,28 @@ class Node:
             raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
         return Reply(meta={"keys": len(self.shard)})
 
+    async def _op_export(self, frame: Frame) -> Reply:
+        """The snapshot of some keys, as bytes: what the driver checkpoints."""
+        with tempfile.TemporaryDirectory(prefix="dbnode-export-") as tmp:
+            path = self.shard.snapshot(Path(tmp) / "export.npz", keys=frame.meta.get("keys"))
+            data = np.frombuffer(path.read_bytes(), np.uint8)
+        return Reply(array=data, meta={"keys": len(frame.meta.get("keys") or self.shard.keys())})
+
+    async def _op_import(self, frame: Frame) -> Reply:
+        """Take over the keys of an exported snapshot (a dead node's pieces,
+        from the driver's newest checkpoint)."""
+        if frame.array is None or frame.array.dtype != np.uint8:
+            raise RequestError(ErrorCode.BAD_REQUEST, "import needs the snapshot's bytes as uint8")
+        with tempfile.TemporaryDirectory(prefix="dbnode-import-") as tmp:
+            path = Path(tmp) / "import.npz"
+            path.write_bytes(frame.array.tobytes())
+            try:
+                pieces = ParameterShard.restore(path)
+            except SnapshotError as exc:
+                raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        self.shard.merge(pieces)
+        return Reply(meta={"keys": len(pieces)})
+
     async def _op_reset(self, frame: Frame) -> Reply:
         busy = [uid for uid, r in self.partitions.items()
                 if not (r.status.done or r.status.error) and r.status.step]
@@ -511,6 +534,7 @@ class Node:
     _ops: dict[str, Callable] = {
         "info": _op_info, "start": _op_start, "data": _op_data, "run": _op_run,
         "status": _op_status, "reset": _op_reset, "restore": _op_restore, "stop": _op_stop,
+        "export": _op_export, "import": _op_import,
     }
 
 

@@ -527,8 +527,9 @@ class ParameterShard:
 
     # -- snapshots ----------------------------------------------------------
 
-    def snapshot(self, path: str | os.PathLike) -> Path:
-        """Write the whole shard to ``path`` atomically and durably; return it.
+    def snapshot(self, path: str | os.PathLike, keys: list[int] | None = None) -> Path:
+        """Write the shard (or only ``keys``) to ``path`` atomically and
+        durably; return it.
 
         The file is an ``.npz`` (no pickle anywhere): every tensor, its
         optimizer state, a JSON ``meta`` (stored as a uint8 array) with names,
@@ -547,7 +548,7 @@ class ParameterShard:
         hold the loop for the duration of the write).
         """
         path = Path(path)
-        arrays = self._snapshot_arrays()
+        arrays = self._snapshot_arrays(keys)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -562,9 +563,9 @@ class ParameterShard:
         _fsync_dir(path.parent)  # makes the rename itself durable
         return path
 
-    def _snapshot_arrays(self) -> dict[str, np.ndarray]:
+    def _snapshot_arrays(self, keys: list[int] | None = None) -> dict[str, np.ndarray]:
         tensors, arrays = [], []
-        for key in self.keys():
+        for key in self.keys() if keys is None else sorted(self._get(k).key for k in keys):
             t = self._tensors[key]
             tensors.append({
                 **t.describe(),
@@ -589,6 +590,14 @@ class ParameterShard:
         out = {"meta": meta_array, "checksum": _checksum(meta_array, [a for _, a in arrays])}
         out.update(arrays)
         return out
+
+    def merge(self, other: ParameterShard) -> None:
+        """Take over every tensor of ``other`` (e.g. pieces restored from a
+        dead node's checkpoint); keys must not clash."""
+        clash = sorted(set(self._tensors) & set(other._tensors))
+        if clash:
+            raise KeyConflictError(clash[0], f"keys {clash} are already held by shard {self.shard_id}")
+        self._tensors.update(other._tensors)
 
     @classmethod
     def restore(cls, path: str | os.PathLike) -> ParameterShard:

@@ -192,7 +192,7 @@ def embedded_node(driver: subprocess.Popen, name: str) -> tuple[int, set[int]]:
     return next(pid for pid, n in nodes.items() if n == name), set(nodes)
 
 
-def test_killing_the_node_that_holds_the_parameters_fails_the_run_clearly():
+def test_killing_the_node_that_holds_the_parameters_without_checkpoints_fails_clearly():
     proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "xor.toml"), "--set", "cluster.nodes=3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim, nodes = embedded_node(proc, "local-0")     # placement puts shard 0 on the first node
@@ -201,7 +201,7 @@ def test_killing_the_node_that_holds_the_parameters_fails_the_run_clearly():
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
     assert "Traceback" not in err
-    assert "died holding parameter shards" in err, err
+    assert "died holding parameter shards and there is no checkpoint" in err, err
     wait_until_gone(nodes)
 
 
@@ -287,4 +287,31 @@ def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp
     assert dead[0]["time"] - stopped_at <= 3 * heartbeat + 0.2 + 0.5, (dead[0], stopped_at)
     assert summary["restarts"]
     assert summary["test_accuracy"] >= 0.93
+    wait_until_gone(nodes)
+
+
+def test_a_shard_node_killed_mid_run_is_restored_from_its_checkpoint(tmp_path):
+    pytest.importorskip("sklearn")
+    common = ["--set", "cluster.nodes=3", "--set", "cluster.parameter_shards=1",
+              "--set", "train.epochs=60", "--set", "cluster.heartbeat=0.5",
+              "--set", "checkpoint.interval=0.3", "--set", "checkpoint.keep=2"]
+    calm = run_cli("train", str(EXAMPLES / "digits.toml"), *common, "--out", str(tmp_path / "calm"))
+    assert calm.returncode == 0, calm.stderr[-2000:]
+    calm_summary = json.loads((tmp_path / "calm" / "summary.json").read_text())
+
+    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common,
+                             "--out", str(tmp_path / "hit")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, nodes = embedded_node(proc, "local-0")     # the node with the parameter shard
+    time.sleep(1.5)
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "hit" / "summary.json").read_text())
+    restored = [e for e in summary["events"] if e["event"] == "shards restored"]
+    assert restored and restored[0]["seconds_lost"] <= 0.3 + 3 * 0.5 + 1.0, restored
+    assert summary["test_loss"] <= calm_summary["test_loss"] * 1.05 + 0.02, (summary, calm_summary)
+    assert summary["test_accuracy"] >= calm_summary["test_accuracy"] - 0.02
+    checkpoints = sorted(p.name for p in (tmp_path / "hit" / "checkpoints").iterdir())
+    assert len(checkpoints) <= 2 and all(not c.endswith(".tmp") for c in checkpoints)
     wait_until_gone(nodes)

@@ -576,3 +576,21 @@ def test_pinned_buffer_stays_at_its_version_while_pushes_go_to_a_copy():
     shard.push(1, np.ones(4, np.float32))                        # unpinned: updated in place
     assert shard.view(1).value.base is base
     np.testing.assert_array_equal(view2, [-2, -1, 0, 1])
+
+
+def test_snapshot_of_some_keys_merges_into_another_shard(tmp_path):
+    a = ParameterShard()
+    for key in (1, 2, 3):
+        a.init(key, f"t{key}", np.full(4, float(key)), optimizer={"name": "sgd", "learning_rate": 1.0})
+    a.push(2, np.ones(4), pusher="r0p0i0", seq=5)
+    a.snapshot(tmp_path / "part.npz", keys=[2, 3])
+    b = ParameterShard()
+    b.init(9, "t9", np.zeros(2), optimizer={"name": "sgd", "learning_rate": 1.0})
+    b.merge(ParameterShard.restore(tmp_path / "part.npz"))
+    assert b.keys() == [2, 3, 9] and b.version(2) == 1
+    np.testing.assert_array_equal(b.pull(2).value, np.full(4, 1.0))
+    assert b.push(2, np.ones(4), pusher="r0p0i0", seq=5) == 1       # the dedup table came along
+    with pytest.raises(KeyConflictError):
+        b.merge(ParameterShard.restore(tmp_path / "part.npz"))
+    with pytest.raises(UnknownKeyError):
+        a.snapshot(tmp_path / "bad.npz", keys=[7])
