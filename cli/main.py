@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key (repeatable), e.g. --set train.seed=3")
     train.add_argument("--secret-file", help="cluster secret for --hosts (default: [cluster] "
                        "secret_file, else $DBNODE_SECRET)")
+    train.add_argument("--resume", metavar="DIR", help="continue from the newest checkpoint of "
+                       "an earlier run (its --out directory)")
 
     st = sub.add_parser("status", help="what running nodes host and how far their partitions are")
     st.add_argument("--hosts", required=True, help="comma-separated HOST:PORT of nodes")
@@ -170,7 +172,8 @@ def cmd_train(args) -> int:
     hosts = _hosts(args.hosts, "--hosts") if args.hosts else None
     secret = load_secret(args.secret_file) if args.secret_file else None
     show = _progress_printer(sys.stderr)
-    summary = train(config, hosts=hosts, out_dir=args.out, secret=secret, progress=show)
+    summary = train(config, hosts=hosts, out_dir=args.out, secret=secret, progress=show,
+                    resume=args.resume)
     show.close()
     print(json.dumps({k: v for k, v in summary.__dict__.items() if k != "config"}, indent=2))
     return 0

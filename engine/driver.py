@@ -142,6 +142,7 @@ class Inputs:
     y_test: np.ndarray | None
     params: dict[str, np.ndarray]
     shards: list[slice]          # each replica's rows of (x, y)
+    resume: checkpoint.Checkpoint | None = None
 
 
 def prepare(config: RunConfig) -> Inputs:
@@ -152,11 +153,37 @@ def prepare(config: RunConfig) -> Inputs:
     return Inputs(x, y, x_test, y_test, params, shard_data(len(x), config.replicas_for(len(x))))
 
 
+def run_identity(config: RunConfig) -> str:
+    """The hash of what a checkpoint must agree with to be resumed: the
+    model, data, optimizer and training schedule (not hosts or intervals)."""
+    train_keys = {k: v for k, v in config.to_dict()["train"].items() if k != "eval_interval"}
+    d = config.to_dict()
+    return checkpoint.config_hash({"model": d["model"], "data": d["data"],
+                                   "optimizer": d["optimizer"], "train": train_keys})
+
+
+def find_resume(config: RunConfig, directory: str | Path) -> checkpoint.Checkpoint:
+    """The newest checkpoint under ``directory`` (a run's --out or its
+    checkpoints directory) that verifies and belongs to this config."""
+    directory = Path(directory)
+    newest = checkpoint.newest(directory / "checkpoints") or checkpoint.newest(directory)
+    if newest is None:
+        raise ConfigError("--resume", str(directory), "holds no complete checkpoint")
+    if newest.config_hash != run_identity(config):
+        raise ConfigError("--resume", str(newest.path), "was written by a run with another "
+                          "model, data, optimizer or schedule")
+    return newest
+
+
 def train(config: RunConfig, hosts: list[Address] | None = None, out_dir: str | Path | None = None,
-          secret: bytes | None = None, progress: Callable[[Progress], None] | None = None) -> Summary:
+          secret: bytes | None = None, progress: Callable[[Progress], None] | None = None,
+          resume: str | Path | None = None) -> Summary:
     """Run ``config`` on ``hosts`` (default: ``config.cluster.hosts``, or an
-    embedded local cluster when there are none). Blocks until the run ends."""
+    embedded local cluster when there are none). Blocks until the run ends.
+    ``resume`` continues from the newest checkpoint of an earlier run."""
     inputs = prepare(config)
+    if resume is not None:
+        inputs.resume = find_resume(config, resume)
     if config.checkpoint.interval and not (config.checkpoint.dir or out_dir):
         raise ConfigError("checkpoint.dir", "", "checkpoints need a directory: set it or give --out")
     hosts = list(hosts or [_address(h) for h in config.cluster.hosts])
@@ -329,8 +356,7 @@ class _Run:
         self.checkpoints_written += 1
         steps = {r.index: (r.last["step"] if r.last else r.start_step) for r in self.replicas}
         written = checkpoint.write(self.checkpoint_dir, self.checkpoints_written, snapshots,
-                                   checkpoint.config_hash(self.config.to_dict()), steps,
-                                   self.config.checkpoint.keep)
+                                   run_identity(self.config), steps, self.config.checkpoint.keep)
         self.event("checkpoint", number=written.number)
 
     async def recover_shards(self) -> None:
@@ -425,7 +451,20 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
         optimizer["momentum"] = opt.momentum
     elif opt.name == "adagrad":
         optimizer["eps"] = opt.eps
-    await run.client.init(run.pack(inputs.params), optimizer)
+    if inputs.resume is None:
+        await run.client.init(run.pack(inputs.params), optimizer)
+    else:
+        # The shards as they were checkpointed, placed on this run's nodes;
+        # each replica goes on from the step it had reached.
+        for i, host in enumerate(run.shard_hosts):
+            if run.plan.on_shard(i):
+                await run.control(host, "import",
+                                  array=np.frombuffer(inputs.resume.read_shard(i), np.uint8))
+        for replica in run.replicas:
+            replica.start_step = inputs.resume.replica_steps.get(replica.index, 0)
+            replica.base_examples = min(replica.start_step * config.train.batch_size,
+                                        replica.n_examples * config.train.epochs)
+        run.event("resumed", checkpoint=str(inputs.resume.path))
     for replica in run.replicas:
         await run.launch(replica, inputs, run=False)
     for host in run.hosts:

@@ -315,3 +315,36 @@ def test_a_shard_node_killed_mid_run_is_restored_from_its_checkpoint(tmp_path):
     checkpoints = sorted(p.name for p in (tmp_path / "hit" / "checkpoints").iterdir())
     assert len(checkpoints) <= 2 and all(not c.endswith(".tmp") for c in checkpoints)
     wait_until_gone(nodes)
+
+
+def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path):
+    pytest.importorskip("sklearn")
+    common = ["--set", "train.epochs=60", "--set", "checkpoint.interval=0.3"]
+    first = tmp_path / "first"
+    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common,
+                             "--out", str(first)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nodes = set(wait_for_nodes(proc, 1))
+    deadline = time.monotonic() + 60
+    while not list((first / "checkpoints").glob("ckpt-*[0-9]")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.4)
+    proc.kill()                                       # the driver dies outright
+    proc.communicate(timeout=30)
+    wait_until_gone(nodes)                            # its nodes follow it (stdin closes)
+    assert not (first / "summary.json").exists()
+
+    out = run_cli("train", str(EXAMPLES / "digits.toml"), *common, "--resume", str(first),
+                  "--out", str(tmp_path / "second"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "second" / "summary.json").read_text())
+    resumed = [e for e in summary["events"] if e["event"] == "resumed"]
+    assert resumed and "ckpt-" in resumed[0]["checkpoint"]
+    assert summary["test_accuracy"] >= 0.95
+
+    other = run_cli("train", str(EXAMPLES / "digits.toml"), *common, "--set", "train.seed=9",
+                    "--resume", str(first), timeout=60)
+    assert other.returncode == 2 and "another model, data, optimizer or schedule" in other.stderr
+    empty = run_cli("train", str(EXAMPLES / "digits.toml"), "--resume", str(tmp_path / "none"),
+                    timeout=60)
+    assert empty.returncode == 2 and "no complete checkpoint" in empty.stderr
