@@ -275,3 +275,28 @@ async def test_snapshot_then_restart_restores_exact_values_and_versions(tmp_path
             await ch.aclose()
     finally:
         assert node.stop() == 0
+
+
+async def test_a_thousand_handshakes_with_a_wrong_secret_are_all_rejected(node):
+    limit = trio.CapacityLimiter(32)
+    rejected = 0
+
+    async def attempt(i):
+        nonlocal rejected
+        async with limit:
+            try:
+                conn = await open_connection(*node.address, os.urandom(32), handshake_timeout=20)
+            except AuthenticationError:
+                rejected += 1
+            else:  # pragma: no cover - the assertion below reports it
+                conn.abort()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(1000):
+            nursery.start_soon(attempt, i)
+    assert rejected == 1000
+    async with trio.open_nursery() as nursery:       # and the node still serves its own
+        ch = await channel(nursery, node)
+        await init(ch, 1, np.ones(2))
+        assert (await pull(ch, 1))[1] == 0
+        await ch.aclose()
