@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,10 +105,47 @@ def run_cli(*args, timeout=300):
     return subprocess.run([*DBNODE, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def run_watching(*args, timeout=300) -> tuple[subprocess.CompletedProcess, set[int]]:
+    """Run ``dbnode ARGS`` and note every ``dbnode serve`` child it starts."""
+    proc = subprocess.Popen([*DBNODE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    with Drain(proc) as output:
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen |= set(serve_processes(proc.pid))
+            time.sleep(0.02)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *output), seen
+
+
+class Drain:
+    """Read a process's stdout and stderr in threads (a full pipe would stall
+    it); inside the ``with``, the yielded list becomes [stdout, stderr]."""
+
+    def __init__(self, proc):
+        self.proc, self.out, self.err = proc, [], []
+        self.threads = [threading.Thread(target=lambda: self.out.append(proc.stdout.read())),
+                        threading.Thread(target=lambda: self.err.append(proc.stderr.read()))]
+
+    def __enter__(self):
+        self.result = ["", ""]
+        for t in self.threads:
+            t.start()
+        return self.result
+
+    def __exit__(self, *exc):
+        for t in self.threads:
+            t.join(timeout=30)
+        self.result[0], self.result[1] = "".join(self.out), "".join(self.err)
+
+
 def test_xor_example_converges_on_the_embedded_cluster(tmp_path):
-    before = serve_pids()
-    out = run_cli("train", str(EXAMPLES / "xor.toml"), "--out", str(tmp_path))
+    out, nodes = run_watching("train", str(EXAMPLES / "xor.toml"), "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert nodes                                     # it did start its embedded cluster
     config = RunConfig.load(EXAMPLES / "xor.toml")
     assert config.replicas_for(50_000) == 25
     params = load_params(tmp_path / "model.npz", config.spec())
@@ -118,7 +156,7 @@ def test_xor_example_converges_on_the_embedded_cluster(tmp_path):
     assert summary["test_accuracy"] == 1.0
     metrics = (tmp_path / "metrics.csv").read_text().splitlines()
     assert metrics[0] == "seconds,examples,train_loss,test_loss,test_accuracy" and len(metrics) >= 2
-    assert serve_pids() <= before                    # the embedded nodes are gone
+    wait_until_gone(nodes)                           # and stopped it
 
 
 def test_digits_example_on_hosts_given_by_the_command_line(nodes, tmp_path):
@@ -143,11 +181,10 @@ def test_digits_example_on_hosts_given_by_the_command_line(nodes, tmp_path):
     ("data.train=missing.csv", "missing.csv"),
 ])
 def test_bad_configs_fail_clearly_before_starting_anything(override, message):
-    before = serve_pids()
-    out = run_cli("train", str(EXAMPLES / "xor.toml"), "--set", override, timeout=60)
+    out, nodes = run_watching("train", str(EXAMPLES / "xor.toml"), "--set", override, timeout=60)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
-    assert serve_pids() <= before
+    assert not nodes
 
 
 def test_unreachable_host_is_named(tmp_path):
@@ -162,11 +199,11 @@ def test_unreachable_host_is_named(tmp_path):
 def test_bad_initial_weights_are_caught_before_any_node_starts(tmp_path):
     bad = tmp_path / "w.npz"
     np.savez(bad, **init_params(RunConfig.load(EXAMPLES / "xor.toml", ["model.layers=[2, 3, 1]"]).spec()))
-    before = serve_pids()
-    out = run_cli("train", str(EXAMPLES / "xor.toml"), "--set", f'model.init="{bad}"', timeout=60)
+    out, nodes = run_watching("train", str(EXAMPLES / "xor.toml"), "--set", f'model.init="{bad}"',
+                              timeout=60)
     assert out.returncode == 2, out.stderr
     assert "model.init" in out.stderr and "layer0.weight has shape (3, 2)" in out.stderr
-    assert serve_pids() <= before
+    assert not nodes
 
 
 def wait_for_nodes(driver: subprocess.Popen, count: int, timeout: float = 30) -> dict[int, str]:

@@ -300,3 +300,112 @@ async def test_a_thousand_handshakes_with_a_wrong_secret_are_all_rejected(node):
         await init(ch, 1, np.ones(2))
         assert (await pull(ch, 1))[1] == 0
         await ch.aclose()
+
+
+def bad_requests(rng, count):
+    """Well-framed requests that are wrong: unknown keys, wrong shapes and
+    dtypes, bad metadata, commands that do not exist, stray partition traffic."""
+    kinds = [MessageKind.PUSH, MessageKind.PUSH_PULL, MessageKind.PULL, MessageKind.INIT,
+             MessageKind.CONTROL, MessageKind.FORWARD, MessageKind.BACKWARD, MessageKind.SNAPSHOT]
+    dtypes = [np.float32, np.float64, np.int32, np.int64, np.uint8]
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        key = int(rng.choice([1, 2, int(rng.integers(3, 2**32))]))
+        shape = tuple(int(d) for d in rng.integers(0, 5, size=int(rng.integers(0, 3))))
+        tensorless = kind in (MessageKind.PULL, MessageKind.SNAPSHOT)
+        array = None if tensorless or rng.random() < 0.2 else np.zeros(shape, dtypes[i % len(dtypes)])
+        meta = rng.choice([None, {"op": "nope"}, {"pusher": 5}, {"name": "../x"}, {"op": "start"},
+                           {"optimizer": {"name": "sgd"}}, {"op": "data", "role": "z"}])
+        if key == 1 and kind in (MessageKind.PUSH, MessageKind.PUSH_PULL) and array is not None \
+                and array.shape == (4,) and array.dtype == np.float64:
+            array = np.zeros(3)                      # never a valid push to the watched key
+        if kind is MessageKind.INIT and key == 1:
+            meta = {"name": "other", "optimizer": {"name": "sgd", "learning_rate": 1.0}}
+        yield kind, key, array, meta
+
+
+async def test_a_hundred_thousand_bad_requests_change_nothing(node):
+    count = int(os.environ.get("DBNODE_FUZZ_REQUESTS", "100000"))
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, node)
+        await init(ch, 1, np.arange(4.0))
+        before, version = await pull(ch, 1)
+        rng = np.random.default_rng(7)
+        senders = [await channel(nursery, node) for _ in range(4)]
+        requests = list(bad_requests(rng, count))
+
+        sent = 0
+
+        async def send(sender, part):
+            nonlocal sent
+            for kind, key, array, meta in part:
+                await sender.notify(kind, key=key, array=array, meta=meta)
+                sent += 1
+
+        with trio.fail_after(240):
+            async with trio.open_nursery() as fuzz:
+                for i, sender in enumerate(senders):
+                    fuzz.start_soon(send, sender, requests[i::4])
+            for s in senders:                             # every bad request was handled
+                await s.ping(timeout=60)
+        after, version_after = await pull(ch, 1)
+        np.testing.assert_array_equal(after, before)
+        assert version_after == version == 0
+        stats = (await ch.request(MessageKind.STATS)).meta
+        assert stats["totals"]["pushes"] == 0 and sent == count
+        for s in senders:
+            await s.aclose()
+        await ch.aclose()
+    assert node.proc.poll() is None                      # alive
+
+
+def rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_load_applies_every_acknowledged_push_exactly_once_with_flat_memory(node):
+    # DBNODE_LOAD_SECONDS=30 for the full-length run; the suite runs 3 s.
+    seconds = float(os.environ.get("DBNODE_LOAD_SECONDS", "3"))
+    clients = 32
+    acked = retried = 0
+    samples = []
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, node)
+        await init(ch, 1, np.zeros(1024))
+        deadline = trio.current_time() + seconds
+
+        async def client(i):
+            nonlocal acked, retried
+            mine = await channel(nursery, node)
+            grad, seq = np.ones(1024), 0
+            while trio.current_time() < deadline:
+                seq += 1
+                await mine.request(MessageKind.PUSH, key=1, array=grad, seq=seq, meta={"pusher": f"c{i}"})
+                acked += 1
+                if seq % 10 == 0:           # a retry of an acknowledged push: must be dropped
+                    await mine.request(MessageKind.PUSH, key=1, array=grad, seq=seq,
+                                       meta={"pusher": f"c{i}"})
+                    retried += 1
+            await mine.aclose()
+
+        async def sample_memory():
+            while trio.current_time() < deadline:
+                samples.append(rss_bytes(node.proc.pid))
+                await trio.sleep(seconds / 20)
+
+        async with trio.open_nursery() as load:
+            for i in range(clients):
+                load.start_soon(client, i)
+            load.start_soon(sample_memory)
+        value, version = await pull(ch, 1)
+        stats = (await ch.request(MessageKind.STATS)).meta
+        await ch.aclose()
+    np.testing.assert_array_equal(value, np.full(1024, -float(acked)))
+    assert version == acked and stats["totals"]["duplicates"] == retried > 0
+    warm = samples[len(samples) // 3:]
+    print(f"load: {clients} clients, {seconds:.0f} s, {acked} pushes acknowledged and applied once, "
+          f"{retried} retries dropped, node RSS {min(warm) >> 20}-{max(warm) >> 20} MiB after warm-up")
+    assert max(warm) - min(warm) < 16 << 20, [s >> 20 for s in samples]
