@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DBNodeError
+from .shard import fsync_dir
 
 MANIFEST = "manifest.json"
 PREFIX = "ckpt-"
@@ -58,14 +59,6 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write(directory: Path, number: int, shards: dict[int, bytes], config_hash: str,
           replica_steps: dict[int, int], keep: int) -> Checkpoint:
     """Write checkpoint ``number`` atomically, then keep only the newest ``keep``."""
@@ -88,9 +81,9 @@ def write(directory: Path, number: int, shards: dict[int, bytes], config_hash: s
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync(tmp)
+    fsync_dir(tmp)
     os.replace(tmp, final)
-    _fsync(directory)
+    fsync_dir(directory)
     for old in complete(directory)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     for stale in directory.glob(f"{PREFIX}*.tmp"):

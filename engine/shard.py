@@ -560,7 +560,7 @@ class ParameterShard:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(path.parent)  # makes the rename itself durable
+        fsync_dir(path.parent)  # makes the rename itself durable
         return path
 
     def _snapshot_arrays(self, keys: list[int] | None = None) -> dict[str, np.ndarray]:
@@ -703,7 +703,8 @@ def _write_payload(f, arrays: dict[str, np.ndarray]) -> None:
     np.savez(f, **arrays)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
