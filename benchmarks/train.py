@@ -33,7 +33,7 @@ from common import environment  # noqa: E402
 from kernels import NumpyMLP  # noqa: E402
 
 from dbnode import kernels  # noqa: E402
-from dbnode.cluster import LocalCluster  # noqa: E402
+from dbnode.driver import LocalCluster  # noqa: E402
 from dbnode.config import RunConfig  # noqa: E402
 from dbnode.data import load, split  # noqa: E402
 from dbnode.driver import train  # noqa: E402

@@ -7,7 +7,7 @@ Every figure is ours next to a baseline measured in the same run, the two
 alternating round by round (``--rounds``), each round's time per operation
 taken as the median over rounds. Both sides are real processes on
 loopback: ours is a ``dbnode serve`` node started by
-:class:`dbnode.cluster.LocalCluster`, the baseline a plain Python process
+:class:`dbnode.driver.LocalCluster`, the baseline a plain Python process
 (this script with ``--raw-peer``) that does the same job on blocking sockets
 with nothing on top. The client process and the peer process are pinned to
 ``--client-cpu`` and ``--server-cpu`` (every thread), the same for ours and
@@ -48,9 +48,8 @@ import time
 import numpy as np
 import trio
 
-from dbnode.cluster import LocalCluster
-from dbnode.protocol import MessageKind
-from dbnode.transport import Channel, open_connection
+from dbnode.driver import LocalCluster
+from dbnode.wire import Channel, MessageKind, open_connection
 
 from common import environment
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 import dbnode
-from dbnode.cluster import write_secret
+from dbnode.driver.cluster import write_secret
 from dbnode.aio import first_error
 from dbnode.config import RunConfig, format_address, parse_address
 from dbnode.data import load
@@ -31,7 +31,7 @@ from dbnode.driver import check_data, status, train
 from dbnode.errors import ConfigError, DBNodeError
 from dbnode.model import evaluate, load_params
 from dbnode.node import run_node
-from dbnode.transport import load_secret
+from dbnode.wire import load_secret
 
 log = logging.getLogger("dbnode")
 

@@ -1,48 +1,43 @@
 """dbnode: Downpour SGD on a cluster of plain CPU machines.
 
 The public API is what ``__all__`` lists (pinned by tests/test_package.py);
-everything else is internal. Compiled kernels are in :mod:`dbnode.kernels`,
-the wire format in :mod:`dbnode.protocol`.
+everything else is internal. Names are imported on first use, so that
+``import dbnode.wire.frames`` and the other sans-IO modules load without
+trio, sockets or the compiled kernels. The layers, bottom up, and what each
+may import: docs/architecture.md.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from ._lazy import lazy
 
-from .config import RunConfig
-from .driver import Summary, train
-from .errors import ConfigError, DBNodeError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .model import (LayerStack, ModelSpec, evaluate, from_bias_first, init_params, load_params,
-                    predict, save_params, to_bias_first)
-from .optim import SGD, Adagrad, Momentum, make_optimizer
-from .trainer import Trainer, TrainResult
+_EXPORTS = {
+    "RunConfig": ".config",
+    **dict.fromkeys(["Summary", "train"], ".driver.run"),
+    **dict.fromkeys(
+        ["ConfigError", "DBNodeError", "LocalProtocolError", "ProtocolError", "RemoteProtocolError"],
+        ".errors",
+    ),
+    **dict.fromkeys(
+        ["LayerStack", "ModelSpec", "evaluate", "from_bias_first", "init_params", "load_params",
+         "predict", "save_params", "to_bias_first"],
+        ".model",
+    ),
+    **dict.fromkeys(["SGD", "Adagrad", "Momentum", "make_optimizer"], ".optim"),
+    **dict.fromkeys(["Trainer", "TrainResult"], ".trainer"),
+}
 
-try:
-    __version__ = _version("dbnode")
-except PackageNotFoundError:  # pragma: no cover - only when run uninstalled
-    __version__ = "0+unknown"
+__all__ = sorted([*_EXPORTS, "__version__"])
+_lazy_getattr, __dir__ = lazy(__name__, _EXPORTS)
 
-__all__ = [
-    "Adagrad",
-    "ConfigError",
-    "DBNodeError",
-    "LayerStack",
-    "LocalProtocolError",
-    "ModelSpec",
-    "Momentum",
-    "ProtocolError",
-    "RemoteProtocolError",
-    "RunConfig",
-    "SGD",
-    "Summary",
-    "TrainResult",
-    "Trainer",
-    "__version__",
-    "evaluate",
-    "from_bias_first",
-    "init_params",
-    "load_params",
-    "make_optimizer",
-    "predict",
-    "save_params",
-    "to_bias_first",
-    "train",
-]
+
+def __getattr__(name: str):
+    if name == "__version__":
+        # importlib.metadata is slow to import and loads socket: only on demand.
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("dbnode")
+        except PackageNotFoundError:  # pragma: no cover - only when run uninstalled
+            value = "0+unknown"
+        globals()["__version__"] = value
+        return value
+    return _lazy_getattr(name)

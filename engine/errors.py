@@ -12,13 +12,55 @@ Their message names the offending field and its value.
 
 from __future__ import annotations
 
+import enum
+import os
+from pathlib import Path
+
 __all__ = [
+    "ErrorCode",
     "DBNodeError",
     "ProtocolError",
     "LocalProtocolError",
     "RemoteProtocolError",
     "ConfigError",
 ]
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes carried by ERROR frames and by :class:`ProtocolError`.
+
+    The range says what happens to the connection: codes below 32 are fatal
+    (the sender of the ERROR closes the connection right after it), codes
+    from 32 up concern one request and the connection carries on.
+    """
+
+    # 1-15: framing; the frame could not be decoded.
+    BAD_MAGIC = 1
+    BAD_VERSION = 2
+    BAD_KIND = 3
+    BAD_DTYPE = 4
+    BAD_SHAPE = 5
+    TOO_LARGE = 6
+    BAD_META = 7
+    BAD_HEADER = 8  # a header field out of range (reserved != 0, ...)
+    TRUNCATED = 9  # the stream ended inside a frame
+    # 16-31: session.
+    AUTH_FAILED = 16
+    UNEXPECTED = 17  # a valid frame at the wrong moment (PULL before AUTH_OK)
+    TIMEOUT = 18
+    # 32-63: request errors.
+    BAD_REQUEST = 32  # the request makes no sense to the service
+    UNKNOWN_KEY = 33
+    SHAPE_MISMATCH = 34
+    DTYPE_MISMATCH = 35
+    # 64-: node errors.
+    INTERNAL = 64  # a bug or failure on the side that sends the ERROR
+    UNAVAILABLE = 65  # shutting down or overloaded; try elsewhere or later
+
+    @property
+    def fatal(self) -> bool:
+        """Whether the connection is closed after an ERROR with this code."""
+        return self < 32
 
 
 class DBNodeError(Exception):
@@ -29,7 +71,7 @@ class ProtocolError(DBNodeError, ValueError):
     """A frame or a message broke the wire protocol.
 
     Attributes:
-        code: the numeric error code (a ``dbnode.protocol.ErrorCode`` member
+        code: the numeric error code (an :class:`ErrorCode` member
             when raised by dbnode), suitable for an ERROR frame.
         field: name of the offending field, e.g. ``"magic"`` or ``"shape"``.
         value: the offending value as received or given.
@@ -68,7 +110,7 @@ class ConfigError(DBNodeError, ValueError):
         super().__init__(f"{key}={value!r}: {reason}")
 
 
-# -- transport (appended by the transport layer; dbnode.transport raises them) --
+# -- the wire (dbnode.wire raises them) --------------------------------------------
 
 __all__ += [
     "TransportError",
@@ -92,7 +134,7 @@ class ConnectionClosedError(TransportError):
 
     Attributes:
         code: the error code the connection ended with when there was one
-            (a ``dbnode.protocol.ErrorCode`` when known, else the int): e.g.
+            (an :class:`ErrorCode` when known, else the int): e.g.
             ``UNAVAILABLE`` from a node at its connection limit, ``TIMEOUT``
             for a handshake that took too long, the fatal code of a bad frame
             either side detected. None for a plain loss of the peer.
@@ -123,7 +165,7 @@ class RequestError(DBNodeError):
     docs/protocol.md section 9); the connection carries on.
 
     Attributes:
-        code: the error code (``dbnode.protocol.ErrorCode`` when known).
+        code: the error code (:class:`ErrorCode` when known).
         message: human-readable detail.
     """
 
@@ -136,3 +178,71 @@ class RequestError(DBNodeError):
 
 class RemoteError(RequestError):
     """The peer answered our request with an ERROR frame (``code``, ``message``)."""
+
+
+# -- parameter shards and checkpoints (dbnode.ps, dbnode.driver) ---------------------
+
+__all__ += [
+    "ShardError",
+    "UnknownKeyError",
+    "ShapeMismatchError",
+    "DTypeMismatchError",
+    "KeyConflictError",
+    "SnapshotError",
+    "CheckpointError",
+]
+
+
+class ShardError(DBNodeError, ValueError):
+    """A request the shard refuses; nothing was changed.
+
+    Attributes:
+        code: the :class:`ErrorCode` for the ERROR frame.
+        key: the tensor key the request named (None if none applies).
+    """
+
+    code = ErrorCode.BAD_REQUEST
+
+    def __init__(self, key: int | None, message: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+
+class UnknownKeyError(ShardError):
+    """The request names a key this shard does not hold."""
+
+    code = ErrorCode.UNKNOWN_KEY
+
+
+class ShapeMismatchError(ShardError):
+    """A pushed gradient (or an init value) has the wrong shape."""
+
+    code = ErrorCode.SHAPE_MISMATCH
+
+
+class DTypeMismatchError(ShardError):
+    """A pushed gradient (or an init value) has the wrong dtype."""
+
+    code = ErrorCode.DTYPE_MISMATCH
+
+
+class KeyConflictError(ShardError):
+    """An init for an existing key disagrees with it (name, shape, dtype or
+    optimizer)."""
+
+
+class SnapshotError(DBNodeError, ValueError):
+    """A snapshot file is missing, truncated, corrupt or not a snapshot.
+
+    Attributes:
+        path: the file.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"snapshot {str(path)!r}: {reason}")
+
+
+class CheckpointError(DBNodeError):
+    """A checkpoint is missing, incomplete or does not verify."""

@@ -33,15 +33,14 @@ import trio
 
 from . import kernels
 from .aio import first_error
-from .client import Address, ParameterClient, Peers
 from .data import batch_indices, steps_per_run
-from .errors import DBNodeError, RequestError
+from .errors import DBNodeError, ErrorCode, RequestError, ShardError, SnapshotError
 from .model import ModelSpec, blocks
 from .partition import PartitionCore
 from .placement import plan_shards
-from .protocol import ErrorCode, Frame, MessageKind
-from .shard import ParameterShard, ShardError, SnapshotError
-from .transport import DEFER, Reply, serve
+from .ps.client import ParameterClient
+from .ps.shard import ParameterShard
+from .wire import DEFER, Address, Frame, MessageKind, Peers, Reply, serve
 
 log = logging.getLogger("dbnode.node")
 

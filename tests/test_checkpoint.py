@@ -8,13 +8,13 @@ import time
 import numpy as np
 import pytest
 
-from dbnode import checkpoint
+from dbnode.driver import checkpoint
 
 WRITER = """
 import sys
 import numpy as np
 from pathlib import Path
-from dbnode import checkpoint
+from dbnode.driver import checkpoint
 
 directory, trial = Path(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(trial)

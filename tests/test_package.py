@@ -53,7 +53,7 @@ def test_missing_compiled_module_is_a_loud_error():
     out = run_python("""
         import sys
         sys.modules["dbnode._kernels"] = None   # as if the build had not produced it
-        import dbnode
+        import dbnode.kernels
     """)
     assert out.returncode != 0
     assert "compiled kernels are missing" in out.stderr and "pip install ." in out.stderr
@@ -64,7 +64,7 @@ def test_kernels_built_for_another_cpu_refuse_to_load():
         import sys, types
         sys.modules["dbnode._target"] = types.SimpleNamespace(
             MARCH="native", CPU_FLAGS=("sse2", "no_such_cpu_feature"))
-        import dbnode
+        import dbnode.kernels
     """)
     assert out.returncode != 0
     assert "no_such_cpu_feature, which this CPU lacks" in out.stderr
@@ -123,4 +123,6 @@ def test_sdist_ships_the_kernel_sources_and_builds_a_wheel(tmp_path):
     for module in ("dbnode/_kernels", "dbnode/_target"):
         assert any(f.startswith(module) and f.endswith(".so") for f in files), files
     assert "dbnode/cli/main.py" in files and "dbnode/kernels.py" in files
+    for package in ("wire", "ps", "driver"):
+        assert f"dbnode/{package}/__init__.py" in files, files
     assert not any(f.endswith(".pyx") for f in files)

@@ -9,7 +9,7 @@ from dbnode.model import Loss, ModelSpec, block_layout, block_views, init_params
 from dbnode.optim import make_optimizer
 from dbnode.partition import PartitionCore
 from dbnode.placement import plan_shards
-from dbnode.shard import ParameterShard
+from dbnode.ps.shard import ParameterShard
 from dbnode.trainer import Trainer
 
 

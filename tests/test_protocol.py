@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from dbnode.errors import ConfigError, DBNodeError, LocalProtocolError, RemoteProtocolError
-from dbnode.protocol import (
+from dbnode.wire import (
     DEFAULT_LIMITS,
     HANDSHAKE_LIMITS,
     HEADER_SIZE,
@@ -39,7 +39,7 @@ from dbnode.protocol import (
     parse_meta,
     payload_view,
 )
-from dbnode.protocol import _decode_fields  # the general path, against the fast one
+from dbnode.wire.frames import _decode_fields  # the general path, against the fast one
 
 DTYPES = [np.float32, np.float64, np.int32, np.int64, np.uint8]
 TENSORLESS_KINDS = sorted(set(MessageKind) - TENSOR_KINDS)

@@ -11,8 +11,7 @@ import trio
 
 from dbnode import reference
 from dbnode.errors import AuthenticationError, ConnectionClosedError, RemoteError
-from dbnode.protocol import HEADER_SIZE, MAGIC, MessageKind, encode_frame
-from dbnode.transport import Channel, open_connection
+from dbnode.wire import HEADER_SIZE, MAGIC, Channel, MessageKind, encode_frame, open_connection
 
 DBNODE = [sys.executable, "-m", "dbnode.cli"]
 SGD = {"name": "sgd", "learning_rate": 1.0}

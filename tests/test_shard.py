@@ -9,21 +9,22 @@ import numpy as np
 import pytest
 
 from dbnode import reference
-from dbnode import shard as shard_module
+from dbnode import durable
+from dbnode.ps import snapshot as snapshot_module
 from dbnode.errors import DBNodeError
 from dbnode.model import ModelSpec, init_params
 from dbnode.optim import SGD, Momentum
 from dbnode.placement import plan_shards
-from dbnode.protocol import ErrorCode
-from dbnode.shard import (
+from dbnode.errors import (
+    ErrorCode,
     DTypeMismatchError,
     KeyConflictError,
-    ParameterShard,
     ShapeMismatchError,
     ShardError,
     SnapshotError,
     UnknownKeyError,
 )
+from dbnode.ps.shard import ParameterShard
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.dtype(np.float32): (2e-6, 1e-7), np.dtype(np.float64): (1e-13, 1e-15)}
@@ -420,7 +421,7 @@ def test_failed_snapshot_leaves_the_previous_one_untouched(tmp_path, monkeypatch
         f.write(b"PK\x03\x04" + b"x" * 1000)  # a partial zip
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shard_module, "_write_payload", write_half_then_fail)
+    monkeypatch.setattr(snapshot_module, "_write_payload", write_half_then_fail)
     with pytest.raises(OSError, match="No space"):
         s.snapshot(path)
     assert path.read_bytes() == old
@@ -431,7 +432,7 @@ def test_failed_snapshot_leaves_the_previous_one_untouched(tmp_path, monkeypatch
         raise OSError(5, "I/O error")
 
     monkeypatch.undo()
-    monkeypatch.setattr(shard_module.os, "fsync", fail_fsync)
+    monkeypatch.setattr(durable.os, "fsync", fail_fsync)
     with pytest.raises(OSError, match="I/O error"):
         s.snapshot(path)
     monkeypatch.undo()
@@ -446,7 +447,7 @@ def test_snapshot_is_durable(tmp_path, monkeypatch):
         synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    monkeypatch.setattr(shard_module.os, "fsync", spy)
+    monkeypatch.setattr(durable.os, "fsync", spy)
     _busy_shard().snapshot(tmp_path / "s.npz")
     # first the temporary file's data, then the directory holding the rename
     assert len(synced) == 2

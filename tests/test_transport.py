@@ -23,7 +23,7 @@ from dbnode.errors import (
     RequestError,
     RequestTimeout,
 )
-from dbnode.protocol import (
+from dbnode.wire import (
     HEADER_SIZE,
     MAGIC,
     NONCE_SIZE,
@@ -33,7 +33,7 @@ from dbnode.protocol import (
     auth_mac,
     encode_frame,
 )
-from dbnode.transport import (
+from dbnode.wire import (
     DEFER,
     Channel,
     Connection,
@@ -540,7 +540,7 @@ async def test_fire_and_forget(nursery, caplog):
         return Reply(meta={"ignored": True})
 
     a, b = await memory_channels(nursery, None, handler)
-    with caplog.at_level(logging.WARNING, logger="dbnode.transport"):
+    with caplog.at_level(logging.WARNING, logger="dbnode.wire"):
         await a.notify(K.PUSH, key=12, array=np.ones(3, np.float32))
         await a.notify(K.PUSH, key=13)
         await a.ping()  # in order on the wire: the notifies were read before it
@@ -915,7 +915,7 @@ async def test_inline_handler_answers_in_the_reader_in_arrival_order(nursery, ca
             await channel.request(K.PULL, key=14, timeout=5)
         assert info.value.code == ErrorCode.INTERNAL
         # Pipelined notifies: every one applied, in order, before a request sent after them.
-        with caplog.at_level(logging.WARNING, logger="dbnode.transport"):
+        with caplog.at_level(logging.WARNING, logger="dbnode.wire"):
             for seq in range(2000):
                 await channel.notify(K.PUSH, key=2, seq=seq, array=x)
             await channel.notify(K.PUSH, key=13)  # fails: reported with request_id 0

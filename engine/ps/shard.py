@@ -5,7 +5,7 @@ A :class:`ParameterShard` holds named tensors (whole tensors or row ranges of
 large ones, see :mod:`dbnode.placement`), each under an integer key (the
 wire protocol's u32 ``key``) with its own optimizer, optimizer state and a
 version counter. The node feeds it decoded PULL / PUSH / PUSH_PULL / STATS /
-SNAPSHOT requests; this module never touches a socket.
+SNAPSHOT requests (:mod:`dbnode.ps.service`); this module never touches a socket.
 
 Concurrency: a shard is **not thread-safe**. ``push`` updates the
 parameters, the optimizer state, the version and the dedup table in several
@@ -18,98 +18,32 @@ shard from ``trio.to_thread`` while the loop may call it too.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import hmac
-import json
+import io
 import os
-import tempfile
-import zipfile
 from dataclasses import asdict, dataclass, field
-from math import prod
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from . import kernels
-from .errors import DBNodeError
-from .optim import OPTIMIZERS, make_optimizer
-from .protocol import ErrorCode
+from .. import kernels
+from ..errors import (
+    DTypeMismatchError,
+    KeyConflictError,
+    ShapeMismatchError,
+    ShardError,
+    SnapshotError,
+    UnknownKeyError,
+)
+from ..optim import OPTIMIZERS, make_optimizer
+from . import snapshot
 
 __all__ = [
     "ParameterShard",
     "Pulled",
-    "ShardError",
-    "UnknownKeyError",
-    "ShapeMismatchError",
-    "DTypeMismatchError",
-    "KeyConflictError",
-    "SnapshotError",
-    "SNAPSHOT_FORMAT",
 ]
 
-SNAPSHOT_FORMAT = "dbnode-shard-snapshot"
-SNAPSHOT_VERSION = 1
-# Caps checked against the zip directory before anything is allocated, so a
-# corrupt size field cannot make restore allocate gigabytes.
-_MAX_META_BYTES = 64 << 20
-_NPY_HEADER_SLACK = 64 << 10  # an .npy header is 128 bytes; its cap is 10 000
 _MAX_U64 = 2**64 - 1
-
-
-# ----------------------------------------------------------------- errors
-
-
-class ShardError(DBNodeError, ValueError):
-    """A request the shard refuses; nothing was changed.
-
-    Attributes:
-        code: the :class:`dbnode.protocol.ErrorCode` for the ERROR frame.
-        key: the tensor key the request named (None if none applies).
-    """
-
-    code = ErrorCode.BAD_REQUEST
-
-    def __init__(self, key: int | None, message: str) -> None:
-        self.key = key
-        super().__init__(message)
-
-
-class UnknownKeyError(ShardError):
-    """The request names a key this shard does not hold."""
-
-    code = ErrorCode.UNKNOWN_KEY
-
-
-class ShapeMismatchError(ShardError):
-    """A pushed gradient (or an init value) has the wrong shape."""
-
-    code = ErrorCode.SHAPE_MISMATCH
-
-
-class DTypeMismatchError(ShardError):
-    """A pushed gradient (or an init value) has the wrong dtype."""
-
-    code = ErrorCode.DTYPE_MISMATCH
-
-
-class KeyConflictError(ShardError):
-    """An init for an existing key disagrees with it (name, shape, dtype or
-    optimizer)."""
-
-
-class SnapshotError(DBNodeError, ValueError):
-    """A snapshot file is missing, truncated, corrupt or not a snapshot.
-
-    Attributes:
-        path: the file.
-    """
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"snapshot {str(path)!r}: {reason}")
 
 
 # ------------------------------------------------------------------ state
@@ -529,45 +463,30 @@ class ParameterShard:
 
     def snapshot(self, path: str | os.PathLike, keys: list[int] | None = None) -> Path:
         """Write the shard (or only ``keys``) to ``path`` atomically and
-        durably; return it.
+        durably (the format: :mod:`dbnode.ps.snapshot`); return it.
 
-        The file is an ``.npz`` (no pickle anywhere): every tensor, its
-        optimizer state, a JSON ``meta`` (stored as a uint8 array) with names,
-        shapes, dtypes, versions, counters, optimizer settings and the last
-        seq per pusher, and a SHA-256 ``checksum`` over meta and all arrays.
+        A crash or error at any point leaves either the previous snapshot or
+        the new one, never a mix. Synchronous: it reads the live tensors, so
+        no push may run while it writes (true under the node's single event
+        loop; a large shard holds the loop for the duration of the write).
 
-        Atomic: it is written to a temporary file in the same directory,
-        flushed and fsynced, then renamed over ``path`` (``os.replace``) and
-        the directory fsynced. A crash or error at any point leaves either
-        the previous snapshot or the new one, never a mix; the temporary
-        file is removed on error. Errors writing (disk full, ...) propagate
-        as ``OSError``.
-
-        Synchronous: it reads the live tensors, so no push may run while it
-        writes (true under the node's single event loop; a large shard will
-        hold the loop for the duration of the write).
+        Raises:
+            UnknownKeyError: ``keys`` names a key the shard does not hold.
+            OSError: writing failed (disk full, ...).
         """
-        path = Path(path)
-        arrays = self._snapshot_arrays(keys)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                _write_payload(f, arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(path.parent)  # makes the rename itself durable
-        return path
+        return snapshot.save(path, *self._records(keys))
 
-    def _snapshot_arrays(self, keys: list[int] | None = None) -> dict[str, np.ndarray]:
-        tensors, arrays = [], []
+    def snapshot_bytes(self, keys: list[int] | None = None) -> bytes:
+        """The snapshot of the shard (or only ``keys``) as bytes, in memory."""
+        buf = io.BytesIO()
+        snapshot.dump(buf, *self._records(keys))
+        return buf.getvalue()
+
+    def _records(self, keys: list[int] | None) -> tuple[dict[str, Any], list[snapshot.Record]]:
+        records = []
         for key in self.keys() if keys is None else sorted(self._get(k).key for k in keys):
             t = self._tensors[key]
-            tensors.append({
+            record = {
                 **t.describe(),
                 "version": t.version,
                 "pushes": t.pushes,
@@ -576,20 +495,9 @@ class ParameterShard:
                 "optimizer": t.optimizer_config(),
                 "state": sorted(t.state),
                 "last_seq": dict(sorted(t.last_seq.items())),
-            })  # fmt: skip
-            arrays.append((f"{key}.value", t.value))
-            arrays.extend((f"{key}.state.{s}", t.state[s]) for s in sorted(t.state))
-        meta = {
-            "format": SNAPSHOT_FORMAT,
-            "version": SNAPSHOT_VERSION,
-            "shard": self.shard_id,
-            "rejected_unknown": self._rejected_unknown,
-            "tensors": tensors,
-        }
-        meta_array = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
-        out = {"meta": meta_array, "checksum": _checksum(meta_array, [a for _, a in arrays])}
-        out.update(arrays)
-        return out
+            }  # fmt: skip
+            records.append((record, t.value, t.state))
+        return {"shard": self.shard_id, "rejected_unknown": self._rejected_unknown}, records
 
     def merge(self, other: ParameterShard) -> None:
         """Take over every tensor of ``other`` (e.g. pieces restored from a
@@ -604,71 +512,30 @@ class ParameterShard:
         """A shard exactly as it was snapshotted to ``path``: values, versions,
         counters, optimizers, optimizer state and dedup sequences.
 
-        Every size is checked against the zip directory and the metadata
-        before it is allocated, every array against the metadata, and the
-        checksum over everything before the shard is built.
-
         Raises:
             SnapshotError: the file is missing, unreadable, truncated,
                 corrupt or not a shard snapshot; the message names it.
         """
-        path = Path(path)
-        try:
-            with zipfile.ZipFile(path) as zf:
-                return cls._restore(zf)
-        except FileNotFoundError:
-            raise SnapshotError(path, "no such file") from None
-        except SnapshotError as exc:
-            raise SnapshotError(path, exc.reason) from None
-        except (zipfile.BadZipFile, EOFError) as exc:
-            reason = f"not a readable .npz file (truncated or corrupt): {exc}"
-            raise SnapshotError(path, reason) from exc
-        except Exception as exc:
-            # Whatever else zipfile, numpy or json raise on bad bytes (a
-            # corrupt version field makes zipfile raise NotImplementedError),
-            # the file is bad; the cause stays chained for debugging.
-            raise SnapshotError(path, f"corrupt: {type(exc).__name__}: {exc}") from exc
+        return cls._from_snapshot(path, *snapshot.read(path))
 
     @classmethod
-    def _restore(cls, zf: zipfile.ZipFile) -> ParameterShard:
-        meta_array = _read_member(zf, "meta", np.dtype(np.uint8), None)
-        checksum = _read_member(zf, "checksum", np.dtype(np.uint8), (32,))
-        meta = json.loads(meta_array.tobytes().decode())
-        if not isinstance(meta, dict) or meta.get("format") != SNAPSHOT_FORMAT:
-            raise SnapshotError("", "not a dbnode shard snapshot")
-        if meta.get("version") != SNAPSHOT_VERSION:
-            raise SnapshotError(
-                "", f"format version {meta.get('version')!r}, this dbnode reads {SNAPSHOT_VERSION}"
-            )
+    def from_bytes(cls, data: bytes | bytearray | memoryview, name: str = "<bytes>") -> ParameterShard:
+        """A shard from :meth:`snapshot_bytes`' output (SnapshotError if it is bad)."""
+        return cls._from_snapshot(name, *snapshot.load(io.BytesIO(data), name))
 
-        expected = {"meta", "checksum"}
-        records = []
-        for d in meta["tensors"]:
-            key, dtype = int(d["key"]), np.dtype(d["dtype"])
-            shape = tuple(int(n) for n in d["shape"])
-            if f"{key}.value" in expected:
-                raise SnapshotError("", f"key {key} appears twice in the metadata")
-            expected.add(f"{key}.value")
-            expected.update(f"{key}.state.{s}" for s in d["state"])
-            records.append((key, dtype, shape, d))
-        members = {n.removesuffix(".npy") for n in zf.namelist()}
-        if members != expected:
-            raise SnapshotError(
-                "", f"members {sorted(members)} do not match the metadata's {sorted(expected)}"
-            )
-
+    @classmethod
+    def _from_snapshot(cls, where, meta: dict[str, Any], records: list[snapshot.Record]) -> ParameterShard:
         shard = cls(int(meta["shard"]))
         shard._rejected_unknown = int(meta["rejected_unknown"])
-        arrays = []
-        for key, dtype, shape, d in records:
-            value = _read_member(zf, f"{key}.value", dtype, shape)
-            state = {s: _read_member(zf, f"{key}.state.{s}", dtype, shape) for s in d["state"]}
-            arrays.append(value)
-            arrays.extend(state[s] for s in d["state"])
-            opt = _make_optimizer(key, d["optimizer"])
+        for d, value, state in records:
+            key = int(d["key"])
+            try:
+                opt = _make_optimizer(key, d["optimizer"])
+            except ShardError as exc:
+                raise SnapshotError(where, str(exc)) from None
             if sorted(opt.state(value)) != sorted(state):
                 raise SnapshotError(
-                    "", f"key {key}: state {sorted(state)} does not fit optimizer {opt.name}"
+                    where, f"key {key}: state {sorted(state)} does not fit optimizer {opt.name}"
                 )
             shard._tensors[key] = _Tensor(
                 key, d["name"], value, opt, state,
@@ -676,85 +543,4 @@ class ParameterShard:
                 rejected=int(d["rejected"]),
                 last_seq={str(p): int(s) for p, s in d["last_seq"].items()},
             )  # fmt: skip
-        if not hmac.compare_digest(_checksum(meta_array, arrays).tobytes(), checksum.tobytes()):
-            raise SnapshotError("", "checksum mismatch: the file is corrupt")
         return shard
-
-
-# ------------------------------------------------------------ file helpers
-
-
-def _checksum(meta: np.ndarray, arrays: list[np.ndarray]) -> np.ndarray:
-    # The meta fixes every array's dtype and shape, hence its length, so the
-    # plain concatenation of their bytes is unambiguous.
-    h = hashlib.sha256(meta.tobytes())
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))  # no copy: contiguous
-    return np.frombuffer(h.digest(), np.uint8)
-
-
-def _write_payload(f, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` as an .npz to the open file ``f`` (a seam for tests).
-
-    All arrays are numeric, so nothing is pickled (numpy pickles only object
-    arrays); restore reads with its own reader that accepts only the dtypes
-    the metadata names.
-    """
-    np.savez(f, **arrays)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new entry in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_member(
-    zf: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...] | None
-) -> np.ndarray:
-    """Read the .npy member ``name`` straight into a fresh aligned array,
-    checking its dtype and shape (``None``: any 1-d shape up to the meta cap)
-    against the expectation *before* allocating it."""
-    info = zf.getinfo(name + ".npy")
-    cap = _MAX_META_BYTES if shape is None else prod(shape) * dtype.itemsize
-    # np.savez stores members uncompressed, so a member is never larger than
-    # the archive holding it: that bounds what a corrupt size can allocate.
-    archive = os.fstat(zf.fp.fileno()).st_size
-    if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-        raise SnapshotError("", f"member {name}: compressed; snapshots are stored uncompressed")
-    low = 0 if shape is None else cap
-    high = min(cap + _NPY_HEADER_SLACK, archive)
-    if not low <= info.file_size <= high:
-        raise SnapshotError("", f"member {name}: {info.file_size} bytes, expected {low}..{high}")
-    with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise SnapshotError("", f"member {name}: unsupported .npy version {version}")
-        if shape is None:
-            if len(got_shape) != 1 or got_shape[0] > min(cap, info.file_size):
-                raise SnapshotError("", f"member {name}: shape {got_shape}, expected (n <= {cap},)")
-            shape = got_shape
-        if got_dtype != dtype or got_shape != shape or fortran:
-            raise SnapshotError(
-                "",
-                f"member {name}: {got_dtype} {got_shape} (fortran={fortran}), "
-                f"expected {dtype} {shape}",
-            )
-        out = kernels.empty(shape, dtype)
-        buf = memoryview(out.reshape(-1).view(np.uint8))
-        filled = 0
-        while filled < len(buf):
-            n = f.readinto(buf[filled:])
-            if not n:
-                raise SnapshotError("", f"member {name}: truncated after {filled} of {len(buf)} bytes")
-            filled += n
-        if f.read(1):
-            raise SnapshotError("", f"member {name}: trailing bytes after the array")
-    return out

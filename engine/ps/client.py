@@ -1,7 +1,5 @@
-"""Talking to other nodes: a pool of channels, and the parameter server client.
+"""The parameter server client.
 
-:class:`Peers` keeps one authenticated :class:`~dbnode.transport.Channel`
-per remote node, opened on first use, shared by every task of the process.
 :class:`ParameterClient` spreads a model's tensors over the parameter
 shards of a :class:`~dbnode.placement.ShardPlan` and moves them in and out
 concurrently, every piece straight into or out of its rows of the caller's
@@ -16,56 +14,11 @@ from typing import Any
 import numpy as np
 import trio
 
-from .placement import ShardPlan
-from .protocol import MessageKind
+from ..placement import ShardPlan
+from ..wire import Address, MessageKind, Peers
 from .shard import ParameterShard
-from .transport import Channel, open_connection
 
-Address = tuple[str, int]
-
-
-class Peers:
-    """One channel per remote address, opened on first use and kept.
-
-    The channels' reader tasks run in ``nursery``, which the owner of this
-    object owns; a channel whose connection ended is replaced on the next
-    :meth:`get`.
-    """
-
-    def __init__(self, nursery: trio.Nursery, secret: bytes, name: str = "",
-                 handler=None, connect_timeout: float = 10.0, spin: float = 0.0):
-        self._spin = spin
-        self._nursery = nursery
-        self._secret = secret
-        self._name = name
-        self._handler = handler
-        self._timeout = connect_timeout
-        self._channels: dict[Address, Channel] = {}
-        self._locks: dict[Address, trio.Lock] = {}
-
-    async def get(self, address: Address) -> Channel:
-        """The open channel to ``address``, connecting if needed."""
-        address = (address[0], int(address[1]))
-        ch = self._channels.get(address)
-        if ch is not None and not ch.closed:
-            return ch
-        lock = self._locks.setdefault(address, trio.Lock())
-        async with lock:
-            ch = self._channels.get(address)
-            if ch is None or ch.closed:
-                conn = await open_connection(address[0], address[1], self._secret, name=self._name,
-                                             handshake_timeout=self._timeout)
-                ch = Channel(conn, self._handler, spin=self._spin)
-                await self._nursery.start(ch.run)
-                self._channels[address] = ch
-            return ch
-
-    async def aclose(self) -> None:
-        """Close every channel gracefully."""
-        channels, self._channels = list(self._channels.values()), {}
-        async with trio.open_nursery() as nursery:
-            for ch in channels:
-                nursery.start_soon(ch.aclose)
+__all__ = ["ParameterClient"]
 
 
 class ParameterClient:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import DBNodeError
+from ..errors import DBNodeError
 
 Address = tuple[str, int]
 

@@ -1,4 +1,4 @@
-"""The wire protocol, sans-IO: frame format, encoder, decoder, validation.
+"""Frames, sans-IO: the frame format, its encoder and header decoder, validation.
 
 Nothing here touches a socket or trio: bytes go in, frames come out, and the
 tests drive it with bytes alone. ``docs/protocol.md`` is the specification;
@@ -31,7 +31,7 @@ tensor. The header is little-endian and every field is naturally aligned:
        112                                 = ``HEADER_SIZE``
     ======  ====  ======  ===============  ====================================
 
-Decoding can go two ways. :class:`FrameDecoder` takes bytes as they come and
+Decoding can go two ways. :class:`~dbnode.wire.decoder.FrameDecoder` takes bytes as they come and
 returns whole :class:`Frame` objects. A transport that wants to ``recv_into``
 the destination buffer uses the pieces it is built on instead:
 :func:`decode_header` (validates the header alone), :func:`parse_meta`,
@@ -42,19 +42,16 @@ on the header before anything is allocated for the frame.
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import json
 import math
 import operator
 import struct
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ..errors import ConfigError, ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
 
 __all__ = [
     "MAGIC",
@@ -72,13 +69,11 @@ __all__ = [
     "HANDSHAKE_LIMITS",
     "Header",
     "Frame",
-    "FrameDecoder",
     "decode_header",
     "parse_meta",
     "payload_view",
     "encode_frame",
     "error_frame",
-    "auth_mac",
 ]
 
 MAGIC = b"DBN1"
@@ -169,43 +164,6 @@ _WIRE_DTYPE_OF = {int(code): dt for code, dt in _WIRE_DTYPES.items()}
 _CODE_OF_DTYPE = {dt: int(code) for code, dt in _WIRE_DTYPES.items()}
 _ZERO_DIMS = tuple((0,) * (MAX_NDIM - n) for n in range(MAX_NDIM + 1))
 _U16, _U32, _U64 = 2**16 - 1, 2**32 - 1, 2**64 - 1
-
-
-class ErrorCode(enum.IntEnum):
-    """Codes carried by ERROR frames and by :class:`ProtocolError`.
-
-    The range says what happens to the connection: codes below 32 are fatal
-    (the sender of the ERROR closes the connection right after it), codes
-    from 32 up concern one request and the connection carries on.
-    """
-
-    # 1-15: framing; the frame could not be decoded.
-    BAD_MAGIC = 1
-    BAD_VERSION = 2
-    BAD_KIND = 3
-    BAD_DTYPE = 4
-    BAD_SHAPE = 5
-    TOO_LARGE = 6
-    BAD_META = 7
-    BAD_HEADER = 8  # a header field out of range (reserved != 0, ...)
-    TRUNCATED = 9  # the stream ended inside a frame
-    # 16-31: session.
-    AUTH_FAILED = 16
-    UNEXPECTED = 17  # a valid frame at the wrong moment (PULL before AUTH_OK)
-    TIMEOUT = 18
-    # 32-63: request errors.
-    BAD_REQUEST = 32  # the request makes no sense to the service
-    UNKNOWN_KEY = 33
-    SHAPE_MISMATCH = 34
-    DTYPE_MISMATCH = 35
-    # 64-: node errors.
-    INTERNAL = 64  # a bug or failure on the side that sends the ERROR
-    UNAVAILABLE = 65  # shutting down or overloaded; try elsewhere or later
-
-    @property
-    def fatal(self) -> bool:
-        """Whether the connection is closed after an ERROR with this code."""
-        return self < 32
 
 
 @dataclass(frozen=True)
@@ -569,120 +527,6 @@ def payload_view(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
-class FrameDecoder:
-    """Turns received bytes into :class:`Frame` objects (sans-IO, h11 style).
-
-    Feed bytes with :meth:`receive_data` and call :meth:`next_frame` until it
-    returns None (more data needed). Each received byte is copied once, into
-    its destination: the header buffer, the meta buffer or the frame's array.
-    Nothing is allocated for a frame before its header has been validated,
-    so the bytes held for an incomplete frame are capped by ``limits``.
-
-    Any error poisons the decoder: the connection must be closed (after
-    telling the peer with :func:`error_frame`), never resynchronised.
-
-    ``limits`` may be replaced between frames, e.g. from HANDSHAKE_LIMITS to
-    the normal limits once the peer is authenticated.
-    """
-
-    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
-        self.limits = limits
-        self._chunks: deque[memoryview] = deque()  # received, not yet consumed
-        self._offset = 0  # bytes of _chunks[0] already consumed
-        self._eof = False
-        self._error: ProtocolError | None = None
-        self._header_buf = bytearray(HEADER_SIZE)
-        self._start_frame()
-
-    def _start_frame(self) -> None:
-        self._header: Header | None = None
-        self._meta: dict[str, Any] | None = None
-        self._array: np.ndarray | None = None
-        self._dest = memoryview(self._header_buf)  # what is being filled now
-        self._filled = 0
-
-    def _check_usable(self) -> None:
-        if self._error is not None:
-            raise LocalProtocolError(
-                self._error.code, "decoder", "poisoned",
-                f"an earlier error poisoned it: {self._error}",
-            ) from self._error  # fmt: skip
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Add bytes received from the peer; ``b""`` means the stream ended.
-
-        Raises:
-            LocalProtocolError: the decoder is poisoned, or data came after
-                the end of the stream.
-        """
-        self._check_usable()
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise LocalProtocolError(
-                ErrorCode.INTERNAL, "data", len(data), "received after end of stream"
-            )
-        if not isinstance(data, bytes):
-            data = bytes(data)  # copy: the caller may reuse its mutable buffer
-        self._chunks.append(memoryview(data))
-
-    def next_frame(self) -> Frame | None:
-        """The next complete frame, or None until more data is received.
-
-        Raises:
-            RemoteProtocolError: the peer sent an invalid frame, or the stream
-                ended inside one (TRUNCATED). The decoder is then poisoned.
-            LocalProtocolError: the decoder was already poisoned.
-        """
-        self._check_usable()
-        try:
-            return self._advance()
-        except RemoteProtocolError as exc:
-            self._error = exc
-            raise
-
-    def _advance(self) -> Frame | None:
-        while True:
-            self._fill()
-            if self._filled < len(self._dest):
-                if self._eof and (self._header is not None or self._filled):
-                    part = (
-                        "header" if self._header is None
-                        else "meta" if self._meta is None
-                        else "payload"
-                    )  # fmt: skip
-                    raise RemoteProtocolError(
-                        ErrorCode.TRUNCATED, part, f"{self._filled} of {len(self._dest)} bytes",
-                        "the stream ended inside a frame",
-                    )  # fmt: skip
-                return None
-            if self._header is None:
-                header = self._header = decode_header(self._header_buf, self.limits)
-                self._dest, self._filled = memoryview(bytearray(header.meta_length)), 0
-            elif self._meta is None:
-                self._meta = parse_meta(self._dest, self._header.kind)
-                self._array = self._header.allocate()
-                empty = memoryview(b"")
-                self._dest = empty if self._array is None else payload_view(self._array)
-                self._filled = 0
-            else:
-                frame = Frame.from_header(self._header, self._meta, self._array)
-                self._start_frame()
-                return frame
-
-    def _fill(self) -> None:
-        """Move received bytes into the current destination."""
-        dest, chunks = self._dest, self._chunks
-        while self._filled < len(dest) and chunks:
-            chunk = chunks[0]
-            n = min(len(dest) - self._filled, len(chunk) - self._offset)
-            dest[self._filled : self._filled + n] = chunk[self._offset : self._offset + n]
-            self._filled += n
-            self._offset += n
-            if self._offset == len(chunk):
-                chunks.popleft()
-                self._offset = 0
 
 
 # -- encoding ------------------------------------------------------------------
@@ -830,29 +674,3 @@ def error_frame(code: ErrorCode | int, text: str, request_id: int = 0) -> list[b
     return encode_frame(
         MessageKind.ERROR, request_id=request_id, meta={"code": int(code), "message": text}
     )
-
-
-# -- handshake -------------------------------------------------------------------
-
-
-def auth_mac(secret: bytes, role: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
-    """The handshake proof that ``role`` knows the shared secret.
-
-    ``HMAC-SHA256(secret, MAGIC | u16 version | role | client_nonce |
-    server_nonce)`` where role is ``b"client"`` or ``b"server"``, the side
-    that computes the MAC. The role label makes a MAC useless when reflected
-    back at its maker; both fresh nonces make it useless when replayed on
-    another connection. See docs/protocol.md, "Handshake".
-    """
-    if role not in ("client", "server"):
-        raise LocalProtocolError(ErrorCode.INTERNAL, "role", role, 'must be "client" or "server"')
-    for name, nonce in (("client_nonce", client_nonce), ("server_nonce", server_nonce)):
-        if len(nonce) != NONCE_SIZE:
-            raise LocalProtocolError(
-                ErrorCode.INTERNAL, name, len(nonce), f"need {NONCE_SIZE} bytes"
-            )
-    if len(secret) < 16:
-        # Never echo the secret itself.
-        raise ConfigError("secret", f"<{len(secret)} bytes>", "need at least 16 bytes")
-    message = MAGIC + struct.pack("<H", PROTOCOL_VERSION) + role.encode("ascii")
-    return hmac.new(secret, message + client_nonce + server_nonce, hashlib.sha256).digest()

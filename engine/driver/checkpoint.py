@@ -17,22 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DBNodeError
-from .shard import fsync_dir
+from ..durable import replace_dir, write_synced
+from ..errors import CheckpointError
 
 MANIFEST = "manifest.json"
 PREFIX = "ckpt-"
-
-
-class CheckpointError(DBNodeError):
-    """A checkpoint is missing, incomplete or does not verify."""
 
 
 @dataclass(frozen=True)
@@ -70,20 +65,13 @@ def write(directory: Path, number: int, shards: dict[int, bytes], config_hash: s
     files = {}
     for index, data in sorted(shards.items()):
         name = f"shard{index}.npz"
-        with open(tmp / name, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp / name, lambda f, data=data: f.write(data))
         files[name] = hashlib.sha256(data).hexdigest()
     manifest = {"number": number, "time": time.time(), "config_hash": config_hash,
                 "replica_steps": {str(r): s for r, s in replica_steps.items()}, "files": files}
-    with open(tmp / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp)
-    os.replace(tmp, final)
-    fsync_dir(directory)
+    text = json.dumps(manifest, indent=1).encode()
+    write_synced(tmp / MANIFEST, lambda f: f.write(text))
+    replace_dir(tmp, final)
     for old in complete(directory)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     for stale in directory.glob(f"{PREFIX}*.tmp"):

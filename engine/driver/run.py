@@ -1,17 +1,20 @@
-"""The driver: one Downpour SGD run across a set of nodes.
+"""One Downpour SGD run across a set of nodes, as the driver sees it.
 
 :func:`train` takes a :class:`~dbnode.config.RunConfig` and the addresses
 of running ``dbnode serve`` nodes (or starts an embedded local cluster),
 then:
 
 1. loads the data, checks it against the model, splits off the test set
-   and cuts the training set into one data shard per replica;
+   and cuts the training set into one data shard per replica
+   (:mod:`dbnode.driver.inputs`);
 2. places parameter shards and every replica's layer partitions on the
    nodes (:func:`dbnode.placement.place`, :func:`~dbnode.placement.split_layers`);
 3. initializes the parameter shards, ships each replica's inputs to its
    first partition and its targets to its last, and starts the partitions;
-4. watches progress, evaluating the parameter server's current model on
-   the test set every ``train.eval_interval`` seconds;
+4. watches progress and health (:mod:`dbnode.driver.health`), restarting
+   failed replicas, restoring lost shards from checkpoints, evaluating the
+   parameter server's current model on the test set every
+   ``train.eval_interval`` seconds;
 5. when every partition has finished (and so every push has been applied),
    pulls the final model and writes ``model.npz``, ``metrics.csv`` and
    ``summary.json`` to the output directory.
@@ -31,19 +34,20 @@ from typing import Any
 import numpy as np
 import trio
 
+from .. import kernels
+from ..aio import first_error
+from ..config import RunConfig, format_address, parse_address
+from ..errors import ConfigError, DBNodeError, TransportError
+from ..model import block_views, blocks, evaluate, pack_block, save_params
+from ..placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
+from ..ps.client import ParameterClient
+from ..wire import Address, MessageKind, Peers, load_secret
 from . import checkpoint
-from . import data as datasets
-from . import kernels
-from .aio import first_error
-from .client import Address, ParameterClient, Peers
 from .cluster import LocalCluster
-from .config import RunConfig, format_address, parse_address
-from .errors import ConfigError, DBNodeError, TransportError
-from .model import (ModelSpec, block_views, blocks, evaluate, init_params, load_params, pack_block,
-                    save_params)
-from .placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
-from .protocol import MessageKind
-from .transport import load_secret
+from .health import FailureDetector
+from .inputs import Inputs, find_resume, prepare, run_identity
+
+__all__ = ["Progress", "Summary", "train", "write_outputs"]
 
 log = logging.getLogger("dbnode.driver")
 
@@ -84,96 +88,6 @@ class Summary:
     events: list[dict[str, Any]] = field(default_factory=list)     # node dead/rejoined, restarts
 
 
-# ------------------------------------------------------------------- data
-
-
-def load_data(config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Training and test sets, checked against the model."""
-    spec = config.spec()
-    seed = config.train.seed
-    x, y = datasets.load(config.data.train, seed=seed)
-    if config.data.test:
-        x_test, y_test = datasets.load(config.data.test, seed=seed + 1)
-    elif config.data.test_fraction:
-        x, y, x_test, y_test = datasets.split(x, y, config.data.test_fraction, seed)
-    else:
-        x_test = y_test = None
-    check_data(spec, x, y, config.data.train)
-    if x_test is not None:
-        check_data(spec, x_test, y_test, config.data.test or config.data.train)
-    return x, y, x_test, y_test
-
-
-def check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray, where: str) -> None:
-    """A clear error when the data does not fit the model."""
-    if x.shape[1] != spec.layers[0]:
-        raise ConfigError("data", where, f"examples have {x.shape[1]} features, "
-                          f"model.layers[0] is {spec.layers[0]}")
-    outputs = spec.layers[-1]
-    if spec.loss == "cross_entropy":
-        if y.ndim != 1 or not np.all(np.mod(y, 1) == 0) or y.min() < 0 or y.max() >= outputs:
-            raise ConfigError("data", where, f"cross_entropy needs integer labels in [0, {outputs}), "
-                              f"got values in [{y.min()}, {y.max()}]")
-    else:
-        width = 1 if y.ndim == 1 else y.shape[1]
-        if width != outputs:
-            raise ConfigError("data", where, f"targets have {width} columns, the model has {outputs} outputs")
-
-
-def shard_data(n: int, replicas: int) -> list[slice]:
-    """Contiguous, near-equal slices of ``range(n)``, one per replica (the
-    original's dataPerReplica shards)."""
-    if replicas > n:
-        raise ConfigError("train.replicas", replicas, f"more replicas than training examples ({n})")
-    bounds = np.linspace(0, n, replicas + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
-
-
-# --------------------------------------------------------------------- run
-
-
-@dataclass
-class Inputs:
-    """Everything a run needs before any node is contacted, all checked."""
-
-    x: np.ndarray
-    y: np.ndarray
-    x_test: np.ndarray | None
-    y_test: np.ndarray | None
-    params: dict[str, np.ndarray]
-    shards: list[slice]          # each replica's rows of (x, y)
-    resume: checkpoint.Checkpoint | None = None
-
-
-def prepare(config: RunConfig) -> Inputs:
-    """Load and check the data and the initial model: every mistake in the
-    config shows up here, before a node is started or contacted."""
-    x, y, x_test, y_test = load_data(config)
-    params = _initial_params(config, config.spec())
-    return Inputs(x, y, x_test, y_test, params, shard_data(len(x), config.replicas_for(len(x))))
-
-
-def run_identity(config: RunConfig) -> str:
-    """The hash of what a checkpoint must agree with to be resumed: the
-    model, data, optimizer and training schedule (not hosts or intervals)."""
-    train_keys = {k: v for k, v in config.to_dict()["train"].items() if k != "eval_interval"}
-    d = config.to_dict()
-    return checkpoint.config_hash({"model": d["model"], "data": d["data"],
-                                   "optimizer": d["optimizer"], "train": train_keys})
-
-
-def find_resume(config: RunConfig, directory: str | Path) -> checkpoint.Checkpoint:
-    """The newest checkpoint under ``directory`` (a run's --out or its
-    checkpoints directory) that verifies and belongs to this config."""
-    directory = Path(directory)
-    newest = checkpoint.newest(directory / "checkpoints") or checkpoint.newest(directory)
-    if newest is None:
-        raise ConfigError("--resume", str(directory), "holds no complete checkpoint")
-    if newest.config_hash != run_identity(config):
-        raise ConfigError("--resume", str(newest.path), "was written by a run with another "
-                          "model, data, optimizer or schedule")
-    return newest
-
 
 def train(config: RunConfig, hosts: list[Address] | None = None, out_dir: str | Path | None = None,
           secret: bytes | None = None, progress: Callable[[Progress], None] | None = None,
@@ -198,6 +112,7 @@ def train(config: RunConfig, hosts: list[Address] | None = None, out_dir: str | 
 
 def _address(text: str) -> Address:
     return parse_address(text, key="cluster.hosts")
+
 
 
 @dataclass
@@ -241,12 +156,19 @@ class _Run:
         self.replicas = [
             _Replica(r, rows, [hosts[h] for h in placement.partitions[r]], [])
             for r, rows in enumerate(inputs.shards)]
-        self.dead: set[Address] = set()
-        self.ever_dead: list[str] = []
+        self.health = FailureDetector(hosts, 3 * config.cluster.heartbeat, self.event)
         self.checkpoint_dir: Path | None = None
         self.checkpoints_written = 0
         self.restarts: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []     # what happened to nodes and replicas, when
+
+    @property
+    def dead(self) -> set[Address]:
+        return self.health.dead
+
+    @property
+    def ever_dead(self) -> list[str]:
+        return self.health.ever_dead
 
     def event(self, what: str, **details) -> None:
         self.events.append({"time": round(time.time(), 3), "event": what, **details})
@@ -383,6 +305,16 @@ class _Run:
                     newest.number, age)
         self.event("shards restored", shards=lost, checkpoint=newest.number, seconds_lost=age)
 
+    async def poll(self) -> dict[str, dict[str, Any]]:
+        """One heartbeat round: the current partitions' statuses, by uid."""
+        async def status(host: Address, timeout: float) -> dict[str, Any]:
+            return (await self.control(host, "status", timeout=timeout))["partitions"]
+
+        async def stop(host: Address, uids: list[int], timeout: float) -> None:
+            await self.control(host, "stop", uids=uids, timeout=timeout)
+
+        return await self.health.poll(status, stop, self.current_uids())
+
     def pack(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A model as the parameter server holds it: one flat block per partition."""
         return {f"block{k}": pack_block(self.spec, params, a, b) for k, (a, b) in enumerate(self.bounds)}
@@ -396,15 +328,6 @@ class _Run:
             params.update(block_views(self.spec, flat[f"block{k}"], a, b))
         return params
 
-
-def _initial_params(config: RunConfig, spec: ModelSpec) -> dict[str, np.ndarray]:
-    init = config.model.init
-    try:
-        if init.endswith(".npz"):
-            return load_params(init, spec)
-        return init_params(spec, init, seed=config.train.seed)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("model.init", init, str(exc)) from None
 
 
 async def _run(config: RunConfig, hosts: list[Address], secret: bytes, inputs: Inputs, out_dir,
@@ -476,12 +399,9 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
     next_eval = time.monotonic() + config.train.eval_interval
     every = config.checkpoint.interval
     next_checkpoint = time.monotonic() + every
-    # A node that does not answer a status request within this long is dead
-    # (or frozen, which for a run is the same).
-    heartbeat_timeout = 3 * config.cluster.heartbeat
     while True:
         await trio.sleep(min(0.2, config.cluster.heartbeat))
-        statuses = await _poll(run, heartbeat_timeout)
+        statuses = await run.poll()
         if set(run.shard_hosts) & run.dead:
             await run.recover_shards()
         window_sum = window_count = 0.0
@@ -539,44 +459,6 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
     return summary
 
 
-async def _poll(run: _Run, timeout: float) -> dict[str, dict[str, Any]]:
-    """Every live node's partition statuses, by uid. A node that does not
-    answer within ``timeout`` joins ``run.dead``; a dead node is probed
-    briefly each round, and one that answers again (it was frozen, not
-    gone) has the partitions it ran stopped — they were replaced — and
-    rejoins the live nodes."""
-    statuses: dict[str, dict[str, Any]] = {}
-
-    async def one(host: Address) -> None:
-        was_dead = host in run.dead
-        wait = min(timeout, 0.5) if was_dead else timeout
-        name = format_address(host)
-        try:
-            with trio.fail_after(wait):
-                mine = (await run.control(host, "status", timeout=wait))["partitions"]
-                if was_dead:
-                    stale = [int(uid) for uid in mine if int(uid) not in run.current_uids()]
-                    if stale:
-                        await run.control(host, "stop", uids=stale, timeout=wait)
-        except (DBNodeError, trio.TooSlowError) as exc:
-            if not was_dead:
-                log.warning("node %s is dead: %s", name, exc)
-                run.dead.add(host)
-                run.ever_dead.append(name)
-                run.event("node dead", node=name)
-            return
-        if was_dead:
-            log.warning("node %s answers again; its old partitions are stopped", name)
-            run.dead.discard(host)
-            run.event("node rejoined", node=name)
-            mine = {uid: st for uid, st in mine.items() if int(uid) in run.current_uids()}
-        statuses.update(mine)
-
-    async with trio.open_nursery() as nursery:
-        for host in run.hosts:
-            nursery.start_soon(one, host)
-    return statuses
-
 
 def write_outputs(out: Path, params, metrics: list[dict], summary: Summary) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -586,33 +468,3 @@ def write_outputs(out: Path, params, metrics: list[dict], summary: Summary) -> N
         writer.writeheader()
         writer.writerows(metrics)
     (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
-
-
-# ------------------------------------------------------------------ status
-
-
-def status(hosts: list[Address], secret: bytes, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """What each node says about itself: identity, partitions, shard totals.
-    A node that cannot be reached gets an ``error`` entry instead."""
-    return trio.run(_status, hosts, secret, timeout)
-
-
-async def _status(hosts: list[Address], secret: bytes, timeout: float) -> list[dict[str, Any]]:
-    out = []
-    async with trio.open_nursery() as nursery:
-        peers = Peers(nursery, secret, name="status", connect_timeout=timeout)
-        for host in hosts:
-            entry: dict[str, Any] = {"address": format_address(host)}
-            try:
-                with trio.fail_after(timeout):
-                    ch = await peers.get(host)
-                    entry["node"] = (await ch.request(MessageKind.CONTROL, meta={"op": "info"})).meta
-                    entry["partitions"] = (await ch.request(MessageKind.CONTROL,
-                                                            meta={"op": "status"})).meta["partitions"]
-                    entry["shard"] = (await ch.request(MessageKind.STATS)).meta.get("totals", {})
-            except (OSError, TransportError, trio.TooSlowError) as exc:
-                entry["error"] = f"{type(exc).__name__}: {exc}"
-            out.append(entry)
-        await peers.aclose()
-        nursery.cancel_scope.cancel()
-    return out

@@ -1,0 +1,32 @@
+"""Lazy package namespaces: a public name is imported on first use.
+
+So that ``import dbnode.wire.frames`` (sans-IO) costs no trio, no sockets and
+no compiled kernels, a package ``__init__`` names its exports without
+importing them: ``__getattr__, __dir__ = lazy(__name__, {"Name": ".module"})``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+def lazy(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``(__getattr__, __dir__)`` for ``package``, whose ``exports`` map each
+    public name to the (relative) module that defines it."""
+    namespace = importlib.import_module(package).__dict__
+
+    def __getattr__(name: str) -> Any:
+        try:
+            module = exports[name]
+        except KeyError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+        value = getattr(importlib.import_module(module, package), name)
+        namespace[name] = value  # once imported, a plain attribute
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__

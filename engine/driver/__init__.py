@@ -1,0 +1,30 @@
+"""The driver: runs a config on a cluster (``dbnode train``), and asks nodes how they are.
+
+==============  ==========================================================
+module          holds
+==============  ==========================================================
+``inputs``      data and initial model, checked before any node is contacted
+``run``         :func:`train`: placement, launch, monitoring, outputs
+``health``      :class:`FailureDetector`: heartbeats, dead and rejoined nodes
+``checkpoint``  checkpoint directories: atomic, verified, pruned
+``cluster``     :class:`LocalCluster`: the embedded cluster on loopback
+``status``      :func:`status`: each node's identity, partitions and shard
+==============  ==========================================================
+"""
+
+from .._lazy import lazy
+
+_EXPORTS = {
+    "train": ".run",
+    "Summary": ".run",
+    "Progress": ".run",
+    "status": ".status",
+    "FailureDetector": ".health",
+    "LocalCluster": ".cluster",
+    "check_data": ".inputs",
+    "load_data": ".inputs",
+    "prepare": ".inputs",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy(__name__, _EXPORTS)

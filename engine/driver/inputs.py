@@ -1,0 +1,117 @@
+"""What a run needs before any node is contacted: data and initial model, all checked.
+
+Every mistake in a config that can be found without a cluster shows up
+here, as a :class:`~dbnode.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import data as datasets
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..model import ModelSpec, init_params, load_params
+from . import checkpoint
+
+__all__ = ["Inputs", "check_data", "find_resume", "load_data", "prepare", "run_identity", "shard_data"]
+
+
+def load_data(config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Training and test sets, checked against the model."""
+    spec = config.spec()
+    seed = config.train.seed
+    x, y = datasets.load(config.data.train, seed=seed)
+    if config.data.test:
+        x_test, y_test = datasets.load(config.data.test, seed=seed + 1)
+    elif config.data.test_fraction:
+        x, y, x_test, y_test = datasets.split(x, y, config.data.test_fraction, seed)
+    else:
+        x_test = y_test = None
+    check_data(spec, x, y, config.data.train)
+    if x_test is not None:
+        check_data(spec, x_test, y_test, config.data.test or config.data.train)
+    return x, y, x_test, y_test
+
+
+def check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray, where: str) -> None:
+    """A clear error when the data does not fit the model."""
+    if x.shape[1] != spec.layers[0]:
+        raise ConfigError("data", where, f"examples have {x.shape[1]} features, "
+                          f"model.layers[0] is {spec.layers[0]}")
+    outputs = spec.layers[-1]
+    if spec.loss == "cross_entropy":
+        if y.ndim != 1 or not np.all(np.mod(y, 1) == 0) or y.min() < 0 or y.max() >= outputs:
+            raise ConfigError("data", where, f"cross_entropy needs integer labels in [0, {outputs}), "
+                              f"got values in [{y.min()}, {y.max()}]")
+    else:
+        width = 1 if y.ndim == 1 else y.shape[1]
+        if width != outputs:
+            raise ConfigError("data", where, f"targets have {width} columns, the model has {outputs} outputs")
+
+
+def shard_data(n: int, replicas: int) -> list[slice]:
+    """Contiguous, near-equal slices of ``range(n)``, one per replica (the
+    original's dataPerReplica shards)."""
+    if replicas > n:
+        raise ConfigError("train.replicas", replicas, f"more replicas than training examples ({n})")
+    bounds = np.linspace(0, n, replicas + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
+
+
+
+@dataclass
+class Inputs:
+    """Everything a run needs before any node is contacted, all checked."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    params: dict[str, np.ndarray]
+    shards: list[slice]          # each replica's rows of (x, y)
+    resume: checkpoint.Checkpoint | None = None
+
+
+def prepare(config: RunConfig) -> Inputs:
+    """Load and check the data and the initial model: every mistake in the
+    config shows up here, before a node is started or contacted."""
+    x, y, x_test, y_test = load_data(config)
+    params = initial_params(config, config.spec())
+    return Inputs(x, y, x_test, y_test, params, shard_data(len(x), config.replicas_for(len(x))))
+
+
+def run_identity(config: RunConfig) -> str:
+    """The hash of what a checkpoint must agree with to be resumed: the
+    model, data, optimizer and training schedule (not hosts or intervals)."""
+    train_keys = {k: v for k, v in config.to_dict()["train"].items() if k != "eval_interval"}
+    d = config.to_dict()
+    return checkpoint.config_hash({"model": d["model"], "data": d["data"],
+                                   "optimizer": d["optimizer"], "train": train_keys})
+
+
+def find_resume(config: RunConfig, directory: str | Path) -> checkpoint.Checkpoint:
+    """The newest checkpoint under ``directory`` (a run's --out or its
+    checkpoints directory) that verifies and belongs to this config."""
+    directory = Path(directory)
+    newest = checkpoint.newest(directory / "checkpoints") or checkpoint.newest(directory)
+    if newest is None:
+        raise ConfigError("--resume", str(directory), "holds no complete checkpoint")
+    if newest.config_hash != run_identity(config):
+        raise ConfigError("--resume", str(newest.path), "was written by a run with another "
+                          "model, data, optimizer or schedule")
+    return newest
+
+
+
+def initial_params(config: RunConfig, spec: ModelSpec) -> dict[str, np.ndarray]:
+    init = config.model.init
+    try:
+        if init.endswith(".npz"):
+            return load_params(init, spec)
+        return init_params(spec, init, seed=config.train.seed)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("model.init", init, str(exc)) from None

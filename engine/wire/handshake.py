@@ -1,0 +1,123 @@
+"""The mutual HMAC handshake over a :class:`~dbnode.wire.connection.Connection`.
+
+The messages and their checks are sans-IO (:mod:`dbnode.wire.session`);
+this module sends and receives them under a timeout and decides, in one
+place, what the peer is told and what our caller sees when it fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from ..errors import AuthenticationError, ConnectionClosedError, RemoteProtocolError
+from .connection import Connection
+from .frames import ErrorCode, MessageKind
+from .session import BadProof, ClientHandshake, PeerError, ServerHandshake
+
+__all__ = ["client_handshake", "server_handshake"]
+
+
+async def _run_handshake(
+    conn: Connection, steps: Callable[[], Awaitable[dict[str, Any]]], role: str, timeout: float
+) -> dict[str, Any]:
+    """Run the handshake ``steps``; on any failure tell the peer, close, raise.
+
+    Maps every way a handshake can fail to what the peer is told and what
+    our caller sees: this is the only place that decides either.
+    """
+    other = "server" if role == "client" else "client"
+    tell: tuple[ErrorCode | int, str] | None = None
+    try:
+        with trio.fail_after(timeout):
+            meta = await steps()
+    except trio.TooSlowError:
+        tell = (ErrorCode.TIMEOUT, f"handshake not completed within {timeout} s")
+        error = ConnectionClosedError(f"{tell[1]} (peer {conn.peer})", ErrorCode.TIMEOUT)
+    except BadProof:
+        tell = (ErrorCode.AUTH_FAILED, f"the {other}'s proof does not verify")
+        error = AuthenticationError(
+            f"the {other} at {conn.peer} failed to prove it knows the shared secret",
+            ErrorCode.AUTH_FAILED,
+        )
+    except PeerError as exc:
+        if exc.code == ErrorCode.AUTH_FAILED:
+            error = AuthenticationError(
+                f"the {other} at {conn.peer} rejected our proof (different secret?): {exc}",
+                ErrorCode.AUTH_FAILED,
+            )
+        else:
+            error = ConnectionClosedError(
+                f"the {other} at {conn.peer} refused the connection: {exc}", exc.code
+            )
+    except RemoteProtocolError as exc:
+        if exc.code != ErrorCode.TRUNCATED:  # no one left to tell otherwise
+            tell = (exc.code, str(exc))
+        error = ConnectionClosedError(f"handshake with {conn.peer} failed: {exc}", exc.code)
+        error.__cause__ = exc
+    except ConnectionClosedError as exc:
+        error = ConnectionClosedError(f"handshake with {conn.peer} failed: {exc}", exc.code)
+    except BaseException:
+        await conn.aclose()
+        raise
+    else:
+        conn.authenticated = True
+        name = meta.get("name")
+        conn.peer_name = name if isinstance(name, str) else ""
+        return meta
+    if tell is not None:
+        await conn.close_with_error(*tell)
+    else:
+        await conn.aclose()
+    raise error
+
+
+async def client_handshake(
+    conn: Connection, secret: bytes, *, name: str | None = None, timeout: float = 10.0
+) -> dict[str, Any]:
+    """Authenticate a fresh connection as the client (docs/protocol.md section 10).
+
+    HELLO -> CHALLENGE -> AUTH -> AUTH_OK: both sides prove they know
+    ``secret`` (HMAC-SHA256 over both fresh nonces, compared in constant
+    time). ``name`` goes into HELLO for the server's logs. On success the
+    connection is authenticated and the server's AUTH_OK meta is returned.
+
+    On failure the peer is told why when it can be (AUTH_FAILED, TIMEOUT,
+    the code of a bad frame), the connection is closed, and this raises
+    :class:`AuthenticationError` (a proof failed, either way) or
+    :class:`ConnectionClosedError` with ``.code`` (refused, e.g.
+    UNAVAILABLE; timed out: TIMEOUT; bad frame; lost).
+    """
+    shake = ClientHandshake(secret, name)
+
+    async def steps() -> dict[str, Any]:
+        await conn.send_frame(MessageKind.HELLO, meta=shake.hello())
+        auth = shake.on_challenge(await conn.receive_frame())
+        await conn.send_frame(MessageKind.AUTH, meta=auth)
+        return shake.on_auth_ok(await conn.receive_frame())
+
+    return await _run_handshake(conn, steps, "client", timeout)
+
+
+async def server_handshake(
+    conn: Connection, secret: bytes, *, name: str | None = None, timeout: float = 10.0
+) -> dict[str, Any]:
+    """Authenticate a fresh connection as the server; the mirror of client_handshake.
+
+    Nothing but HELLO, then AUTH (or an ERROR) is accepted before AUTH_OK;
+    anything else is UNEXPECTED. Returns the client's HELLO meta.
+    """
+    shake = ServerHandshake(secret, name)
+
+    async def steps() -> dict[str, Any]:
+        challenge = shake.on_hello(await conn.receive_frame())
+        await conn.send_frame(MessageKind.CHALLENGE, meta=challenge)
+        auth_ok = shake.on_auth(await conn.receive_frame())
+        await conn.send_frame(MessageKind.AUTH_OK, meta=auth_ok)
+        return shake.hello_meta
+
+    return await _run_handshake(conn, steps, "server", timeout)
+
+
