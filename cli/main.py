@@ -23,22 +23,27 @@ from pathlib import Path
 import trio
 
 import dbnode
-from dbnode.driver.cluster import write_secret
 from dbnode.aio import first_error
-from dbnode.config import RunConfig, format_address, parse_address
+from dbnode.config import RunConfig, parse_address
 from dbnode.data import load
-from dbnode.driver import check_data, status, train
+from dbnode.driver import check_data, status, train, write_secret
 from dbnode.errors import ConfigError, DBNodeError
 from dbnode.model import evaluate, load_params
-from dbnode.node import run_node
+from dbnode.node import ready_line, run_node
 from dbnode.wire import load_secret
 
 log = logging.getLogger("dbnode")
 
+#: The port ``dbnode serve --listen HOST`` takes when none is given.
 DEFAULT_PORT = 7070
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dbnode`` command's arguments: ``serve``, ``train``, ``status``, ``eval``.
+
+    Returns:
+        The parser; ``args.command`` is None when no command was given.
+    """
     parser = argparse.ArgumentParser(
         prog="dbnode", description="Downpour SGD on a cluster of plain CPU machines.")
     parser.add_argument("--version", action="version", version=f"dbnode {dbnode.__version__}")
@@ -84,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``dbnode`` command.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 success, 1 the run failed, 2 bad usage or
+        configuration, 130 interrupted. Errors are printed, not raised.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -121,8 +135,20 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve_secret(secret_file: str | None, host: str) -> tuple[bytes, str | None]:
-    """The node's secret, and the path of a fresh one made for a loopback node
-    started without any (None otherwise)."""
+    """The secret ``dbnode serve`` uses.
+
+    Args:
+        secret_file: ``--secret-file``, or None for ``$DBNODE_SECRET``.
+        host: the address it listens on.
+
+    Returns:
+        The secret, and the path of a fresh one made for a loopback node
+        started without any (None otherwise).
+
+    Raises:
+        ConfigError: no secret was given and ``host`` is reachable from
+            other machines.
+    """
     if secret_file or os.environ.get("DBNODE_SECRET"):
         return load_secret(secret_file), None
     if not _is_loopback(host):
@@ -133,6 +159,14 @@ def serve_secret(secret_file: str | None, host: str) -> tuple[bytes, str | None]
 
 
 def cmd_serve(args) -> int:
+    """``dbnode serve``: run a node until SIGINT or SIGTERM (or, with
+    ``--exit-on-eof``, until standard input closes).
+
+    Prints :func:`~dbnode.node.ready_line` once it listens.
+
+    Returns:
+        0.
+    """
     host, port = parse_address(args.listen, key="--listen", default_port=DEFAULT_PORT)
     secret, made = serve_secret(args.secret_file, host)
 
@@ -143,7 +177,7 @@ def cmd_serve(args) -> int:
                 restore=args.restore, spin=args.spin_us * 1e-6, task_status=task_status))
             if made:
                 print(f"dbnode serve: secret written to {made}", flush=True)
-            print(f"dbnode serve: listening on {format_address(bound)}", flush=True)
+            print(ready_line(bound), flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 if args.exit_on_eof:
                     nursery.start_soon(_cancel_on_stdin_eof, nursery.cancel_scope)
@@ -168,6 +202,11 @@ async def _cancel_on_stdin_eof(scope) -> None:
 
 
 def cmd_train(args) -> int:
+    """``dbnode train``: run a config, show progress on stderr, print the summary.
+
+    Returns:
+        0 (a failed run raises; :func:`main` makes it exit code 1).
+    """
     config = RunConfig.load(args.config, args.set)
     hosts = _hosts(args.hosts, "--hosts") if args.hosts else None
     secret = load_secret(args.secret_file) if args.secret_file else None
@@ -179,6 +218,7 @@ def cmd_train(args) -> int:
     return 0
 
 
+#: One replica's progress in one character, from none to done.
 BARS = " ▁▂▃▄▅▆▇█"
 
 
@@ -222,6 +262,11 @@ def _hosts(text: str, key: str) -> list[tuple[str, int]]:
 
 
 def cmd_status(args) -> int:
+    """``dbnode status``: print one JSON line per node.
+
+    Returns:
+        0, or 1 when a node could not be reached.
+    """
     report = status(_hosts(args.hosts, "--hosts"), load_secret(args.secret_file))
     for entry in report:
         print(json.dumps(entry))
@@ -232,6 +277,15 @@ def cmd_status(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """``dbnode eval``: print a saved model's loss and accuracy on a data set.
+
+    Returns:
+        0.
+
+    Raises:
+        ConfigError: the run config cannot be found or read, or the data
+            does not fit the model.
+    """
     config_path = Path(args.config) if args.config else Path(args.model).with_name("summary.json")
     if config_path.suffix == ".json":
         try:

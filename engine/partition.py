@@ -1,10 +1,19 @@
-"""A layer partition of one replica: its compute and gradient bookkeeping.
+"""The layer-partition service: a replica's layers on one node.
 
-:class:`PartitionCore` is the part of a Downpour replica that runs on one
-node: a contiguous block of layers with a local copy of their parameters.
-It does no I/O; the node's partition service (:mod:`dbnode.node`) feeds it
-activations and deltas and moves its gradients and parameters to and from
-the parameter shards.
+A Downpour replica is cut by layer into partitions, each an independent
+piece on some node. This module holds all of it, bottom up:
+
+- :class:`PartitionCore`: a contiguous block of layers with a local copy of
+  their parameters — forward, backward, the local updates and the fetch
+  correction. No I/O at all.
+- :class:`PartitionStatus`: a partition's progress, as ``status`` reports it.
+- :class:`PartitionRunner`: drives one core over the network — activations
+  and deltas to and from its neighbours, pushes and fetches to and from the
+  parameter shards, in the background.
+- :class:`PartitionService`: a node's partitions and their handlers:
+  FORWARD/BACKWARD delivery into their inboxes, and the control ops
+  ``start`` (the job: :class:`~dbnode.control.PartitionJob`), ``data``,
+  ``run``, ``stop`` and ``status``.
 
 Between fetches the partition applies its own gradients to its local copy
 with plain SGD at the run's learning rate, as the paper's replicas do, so
@@ -20,10 +29,39 @@ single-process trainer exactly, however late its fetches land.
 
 from __future__ import annotations
 
-import numpy as np
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from . import kernels
-from .model import LayerStack, Loss, ModelSpec, block_layout, block_views
+import numpy as np
+import trio
+
+from . import control, kernels
+from .aio import first_error
+from .control import Op
+from .data import batch_indices, steps_per_run
+from .errors import DBNodeError, ErrorCode, RequestError
+from .model import LayerStack, Loss, ModelSpec, block_layout, block_views, blocks
+from .placement import plan_shards
+from .ps.client import ParameterClient
+from .ps.shard import ParameterShard
+from .wire import Address, Frame, MessageKind, Peers
+
+__all__ = [
+    "OFFLOAD_FLOPS",
+    "PartitionCore",
+    "PartitionRunner",
+    "PartitionService",
+    "PartitionStatus",
+]
+
+# A partition's failures are the node's to log: one logger for the process.
+log = logging.getLogger("dbnode.node")
+
+# Steps of at least this many floating-point operations run in a worker
+# thread (about 50 us of BLAS work; a trio thread hop costs tens of us).
+OFFLOAD_FLOPS = 1 << 22
 
 
 class PartitionCore:
@@ -34,17 +72,40 @@ class PartitionCore:
     :meth:`install`. Gradients, their accumulation for the next push and
     the local updates all work on flat blocks of the same layout, one pass
     each.
+
+    Args:
+        spec: the whole model.
+        first, last: the layers this partition holds, ``[first, last)``.
+        flat: the initial parameter block (taken, not copied).
+        learning_rate: of the local plain-SGD updates.
+        n_fetch, n_push: the fetch and push periods, in steps.
+
+    Raises:
+        ValueError: ``n_fetch`` or ``n_push`` is below 1.
     """
 
-    def __init__(self, spec: ModelSpec, first: int, last: int, flat: np.ndarray,
-                 learning_rate: float, n_fetch: int = 1, n_push: int = 1):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        first: int,
+        last: int,
+        flat: np.ndarray,
+        learning_rate: float,
+        n_fetch: int = 1,
+        n_push: int = 1,
+    ):
         if n_fetch < 1 or n_push < 1:
             raise ValueError(f"n_fetch and n_push must be >= 1, got {n_fetch} and {n_push}")
         self.spec, self.first, self.last = spec, first, last
         self.flat = flat
         self._grad = self._zeros()
-        self.stack = LayerStack(spec, block_views(spec, flat, first, last), first, last,
-                                grads=block_views(spec, self._grad, first, last))
+        self.stack = LayerStack(
+            spec,
+            block_views(spec, flat, first, last),
+            first,
+            last,
+            grads=block_views(spec, self._grad, first, last),
+        )
         self.is_first = first == 0
         self.is_last = last == spec.n_layers
         self.loss = Loss(spec) if self.is_last else None
@@ -84,7 +145,9 @@ class PartitionCore:
         the next push and apply them to the local copy. Returns the delta for
         the partition below (``None`` for the first)."""
         preactivation = self.loss is not None and self.loss.preactivation
-        below = self.stack.backward(delta, need_delta_below=not self.is_first, preactivation=preactivation)
+        below = self.stack.backward(
+            delta, need_delta_below=not self.is_first, preactivation=preactivation
+        )
         kernels.accumulate(self._acc, self._grad)
         kernels.sgd(self.flat, self._grad, self.learning_rate)
         self.step += 1
@@ -92,10 +155,12 @@ class PartitionCore:
 
     @property
     def push_due(self) -> bool:
+        """Whether the step just taken ends a push period (every ``n_push`` steps)."""
         return self.step % self.n_push == 0
 
     @property
     def fetch_due(self) -> bool:
+        """Whether the step just taken ends a fetch period (every ``n_fetch`` steps)."""
         return self.step % self.n_fetch == 0
 
     def take_gradients(self) -> np.ndarray:
@@ -103,8 +168,10 @@ class PartitionCore:
         stays valid until handed back with :meth:`release`; accumulation
         continues in another buffer meanwhile."""
         if self._fetch_pending:
-            raise RuntimeError("install the fetch in flight before taking more gradients: "
-                               "its correction is the gradients accumulated since the last push")
+            raise RuntimeError(
+                "install the fetch in flight before taking more gradients: "
+                "its correction is the gradients accumulated since the last push"
+            )
         taken = self._acc
         self._acc = self._free.pop() if self._free else self._zeros()
         return taken
@@ -131,10 +198,423 @@ class PartitionCore:
         and no gradients were taken while the fetch was in flight (refused).
         """
         if fetched.shape != self.flat.shape or fetched.dtype != self.flat.dtype:
-            raise ValueError(f"fetched block {fetched.shape} {fetched.dtype} does not match "
-                             f"{self.flat.shape} {self.flat.dtype}")
+            raise ValueError(
+                f"fetched block {fetched.shape} {fetched.dtype} does not match "
+                f"{self.flat.shape} {self.flat.dtype}"
+            )
         kernels.sgd(fetched, self._acc, self.learning_rate)
         self._fetch_pending = False
         previous, self.flat = self.flat, fetched
         self.stack.params = block_views(self.spec, fetched, self.first, self.last)
         return previous
+
+
+# ------------------------------------------------------------ the runner
+
+
+@dataclass
+class PartitionStatus:
+    """A running partition's progress, as the ``status`` op reports it.
+
+    Attributes:
+        step: steps done (a restarted replica starts at its ``start_step``).
+        steps: steps of the whole run.
+        examples: examples trained by this incarnation.
+        loss_sum, loss_count: the loss summed over examples since the last
+            report, and over how many (last partitions only).
+        seconds: in the training loop, until the last push was applied.
+        done: finished, every push applied.
+        error: why the partition failed, or None.
+    """
+
+    step: int = 0
+    steps: int = 0
+    examples: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    seconds: float = 0.0
+    done: bool = False
+    error: str | None = None
+
+    def report(self) -> control.PartitionReport:
+        """The status as reported, and the start of a new loss window.
+
+        Returns:
+            The report; ``loss_sum`` and ``loss_count`` start again from 0.
+        """
+        out = control.PartitionReport(
+            step=self.step,
+            steps=self.steps,
+            examples=self.examples,
+            loss_sum=self.loss_sum,
+            loss_count=self.loss_count,
+            seconds=self.seconds,
+            done=self.done,
+            error=self.error,
+        )
+        self.loss_sum, self.loss_count = 0.0, 0
+        return out
+
+    @property
+    def busy(self) -> bool:
+        """Started and neither finished nor failed."""
+        return bool(self.step) and not (self.done or self.error)
+
+
+class PartitionRunner:
+    """Runs one layer partition of one replica on this node.
+
+    The loop is the replica's step: forward (from its data shard or the
+    partition below), send on or compute the loss, backward, send the delta
+    back. After each step it pushes accumulated gradients every ``n_push``
+    steps and fetches parameters every ``n_fetch`` steps, in a background
+    task (at most one in flight), so the loop only waits for the network
+    when the previous push or fetch has not finished by the next one.
+
+    Args:
+        job: what the driver's ``start`` said.
+        service: the node's partition service (neighbours, peers, the
+            node's own shard).
+
+    Raises:
+        ValueError, KeyError: the job does not fit its own plan (e.g. an
+            ``index`` without bounds).
+    """
+
+    def __init__(self, job: control.PartitionJob, service: PartitionService):
+        self.job = job
+        self.service = service
+        self.status = PartitionStatus(
+            step=job.start_step, steps=steps_per_run(job.n_examples, job.batch_size, job.epochs)
+        )
+        self.started = False
+        self.cancel_scope = trio.CancelScope()
+        self.inbox_send, self.inbox = trio.open_memory_channel[Frame](4)
+        self.x: np.ndarray | None = None
+        self.y: np.ndarray | None = None
+        spec = job.spec
+        # The same plan the driver made, from the same inputs.
+        self.plan = plan_shards(
+            blocks(spec, job.bounds),
+            len(job.shards),
+            spec.np_dtype.itemsize,
+            min_split_bytes=job.min_split_bytes,
+        )
+        self.block = f"block{job.index}"
+        size = self.plan.shape(self.block)
+        # Two parameter blocks: the local copy, and the one a fetch lands in;
+        # they swap when the fetch is installed.
+        self.core = PartitionCore(
+            spec,
+            job.first,
+            job.last,
+            kernels.zeros(size, spec.np_dtype),
+            job.learning_rate,
+            job.n_fetch,
+            job.n_push,
+        )
+        self._spare: np.ndarray | None = kernels.zeros(size, spec.np_dtype)
+        self._ready: np.ndarray | None = None
+        self._sync_done = trio.Event()
+        self._sync_done.set()
+        self._sync_error: BaseException | None = None
+        # A step that takes long enough to matter computes in a worker thread
+        # (the kernels and BLAS release the GIL), so the event loop keeps
+        # moving this node's frames — its pushes and fetches among them —
+        # meanwhile. A tiny step stays in the loop: a thread hop costs more.
+        flops = 2 * job.batch_size * self.core.flat.size
+        self._offload = flops >= OFFLOAD_FLOPS
+
+    async def run(self) -> None:
+        """Train to the end of the job's schedule, or until stopped.
+
+        Never raises (but for cancellation): a failure ends up in
+        ``status.error``, and the node keeps serving.
+        """
+        self.started = True
+        with self.cancel_scope:
+            await self._run()
+
+    def stop(self) -> None:
+        """Cancel the partition; frames still arriving for it are refused."""
+        self.cancel_scope.cancel()
+        self.inbox_send.close()
+
+    async def _run(self) -> None:
+        job = self.job
+        try:
+            service = self.service
+            self.client = ParameterClient(
+                self.plan, list(job.shards), service.peers, local=service.local
+            )
+            self._check_data()
+            await self.client.pull({self.block: self.core.flat})
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._loop()
+                await self._sync_done.wait()
+                self._raise_sync_error()
+                self._install_ready()
+                if self.core.step % job.n_push:  # the last steps' gradients
+                    await self._sync(self.core.take_gradients(), None, self.core.step)
+                    self._raise_sync_error()
+            self.status.seconds = trio.current_time() - start
+            self.status.done = True
+        except Exception as exc:  # reported through status; the node keeps serving
+            cause = first_error(exc)
+            self.status.error = f"{type(cause).__name__}: {cause}"
+            log.error("partition %s failed: %s", job.uid, self.status.error)
+            log.debug("partition %s failure", job.uid, exc_info=True)
+
+    def _check_data(self) -> None:
+        job = self.job
+        if self.core.is_first and (self.x is None or len(self.x) != job.n_examples):
+            raise DBNodeError(f"partition {job.uid}: inputs not received (need {job.n_examples})")
+        if self.core.is_last and (self.y is None or len(self.y) != job.n_examples):
+            raise DBNodeError(f"partition {job.uid}: targets not received (need {job.n_examples})")
+        if self.core.is_first and self.x.shape[1] != job.spec.layers[0]:
+            raise DBNodeError(
+                f"partition {job.uid}: inputs have {self.x.shape[1]} features, "
+                f"the model takes {job.spec.layers[0]}"
+            )
+
+    async def _loop(self) -> None:
+        job, core, status = self.job, self.core, self.status
+        send = self.service.send
+        order = batch_indices(job.n_examples, job.batch_size, job.epochs, job.seed + job.replica)
+        for step, idx in enumerate(order):
+            if step < job.start_step:  # done by an earlier incarnation of the replica
+                continue
+            self._install_ready()
+            if core.is_first:
+                h = await self._compute(core.forward, self.x[idx])
+            else:
+                received = await self._receive(MessageKind.FORWARD, step)
+                h = await self._compute(core.forward, received.array)
+            if core.is_last:
+                loss, delta = core.loss_delta(h, self.y[idx])
+                status.loss_sum += loss * len(idx)
+                status.loss_count += len(idx)
+            else:
+                await send(job.next, MessageKind.FORWARD, step, h)
+                delta = (await self._receive(MessageKind.BACKWARD, step)).array
+            below = await self._compute(core.backward, delta)
+            if below is not None:
+                await send(job.prev, MessageKind.BACKWARD, step, below)
+            status.step = step + 1
+            status.examples += len(idx)
+            await self._after_step(step)
+
+    async def _compute(self, fn, *args):
+        if self._offload:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
+
+    async def _receive(self, kind: MessageKind, step: int) -> Frame:
+        frame = await self.inbox.receive()
+        if frame.kind != kind or frame.seq != step:
+            raise DBNodeError(
+                f"partition {self.job.uid}: expected {kind.name} of step {step}, "
+                f"got {MessageKind(frame.kind).name} of step {frame.seq}"
+            )
+        return frame
+
+    async def _after_step(self, step: int) -> None:
+        core = self.core
+        push, fetch = core.push_due, core.fetch_due
+        if not (push or fetch):
+            return
+        await self._sync_done.wait()  # one push/fetch in flight at a time
+        self._raise_sync_error()
+        self._install_ready()
+        grads = core.take_gradients() if push else None
+        staging = None
+        if fetch:
+            staging, self._spare = self._spare, None
+            core.fetch_issued()
+        self._sync_done = trio.Event()
+        self._nursery.start_soon(self._sync, grads, staging, step)
+
+    async def _sync(self, grads, staging, step: int) -> None:
+        done = self._sync_done
+        try:
+            if grads is not None:
+                into = None if staging is None else {self.block: staging}
+                await self.client.push(
+                    {self.block: grads}, pusher=self.job.pusher, seq=step, fetch_into=into
+                )
+            elif staging is not None:
+                await self.client.pull({self.block: staging})
+            if staging is not None:
+                self._ready = staging
+        except Exception as exc:
+            self._sync_error = exc
+        finally:
+            if grads is not None:
+                self.core.release(grads)
+            if staging is not None and self._ready is not staging:
+                self._spare = staging
+            done.set()
+
+    def _install_ready(self) -> None:
+        if self._ready is not None:
+            self._spare = self.core.install(self._ready)
+            self._ready = None
+
+    def _raise_sync_error(self) -> None:
+        if self._sync_error is not None:
+            raise self._sync_error
+
+
+# ----------------------------------------------------------- the service
+
+
+class PartitionService:
+    """A node's layer partitions, and the handlers that reach them.
+
+    Args:
+        nursery: where partitions run.
+        peers: the node's channels to other nodes (neighbours, shards).
+        address: ``address()`` is where this node is reachable (known only
+            once it listens): a neighbour or shard there is this very node.
+        local: ``local(address)`` is the in-process ParameterShard serving
+            ``address``, or None (see :class:`~dbnode.ps.client.ParameterClient`).
+
+    Attributes:
+        partitions: uid -> runner.
+        handlers: MessageKind -> async handler (FORWARD, BACKWARD).
+        ops: control :class:`~dbnode.control.Op` -> async handler taking the
+            decoded request (``start``, ``data``, ``run``, ``stop``, ``status``).
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        peers: Peers,
+        address: Callable[[], Address],
+        local: Callable[[Address], ParameterShard | None],
+    ) -> None:
+        self.nursery = nursery
+        self.peers = peers
+        self.address = address
+        self.local = local
+        self.partitions: dict[int, PartitionRunner] = {}
+        self.handlers = {MessageKind.FORWARD: self._deliver, MessageKind.BACKWARD: self._deliver}
+        self.ops = {
+            Op.START: self._start,
+            Op.DATA: self._data,
+            Op.RUN: self._run,
+            Op.STOP: self._stop,
+            Op.STATUS: self._status,
+        }
+
+    def busy(self) -> list[int]:
+        """The uids of partitions started and neither finished nor failed."""
+        return [uid for uid, r in self.partitions.items() if r.status.busy]
+
+    def reset(self) -> None:
+        """Cancel and forget every partition."""
+        for runner in self.partitions.values():
+            runner.stop()
+        self.partitions.clear()
+
+    def _runner(self, uid: int) -> PartitionRunner:
+        runner = self.partitions.get(uid)
+        if runner is None:
+            raise RequestError(ErrorCode.UNKNOWN_KEY, f"no partition {uid} on this node")
+        return runner
+
+    async def send(
+        self, target: tuple[str, int, int], kind: MessageKind, step: int, array: np.ndarray
+    ) -> None:
+        """Send activations or deltas to a partition: straight into its inbox
+        when it lives on this node, else over TCP.
+
+        Args:
+            target: the partition's ``(host, port, uid)``.
+            kind: FORWARD or BACKWARD.
+            step: the step they belong to (the frame's ``seq``).
+            array: the activations or deltas.
+
+        Raises:
+            TransportError: the partition's node cannot be reached.
+        """
+        host, port, uid = target
+        local = self.partitions.get(uid)
+        if local is not None and (host, int(port)) == self.address():
+            # Copied: the sender reuses its buffer on the next step.
+            frame = Frame(
+                kind=kind, request_id=0, key=uid, seq=step, flags=0, array=array.copy(), meta={}
+            )
+            await local.inbox_send.send(frame)
+            return
+        ch = await self.peers.get((host, int(port)))
+        await ch.notify(kind, key=uid, seq=step, array=array)
+
+    async def _deliver(self, frame: Frame) -> None:
+        await self._runner(frame.key).inbox_send.send(frame)
+
+    async def _start(self, job: control.PartitionJob) -> None:
+        if job.uid in self.partitions:
+            raise RequestError(ErrorCode.BAD_REQUEST, f"partition {job.uid} already exists")
+        try:
+            runner = PartitionRunner(job, self)
+        except (KeyError, ValueError) as exc:  # fields that do not fit together
+            raise RequestError(ErrorCode.BAD_REQUEST, f"start: {exc}") from None
+        self.partitions[job.uid] = runner
+
+    async def _data(self, request: control.Data) -> None:
+        runner = self._runner(request.uid)
+        role, array = request.role, request.array
+        spec, n = runner.job.spec, runner.job.n_examples
+        if array.ndim == 0 or len(array) != n:
+            raise RequestError(
+                ErrorCode.SHAPE_MISMATCH,
+                f"{role}: {len(array) if array.ndim else 0} examples, "
+                f"the partition was started for {n}",
+            )
+        if role == "x":
+            if not runner.core.is_first or array.ndim != 2 or array.shape[1] != spec.layers[0]:
+                raise RequestError(
+                    ErrorCode.SHAPE_MISMATCH,
+                    f"inputs of shape {array.shape} for partition {request.uid}: only a first "
+                    f"partition takes inputs, of {spec.layers[0]} features",
+                )
+            runner.x = array.astype(spec.np_dtype, copy=False)
+            return
+        if not runner.core.is_last:
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, f"partition {request.uid} is not a last partition"
+            )
+        y = runner.core.loss.targets(array)
+        if spec.loss == "cross_entropy" and (y.min() < 0 or y.max() >= spec.layers[-1]):
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, f"labels must be classes in [0, {spec.layers[-1]})"
+            )
+        if spec.loss == "squared_error" and y.shape[1] != spec.layers[-1]:
+            raise RequestError(
+                ErrorCode.SHAPE_MISMATCH,
+                f"targets of shape {array.shape}, the model has {spec.layers[-1]} outputs",
+            )
+        runner.y = y
+
+    async def _run(self, request: control.Run) -> None:
+        # Every uid checked before any starts: a refused request changes nothing.
+        runners = [self._runner(uid) for uid in request.uids or list(self.partitions)]
+        for runner in runners:
+            if not runner.started:  # a cancel scope is good for one run only
+                runner.started = True
+                self.nursery.start_soon(runner.run)
+
+    async def _stop(self, request: control.Stop) -> None:
+        for uid in request.uids:
+            runner = self.partitions.pop(uid, None)
+            if runner is not None:
+                runner.stop()
+
+    async def _status(self, request: control.Status) -> control.StatusReply:
+        reports: dict[str, Any] = {
+            str(uid): r.status.report() for uid, r in self.partitions.items()
+        }
+        return control.StatusReply(partitions=reports)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "status": ".status",
     "FailureDetector": ".health",
     "LocalCluster": ".cluster",
+    "write_secret": ".cluster",
     "check_data": ".inputs",
     "load_data": ".inputs",
     "prepare": ".inputs",

@@ -2,7 +2,7 @@
 
 A checkpoint is a directory ``ckpt-NNNNNN`` holding one shard snapshot per
 plan shard (``shard{i}.npz``, the format of
-:meth:`dbnode.shard.ParameterShard.snapshot`: values, optimizer state,
+:meth:`dbnode.ps.shard.ParameterShard.snapshot`: values, optimizer state,
 versions, dedup table) and ``manifest.json`` (its number, time, the run
 config's hash, each replica's step, and the SHA-256 of every file).
 

@@ -17,14 +17,41 @@ import time
 from pathlib import Path
 
 from ..errors import DBNodeError
+from ..node import parse_ready_line
+
+__all__ = ["CLI_MODULE", "LocalCluster", "serve_command", "write_secret"]
 
 Address = tuple[str, int]
 
-READY_PREFIX = "dbnode serve: listening on "
+#: The module ``python -m`` runs as the ``dbnode`` command.
+CLI_MODULE = "dbnode.cli"
+
+
+def serve_command(*args: str) -> list[str]:
+    """The command line of a ``dbnode serve`` process.
+
+    Args:
+        args: its options, e.g. ``"--listen", "127.0.0.1:0"``.
+
+    Returns:
+        This interpreter running :data:`CLI_MODULE` (not a ``dbnode`` script
+        on ``PATH``, which may be another install), ``serve`` and ``args``.
+    """
+    return [sys.executable, "-m", CLI_MODULE, "serve", *args]
 
 
 def write_secret(path: str | os.PathLike) -> Path:
-    """A fresh 32-byte random secret in a new file readable by its owner only."""
+    """A fresh 32-byte random secret in a new file readable by its owner only.
+
+    Args:
+        path: the file to create.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        FileExistsError: ``path`` exists (it is never overwritten).
+    """
     path = Path(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -35,9 +62,17 @@ def write_secret(path: str | os.PathLike) -> Path:
 class LocalCluster:
     """``n`` node processes on loopback, as a context manager.
 
+    Args:
+        n: how many nodes (default: one per core).
+        startup_timeout: seconds each node has to start listening.
+
     Attributes (inside the ``with``):
         addresses: where each node listens.
         secret_file: the secret they share.
+
+    Raises:
+        DBNodeError: on entering, a node exited or did not listen in time
+            (every node started so far is stopped).
     """
 
     def __init__(self, n: int | None = None, startup_timeout: float = 30.0):
@@ -52,9 +87,8 @@ class LocalCluster:
         try:
             for i in range(self.n):
                 self.processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "dbnode.cli", "serve", "--listen", "127.0.0.1:0",
-                     "--secret-file", str(self.secret_file), "--name", f"local-{i}",
-                     "--exit-on-eof"],
+                    serve_command("--listen", "127.0.0.1:0", "--secret-file", str(self.secret_file),
+                                  "--name", f"local-{i}", "--exit-on-eof"),
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 ))
             self.addresses = [self._ready(p) for p in self.processes]
@@ -70,9 +104,9 @@ class LocalCluster:
             if not line:
                 raise DBNodeError(f"local node (pid {process.pid}) exited with code "
                                   f"{process.wait()} before listening")
-            if line.startswith(READY_PREFIX):
-                host, _, port = line[len(READY_PREFIX):].strip().rpartition(":")
-                return host, int(port)
+            address = parse_ready_line(line)
+            if address is not None:
+                return address
         raise DBNodeError(f"local node (pid {process.pid}) did not start within {self.startup_timeout} s")
 
     def stop(self) -> None:

@@ -34,14 +34,14 @@ from typing import Any
 import numpy as np
 import trio
 
-from .. import kernels
+from .. import control, kernels
 from ..aio import first_error
 from ..config import RunConfig, format_address, parse_address
 from ..errors import ConfigError, DBNodeError, TransportError
 from ..model import block_views, blocks, evaluate, pack_block, save_params
 from ..placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
 from ..ps.client import ParameterClient
-from ..wire import Address, MessageKind, Peers, load_secret
+from ..wire import Address, Peers, load_secret
 from . import checkpoint
 from .cluster import LocalCluster
 from .health import FailureDetector
@@ -71,6 +71,11 @@ class Progress:
 
 @dataclass
 class Summary:
+    """What a finished run did: its config, its size, its times and results.
+
+    Written to ``summary.json`` (every field), and returned by :func:`train`.
+    """
+
     config: dict[str, Any]
     replicas: int
     partitions: int
@@ -92,9 +97,30 @@ class Summary:
 def train(config: RunConfig, hosts: list[Address] | None = None, out_dir: str | Path | None = None,
           secret: bytes | None = None, progress: Callable[[Progress], None] | None = None,
           resume: str | Path | None = None) -> Summary:
-    """Run ``config`` on ``hosts`` (default: ``config.cluster.hosts``, or an
-    embedded local cluster when there are none). Blocks until the run ends.
-    ``resume`` continues from the newest checkpoint of an earlier run."""
+    """Run ``config`` on a cluster; blocks until the run ends.
+
+    Args:
+        config: the run.
+        hosts: running nodes (default: ``config.cluster.hosts``, or an
+            embedded local cluster when there are none).
+        out_dir: where ``model.npz``, ``metrics.csv`` and ``summary.json``
+            go (and checkpoints, unless ``checkpoint.dir`` says otherwise);
+            None writes nothing.
+        secret: the cluster's secret for ``hosts`` (default: from
+            ``cluster.secret_file`` or ``$DBNODE_SECRET``).
+        progress: called with a :class:`Progress` at every poll.
+        resume: an earlier run's output directory: continue from its newest
+            checkpoint.
+
+    Returns:
+        The run's :class:`Summary`.
+
+    Raises:
+        ConfigError: the config, data or initial model is unusable.
+        DBNodeError: the run failed (a node refused or stayed unreachable,
+            a replica failed too often, a shard was lost without a
+            checkpoint, ...).
+    """
     inputs = prepare(config)
     if resume is not None:
         inputs.resume = find_resume(config, resume)
@@ -126,7 +152,7 @@ class _Replica:
     incarnation: int = 0
     start_step: int = 0              # where the current incarnation began
     base_examples: int = 0           # examples trained by earlier incarnations
-    last: dict[str, Any] | None = None  # the last status of its last partition
+    last: control.PartitionReport | None = None  # the last status of its last partition
     done: bool = False
 
     @property
@@ -135,7 +161,7 @@ class _Replica:
 
     @property
     def examples(self) -> int:
-        return self.base_examples + (self.last["examples"] if self.last else 0)
+        return self.base_examples + (self.last.examples if self.last else 0)
 
 
 class _Run:
@@ -176,51 +202,67 @@ class _Run:
     def current_uids(self) -> set[int]:
         return {uid for r in self.replicas for uid in r.uids}
 
-    async def control(self, host: Address, op: str, *, key: int = 0, array=None,
-                      timeout: float = 60.0, **meta) -> dict:
-        """Send a command to a node; a node that is gone is a DBNodeError naming it."""
+    async def control(self, host: Address, request: control.Request, *,
+                      timeout: float = 60.0) -> Any:
+        """Send a control request to a node.
+
+        Args:
+            host: the node.
+            request: the op and its arguments.
+            timeout: seconds to wait for the answer.
+
+        Returns:
+            The op's reply schema, or None for an op whose answer carries nothing.
+
+        Raises:
+            DBNodeError: the node is gone or stopped answering (the message
+                names it); RemoteError when it refused the request.
+        """
         try:
             ch = await self.peers.get(host)
-            frame = await ch.request(MessageKind.CONTROL, key=key, array=array,
-                                     meta={"op": op, **meta}, timeout=timeout)
+            return await control.call(ch, request, timeout=timeout)
         except (OSError, TransportError) as exc:
             raise DBNodeError(f"node {format_address(host)} is unreachable or stopped answering "
-                              f"({op}): {exc}") from None
-        return frame.meta
+                              f"({request.op}): {exc}") from None
 
-    def job(self, replica: _Replica, index: int) -> dict[str, Any]:
-        c, m = self.config, self.config.model
+    def job(self, replica: _Replica, index: int) -> control.PartitionJob:
+        """The ``start`` request of a replica's ``index``-th partition.
+
+        Args:
+            replica: the replica, its hosts and uids assigned.
+            index: which of its partitions.
+
+        Returns:
+            The partition's job, as its node gets it.
+        """
+        c = self.config
         first, last = self.bounds[index]
-        neighbour = lambda i: [*replica.hosts[i], replica.uids[i]]  # noqa: E731
-        return {
-            "uid": replica.uids[index], "replica": replica.index, "index": index,
-            "first": first, "last": last,
-            "model": {"layers": list(m.layers), "activation": m.activation, "output": m.output,
-                      "loss": m.loss, "dtype": m.dtype},
-            "learning_rate": c.optimizer.learning_rate, "n_fetch": c.train.n_fetch,
-            "n_push": c.train.n_push, "batch_size": c.train.batch_size, "epochs": c.train.epochs,
-            "seed": c.train.seed, "n_examples": replica.n_examples,
-            "shards": [list(a) for a in self.shard_hosts], "min_split_bytes": DEFAULT_MIN_SPLIT_BYTES,
-            "bounds": [list(b) for b in self.bounds],
-            "prev": neighbour(index - 1) if index > 0 else None,
-            "next": neighbour(index + 1) if index < self.partitions - 1 else None,
-            "start_step": replica.start_step, "incarnation": replica.incarnation,
-        }
+        neighbour = lambda i: (*replica.hosts[i], replica.uids[i])  # noqa: E731
+        return control.PartitionJob(
+            uid=replica.uids[index], replica=replica.index, index=index, first=first, last=last,
+            model=self.spec, learning_rate=c.optimizer.learning_rate, n_fetch=c.train.n_fetch,
+            n_push=c.train.n_push, batch_size=c.train.batch_size, epochs=c.train.epochs,
+            seed=c.train.seed, n_examples=replica.n_examples, shards=tuple(self.shard_hosts),
+            min_split_bytes=DEFAULT_MIN_SPLIT_BYTES, bounds=tuple(self.bounds),
+            prev=neighbour(index - 1) if index > 0 else None,
+            next=neighbour(index + 1) if index < self.partitions - 1 else None,
+            start_step=replica.start_step, incarnation=replica.incarnation,
+        )
 
     async def launch(self, replica: _Replica, inputs: Inputs, run: bool) -> None:
         """Create a replica's partitions on their nodes and give them its data."""
         replica.uids = [next(self._uids) for _ in range(self.partitions)]
         for p in range(self.partitions):
-            await self.control(replica.hosts[p], "start", **self.job(replica, p))
+            await self.control(replica.hosts[p], self.job(replica, p))
         rows = replica.rows
-        await self.control(replica.hosts[0], "data", key=replica.uids[0], role="x",
-                           array=np.ascontiguousarray(inputs.x[rows], dtype=self.spec.np_dtype))
-        await self.control(replica.hosts[-1], "data", key=replica.uids[-1], role="y",
-                           array=np.ascontiguousarray(inputs.y[rows]))
+        x = np.ascontiguousarray(inputs.x[rows], dtype=self.spec.np_dtype)
+        await self.control(replica.hosts[0], control.Data(uid=replica.uids[0], role="x", array=x))
+        y = np.ascontiguousarray(inputs.y[rows])
+        await self.control(replica.hosts[-1], control.Data(uid=replica.uids[-1], role="y", array=y))
         if run:
             for host in dict.fromkeys(replica.hosts):
-                await self.control(host, "run", uids=[u for h, u in zip(replica.hosts, replica.uids)
-                                                      if h == host])
+                uids = tuple(u for h, u in zip(replica.hosts, replica.uids) if h == host)
+                await self.control(host, control.Run(uids=uids))
 
     async def restart(self, replica: _Replica, inputs: Inputs, reason: str) -> None:
         """Start a failed replica again on live nodes, from the step its
@@ -234,7 +276,7 @@ class _Run:
         for host, uid in zip(replica.hosts, replica.uids):
             if host not in self.dead:
                 try:   # its surviving partitions wait for peers that are gone
-                    await self.control(host, "stop", uids=[uid], timeout=5.0)
+                    await self.control(host, control.Stop(uids=(uid,)), timeout=5.0)
                 except DBNodeError:
                     self.dead.add(host)
         load = {h: 0 for h in live}
@@ -249,8 +291,8 @@ class _Run:
             hosts.append(host)
             load[host] += 1
         if replica.last is not None:
-            replica.base_examples += replica.last["examples"]
-            replica.start_step = replica.last["step"]
+            replica.base_examples += replica.last.examples
+            replica.start_step = replica.last.step
         log.warning("replica %d failed (%s); restarting it at step %d on %s", replica.index, reason,
                     replica.start_step, ", ".join(format_address(h) for h in hosts))
         self.restarts.append({"replica": replica.index, "at_step": replica.start_step,
@@ -269,14 +311,13 @@ class _Run:
                 continue
             try:
                 ch = await self.peers.get(host)
-                frame = await ch.request(MessageKind.CONTROL, meta={"op": "export", "keys": keys},
-                                         timeout=60.0)
+                exported = await control.call(ch, control.Export(keys=tuple(keys)), timeout=60.0)
             except (OSError, TransportError) as exc:   # the poll will name the dead node
                 log.warning("checkpoint skipped: node %s: %s", format_address(host), exc)
                 return
-            snapshots[i] = frame.array.tobytes()
+            snapshots[i] = exported.data.tobytes()
         self.checkpoints_written += 1
-        steps = {r.index: (r.last["step"] if r.last else r.start_step) for r in self.replicas}
+        steps = {r.index: (r.last.step if r.last else r.start_step) for r in self.replicas}
         written = checkpoint.write(self.checkpoint_dir, self.checkpoints_written, snapshots,
                                    run_identity(self.config), steps, self.config.checkpoint.keep)
         self.event("checkpoint", number=written.number)
@@ -297,7 +338,7 @@ class _Run:
         for i in lost:
             target = min(live, key=lambda h: (self.shard_hosts.count(h), live.index(h)))
             data = np.frombuffer(newest.read_shard(i), np.uint8)
-            await self.control(target, "import", array=data)
+            await self.control(target, control.Import(data=data))
             self.shard_hosts[i] = target
         self.client.shards = list(self.shard_hosts)
         age = round(time.time() - newest.time, 3)
@@ -305,13 +346,13 @@ class _Run:
                     newest.number, age)
         self.event("shards restored", shards=lost, checkpoint=newest.number, seconds_lost=age)
 
-    async def poll(self) -> dict[str, dict[str, Any]]:
+    async def poll(self) -> dict[str, control.PartitionReport]:
         """One heartbeat round: the current partitions' statuses, by uid."""
-        async def status(host: Address, timeout: float) -> dict[str, Any]:
-            return (await self.control(host, "status", timeout=timeout))["partitions"]
+        async def status(host: Address, timeout: float) -> dict[str, control.PartitionReport]:
+            return (await self.control(host, control.Status(), timeout=timeout)).partitions
 
         async def stop(host: Address, uids: list[int], timeout: float) -> None:
-            await self.control(host, "stop", uids=uids, timeout=timeout)
+            await self.control(host, control.Stop(uids=tuple(uids)), timeout=timeout)
 
         return await self.health.poll(status, stop, self.current_uids())
 
@@ -354,7 +395,7 @@ async def _run_in_nursery(config: RunConfig, hosts: list[Address], secret: bytes
                     if host in run.dead:
                         continue
                     try:
-                        await run.control(host, "reset", force=True, timeout=2.0)
+                        await run.control(host, control.Reset(force=True), timeout=2.0)
                     except Exception:  # best effort: the node may be gone
                         pass
                 await peers.aclose()
@@ -365,9 +406,9 @@ async def _run_in_nursery(config: RunConfig, hosts: list[Address], secret: bytes
 async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary:
     config = run.config
     for host in run.hosts:
-        await run.control(host, "info")
+        await run.control(host, control.Info())
     for host in run.hosts:
-        await run.control(host, "reset", force=True)
+        await run.control(host, control.Reset(force=True))
     opt = config.optimizer
     optimizer = {"name": opt.name, "learning_rate": opt.learning_rate}
     if opt.name == "momentum":
@@ -381,8 +422,8 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
         # each replica goes on from the step it had reached.
         for i, host in enumerate(run.shard_hosts):
             if run.plan.on_shard(i):
-                await run.control(host, "import",
-                                  array=np.frombuffer(inputs.resume.read_shard(i), np.uint8))
+                data = np.frombuffer(inputs.resume.read_shard(i), np.uint8)
+                await run.control(host, control.Import(data=data))
         for replica in run.replicas:
             replica.start_step = inputs.resume.replica_steps.get(replica.index, 0)
             replica.base_examples = min(replica.start_step * config.train.batch_size,
@@ -391,7 +432,7 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
     for replica in run.replicas:
         await run.launch(replica, inputs, run=False)
     for host in run.hosts:
-        await run.control(host, "run")
+        await run.control(host, control.Run())
 
     total = config.train.epochs * len(inputs.x)
     metrics: list[dict[str, Any]] = []
@@ -410,15 +451,15 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
                 continue
             mine = [statuses.get(str(uid)) for uid in replica.uids]
             failure = next((f"node {format_address(h)} is dead" for h in replica.hosts if h in run.dead), None)
-            failure = failure or next((s["error"] for s in mine if s and s["error"]), None)
+            failure = failure or next((s.error for s in mine if s and s.error), None)
             if failure:
                 await run.restart(replica, inputs, failure)
                 continue
             if mine[-1] is not None:
                 replica.last = mine[-1]
-                window_sum += mine[-1]["loss_sum"]
-                window_count += mine[-1]["loss_count"]
-            replica.done = all(s is not None and s["done"] for s in mine)
+                window_sum += mine[-1].loss_sum
+                window_count += mine[-1].loss_count
+            replica.done = all(s is not None and s.done for s in mine)
         if window_count:
             last_loss = window_sum / window_count
         examples = sum(r.examples for r in run.replicas)
@@ -438,10 +479,10 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
         if progress:
             progress(Progress(now - start, examples, total, last_loss,
                               sum(r.done for r in run.replicas), len(run.replicas),
-                              [r.last["step"] / max(1, r.last["steps"]) if r.last else 0.0
+                              [r.last.step / max(1, r.last.steps) if r.last else 0.0
                                for r in run.replicas], test))
         if finished:
-            train_seconds = max(r.last["seconds"] for r in run.replicas)
+            train_seconds = max(r.last.seconds for r in run.replicas)
             break
 
     seconds = time.monotonic() - start
@@ -461,6 +502,17 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
 
 
 def write_outputs(out: Path, params, metrics: list[dict], summary: Summary) -> None:
+    """Write a run's ``model.npz``, ``metrics.csv`` and ``summary.json``.
+
+    Args:
+        out: the output directory (created if need be).
+        params: the final model, name -> array.
+        metrics: one row per evaluation: seconds, examples, losses, accuracy.
+        summary: the run's summary.
+
+    Raises:
+        OSError: a file could not be written.
+    """
     out.mkdir(parents=True, exist_ok=True)
     save_params(out / "model.npz", params)
     with open(out / "metrics.csv", "w", newline="") as f:

@@ -24,6 +24,9 @@ __all__ = ["ParameterClient"]
 class ParameterClient:
     """Pull, push and initialize a model's tensors on its parameter shards.
 
+    Its requests go to ``shards``, which may be changed (to the new nodes of
+    shards restored elsewhere) between requests.
+
     Args:
         plan: which shard owns which rows of which tensor.
         shards: the address of each shard of the plan, by shard index.
@@ -33,6 +36,9 @@ class ParameterClient:
             ``address``, or None. Pieces held by this very process are then
             pushed and pulled by direct calls (same arithmetic, same dedup),
             not through the loopback interface.
+
+    Raises:
+        ValueError: ``shards`` does not have one address per plan shard.
     """
 
     def __init__(self, plan: ShardPlan, shards: list[Address], peers: Peers,
@@ -72,16 +78,37 @@ class ParameterClient:
                 for key, view in self.plan.cut(name, full).items()]
 
     async def init(self, params: dict[str, np.ndarray], optimizer: dict[str, Any]) -> None:
-        """Create every piece of ``params`` on its shard with ``optimizer``
-        (``{"name": ..., "learning_rate": ..., **options}``). Idempotent."""
+        """Create every piece of ``params`` on its shard. Idempotent.
+
+        Args:
+            params: name -> initial value, for every tensor of the plan.
+            optimizer: ``{"name": ..., "learning_rate": ..., **options}``.
+
+        Raises:
+            RemoteError: a shard refused (e.g. the key exists with another
+                shape or optimizer).
+            TransportError: a shard could not be reached in time.
+        """
         async def one(key, view):
             meta = {"name": self.plan.slice(key).name, "optimizer": optimizer}
             await self._request(MessageKind.INIT, key, array=view, meta=meta)
         await self._each(self._pieces(params), one)
 
     async def pull(self, into: dict[str, np.ndarray]) -> dict[int, int]:
-        """Fetch the current values of the tensors ``into`` names, each piece
-        received straight into its rows. Returns key -> version."""
+        """Fetch the current values of tensors, each piece received straight
+        into its rows.
+
+        Args:
+            into: name -> the buffer to fill (C-contiguous, the tensor's shape
+                and dtype).
+
+        Returns:
+            Piece key -> its version.
+
+        Raises:
+            RemoteError: a shard refused (unknown key, ...).
+            TransportError: a shard could not be reached in time.
+        """
         versions: dict[int, int] = {}
 
         async def one(key, view):
@@ -95,11 +122,19 @@ class ParameterClient:
 
     async def push(self, grads: dict[str, np.ndarray], *, pusher: str, seq: int,
                    fetch_into: dict[str, np.ndarray] | None = None) -> None:
-        """Send gradients to be applied by the shards' optimizers; with
-        ``fetch_into`` (same tensors), each piece's reply brings the values
-        after its push (PUSH_PULL: one round trip for both).
+        """Send gradients to be applied by the shards' optimizers.
 
-        ``pusher`` and ``seq`` let the shards drop a retried duplicate.
+        Args:
+            grads: name -> gradient.
+            pusher, seq: who pushes and the push's sequence number: the
+                shards drop a retried duplicate.
+            fetch_into: the same tensors' buffers: each piece's reply then
+                brings its values after the push (PUSH_PULL: one round trip
+                for both).
+
+        Raises:
+            RemoteError: a shard refused (wrong shape or dtype, ...).
+            TransportError: a shard could not be reached in time.
         """
         targets = self.plan_views(fetch_into) if fetch_into is not None else {}
         meta = {"pusher": pusher}
@@ -119,10 +154,25 @@ class ParameterClient:
         await self._each(self._pieces(grads), one)
 
     def plan_views(self, tensors: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
+        """The plan's pieces of ``tensors``.
+
+        Args:
+            tensors: name -> full tensor.
+
+        Returns:
+            Piece key -> a view of its rows (no copy).
+        """
         return dict(self._pieces(tensors))
 
     async def stats(self) -> list[dict[str, Any]]:
-        """STATS from every distinct shard node."""
+        """The STATS of every distinct shard node.
+
+        Returns:
+            One STATS answer (its meta) per node, in the order of ``shards``.
+
+        Raises:
+            TransportError: a node could not be reached in time.
+        """
         out = []
         for address in dict.fromkeys(self.shards):
             ch = await self.peers.get(address)
