@@ -1,5 +1,6 @@
-"""Dense networks: the model description, its parameters and the compiled
-forward/backward passes over a contiguous block of layers.
+"""Networks: the model description, its parameters and the compiled
+forward/backward passes over a contiguous block of layers (its layer types:
+:mod:`dbnode.layers`; its flat parameter blocks: :mod:`dbnode.blocks`).
 
 Parameters are a flat dict of named arrays, ``layer{i}.weight`` of shape
 ``(out, in)`` and ``layer{i}.bias`` of shape ``(out,)`` — the names the
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels
+from .layers import Dense
 
 HIDDEN_ACTIVATIONS = ("sigmoid", "tanh", "relu", "linear")
 OUTPUTS = ("sigmoid", "softmax", "linear")
@@ -59,13 +61,14 @@ class ModelSpec:
     def activation_of(self, layer: int) -> str:
         return self.output if layer == self.n_layers - 1 else self.activation
 
+    def layer(self, i: int) -> Dense:
+        """Layer ``i`` (0 is the first above the input)."""
+        return Dense(self.layers[i], self.layers[i + 1], self.activation_of(i))
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name -> shape of every parameter, in layer order."""
-        out = {}
-        for i, (n_in, n_out) in enumerate(zip(self.layers, self.layers[1:])):
-            out[f"layer{i}.weight"] = (n_out, n_in)
-            out[f"layer{i}.bias"] = (n_out,)
-        return out
+        """Name -> shape of every parameter (``layer{i}.{name}``), in layer order."""
+        return {f"layer{i}.{name}": shape for i in range(self.n_layers)
+                for name, shape in self.layer(i).params().items()}  # fmt: skip
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -154,54 +157,6 @@ def from_bias_first(matrices: list[np.ndarray], dtype: str | np.dtype | None = N
     return params
 
 
-# ------------------------------------------------------- flat blocks
-
-
-def block_layout(spec: ModelSpec, first: int, last: int) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
-    """Where each parameter of layers ``[first, last)`` sits in a flat
-    block: name -> (offset, shape), and the block's length. Each tensor
-    starts on a cache line (GEMMs write faster there); the padding between
-    them stays zero."""
-    step = kernels.ALIGN // spec.np_dtype.itemsize
-    layout, offset = {}, 0
-    for name, shape in spec.shapes().items():
-        if first <= int(name[5:name.index(".")]) < last:
-            layout[name] = (offset, shape)
-            offset += -(-int(np.prod(shape)) // step) * step
-    return layout, offset
-
-
-def block_views(spec: ModelSpec, flat: np.ndarray, first: int, last: int) -> dict[str, np.ndarray]:
-    """Name -> view into ``flat`` of each parameter of layers ``[first, last)``.
-
-    A layer partition keeps its parameters (and gradients) as one flat,
-    contiguous block: one buffer to push, fetch, accumulate and update in a
-    single pass and a single message per shard, whatever the number of
-    layers. The tensors are views into it, each C-contiguous.
-    """
-    layout, total = block_layout(spec, first, last)
-    if flat.shape != (total,):
-        raise ValueError(f"flat block: shape {flat.shape} does not match ({total},) "
-                         f"for layers [{first}, {last})")
-    return {name: flat[offset:offset + int(np.prod(shape))].reshape(shape)
-            for name, (offset, shape) in layout.items()}
-
-
-def blocks(spec: ModelSpec, bounds) -> dict[str, tuple[int]]:
-    """The flat blocks of a network cut at ``bounds`` (``(first, last)`` per
-    partition): ``block{k}`` -> its shape. These are the tensors the
-    parameter server holds."""
-    return {f"block{k}": (block_layout(spec, a, b)[1],) for k, (a, b) in enumerate(bounds)}
-
-
-def pack_block(spec: ModelSpec, params: dict[str, np.ndarray], first: int, last: int) -> np.ndarray:
-    """A new flat block holding the parameters of layers ``[first, last)``."""
-    flat = kernels.zeros(block_layout(spec, first, last)[1], spec.np_dtype)
-    for name, view in block_views(spec, flat, first, last).items():
-        view[...] = params[name]
-    return flat
-
-
 # --------------------------------------------------------------- compute
 
 
@@ -221,15 +176,33 @@ class LayerStack:
         last = spec.n_layers if last is None else last
         if not 0 <= first < last <= spec.n_layers:
             raise ValueError(f"layer range [{first}, {last}) outside 0..{spec.n_layers}")
-        self.spec, self.params, self.first, self.last = spec, params, first, last
+        self.spec, self.first, self.last = spec, first, last
         self.dtype = spec.np_dtype
-        self.names = [(f"layer{i}.weight", f"layer{i}.bias") for i in range(first, last)]
-        self.acts = [spec.activation_of(i) for i in range(first, last)]
+        self.layers = [spec.layer(i) for i in range(first, last)]
+        self._names = [{name: f"layer{i}.{name}" for name in layer.params()}
+                       for i, layer in zip(range(first, last), self.layers)]  # fmt: skip
+        self.params = params
         # The gradient buffers backward writes into; a caller may pass views
-        # of one flat block (see block_views).
+        # of one flat block (see dbnode.blocks.block_views).
         self.grads = grads if grads is not None else {
-            name: kernels.zeros(spec.shapes()[name], self.dtype) for pair in self.names for name in pair}
+            full: kernels.zeros(spec.shapes()[full], self.dtype)
+            for names in self._names for full in names.values()}  # fmt: skip
+        self._layer_grads = [{n: self.grads[full] for n, full in names.items()}
+                             for names in self._names]  # fmt: skip
         self._batch = -1
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The parameters (``layer{i}.weight`` ...) each pass reads."""
+        return self._params
+
+    @params.setter
+    def params(self, params: dict[str, np.ndarray]) -> None:
+        # Swapped in whole by a fetch: each layer's own view is made once here,
+        # not at every pass.
+        self._params = params
+        self._layer_params = [{n: params[full] for n, full in names.items()}
+                              for names in self._names]  # fmt: skip
 
     def _buffers(self, batch: int) -> None:
         if batch == self._batch:
@@ -260,9 +233,9 @@ class LayerStack:
         h = x
         # scratch[k] doubles as the transposed GEMM result here and as dz in
         # backward: the two uses never overlap.
-        for (wname, bname), act, out, scratch in zip(self.names, self.acts, self.outputs, self.scratch):
-            h = kernels.dense_forward(h, self.params[wname], self.params[bname], act,
-                                      out=out, scratch=scratch)
+        for layer, params, out, scratch in zip(self.layers, self._layer_params, self.outputs,
+                                               self.scratch):  # fmt: skip
+            h = layer.forward(h, params, out, scratch)
         return h
 
     def backward(self, delta: np.ndarray, need_delta_below: bool = True,
@@ -278,14 +251,13 @@ class LayerStack:
             raise ValueError(f"delta: shape {delta.shape} does not match {self.outputs[-1].shape}")
         n = self.last - self.first
         for k in range(n - 1, -1, -1):
-            wname, bname = self.names[k]
-            act = "linear" if (preactivation and k == n - 1) else self.acts[k]
-            below = k > 0 or need_delta_below
-            kernels.dense_backward(
+            self.layers[k].backward(
                 self.outputs[k - 1] if k else self.x, self.outputs[k], delta,
-                self.params[wname], act,
-                grad_weight=self.grads[wname], grad_bias=self.grads[bname],
-                delta_below=self.deltas[k], dz=self.scratch[k], need_delta_below=below)
+                self._layer_params[k], self._layer_grads[k],
+                delta_below=self.deltas[k], dz=self.scratch[k],
+                need_delta_below=k > 0 or need_delta_below,
+                preactivation=preactivation and k == n - 1,
+            )  # fmt: skip
             delta = self.deltas[k]
         return delta if need_delta_below else None
 

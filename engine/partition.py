@@ -42,7 +42,8 @@ from .aio import first_error
 from .control import Op
 from .data import batch_indices, steps_per_run
 from .errors import DBNodeError, ErrorCode, RequestError
-from .model import LayerStack, Loss, ModelSpec, block_layout, block_views, blocks
+from .blocks import block_layout, block_views, blocks
+from .model import LayerStack, Loss, ModelSpec
 from .placement import plan_shards
 from .ps.client import ParameterClient
 from .ps.shard import ParameterShard
@@ -68,7 +69,7 @@ class PartitionCore:
     """Layers ``[first, last)`` of one replica, without I/O.
 
     ``flat`` is this partition's parameter block (see
-    :func:`~dbnode.model.block_views`): used in place, later replaced by
+    :func:`~dbnode.blocks.block_views`): used in place, later replaced by
     :meth:`install`. Gradients, their accumulation for the next push and
     the local updates all work on flat blocks of the same layout, one pass
     each.

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from dbnode.data import batch_indices
-from dbnode.model import Loss, ModelSpec, block_layout, block_views, init_params, pack_block
+from dbnode.blocks import block_layout, block_views, pack_block
+from dbnode.model import Loss, ModelSpec, init_params
 from dbnode.optim import make_optimizer
 from dbnode.partition import PartitionCore
 from dbnode.placement import plan_shards

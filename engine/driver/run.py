@@ -38,7 +38,8 @@ from .. import control, kernels
 from ..aio import first_error
 from ..config import RunConfig, format_address, parse_address
 from ..errors import ConfigError, DBNodeError, TransportError
-from ..model import block_views, blocks, evaluate, pack_block, save_params
+from ..blocks import block_views, blocks, pack_block
+from ..model import evaluate, save_params
 from ..placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
 from ..ps.client import ParameterClient
 from ..wire import Address, Peers, load_secret

@@ -1,0 +1,59 @@
+"""Flat parameter blocks: a layer partition's parameters as one contiguous buffer.
+
+A layer partition keeps its parameters (and gradients) as one flat block:
+one buffer to push, fetch, accumulate and update in a single pass and a
+single message per shard, whatever the number of layers. The parameter
+server holds these blocks (``block{k}`` for partition ``k``).
+"""
+
+import numpy as np
+
+from . import kernels
+from .model import ModelSpec
+
+__all__ = ["block_layout", "block_views", "blocks", "pack_block"]
+
+
+def block_layout(spec: ModelSpec, first: int, last: int) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
+    """Where each parameter of layers ``[first, last)`` sits in a flat
+    block: name -> (offset, shape), and the block's length. Each tensor
+    starts on a cache line (GEMMs write faster there); the padding between
+    them stays zero."""
+    step = kernels.ALIGN // spec.np_dtype.itemsize
+    layout, offset = {}, 0
+    for name, shape in spec.shapes().items():
+        if first <= int(name[5:name.index(".")]) < last:
+            layout[name] = (offset, shape)
+            offset += -(-int(np.prod(shape)) // step) * step
+    return layout, offset
+
+
+def block_views(spec: ModelSpec, flat: np.ndarray, first: int, last: int) -> dict[str, np.ndarray]:
+    """Name -> view into ``flat`` of each parameter of layers ``[first, last)``.
+
+    A layer partition keeps its parameters (and gradients) as one flat,
+    contiguous block: one buffer to push, fetch, accumulate and update in a
+    single pass and a single message per shard, whatever the number of
+    layers. The tensors are views into it, each C-contiguous.
+    """
+    layout, total = block_layout(spec, first, last)
+    if flat.shape != (total,):
+        raise ValueError(f"flat block: shape {flat.shape} does not match ({total},) "
+                         f"for layers [{first}, {last})")
+    return {name: flat[offset:offset + int(np.prod(shape))].reshape(shape)
+            for name, (offset, shape) in layout.items()}
+
+
+def blocks(spec: ModelSpec, bounds) -> dict[str, tuple[int]]:
+    """The flat blocks of a network cut at ``bounds`` (``(first, last)`` per
+    partition): ``block{k}`` -> its shape. These are the tensors the
+    parameter server holds."""
+    return {f"block{k}": (block_layout(spec, a, b)[1],) for k, (a, b) in enumerate(bounds)}
+
+
+def pack_block(spec: ModelSpec, params: dict[str, np.ndarray], first: int, last: int) -> np.ndarray:
+    """A new flat block holding the parameters of layers ``[first, last)``."""
+    flat = kernels.zeros(block_layout(spec, first, last)[1], spec.np_dtype)
+    for name, view in block_views(spec, flat, first, last).items():
+        view[...] = params[name]
+    return flat
