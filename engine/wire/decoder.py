@@ -3,7 +3,7 @@
 No sockets, no trio. The transport's :class:`~dbnode.wire.connection.Connection`
 parses with the same pieces (:func:`~dbnode.wire.frames.decode_header`,
 :func:`~dbnode.wire.frames.parse_meta`) but receives payloads straight into
-their destination; tests/test_parsers.py holds the two to the same frames and
+their destination; tests/test_frame_parsers.py holds the two to the same frames and
 the same errors for every byte stream (docs/architecture.md says why two remain).
 """
 

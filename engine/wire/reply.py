@@ -1,4 +1,4 @@
-"""What request handlers return, and how their failures are answered. No I/O.
+"""Replies, sans-IO: what request handlers return, and how their failures are answered.
 
 A service (a parameter shard, a node's control ops) is a set of handlers
 ``frame -> Reply | None``; :class:`~dbnode.wire.channel.Channel` sends what

@@ -1,4 +1,4 @@
-"""The cluster's shared secret: loading it and the one rule it must meet. Sans-IO.
+"""The shared secret, sans-IO: loading it, and the one rule it must meet.
 
 The handshake (docs/protocol.md section 10) proves both sides know it; this
 module only reads it from a file or the environment and checks its length.

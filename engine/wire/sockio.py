@@ -13,7 +13,7 @@ The fast path uses the non-blocking stdlib socket inside trio's socket
 drops it, every call goes through trio's public socket methods instead (two
 scheduler trips each, several times slower on small frames) and a warning
 says so once per process; :data:`SocketWire.fast` tells which path runs
-(tests/test_wire_layout.py checks it is the fast one with the pinned trio).
+(tests/test_architecture.py checks it is the fast one with the pinned trio).
 """
 
 from __future__ import annotations
