@@ -175,10 +175,12 @@ def cmd_serve(args) -> int:
             bound = await nursery.start(lambda task_status: run_node(
                 host, port, secret, name=args.name, snapshot_dir=args.snapshot_dir,
                 restore=args.restore, spin=args.spin_us * 1e-6, task_status=task_status))
-            if made:
-                print(f"dbnode serve: secret written to {made}", flush=True)
-            print(ready_line(bound), flush=True)
+            # Catch the signals before saying we are ready: a SIGINT sent as
+            # soon as the ready line is read is a clean stop, not a traceback.
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                if made:
+                    print(f"dbnode serve: secret written to {made}", flush=True)
+                print(ready_line(bound), flush=True)
                 if args.exit_on_eof:
                     nursery.start_soon(_cancel_on_stdin_eof, nursery.cancel_scope)
                 async for _ in signals:

@@ -356,7 +356,8 @@ def test_a_shard_node_killed_mid_run_is_restored_from_its_checkpoint(tmp_path):
 
 def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path):
     pytest.importorskip("sklearn")
-    common = ["--set", "train.epochs=60", "--set", "checkpoint.interval=0.3"]
+    # Long enough (about 10 s here) that the driver is surely killed mid-run.
+    common = ["--set", "train.epochs=400", "--set", "checkpoint.interval=0.3"]
     first = tmp_path / "first"
     proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common,
                              "--out", str(first)],
@@ -365,7 +366,6 @@ def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path):
     deadline = time.monotonic() + 60
     while not list((first / "checkpoints").glob("ckpt-*[0-9]")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.4)
     proc.kill()                                       # the driver dies outright
     proc.communicate(timeout=30)
     wait_until_gone(nodes)                            # its nodes follow it (stdin closes)
