@@ -91,8 +91,8 @@ class BuildExt(build_ext):
         # dbnode._target itself is built for the default target: it must load
         # anywhere, to say what the kernels need.
         flags = " ".join(required_cpu_flags(self.compiler, march))
-        target.define_macros += [("DBNODE_MARCH", '"%s"' % (MARCH if march else "portable")),
-                                 ("DBNODE_CPU_FLAGS", '"%s"' % flags)]
+        target.define_macros += [("DBNODE_MARCH", f'"{MARCH if march else "portable"}"'),
+                                 ("DBNODE_CPU_FLAGS", f'"{flags}"')]
         super().build_extensions()
 
 
@@ -108,7 +108,7 @@ extensions = [
         define_macros=[
             ("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
             # Compiled in, so that a source checkout can tell a stale build.
-            ("DBNODE_SOURCE_HASH", '"%s"' % buildinfo["source_hash"](HERE / "csrc")),
+            ("DBNODE_SOURCE_HASH", f'"{buildinfo["source_hash"](HERE / "csrc")}"'),
         ],
         extra_compile_args=opt,
     ),

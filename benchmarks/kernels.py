@@ -10,14 +10,13 @@ steps pin BLAS and OpenMP to the same thread count for both sides.
 import argparse
 
 import numpy as np
+from common import compare, environment, row
 from threadpoolctl import threadpool_limits
 
 from dbnode import kernels
 from dbnode.model import Loss, ModelSpec, init_params
 from dbnode.optim import SGD
 from dbnode.trainer import Trainer
-
-from common import compare, environment, row
 
 N = 10_000_000
 LR = np.float32(0.01)

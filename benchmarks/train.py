@@ -27,19 +27,17 @@ import time
 for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = "1"
 
-import numpy as np  # noqa: E402
+import numpy as np
+from common import environment
+from kernels import NumpyMLP
 
-from common import environment  # noqa: E402
-from kernels import NumpyMLP  # noqa: E402
-
-from dbnode import kernels  # noqa: E402
-from dbnode.driver import LocalCluster  # noqa: E402
-from dbnode.config import RunConfig  # noqa: E402
-from dbnode.data import load, split  # noqa: E402
-from dbnode.driver import train  # noqa: E402
-from dbnode.model import ModelSpec, evaluate, init_params  # noqa: E402
-from dbnode.optim import make_optimizer  # noqa: E402
-from dbnode.trainer import Trainer  # noqa: E402
+from dbnode import kernels
+from dbnode.config import RunConfig
+from dbnode.data import load, split
+from dbnode.driver import LocalCluster, train
+from dbnode.model import ModelSpec, evaluate, init_params
+from dbnode.optim import make_optimizer
+from dbnode.trainer import Trainer
 
 LAYERS = [784, 1024, 1024, 10]
 BATCH = 64

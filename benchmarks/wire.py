@@ -1,4 +1,4 @@
-"""Wire benchmarks: dbnode's transport against raw blocking sockets, same run.
+r"""Wire benchmarks: dbnode's transport against raw blocking sockets, same run.
 
     python benchmarks/wire.py [--client-cpu 0] [--server-cpu 1] [--same-core]
                               [--spin-us 50] [--only pull rt push] [--quick]
@@ -47,11 +47,10 @@ import time
 
 import numpy as np
 import trio
+from common import environment
 
 from dbnode.driver import LocalCluster
 from dbnode.wire import Channel, MessageKind, open_connection
-
-from common import environment
 
 MiB = 1 << 20
 PING_BYTES = 4096
@@ -231,10 +230,10 @@ async def bench_pull(ch: Channel, peer: RawPeer, sizes: list[int], rounds: int) 
             raw_into = memoryview(np.zeros(nbytes, np.uint8))
             request = _LEN.pack(nbytes)
 
-            async def ours():
+            async def ours(key=key, into=into):
                 await ch.request(MessageKind.PULL, key=key, into=into)
 
-            def raw():
+            def raw(request=request, raw_into=raw_into):
                 sock.sendall(request)
                 _recv_exactly(sock, raw_into)
 
@@ -303,7 +302,7 @@ async def bench_pipelined_push(ch: Channel, n: int) -> list[str]:
         else:
             todo = iter(range(n))
 
-            async def worker():
+            async def worker(todo=todo, key=key):
                 for _ in todo:
                     await ch.request(MessageKind.PUSH, key=key, array=grad)
 

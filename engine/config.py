@@ -6,7 +6,8 @@ A run config has these sections::
     [data]       train, test, test_fraction
     [train]      replicas | examples_per_replica, batch_size, epochs,
                  n_fetch, n_push, seed, eval_interval
-    [optimizer]  name, learning_rate, momentum, eps
+    [optimizer]  name, learning_rate, and the named optimizer's own settings
+                 (momentum: momentum; adagrad: eps) -- see dbnode.optim
     [cluster]    hosts, parameter_shards, secret_file, nodes, heartbeat
     [checkpoint] interval, keep, dir
 
@@ -29,7 +30,7 @@ from typing import Any
 from .data import is_builtin
 from .errors import ConfigError
 from .model import DTYPES, HIDDEN_ACTIVATIONS, LOSSES, OUTPUTS, ModelSpec
-from .optim import OPTIMIZERS
+from .optim import SGD, Optimizer, from_wire
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class OptimizerConfig:
-    name: str = "sgd"
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    eps: float = 1e-8
-
-
-@dataclass(frozen=True)
 class ClusterConfig:
     hosts: tuple[str, ...] = ()
     parameter_shards: int = 1
@@ -91,7 +84,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # The [optimizer] section is the optimizer itself: dbnode.optim checks its
+    # keys, so a new optimizer needs nothing here.
+    optimizer: Optimizer = field(default_factory=lambda: SGD(learning_rate=0.01))
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -114,7 +109,10 @@ class RunConfig:
                 raise ConfigError(name, values, f"unknown section; expected one of {', '.join(hints)}")
             if not isinstance(values, dict):
                 raise ConfigError(name, values, "must be a table of keys")
-            sections[name] = _section(hints[name], name, values)
+            if name == "optimizer":
+                sections[name] = from_wire({"name": "sgd", "learning_rate": 0.01, **values})
+            else:
+                sections[name] = _section(hints[name], name, values)
         config = cls(**sections)
         config.check()
         return config
@@ -156,14 +154,13 @@ class RunConfig:
 
     def check(self) -> None:
         """Cross-field and range checks; each error names its key."""
-        m, d, t, o, c = self.model, self.data, self.train, self.optimizer, self.cluster
+        m, d, t, c = self.model, self.data, self.train, self.cluster
         if not m.layers:
             raise ConfigError("model.layers", m.layers, "is required (sizes, input first)")
         _choice("model.activation", m.activation, HIDDEN_ACTIVATIONS)
         _choice("model.output", m.output, OUTPUTS)
         _choice("model.loss", m.loss, LOSSES)
         _choice("model.dtype", m.dtype, DTYPES)
-        _choice("optimizer.name", o.name, tuple(OPTIMIZERS))
         try:
             self.spec()
         except ValueError as exc:
@@ -185,12 +182,6 @@ class RunConfig:
                 raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 1")
         if not t.eval_interval > 0:
             raise ConfigError("train.eval_interval", t.eval_interval, "must be > 0 seconds")
-        if not (o.learning_rate > 0 and math.isfinite(o.learning_rate)):
-            raise ConfigError("optimizer.learning_rate", o.learning_rate, "must be a finite number > 0")
-        if not 0 <= o.momentum < 1:
-            raise ConfigError("optimizer.momentum", o.momentum, "must be in [0, 1)")
-        if not o.eps > 0:
-            raise ConfigError("optimizer.eps", o.eps, "must be > 0")
         if c.parameter_shards < 1:
             raise ConfigError("cluster.parameter_shards", c.parameter_shards, "must be >= 1")
         k = self.checkpoint
@@ -216,9 +207,12 @@ class RunConfig:
         return 1
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: {k: list(v) if isinstance(v, tuple) else v
-                       for k, v in dataclasses.asdict(getattr(self, name)).items()}
-                for name in typing.get_type_hints(type(self))}
+        """The config as nested dicts, as :meth:`from_dict` takes it back."""
+        out = {name: {k: list(v) if isinstance(v, tuple) else v
+                      for k, v in dataclasses.asdict(getattr(self, name)).items()}
+               for name in typing.get_type_hints(type(self))}
+        out["optimizer"] = self.optimizer.to_wire()
+        return out
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:

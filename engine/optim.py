@@ -1,71 +1,205 @@
 """Optimizers: the rule a parameter shard applies to a pushed gradient.
 
-Each optimizer is a small object with a learning rate and the state it keeps
-per tensor; the update itself is one compiled in-place pass
-(:mod:`dbnode.kernels`).
+Each optimizer is one frozen dataclass: its settings are its fields (the
+learning rate first), it checks them itself, it keeps its state per tensor,
+and its update is one compiled in-place pass (:mod:`dbnode.kernels`). Its
+wire form is ``{"name": ..., "learning_rate": ..., **settings}``, the
+``optimizer`` of an INIT's meta (docs/protocol.md).
+
+Everything else derives from :data:`OPTIMIZERS`: the run config's
+``[optimizer]`` keys (:mod:`dbnode.config`), the shard's INIT, the driver's
+wire form, snapshots. A new optimizer is its kernel (csrc/ and
+:mod:`dbnode.kernels`), its numpy twin (:mod:`dbnode.reference`) and one
+class here, added to :data:`OPTIMIZERS`.
 """
 
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from . import kernels
+from .errors import ConfigError
+
+__all__ = [
+    "OPTIMIZERS",
+    "Adagrad",
+    "Momentum",
+    "Optimizer",
+    "SGD",
+    "from_wire",
+    "make_optimizer",
+    "settings_of",
+]
+
+
+class Optimizer(Protocol):
+    """What a parameter shard (and the single-process trainer) asks of an optimizer."""
+
+    name: ClassVar[str]
+    learning_rate: float
+
+    def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
+        """Fresh per-tensor state for ``param`` (aligned arrays of its shape and dtype)."""
+
+    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        """Update ``param`` (and ``state``) in place with ``grad``."""
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON form: ``{"name": ..., "learning_rate": ..., **settings}``."""
+
+
+def _positive(key: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ConfigError(f"optimizer.{key}", value, "must be a finite number > 0")
 
 
 @dataclass(frozen=True)
-class SGD:
-    """Plain SGD, the original project's rule: ``w -= lr * g``."""
-
+class _Base:
     learning_rate: float
-    name = "sgd"
+
+    def __post_init__(self) -> None:
+        _positive("learning_rate", self.learning_rate)
+        for f in dataclasses.fields(self):  # numbers as floats: no int in a float kernel call
+            object.__setattr__(self, f.name, float(getattr(self, f.name)))
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON form: ``{"name": ..., "learning_rate": ..., **settings}``."""
+        return {"name": self.name, **dataclasses.asdict(self)}  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class SGD(_Base):
+    """Plain SGD, the original project's rule: ``w -= lr * g``.
+
+    Args:
+        learning_rate: the step size (finite, > 0).
+
+    Raises:
+        ConfigError: a setting out of range (the key is ``optimizer.<setting>``).
+    """
+
+    name: ClassVar[str] = "sgd"
 
     def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
+        """No state."""
         return {}
 
     def apply(self, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
+        """``param -= lr * grad``, in place."""
         kernels.sgd(param, grad, self.learning_rate)
 
 
 @dataclass(frozen=True)
-class Momentum:
-    """Classical momentum: ``v = mu * v - lr * g; w += v``."""
+class Momentum(_Base):
+    """Classical momentum: ``v = mu * v - lr * g; w += v``.
 
-    learning_rate: float
+    Args:
+        learning_rate: the step size (finite, > 0).
+        momentum: ``mu``, in [0, 1).
+
+    Raises:
+        ConfigError: a setting out of range.
+    """
+
     momentum: float = 0.9
-    name = "momentum"
+    name: ClassVar[str] = "momentum"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("optimizer.momentum", self.momentum, "must be in [0, 1)")
 
     def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
+        """``velocity``, zeros like ``param``."""
         return {"velocity": kernels.zeros(param.shape, param.dtype)}
 
     def apply(self, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
+        """One momentum step, in place."""
         kernels.momentum(param, grad, state["velocity"], self.learning_rate, self.momentum)
 
 
 @dataclass(frozen=True)
-class Adagrad:
-    """Adagrad as in Downpour SGD: each parameter's rate is
-    ``lr / sqrt(sum of its squared gradients + eps)``."""
+class Adagrad(_Base):
+    """Adagrad as in Downpour SGD: ``s += g * g; w -= lr * g / sqrt(s + eps)``.
 
-    learning_rate: float
+    Args:
+        learning_rate: the step size (finite, > 0).
+        eps: added under the square root (finite, > 0).
+
+    Raises:
+        ConfigError: a setting out of range.
+    """
+
     eps: float = 1e-8
-    name = "adagrad"
+    name: ClassVar[str] = "adagrad"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("eps", self.eps)
 
     def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
+        """``sum_sq``, zeros like ``param``."""
         return {"sum_sq": kernels.zeros(param.shape, param.dtype)}
 
     def apply(self, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
+        """One Adagrad step, in place."""
         kernels.adagrad(param, grad, state["sum_sq"], self.learning_rate, self.eps)
 
 
-OPTIMIZERS = {cls.name: cls for cls in (SGD, Momentum, Adagrad)}
+#: Every optimizer by wire name.
+OPTIMIZERS: dict[str, type] = {cls.name: cls for cls in (SGD, Momentum, Adagrad)}
 
 
-def make_optimizer(name: str, learning_rate: float, **options) -> SGD | Momentum | Adagrad:
-    """Build an optimizer by name (``sgd``, ``momentum``, ``adagrad``)."""
+def settings_of(name: str) -> dict[str, Any]:
+    """The settings of optimizer ``name`` besides the learning rate, with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(OPTIMIZERS[name])
+            if f.name != "learning_rate"}  # fmt: skip
+
+
+def make_optimizer(name: str, learning_rate: float, **settings: Any) -> Optimizer:
+    """Build an optimizer by name (``sgd``, ``momentum``, ``adagrad``).
+
+    Raises:
+        ConfigError: an unknown name or setting, or a setting out of range;
+            the key is ``optimizer.<name or setting>`` and the message lists
+            what is allowed.
+    """
     try:
         cls = OPTIMIZERS[name]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}") from None
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-    return cls(float(learning_rate), **options)
+    except (KeyError, TypeError):
+        raise ConfigError(
+            "optimizer.name", name, f"unknown optimizer {name!r}; expected one of "
+            f"{', '.join(sorted(OPTIMIZERS))}",
+        ) from None  # fmt: skip
+    allowed = settings_of(name)
+    for key in settings:
+        if key not in allowed:
+            raise ConfigError(
+                f"optimizer.{key}", settings[key], f"unknown setting for {name}; expected one of "
+                f"{', '.join(['learning_rate', *allowed])}",
+            )  # fmt: skip
+    for key, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"optimizer.{key}", value, "must be a number")
+    return cls(learning_rate, **settings)
+
+
+def from_wire(wire: Mapping[str, Any]) -> Optimizer:
+    """An optimizer from its wire form (see :meth:`Optimizer.to_wire`).
+
+    Raises:
+        ConfigError: not a mapping with ``name`` and ``learning_rate``, or as
+            :func:`make_optimizer`.
+    """
+    if not isinstance(wire, Mapping) or "name" not in wire or "learning_rate" not in wire:
+        raise ConfigError("optimizer", wire, "must be a mapping with 'name' and 'learning_rate'")
+    settings = {k: v for k, v in wire.items() if k not in ("name", "learning_rate")}
+    return make_optimizer(wire["name"], wire["learning_rate"], **settings)

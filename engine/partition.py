@@ -39,10 +39,10 @@ import trio
 
 from . import control, kernels
 from .aio import first_error
+from .blocks import block_layout, block_views, blocks
 from .control import Op
 from .data import batch_indices, steps_per_run
 from .errors import DBNodeError, ErrorCode, RequestError
-from .blocks import block_layout, block_views, blocks
 from .model import LayerStack, Loss, ModelSpec
 from .placement import plan_shards
 from .ps.client import ParameterClient

@@ -11,7 +11,7 @@ import numpy as np
 from . import kernels
 from .data import minibatches
 from .model import LayerStack, Loss, ModelSpec
-from .optim import SGD, Adagrad, Momentum
+from .optim import Optimizer
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Trainer:
     model's dtype with buffers reused across steps."""
 
     def __init__(self, spec: ModelSpec, params: dict[str, np.ndarray],
-                 optimizer: SGD | Momentum | Adagrad):
+                 optimizer: Optimizer):
         self.spec = spec
         self.params = params
         self.optimizer = optimizer

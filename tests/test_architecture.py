@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import trio
 
-import dbnode
 from dbnode.wire import Connection, MessageKind, sockio
 
 ROOT = Path(__file__).resolve().parents[1]

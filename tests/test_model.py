@@ -7,8 +7,19 @@ import pytest
 
 from dbnode import reference
 from dbnode.data import XOR_ROWS, XOR_TARGETS, blobs, epoch_order, minibatches, xor
-from dbnode.model import (LayerStack, Loss, ModelSpec, check_params, evaluate, from_bias_first,
-                          init_params, load_params, predict, save_params, to_bias_first)
+from dbnode.model import (
+    LayerStack,
+    Loss,
+    ModelSpec,
+    check_params,
+    evaluate,
+    from_bias_first,
+    init_params,
+    load_params,
+    predict,
+    save_params,
+    to_bias_first,
+)
 from dbnode.optim import make_optimizer
 from dbnode.trainer import Trainer
 

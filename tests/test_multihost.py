@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import netns
 import numpy as np
 import pytest
 
-import netns
 from dbnode.config import RunConfig
 from dbnode.data import XOR_ROWS, XOR_TARGETS
 from dbnode.model import load_params, predict
@@ -66,12 +66,11 @@ class Cluster:
         """Median seconds for the driver to get an answer (a refusal: nothing
         listens on ``port``) to a TCP SYN sent to ``host``: one round trip."""
         code = ("import socket, time\n"
-                "for _ in range({tries}):\n"
+                f"for _ in range({tries}):\n"
                 "    s = socket.socket(); s.settimeout(10); t = time.monotonic()\n"
-                "    try: s.connect(({addr!r}, {port}))\n"
+                f"    try: s.connect(({self.net.address[host]!r}, {port}))\n"
                 "    except ConnectionRefusedError: pass\n"
-                "    print(time.monotonic() - t); s.close()\n").format(
-                    tries=tries, addr=self.net.address[host], port=port)
+                "    print(time.monotonic() - t); s.close()\n")
         done = self.net.run("driver", [sys.executable, "-c", code], timeout=60)
         assert done.returncode == 0, done.stderr
         return statistics.median(float(t) for t in done.stdout.split())
@@ -105,7 +104,7 @@ def cluster(tmp_path_factory):
         net.down()
     assert net.exists() == [], "namespaces left behind"
     assert codes == {h: 0 for h in nodes}, {h: nodes[h].output()[-2000:] for h in nodes}
-    for h, node in nodes.items():
+    for node in nodes.values():
         assert "Traceback" not in node.output(), node.output()[-3000:]
 
 

@@ -14,7 +14,6 @@ import pytest
 import dbnode
 from dbnode import _buildinfo, kernels
 
-
 # The console script installed beside this interpreter (the venv may not be on PATH).
 _BESIDE = Path(sys.executable).with_name("dbnode")
 DBNODE = str(_BESIDE) if _BESIDE.exists() else shutil.which("dbnode")

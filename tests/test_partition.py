@@ -4,8 +4,8 @@ without the network (the cluster tests repeat this over TCP)."""
 import numpy as np
 import pytest
 
-from dbnode.data import batch_indices
 from dbnode.blocks import block_layout, block_views, pack_block
+from dbnode.data import batch_indices
 from dbnode.model import Loss, ModelSpec, init_params
 from dbnode.optim import make_optimizer
 from dbnode.partition import PartitionCore

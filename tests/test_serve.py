@@ -203,6 +203,49 @@ async def test_thousands_of_malformed_frames_change_nothing(node):
         await ch.aclose()
 
 
+async def test_shard_requests_answer_as_the_protocol_says(node):
+    """docs/protocol.md section 17, request by request, against a live node."""
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, node)
+
+        async def refused(kind, key=1, **kw):
+            with pytest.raises(RemoteError) as info:
+                await ch.request(kind, key=key, timeout=5, **kw)
+            return info.value.code, info.value.message
+
+        value = np.arange(3.0, dtype=np.float32)
+        assert await refused(MessageKind.INIT, array=value.astype(np.int32),
+                             meta={"name": "w", "optimizer": SGD}) == (35, "key 1 (w): dtype must be float32 or float64, got int32")  # fmt: skip
+        code, text = await refused(MessageKind.INIT, array=value)            # meta is required
+        assert code == 32 and "name" in text
+        code, text = await refused(MessageKind.INIT, array=value,
+                                   meta={"name": "w", "optimizer": {**SGD, "momentum": 0.9}})
+        assert code == 32 and "optimizer.momentum=0.9: unknown setting for sgd" in text
+        code, text = await refused(MessageKind.INIT, meta={"name": "w", "optimizer": SGD})
+        assert code == 32                                                     # no payload
+        momentum = {"name": "momentum", "learning_rate": 0.5}
+        await ch.request(MessageKind.INIT, key=1, array=value, meta={"name": "w", "optimizer": momentum})
+        again = await ch.request(MessageKind.INIT, key=1, array=value * 0,
+                                 meta={"name": "w", "optimizer": momentum})
+        assert again.seq == 0                                                 # idempotent
+        code, text = await refused(MessageKind.INIT, array=value, meta={"name": "v", "optimizer": momentum})
+        assert code == 32 and "name" in text                                  # a conflict
+        assert (await refused(MessageKind.PUSH, array=value.astype(np.float64)))[0] == 35
+        assert (await refused(MessageKind.PUSH, array=value[:2]))[0] == 34
+        assert (await refused(MessageKind.PUSH, key=2, array=value))[0] == 33
+        assert (await refused(MessageKind.PUSH, array=value, flags=1))[0] == 32
+        grad = np.ones(3, np.float32)
+        for _ in range(2):  # a retried push (same pusher and seq) is applied once
+            reply = await ch.request(MessageKind.PUSH_PULL, key=1, array=grad, seq=5, meta={"pusher": "p"})
+        v = -0.5 * grad                                                       # v = 0.9 v - lr g
+        np.testing.assert_array_equal(reply.array, value + v)
+        assert reply.seq == 1
+        stats = (await ch.request(MessageKind.STATS)).meta["tensors"][0]
+        assert stats["optimizer"] == {**momentum, "momentum": 0.9}
+        assert (stats["version"], stats["pushes"], stats["duplicates"], stats["rejected"]) == (1, 1, 1, 2)
+        await ch.aclose()
+
+
 async def test_concurrent_pushers_lose_no_update(node):
     clients, pushes = 8, 150
     async with trio.open_nursery() as nursery:

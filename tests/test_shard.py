@@ -8,22 +8,21 @@ import zipfile
 import numpy as np
 import pytest
 
-from dbnode import reference
-from dbnode import durable
-from dbnode.ps import snapshot as snapshot_module
-from dbnode.errors import DBNodeError
-from dbnode.model import ModelSpec, init_params
-from dbnode.optim import SGD, Momentum
-from dbnode.placement import plan_shards
+from dbnode import durable, reference
 from dbnode.errors import (
-    ErrorCode,
+    DBNodeError,
     DTypeMismatchError,
+    ErrorCode,
     KeyConflictError,
     ShapeMismatchError,
     ShardError,
     SnapshotError,
     UnknownKeyError,
 )
+from dbnode.model import ModelSpec, init_params
+from dbnode.optim import SGD, Momentum
+from dbnode.placement import plan_shards
+from dbnode.ps import snapshot as snapshot_module
 from dbnode.ps.shard import ParameterShard
 
 DTYPES = [np.float32, np.float64]

@@ -24,26 +24,26 @@ from dbnode.errors import (
     RequestTimeout,
 )
 from dbnode.wire import (
+    DEFER,
     HEADER_SIZE,
     MAGIC,
     NONCE_SIZE,
-    ErrorCode,
-    FrameDecoder,
-    MessageKind as K,
-    auth_mac,
-    encode_frame,
-)
-from dbnode.wire import (
-    DEFER,
     Channel,
     Connection,
+    ErrorCode,
+    FrameDecoder,
     Reply,
+    auth_mac,
     client_handshake,
     connect,
+    encode_frame,
     load_secret,
     open_connection,
     serve,
     server_handshake,
+)
+from dbnode.wire import (
+    MessageKind as K,
 )
 
 SECRET = bytes(range(32))
@@ -514,6 +514,23 @@ async def test_handler_errors_become_error_replies_and_the_connection_stays(nurs
         assert "ValueError: a bug" in str(await _error_of(channel, 2))
         reply = await channel.request(K.STATS, key=9, timeout=5)
         assert reply.kind == K.REPLY and reply.array is None and reply.meta == {}
+
+
+async def test_unknown_flags_are_a_bad_request_and_the_connection_stays(nursery):
+    seen = []
+
+    async def handler(frame):
+        seen.append(frame.key)
+
+    host, port = await start_server(nursery, handler)
+    async with connect(host, port, SECRET) as channel:
+        for kind in (K.PULL, K.PING, K.PUSH):
+            with pytest.raises(RemoteError) as info:
+                await channel.request(kind, key=7, flags=0x8001, timeout=5)
+            assert info.value.code == ErrorCode.BAD_REQUEST, kind
+            assert "flags 0x8001" in info.value.message and kind.name in info.value.message
+        await channel.request(K.PULL, key=8, timeout=5)
+        assert seen == [8]  # the handler never saw a flagged request
 
 
 async def _error_of(channel, key):

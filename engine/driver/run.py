@@ -36,9 +36,9 @@ import trio
 
 from .. import control, kernels
 from ..aio import first_error
+from ..blocks import block_views, blocks, pack_block
 from ..config import RunConfig, format_address, parse_address
 from ..errors import ConfigError, DBNodeError, TransportError
-from ..blocks import block_views, blocks, pack_block
 from ..model import evaluate, save_params
 from ..placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
 from ..ps.client import ParameterClient
@@ -410,14 +410,8 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
         await run.control(host, control.Info())
     for host in run.hosts:
         await run.control(host, control.Reset(force=True))
-    opt = config.optimizer
-    optimizer = {"name": opt.name, "learning_rate": opt.learning_rate}
-    if opt.name == "momentum":
-        optimizer["momentum"] = opt.momentum
-    elif opt.name == "adagrad":
-        optimizer["eps"] = opt.eps
     if inputs.resume is None:
-        await run.client.init(run.pack(inputs.params), optimizer)
+        await run.client.init(run.pack(inputs.params), config.optimizer.to_wire())
     else:
         # The shards as they were checkpointed, placed on this run's nodes;
         # each replica goes on from the step it had reached.

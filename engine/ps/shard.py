@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .. import kernels
 from ..errors import (
+    ConfigError,
     DTypeMismatchError,
     KeyConflictError,
     ShapeMismatchError,
@@ -35,7 +37,7 @@ from ..errors import (
     SnapshotError,
     UnknownKeyError,
 )
-from ..optim import OPTIMIZERS, make_optimizer
+from ..optim import OPTIMIZERS, Optimizer, from_wire
 from . import snapshot
 
 __all__ = [
@@ -61,7 +63,7 @@ class _Tensor:
     key: int
     name: str
     value: np.ndarray  # aligned, C-contiguous, owned by the shard
-    optimizer: Any  # an optim.SGD / Momentum / Adagrad
+    optimizer: Optimizer
     state: dict[str, np.ndarray]
     version: int = 0
     pushes: int = 0
@@ -70,33 +72,19 @@ class _Tensor:
     last_seq: dict[str, int] = field(default_factory=dict)
     pins: int = 0  # zero-copy sends of ``value`` still in flight (see pin)
 
-    def optimizer_config(self) -> dict[str, Any]:
-        return _optimizer_config(self.optimizer)
-
     def describe(self) -> dict[str, Any]:
         return {"key": self.key, "name": self.name, "shape": list(self.value.shape),
                 "dtype": self.value.dtype.name}  # fmt: skip
 
 
-def _optimizer_config(opt) -> dict[str, Any]:
-    return {"name": opt.name, **asdict(opt)}
-
-
-def _make_optimizer(key: int, spec):
-    """An optimizer from a config mapping ``{"name": ..., "learning_rate":
-    ..., **options}`` or an optimizer object."""
+def _make_optimizer(key: int, spec) -> Optimizer:
+    """An optimizer object, or one from its wire form (:func:`dbnode.optim.from_wire`)."""
     if isinstance(spec, tuple(OPTIMIZERS.values())):
         return spec
-    if not isinstance(spec, dict) or "name" not in spec or "learning_rate" not in spec:
-        raise ShardError(
-            key, f"key {key}: optimizer must be an optimizer object or a mapping with 'name' "
-            f"and 'learning_rate', got {spec!r}",
-        )  # fmt: skip
-    options = {k: v for k, v in spec.items() if k not in ("name", "learning_rate")}
     try:
-        return make_optimizer(spec["name"], spec["learning_rate"], **options)
-    except (TypeError, ValueError) as exc:
-        raise ShardError(key, f"key {key}: bad optimizer {spec!r}: {exc}") from None
+        return from_wire(spec)
+    except ConfigError as exc:
+        raise ShardError(key, f"key {key}: bad optimizer: {exc}") from None
 
 
 def _initial_value(key: int, shape, dtype: np.dtype, initializer: str, seed: int) -> np.ndarray:
@@ -268,8 +256,8 @@ class ParameterShard:
         old = self._tensors.get(key)
         if old is not None:
             want = {"name": name, "shape": list(shape), "dtype": dtype.name,
-                    "optimizer": _optimizer_config(opt)}  # fmt: skip
-            have = {**old.describe(), "optimizer": old.optimizer_config()}
+                    "optimizer": opt.to_wire()}  # fmt: skip
+            have = {**old.describe(), "optimizer": old.optimizer.to_wire()}
             if diff := {k: (have[k], want[k]) for k in want if have[k] != want[k]}:
                 raise KeyConflictError(
                     key, f"key {key} already holds a different tensor: (have, init) = {diff}"
@@ -450,7 +438,7 @@ class ParameterShard:
                 "rejected": t.rejected,
                 "bytes": t.value.nbytes,
                 "state_bytes": sum(a.nbytes for a in t.state.values()),
-                "optimizer": t.optimizer_config(),
+                "optimizer": t.optimizer.to_wire(),
                 "pushers": len(t.last_seq),
             })  # fmt: skip
         counters = ("bytes", "state_bytes", "pushes", "duplicates", "rejected")
@@ -492,7 +480,7 @@ class ParameterShard:
                 "pushes": t.pushes,
                 "duplicates": t.duplicates,
                 "rejected": t.rejected,
-                "optimizer": t.optimizer_config(),
+                "optimizer": t.optimizer.to_wire(),
                 "state": sorted(t.state),
                 "last_seq": dict(sorted(t.last_seq.items())),
             }  # fmt: skip

@@ -23,7 +23,15 @@ from ..errors import (
 from .connection import Connection, Outgoing
 from .frames import ErrorCode, Frame, Header, MessageKind, encode_frame, error_frame
 from .reply import DEFER, Handler, InlineHandler, Reply, error_reply
-from .session import ANSWER_KINDS, NOT_REQUESTS, CloseExchange, PeerError, as_code, request_kind
+from .session import (
+    ANSWER_KINDS,
+    NOT_REQUESTS,
+    CloseExchange,
+    PeerError,
+    as_code,
+    check_flags,
+    request_kind,
+)
 
 __all__ = ["Channel"]
 
@@ -595,6 +603,12 @@ class Channel:
 
     async def _on_request(self, frame: Frame) -> None:
         self._close.check_request(frame)
+        if frame.flags:
+            try:
+                check_flags(frame)
+            except RequestError as exc:
+                await self._answer_inline(frame, MessageKind.ERROR, exc)
+                return
         if frame.kind == MessageKind.PING:
             await self._answer_inline(frame, MessageKind.PONG, Reply(seq=frame.seq))
             return

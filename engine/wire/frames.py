@@ -82,7 +82,7 @@ MAX_NDIM = 8
 NONCE_SIZE = 32  # bytes of each handshake nonce
 MAX_ERROR_TEXT = 1024  # characters of text kept by error_frame
 
-_HEADER = struct.Struct("<4sHHHBBIQQ%dQIIQ" % MAX_NDIM)
+_HEADER = struct.Struct(f"<4sHHHBBIQQ{MAX_NDIM}QIIQ")
 HEADER_SIZE = _HEADER.size  # 112
 assert HEADER_SIZE == 112
 

@@ -11,7 +11,8 @@ state objects that the trio side (:mod:`dbnode.wire.handshake`,
   the metas of HELLO, CHALLENGE, AUTH and AUTH_OK, and the check of each
   proof (:func:`auth_mac`);
 * the CLOSE exchange (:class:`CloseExchange`): no request after either side's
-  CLOSE, and when the exchange is complete.
+  CLOSE, and when the exchange is complete;
+* which request flags are understood (:func:`check_flags`; version 1: none).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import re
 import struct
 from typing import Any
 
-from ..errors import LocalProtocolError, RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError, RequestError
 from .frames import (
     HANDSHAKE_LIMITS,
     MAGIC,
@@ -47,6 +48,7 @@ __all__ = [
     "CloseExchange",
     "as_code",
     "auth_mac",
+    "check_flags",
     "check_received",
     "expect",
     "request_kind",
@@ -61,7 +63,7 @@ ANSWER_KINDS = frozenset({MessageKind.REPLY, MessageKind.ERROR, MessageKind.PONG
 NOT_REQUESTS = HANDSHAKE_KINDS | ANSWER_KINDS | {MessageKind.CLOSE}
 # Request kinds by wire value: the fast path of request_kind().
 _REQUEST_KIND_OF = {int(k): k for k in MessageKind if k not in NOT_REQUESTS}
-_HEX_NONCE = re.compile(r"[0-9a-fA-F]{%d}" % (2 * NONCE_SIZE))
+_HEX_NONCE = re.compile(f"[0-9a-fA-F]{{{2 * NONCE_SIZE}}}")
 
 # ERROR text sent before AUTH_OK: its JSON must fit HANDSHAKE_LIMITS.max_meta
 # even if every character takes 6 bytes (a \uXXXX escape).
@@ -69,6 +71,19 @@ HANDSHAKE_ERROR_TEXT = (HANDSHAKE_LIMITS.max_meta - 64) // 6
 
 
 # -- kinds -------------------------------------------------------------------------
+
+
+def check_flags(frame: Frame) -> None:
+    """A request's flags must be ones its kind defines; version 1 defines none.
+
+    Raises:
+        RequestError: BAD_REQUEST (the connection carries on).
+    """
+    if frame.flags:
+        raise RequestError(
+            ErrorCode.BAD_REQUEST,
+            f"{frame.kind.name} with flags {frame.flags:#06x}: protocol version 1 defines none",
+        )
 
 
 def request_kind(kind: MessageKind | int) -> MessageKind:
