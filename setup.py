@@ -65,8 +65,12 @@ def compiles(compiler, flags: list[str], source: str) -> bool:
 def required_cpu_flags(compiler, flags: list[str]) -> list[str]:
     """CPU features that code compiled with ``flags`` may use."""
     try:
-        macros = subprocess.run([compiler.compiler_so[0], *flags, "-dM", "-E", "-x", "c", os.devnull],
-                                capture_output=True, text=True, check=True).stdout
+        macros = subprocess.run(
+            [compiler.compiler_so[0], *flags, "-dM", "-E", "-x", "c", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return []
     return buildinfo["cpu_flags_of"](macros)
@@ -74,14 +78,23 @@ def required_cpu_flags(compiler, flags: list[str]) -> list[str]:
 
 class BuildExt(build_ext):
     def build_extensions(self):
-        openmp = (sys.platform != "win32" and os.environ.get("DBNODE_OPENMP", "1") not in ("", "0")
-                  and compiles(self.compiler, ["-fopenmp"],
-                               "#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n"))
+        openmp = (
+            sys.platform != "win32"
+            and os.environ.get("DBNODE_OPENMP", "1") not in ("", "0")
+            and compiles(
+                self.compiler,
+                ["-fopenmp"],
+                "#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n",
+            )
+        )
         if not openmp:
             print("dbnode: building kernels without OpenMP (serial)", file=sys.stderr)
         march = [] if MARCH in ("", "portable") else [f"-march={MARCH}"]
         if march and not compiles(self.compiler, march, "int main(void){return 0;}\n"):
-            print(f"dbnode: compiler refuses {march[0]}; building for its default target", file=sys.stderr)
+            print(
+                f"dbnode: compiler refuses {march[0]}; building for its default target",
+                file=sys.stderr,
+            )
             march = []
         kernels, target = self.extensions
         kernels.define_macros.append(("DBNODE_OPENMP", "1" if openmp else "0"))
@@ -91,8 +104,10 @@ class BuildExt(build_ext):
         # dbnode._target itself is built for the default target: it must load
         # anywhere, to say what the kernels need.
         flags = " ".join(required_cpu_flags(self.compiler, march))
-        target.define_macros += [("DBNODE_MARCH", f'"{MARCH if march else "portable"}"'),
-                                 ("DBNODE_CPU_FLAGS", f'"{flags}"')]
+        target.define_macros += [
+            ("DBNODE_MARCH", f'"{MARCH if march else "portable"}"'),
+            ("DBNODE_CPU_FLAGS", f'"{flags}"'),
+        ]
         super().build_extensions()
 
 

@@ -15,16 +15,25 @@ from threadpoolctl import threadpool_info
 
 def environment() -> str:
     """One line per thread pool: which BLAS/OpenMP, which kernel, how many threads."""
-    lines = [f"python {platform.python_version()}, numpy {np.__version__}, "
-             f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}"]
+    lines = [
+        f"python {platform.python_version()}, numpy {np.__version__}, "
+        f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}"
+    ]
     for pool in threadpool_info():
-        lines.append(f"  {pool['user_api']}: {pool['internal_api']} {pool.get('version') or ''} "
-                     f"arch={pool.get('architecture', '-')} threads={pool['num_threads']}")
+        lines.append(
+            f"  {pool['user_api']}: {pool['internal_api']} {pool.get('version') or ''} "
+            f"arch={pool.get('architecture', '-')} threads={pool['num_threads']}"
+        )
     return "\n".join(lines)
 
 
-def compare(ours: Callable[[], object], baseline: Callable[[], object], rounds: int = 15,
-            repeat: int = 1, warmup: int = 2) -> tuple[float, float]:
+def compare(
+    ours: Callable[[], object],
+    baseline: Callable[[], object],
+    rounds: int = 15,
+    repeat: int = 1,
+    warmup: int = 2,
+) -> tuple[float, float]:
     """Median seconds per call of ``ours`` and ``baseline``, alternating the
     two each round so that background load hits both alike."""
     for _ in range(warmup):
@@ -40,10 +49,22 @@ def compare(ours: Callable[[], object], baseline: Callable[[], object], rounds: 
     return statistics.median(t_ours), statistics.median(t_base)
 
 
-def row(name: str, ours: float, base: float, base_name: str, target: float | None = None,
-        unit: str = "ms") -> str:
+def row(
+    name: str,
+    ours: float,
+    base: float,
+    base_name: str,
+    target: float | None = None,
+    unit: str = "ms",
+) -> str:
     scale = {"ms": 1e3, "us": 1e6}[unit]
     ratio = base / ours
-    verdict = "" if target is None else ("  PASS" if ratio >= target else "  MISS") + f" (target >= {target:.2f}x)"
-    return (f"{name:<44} ours {ours * scale:9.3f} {unit}   {base_name} {base * scale:9.3f} {unit}"
-            f"   ratio {ratio:5.2f}x{verdict}")
+    verdict = (
+        ""
+        if target is None
+        else ("  PASS" if ratio >= target else "  MISS") + f" (target >= {target:.2f}x)"
+    )
+    return (
+        f"{name:<44} ours {ours * scale:9.3f} {unit}   {base_name} {base * scale:9.3f} {unit}"
+        f"   ratio {ratio:5.2f}x{verdict}"
+    )

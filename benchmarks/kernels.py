@@ -55,7 +55,9 @@ def bench_optimizers() -> list[str]:
     out.append(row("sgd 10M f32 (w -= lr*g)", ours, base, "numpy", 2.0) + f"   [{gbs:.0f} GB/s]")
     ours, base = compare(lambda: kernels.adagrad(w, g, h, LR, EPS), numpy_adagrad, rounds=25)
     out.append(row("adagrad 10M f32 vs numpy as written", ours, base, "numpy", 3.0))
-    ours, base = compare(lambda: kernels.adagrad(w, g, h, LR, EPS), numpy_adagrad_prealloc, rounds=25)
+    ours, base = compare(
+        lambda: kernels.adagrad(w, g, h, LR, EPS), numpy_adagrad_prealloc, rounds=25
+    )
     out.append(row("adagrad 10M f32 vs numpy preallocated", ours, base, "numpy"))
     return out
 
@@ -104,15 +106,18 @@ def bench_step(layers: tuple[int, ...], batch: int, threads: int, target: float)
     repeat = max(1, 20_000 // (sum(a * b for a, b in zip(layers, layers[1:])) * batch // 1000 + 1))
     with threadpool_limits(threads):
         kernels.set_threads(threads)
-        t_ours, t_base = compare(lambda: ours.step(x, targets), lambda: base.step(x, y),
-                                 rounds=15, repeat=repeat)
+        t_ours, t_base = compare(
+            lambda: ours.step(x, targets), lambda: base.step(x, y), rounds=15, repeat=repeat
+        )
     name = f"train step {'-'.join(map(str, layers))} b{batch} ({threads} thr)"
     return row(name, t_ours, t_base, "numpy", target, unit="us" if t_ours < 1e-3 else "ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads for the training steps")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="BLAS/OpenMP threads for the training steps"
+    )
     args = parser.parse_args()
     print(environment())
     print(f"dbnode kernels: OpenMP={kernels.OPENMP}, threads={kernels.max_threads()}")

@@ -43,18 +43,34 @@ LAYERS = [784, 1024, 1024, 10]
 BATCH = 64
 
 
-def mlp_config(data: str, replicas: int, partitions: int, nodes: int, shards: int = 1,
-               every: int = 1) -> RunConfig:
-    return RunConfig.from_dict({
-        "model": {"layers": LAYERS, "activation": "relu", "output": "softmax",
-                  "loss": "cross_entropy", "dtype": "float32", "init": "he",
-                  "partitions": partitions},
-        "data": {"train": data},
-        "train": {"replicas": replicas, "batch_size": BATCH, "epochs": 1, "seed": 0,
-                  "n_fetch": every, "n_push": every, "eval_interval": 3600.0},
-        "optimizer": {"name": "sgd", "learning_rate": 0.01},
-        "cluster": {"parameter_shards": shards, "nodes": nodes},
-    })
+def mlp_config(
+    data: str, replicas: int, partitions: int, nodes: int, shards: int = 1, every: int = 1
+) -> RunConfig:
+    return RunConfig.from_dict(
+        {
+            "model": {
+                "layers": LAYERS,
+                "activation": "relu",
+                "output": "softmax",
+                "loss": "cross_entropy",
+                "dtype": "float32",
+                "init": "he",
+                "partitions": partitions,
+            },
+            "data": {"train": data},
+            "train": {
+                "replicas": replicas,
+                "batch_size": BATCH,
+                "epochs": 1,
+                "seed": 0,
+                "n_fetch": every,
+                "n_push": every,
+                "eval_interval": 3600.0,
+            },
+            "optimizer": {"name": "sgd", "learning_rate": 0.01},
+            "cluster": {"parameter_shards": shards, "nodes": nodes},
+        }
+    )
 
 
 def numpy_rate(x: np.ndarray, y: np.ndarray) -> float:
@@ -63,11 +79,13 @@ def numpy_rate(x: np.ndarray, y: np.ndarray) -> float:
     mlp.step(x[:BATCH], y[:BATCH])  # warm up
     start = time.perf_counter()
     for i in range(0, len(x) - BATCH + 1, BATCH):
-        mlp.step(x[i:i + BATCH], y[i:i + BATCH])
+        mlp.step(x[i : i + BATCH], y[i : i + BATCH])
     return (len(x) // BATCH * BATCH) / (time.perf_counter() - start)
 
 
-def dbnode_rate(data: str, replicas: int, partitions: int, nodes: int, shards: int, every: int) -> float:
+def dbnode_rate(
+    data: str, replicas: int, partitions: int, nodes: int, shards: int, every: int
+) -> float:
     config = mlp_config(data, replicas, partitions, nodes, shards, every)
     with LocalCluster(nodes) as cluster:
         summary = train(config, hosts=cluster.addresses, secret=cluster.secret_file.read_bytes())
@@ -89,12 +107,17 @@ def bench_mlp(n: int) -> list[str]:
             ("2 replicas, 2 cores, 2 shards, n=4", 2, 1, 2, 2, 4, 1.4),
         ]:
             ours = dbnode_rate(path, replicas, partitions, nodes, shards, every)
-            base = numpy_rate(x, y)       # measured next to each run: the machine is noisy
+            base = numpy_rate(x, y)  # measured next to each run: the machine is noisy
             ratio = ours / base
-            verdict = "" if target is None else (
-                f"  {'PASS' if ratio >= target else 'MISS'} (target >= {target}x)")
-            rows.append(f"{name:<40} dbnode {ours:8,.0f} ex/s   numpy 1 thread {base:8,.0f} ex/s"
-                        f"   ratio {ratio:4.2f}x{verdict}")
+            verdict = (
+                ""
+                if target is None
+                else (f"  {'PASS' if ratio >= target else 'MISS'} (target >= {target}x)")
+            )
+            rows.append(
+                f"{name:<40} dbnode {ours:8,.0f} ex/s   numpy 1 thread {base:8,.0f} ex/s"
+                f"   ratio {ratio:4.2f}x{verdict}"
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -111,7 +134,9 @@ def reference_time_to_95(config: RunConfig) -> float | None:
     x, y = load("digits", seed=config.train.seed)
     x, y, x_test, y_test = split(x, y, config.data.test_fraction, config.train.seed)
     params = init_params(spec, config.model.init, config.train.seed)
-    trainer = Trainer(spec, params, make_optimizer(config.optimizer.name, config.optimizer.learning_rate))
+    trainer = Trainer(
+        spec, params, make_optimizer(config.optimizer.name, config.optimizer.learning_rate)
+    )
     targets = trainer.loss.targets(y)
     xs = x.astype(spec.np_dtype)
     start = time.perf_counter()
@@ -119,7 +144,7 @@ def reference_time_to_95(config: RunConfig) -> float | None:
     for epoch in range(config.train.epochs):
         order = np.random.default_rng([config.train.seed, epoch]).permutation(len(x))
         for i in range(0, len(x), b):
-            idx = order[i:i + b]
+            idx = order[i : i + b]
             trainer.step(xs[idx], targets[idx])
         if evaluate(spec, params, x_test, y_test)["accuracy"] >= 0.95:
             return time.perf_counter() - start
@@ -128,23 +153,39 @@ def reference_time_to_95(config: RunConfig) -> float | None:
 
 def bench_digits() -> list[str]:
     rows = []
-    base_config = RunConfig.load(os.path.join(os.path.dirname(__file__), "..", "examples", "digits.toml"),
-                                 ["train.eval_interval=0.1"])
+    base_config = RunConfig.load(
+        os.path.join(os.path.dirname(__file__), "..", "examples", "digits.toml"),
+        ["train.eval_interval=0.1"],
+    )
     ref = reference_time_to_95(base_config)
-    rows.append(f"digits to 95% test accuracy: single-process trainer {ref:.2f} s (evaluated every epoch)"
-                if ref else "digits: single-process trainer never reached 95%")
+    rows.append(
+        f"digits to 95% test accuracy: single-process trainer {ref:.2f} s (evaluated every epoch)"
+        if ref
+        else "digits: single-process trainer never reached 95%"
+    )
     print(rows[-1], flush=True)
     for replicas in (1, 2, 4):
-        config = RunConfig.load(os.path.join(os.path.dirname(__file__), "..", "examples", "digits.toml"),
-                                ["train.eval_interval=0.1", f"train.replicas={replicas}"])
+        config = RunConfig.load(
+            os.path.join(os.path.dirname(__file__), "..", "examples", "digits.toml"),
+            ["train.eval_interval=0.1", f"train.replicas={replicas}"],
+        )
         with tempfile.TemporaryDirectory() as out, LocalCluster(2) as cluster:
-            train(config, hosts=cluster.addresses, secret=cluster.secret_file.read_bytes(), out_dir=out)
+            train(
+                config,
+                hosts=cluster.addresses,
+                secret=cluster.secret_file.read_bytes(),
+                out_dir=out,
+            )
             with open(os.path.join(out, "metrics.csv")) as f:
-                points = [(float(r["seconds"]), float(r["test_accuracy"]) if r["test_accuracy"] else None)
-                          for r in csv.DictReader(f)]
+                points = [
+                    (float(r["seconds"]), float(r["test_accuracy"]) if r["test_accuracy"] else None)
+                    for r in csv.DictReader(f)
+                ]
         t = seconds_to(points, 0.95)
-        rows.append(f"digits to 95% test accuracy: {replicas} replica(s) x 2 partitions "
-                    + (f"{t:.2f} s (wall, setup included)" if t else "never"))
+        rows.append(
+            f"digits to 95% test accuracy: {replicas} replica(s) x 2 partitions "
+            + (f"{t:.2f} s (wall, setup included)" if t else "never")
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -155,8 +196,10 @@ def main() -> None:
     parser.add_argument("--skip-digits", action="store_true")
     args = parser.parse_args()
     print(environment())
-    print(f"dbnode kernels: -march={kernels.MARCH}, OpenMP={kernels.OPENMP}; "
-          f"every process: 1 BLAS/OpenMP thread")
+    print(
+        f"dbnode kernels: -march={kernels.MARCH}, OpenMP={kernels.OPENMP}; "
+        f"every process: 1 BLAS/OpenMP thread"
+    )
     bench_mlp(args.examples)
     if not args.skip_digits:
         bench_digits()

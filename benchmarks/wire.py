@@ -342,8 +342,12 @@ async def run(args, cluster: LocalCluster, peer: RawPeer, spinner: SpinNode | No
             servers = [(ch, cluster.processes[0].pid, "dbnode serve")]
             if spinner is not None:
                 spin_ch = await _channel(spinner.address, secret, nursery, args.spin_us * 1e-6)
-                servers.append((spin_ch, spinner.process.pid, f"spin {args.spin_us:g} us both sides"))
-            placements = [(args.server_cpu, f"client cpu {args.client_cpu}, server cpu {args.server_cpu}")]
+                servers.append(
+                    (spin_ch, spinner.process.pid, f"spin {args.spin_us:g} us both sides")
+                )
+            placements = [
+                (args.server_cpu, f"client cpu {args.client_cpu}, server cpu {args.server_cpu}")
+            ]
             if args.same_core:
                 placements.append((args.client_cpu, f"both on cpu {args.client_cpu}"))
             for cpu, where in placements:
@@ -364,19 +368,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--raw-peer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spin-node", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--spin-us", type=float, default=50.0,
-                        help="also time the round trip with this busy-poll on both sides "
-                             "(Channel/serve spin=); 0: don't")
+    parser.add_argument(
+        "--spin-us",
+        type=float,
+        default=50.0,
+        help="also time the round trip with this busy-poll on both sides "
+        "(Channel/serve spin=); 0: don't",
+    )
     parser.add_argument("--client-cpu", type=int, default=0)
     parser.add_argument("--server-cpu", type=int, default=1)
-    parser.add_argument("--same-core", action="store_true",
-                        help="also time the round trips with both processes on the client cpu")
+    parser.add_argument(
+        "--same-core",
+        action="store_true",
+        help="also time the round trips with both processes on the client cpu",
+    )
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--repeat", type=int, default=2000, help="round trips per round")
     parser.add_argument("--pushes", type=int, default=200_000)
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs")
-    parser.add_argument("--only", nargs="+", choices=["pull", "rt", "push"],
-                        default=["pull", "rt", "push"], help="run only these benchmarks")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["pull", "rt", "push"],
+        default=["pull", "rt", "push"],
+        help="run only these benchmarks",
+    )
     args = parser.parse_args()
     if args.raw_peer:
         raw_peer_main()
@@ -402,8 +418,10 @@ def main() -> None:
             peer.close()
             if spinner is not None:
                 spinner.close()
-    print("ratio: baseline time / ours (higher is better); a round trip within 1.5x of the "
-          "raw one is a ratio >= 0.67x")
+    print(
+        "ratio: baseline time / ours (higher is better); a round trip within 1.5x of the "
+        "raw one is a ratio >= 0.67x"
+    )
     print("\n".join(lines))
 
 

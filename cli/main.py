@@ -45,36 +45,64 @@ def build_parser() -> argparse.ArgumentParser:
         The parser; ``args.command`` is None when no command was given.
     """
     parser = argparse.ArgumentParser(
-        prog="dbnode", description="Downpour SGD on a cluster of plain CPU machines.")
+        prog="dbnode", description="Downpour SGD on a cluster of plain CPU machines."
+    )
     parser.add_argument("--version", action="version", version=f"dbnode {dbnode.__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run a node that hosts parameter shards and layer partitions")
-    serve.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}",
-                       help="HOST:PORT to listen on (default 127.0.0.1:%(default)s; port 0 picks one)")
+    serve = sub.add_parser(
+        "serve", help="run a node that hosts parameter shards and layer partitions"
+    )
+    serve.add_argument(
+        "--listen",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        help="HOST:PORT to listen on (default 127.0.0.1:%(default)s; port 0 picks one)",
+    )
     serve.add_argument("--secret-file", help="shared cluster secret (default: $DBNODE_SECRET)")
     serve.add_argument("--name", default="", help="the node's name in logs")
-    serve.add_argument("--snapshot-dir", help="directory SNAPSHOT requests write to (default: "
-                       "snapshots refused)")
+    serve.add_argument(
+        "--snapshot-dir", help="directory SNAPSHOT requests write to (default: snapshots refused)"
+    )
     serve.add_argument("--restore", help="start the parameter shard from this snapshot file")
-    serve.add_argument("--spin-us", type=float, default=0.0, metavar="US",
-                       help="busy-poll sockets this many microseconds before sleeping: lower "
-                       "round-trip latency for some CPU (default 0: off; at most 10000)")
-    serve.add_argument("--exit-on-eof", action="store_true",
-                       help="exit when standard input closes (used by the embedded cluster)")
+    serve.add_argument(
+        "--spin-us",
+        type=float,
+        default=0.0,
+        metavar="US",
+        help="busy-poll sockets this many microseconds before sleeping: lower "
+        "round-trip latency for some CPU (default 0: off; at most 10000)",
+    )
+    serve.add_argument(
+        "--exit-on-eof",
+        action="store_true",
+        help="exit when standard input closes (used by the embedded cluster)",
+    )
 
     train = sub.add_parser("train", help="run a training job (the driver)")
     train.add_argument("config", help="run config (TOML)")
-    train.add_argument("--hosts", help="comma-separated HOST:PORT of running nodes "
-                       "(default: [cluster] hosts, else an embedded local cluster)")
+    train.add_argument(
+        "--hosts",
+        help="comma-separated HOST:PORT of running nodes "
+        "(default: [cluster] hosts, else an embedded local cluster)",
+    )
     train.add_argument("--out", help="directory for model.npz, metrics.csv, summary.json")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config key (repeatable), e.g. --set train.seed=3")
-    train.add_argument("--secret-file", help="cluster secret for --hosts (default: [cluster] "
-                       "secret_file, else $DBNODE_SECRET)")
-    train.add_argument("--resume", metavar="DIR", help="continue from the newest checkpoint of "
-                       "an earlier run (its --out directory)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable), e.g. --set train.seed=3",
+    )
+    train.add_argument(
+        "--secret-file",
+        help="cluster secret for --hosts (default: [cluster] secret_file, else $DBNODE_SECRET)",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue from the newest checkpoint of an earlier run (its --out directory)",
+    )
 
     st = sub.add_parser("status", help="what running nodes host and how far their partitions are")
     st.add_argument("--hosts", required=True, help="comma-separated HOST:PORT of nodes")
@@ -83,8 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="loss and accuracy of a saved model on a data set")
     ev.add_argument("model", help="model.npz written by dbnode train")
     ev.add_argument("--data", required=True, help="data source (built-in name or path)")
-    ev.add_argument("--config", help="the run config the model was trained with "
-                    "(default: summary.json beside the model)")
+    ev.add_argument(
+        "--config",
+        help="the run config the model was trained with (default: summary.json beside the model)",
+    )
     return parser
 
 
@@ -100,17 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     if args.command is None:
         parser.print_help()
         return 2
-    command = {"serve": cmd_serve, "train": cmd_train, "eval": cmd_eval,
-               "status": cmd_status}[args.command]
+    command = {"serve": cmd_serve, "train": cmd_train, "eval": cmd_eval, "status": cmd_status}[
+        args.command
+    ]
     try:
         try:
             return command(args)
-        except BaseExceptionGroup as group:   # what trio's nurseries raise
+        except BaseExceptionGroup as group:  # what trio's nurseries raise
             raise first_error(group) from None
     except ConfigError as exc:
         print(f"dbnode {args.command}: {exc}", file=sys.stderr)
@@ -128,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_loopback(host: str) -> bool:
     try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback
-                   for info in socket.getaddrinfo(host, None))
+        return all(
+            ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None)
+        )
     except (socket.gaierror, ValueError):
         return False
 
@@ -152,8 +186,12 @@ def serve_secret(secret_file: str | None, host: str) -> tuple[bytes, str | None]
     if secret_file or os.environ.get("DBNODE_SECRET"):
         return load_secret(secret_file), None
     if not _is_loopback(host):
-        raise ConfigError("--listen", host, "a node reachable from other machines needs a secret: "
-                          "pass --secret-file or set DBNODE_SECRET")
+        raise ConfigError(
+            "--listen",
+            host,
+            "a node reachable from other machines needs a secret: "
+            "pass --secret-file or set DBNODE_SECRET",
+        )
     path = write_secret(Path(tempfile.mkdtemp(prefix="dbnode-")) / "secret")
     return path.read_bytes(), str(path)
 
@@ -172,9 +210,18 @@ def cmd_serve(args) -> int:
 
     async def serve_until_stopped() -> None:
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(lambda task_status: run_node(
-                host, port, secret, name=args.name, snapshot_dir=args.snapshot_dir,
-                restore=args.restore, spin=args.spin_us * 1e-6, task_status=task_status))
+            bound = await nursery.start(
+                lambda task_status: run_node(
+                    host,
+                    port,
+                    secret,
+                    name=args.name,
+                    snapshot_dir=args.snapshot_dir,
+                    restore=args.restore,
+                    spin=args.spin_us * 1e-6,
+                    task_status=task_status,
+                )
+            )
             # Catch the signals before saying we are ready: a SIGINT sent as
             # soon as the ready line is read is a clean stop, not a traceback.
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -213,8 +260,9 @@ def cmd_train(args) -> int:
     hosts = _hosts(args.hosts, "--hosts") if args.hosts else None
     secret = load_secret(args.secret_file) if args.secret_file else None
     show = _progress_printer(sys.stderr)
-    summary = train(config, hosts=hosts, out_dir=args.out, secret=secret, progress=show,
-                    resume=args.resume)
+    summary = train(
+        config, hosts=hosts, out_dir=args.out, secret=secret, progress=show, resume=args.resume
+    )
     show.close()
     print(json.dumps({k: v for k, v in summary.__dict__.items() if k != "config"}, indent=2))
     return 0
@@ -237,10 +285,13 @@ class _progress_printer:
         test = ""
         if p.test:
             test = f"  test loss {p.test['loss']:.4f}" + (
-                f" acc {p.test['accuracy']:.3f}" if "accuracy" in p.test else "")
+                f" acc {p.test['accuracy']:.3f}" if "accuracy" in p.test else ""
+            )
         rate = p.examples / p.seconds if p.seconds else 0.0
-        line = (f"{p.seconds:7.1f}s  {p.examples}/{p.total_examples} examples  {rate:,.0f}/s  "
-                f"loss {loss}{test}  replicas done {p.replicas_done}/{p.replicas}")
+        line = (
+            f"{p.seconds:7.1f}s  {p.examples}/{p.total_examples} examples  {rate:,.0f}/s  "
+            f"loss {loss}{test}  replicas done {p.replicas_done}/{p.replicas}"
+        )
         if self.tty and p.per_replica:
             # One character per replica (up to 64), filling up as it progresses.
             line += "  " + "".join(BARS[min(8, int(f * 8))] for f in p.per_replica[:64])
@@ -293,7 +344,9 @@ def cmd_eval(args) -> int:
         try:
             config = RunConfig.from_dict(json.loads(config_path.read_text())["config"])
         except FileNotFoundError:
-            raise ConfigError("--config", str(config_path), "not found: pass the run config") from None
+            raise ConfigError(
+                "--config", str(config_path), "not found: pass the run config"
+            ) from None
     else:
         config = RunConfig.load(config_path)
     spec = config.spec()

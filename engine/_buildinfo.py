@@ -11,9 +11,17 @@ from pathlib import Path
 # Compiler macros -> the /proc/cpuinfo flag a CPU must have to run code that
 # was compiled with them (what -march=native may turn on).
 ISA_MACROS = {
-    "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2", "__AVX__": "avx", "__AVX2__": "avx2",
-    "__FMA__": "fma", "__F16C__": "f16c", "__BMI2__": "bmi2", "__AVX512F__": "avx512f",
-    "__AVX512BW__": "avx512bw", "__AVX512DQ__": "avx512dq", "__AVX512VL__": "avx512vl",
+    "__SSE4_1__": "sse4_1",
+    "__SSE4_2__": "sse4_2",
+    "__AVX__": "avx",
+    "__AVX2__": "avx2",
+    "__FMA__": "fma",
+    "__F16C__": "f16c",
+    "__BMI2__": "bmi2",
+    "__AVX512F__": "avx512f",
+    "__AVX512BW__": "avx512bw",
+    "__AVX512DQ__": "avx512dq",
+    "__AVX512VL__": "avx512vl",
     "__AVX512CD__": "avx512cd",
 }
 
@@ -29,12 +37,15 @@ def source_hash(csrc: Path) -> str:
 
 def cpu_flags_of(predefined_macros: str) -> list[str]:
     """CPU flags required by code compiled with these ``cc -dM -E`` macros."""
-    defined = {line.split()[1] for line in predefined_macros.splitlines()
-               if line.startswith("#define ")}
+    defined = {
+        line.split()[1] for line in predefined_macros.splitlines() if line.startswith("#define ")
+    }
     return sorted(flag for macro, flag in ISA_MACROS.items() if macro in defined)
 
 
-def missing_cpu_flags(required: tuple[str, ...], cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+def missing_cpu_flags(
+    required: tuple[str, ...], cpuinfo: Path = Path("/proc/cpuinfo")
+) -> list[str]:
     """The ``required`` flags this CPU lacks (none where it cannot tell)."""
     try:
         text = cpuinfo.read_text()

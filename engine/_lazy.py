@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 
-def lazy(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def lazy(
+    package: str, exports: dict[str, str]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package``, whose ``exports`` map each
     public name to the (relative) module that defines it."""
     namespace = importlib.import_module(package).__dict__

@@ -14,7 +14,9 @@ from .model import ModelSpec
 __all__ = ["block_layout", "block_views", "blocks", "pack_block"]
 
 
-def block_layout(spec: ModelSpec, first: int, last: int) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
+def block_layout(
+    spec: ModelSpec, first: int, last: int
+) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
     """Where each parameter of layers ``[first, last)`` sits in a flat
     block: name -> (offset, shape), and the block's length. Each tensor
     starts on a cache line (GEMMs write faster there); the padding between
@@ -22,7 +24,7 @@ def block_layout(spec: ModelSpec, first: int, last: int) -> tuple[dict[str, tupl
     step = kernels.ALIGN // spec.np_dtype.itemsize
     layout, offset = {}, 0
     for name, shape in spec.shapes().items():
-        if first <= int(name[5:name.index(".")]) < last:
+        if first <= int(name[5 : name.index(".")]) < last:
             layout[name] = (offset, shape)
             offset += -(-int(np.prod(shape)) // step) * step
     return layout, offset
@@ -38,10 +40,13 @@ def block_views(spec: ModelSpec, flat: np.ndarray, first: int, last: int) -> dic
     """
     layout, total = block_layout(spec, first, last)
     if flat.shape != (total,):
-        raise ValueError(f"flat block: shape {flat.shape} does not match ({total},) "
-                         f"for layers [{first}, {last})")
-    return {name: flat[offset:offset + int(np.prod(shape))].reshape(shape)
-            for name, (offset, shape) in layout.items()}
+        raise ValueError(
+            f"flat block: shape {flat.shape} does not match ({total},) for layers [{first}, {last})"
+        )
+    return {
+        name: flat[offset : offset + int(np.prod(shape))].reshape(shape)
+        for name, (offset, shape) in layout.items()
+    }
 
 
 def blocks(spec: ModelSpec, bounds) -> dict[str, tuple[int]]:

@@ -74,9 +74,9 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    interval: float = 0.0      # seconds between checkpoints; 0: none
-    keep: int = 3              # newest checkpoints kept
-    dir: str = ""              # default: <out>/checkpoints
+    interval: float = 0.0  # seconds between checkpoints; 0: none
+    keep: int = 3  # newest checkpoints kept
+    dir: str = ""  # default: <out>/checkpoints
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,10 @@ class RunConfig:
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
         """Build and check a config from nested dicts, then apply
         ``section.key=value`` overrides (values in TOML syntax)."""
-        raw = {section: dict(values) if isinstance(values, dict) else values
-               for section, values in raw.items()}
+        raw = {
+            section: dict(values) if isinstance(values, dict) else values
+            for section, values in raw.items()
+        }
         for item in overrides:
             section, key, value = parse_override(item)
             raw.setdefault(section, {})
@@ -106,7 +108,9 @@ class RunConfig:
         hints = typing.get_type_hints(cls)
         for name, values in raw.items():
             if name not in hints:
-                raise ConfigError(name, values, f"unknown section; expected one of {', '.join(hints)}")
+                raise ConfigError(
+                    name, values, f"unknown section; expected one of {', '.join(hints)}"
+                )
             if not isinstance(values, dict):
                 raise ConfigError(name, values, "must be a table of keys")
             if name == "optimizer":
@@ -135,16 +139,26 @@ class RunConfig:
 
     def relative_to(self, base: Path) -> RunConfig:
         """Resolve data and secret paths that are relative to ``base``."""
+
         def resolve(value: str) -> str:
             if not value or is_builtin(value) or Path(value).is_absolute():
                 return value
             return str(base / value)
+
         return dataclasses.replace(
             self,
-            data=dataclasses.replace(self.data, train=resolve(self.data.train), test=resolve(self.data.test)),
-            model=dataclasses.replace(self.model, init=resolve(self.model.init)
-                                      if self.model.init.endswith(".npz") else self.model.init),
-            cluster=dataclasses.replace(self.cluster, secret_file=resolve(self.cluster.secret_file)),
+            data=dataclasses.replace(
+                self.data, train=resolve(self.data.train), test=resolve(self.data.test)
+            ),
+            model=dataclasses.replace(
+                self.model,
+                init=resolve(self.model.init)
+                if self.model.init.endswith(".npz")
+                else self.model.init,
+            ),
+            cluster=dataclasses.replace(
+                self.cluster, secret_file=resolve(self.cluster.secret_file)
+            ),
             checkpoint=dataclasses.replace(self.checkpoint, dir=resolve(self.checkpoint.dir)),
         )
 
@@ -166,14 +180,19 @@ class RunConfig:
         except ValueError as exc:
             raise ConfigError("model", m.layers, str(exc)) from None
         if not 1 <= m.partitions <= len(m.layers) - 1:
-            raise ConfigError("model.partitions", m.partitions,
-                              f"must be between 1 and the number of layers ({len(m.layers) - 1})")
+            raise ConfigError(
+                "model.partitions",
+                m.partitions,
+                f"must be between 1 and the number of layers ({len(m.layers) - 1})",
+            )
         if not d.train:
             raise ConfigError("data.train", d.train, "is required (a built-in name or a path)")
         if not 0 <= d.test_fraction < 1:
             raise ConfigError("data.test_fraction", d.test_fraction, "must be in [0, 1)")
         if t.replicas and t.examples_per_replica:
-            raise ConfigError("train.replicas", t.replicas, "give replicas or examples_per_replica, not both")
+            raise ConfigError(
+                "train.replicas", t.replicas, "give replicas or examples_per_replica, not both"
+            )
         for key in ("replicas", "examples_per_replica"):
             if getattr(t, key) < 0:
                 raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 0")
@@ -208,9 +227,13 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The config as nested dicts, as :meth:`from_dict` takes it back."""
-        out = {name: {k: list(v) if isinstance(v, tuple) else v
-                      for k, v in dataclasses.asdict(getattr(self, name)).items()}
-               for name in typing.get_type_hints(type(self))}
+        out = {
+            name: {
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(getattr(self, name)).items()
+            }
+            for name in typing.get_type_hints(type(self))
+        }
         out["optimizer"] = self.optimizer.to_wire()
         return out
 
@@ -229,14 +252,16 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def parse_address(text: str, key: str = "address", default_port: int | None = None) -> tuple[str, int]:
+def parse_address(
+    text: str, key: str = "address", default_port: int | None = None
+) -> tuple[str, int]:
     """``host:port`` -> (host, port); IPv6 as ``[addr]:port``, or a bare
     ``addr`` when a default port applies."""
     text = text.strip()
-    if text.startswith("["):                      # [v6] or [v6]:port
+    if text.startswith("["):  # [v6] or [v6]:port
         host, _, rest = text[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ("" if rest else None)
-    elif text.count(":") > 1:                     # a bare IPv6 address: no port
+    elif text.count(":") > 1:  # a bare IPv6 address: no port
         host, port = text, None
     else:
         host, sep, port = text.rpartition(":")
@@ -245,7 +270,9 @@ def parse_address(text: str, key: str = "address", default_port: int | None = No
     if port is None and default_port is not None:
         port = str(default_port)
     if not host or port is None or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(key, text, "expected HOST:PORT with a port in 0..65535 ([ADDR]:PORT for IPv6)")
+        raise ConfigError(
+            key, text, "expected HOST:PORT with a port in 0..65535 ([ADDR]:PORT for IPv6)"
+        )
     return host, int(port)
 
 
@@ -260,8 +287,9 @@ def _section(cls: type, name: str, values: dict[str, Any]):
     out = {}
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"{name}.{key}", value,
-                              f"unknown key; [{name}] takes {', '.join(hints)}")
+            raise ConfigError(
+                f"{name}.{key}", value, f"unknown key; [{name}] takes {', '.join(hints)}"
+            )
         out[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**out)
 

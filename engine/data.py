@@ -29,8 +29,9 @@ def xor(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return XOR_ROWS[rows], XOR_TARGETS[rows]
 
 
-def blobs(n: int, features: int = 8, classes: int = 3, spread: float = 0.6,
-          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def blobs(
+    n: int, features: int = 8, classes: int = 3, spread: float = 0.6, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic classification set: Gaussian clusters around random centres,
     integer labels."""
     rng = np.random.default_rng(seed)
@@ -47,8 +48,9 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarr
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def batch_indices(n: int, batch_size: int, epochs: int = 1, seed: int = 0,
-                  shuffle: bool = True) -> Iterator[np.ndarray]:
+def batch_indices(
+    n: int, batch_size: int, epochs: int = 1, seed: int = 0, shuffle: bool = True
+) -> Iterator[np.ndarray]:
     """Indices of each minibatch over ``epochs`` passes of ``n`` examples;
     the last batch of an epoch may be smaller. A replica's first partition
     takes inputs and its last partition takes targets by the same indices."""
@@ -57,7 +59,7 @@ def batch_indices(n: int, batch_size: int, epochs: int = 1, seed: int = 0,
     for epoch in range(epochs):
         order = epoch_order(n, epoch, seed, shuffle)
         for start in range(0, n, batch_size):
-            yield order[start:start + batch_size]
+            yield order[start : start + batch_size]
 
 
 def steps_per_run(n: int, batch_size: int, epochs: int) -> int:
@@ -65,8 +67,14 @@ def steps_per_run(n: int, batch_size: int, epochs: int) -> int:
     return epochs * -(-n // batch_size)
 
 
-def minibatches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int = 1,
-                seed: int = 0, shuffle: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def minibatches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    epochs: int = 1,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Contiguous minibatches of ``(x, y)`` for ``epochs`` passes; the last
     batch of an epoch may be smaller."""
     if len(x) != len(y):
@@ -78,7 +86,6 @@ def minibatches(x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int = 1,
 
 
 # ---------------------------------------------------------------- sources
-
 
 
 def is_builtin(source: str) -> bool:
@@ -109,8 +116,9 @@ def load(source: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         return _idx_pair(Path(images), Path(labels))
     path = Path(source)
     if not path.is_file():
-        raise ConfigError("data", source, "no such file, and not a built-in data set "
-                          "(xor:N, blobs:N, digits)")
+        raise ConfigError(
+            "data", source, "no such file, and not a built-in data set (xor:N, blobs:N, digits)"
+        )
     name = path.name.lower()
     if name.endswith(".npz"):
         return _npz(path)
@@ -122,8 +130,9 @@ def load(source: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     raise ConfigError("data", source, "unknown format: expected .npz, .csv or an idx images file")
 
 
-def split(x: np.ndarray, y: np.ndarray, test_fraction: float,
-          seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def split(
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A reproducible random train/test split: ``(x_train, y_train, x_test, y_test)``."""
     n_test = int(round(len(x) * test_fraction))
     order = np.random.default_rng([seed, 0x7E57]).permutation(len(x))
@@ -137,7 +146,9 @@ def _checked(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.n
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2 or len(x) == 0:
-        raise ConfigError("data", where, f"X must be a non-empty (examples, features) array, got shape {x.shape}")
+        raise ConfigError(
+            "data", where, f"X must be a non-empty (examples, features) array, got shape {x.shape}"
+        )
     if len(y) != len(x):
         raise ConfigError("data", where, f"{len(x)} examples but {len(y)} targets")
     if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
@@ -153,7 +164,9 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as npz:
             missing = {"X", "y"} - set(npz.files)
             if missing:
-                raise ConfigError("data", str(path), f"missing arrays {sorted(missing)}; has {npz.files}")
+                raise ConfigError(
+                    "data", str(path), f"missing arrays {sorted(missing)}; has {npz.files}"
+                )
             return _checked(npz["X"], npz["y"], str(path))
     except (OSError, ValueError) as exc:
         if isinstance(exc, ConfigError):
@@ -215,6 +228,8 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ConfigError("data", "digits", "needs scikit-learn: pip install 'dbnode[digits]'") from None
+        raise ConfigError(
+            "data", "digits", "needs scikit-learn: pip install 'dbnode[digits]'"
+        ) from None
     digits = load_digits()
     return digits.data / 16.0, digits.target.astype(np.int64)

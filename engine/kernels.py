@@ -106,7 +106,7 @@ def empty(shape, dtype) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(nbytes + ALIGN, np.uint8)
     start = -raw.ctypes.data % ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def zeros(shape, dtype) -> np.ndarray:
@@ -199,8 +199,9 @@ def activation(z: np.ndarray, name: str, out: np.ndarray | None = None) -> np.nd
     return out
 
 
-def activation_grad(a: np.ndarray, delta: np.ndarray, name: str,
-                    out: np.ndarray | None = None) -> np.ndarray:
+def activation_grad(
+    a: np.ndarray, delta: np.ndarray, name: str, out: np.ndarray | None = None
+) -> np.ndarray:
     """``out = delta * act'``, the derivative taken from the activation's
     output ``a``; for softmax, the Jacobian-vector product."""
     a, delta = _contig(a), _contig(delta)
@@ -212,8 +213,9 @@ def activation_grad(a: np.ndarray, delta: np.ndarray, name: str,
 # ----------------------------------------------------------------- losses
 
 
-def squared_error(p: np.ndarray, t: np.ndarray,
-                  delta: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+def squared_error(
+    p: np.ndarray, t: np.ndarray, delta: np.ndarray | None = None
+) -> tuple[float, np.ndarray]:
     """The original project's loss, averaged over the batch:
     ``0.5 * sum((t - p)**2) / batch``. ``delta = (p - t) / batch`` is its
     gradient with respect to ``p``."""
@@ -224,8 +226,9 @@ def squared_error(p: np.ndarray, t: np.ndarray,
     return _k.squared_error(p, t, delta), delta
 
 
-def softmax_cross_entropy(p: np.ndarray, labels: np.ndarray,
-                          delta: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+def softmax_cross_entropy(
+    p: np.ndarray, labels: np.ndarray, delta: np.ndarray | None = None
+) -> tuple[float, np.ndarray]:
     """Cross-entropy of softmax probabilities ``p`` against integer class
     ``labels``, averaged over the batch. ``delta = (p - onehot) / batch`` is
     the gradient with respect to the softmax's input."""
@@ -247,8 +250,14 @@ def softmax_cross_entropy(p: np.ndarray, labels: np.ndarray,
 TRANSPOSED_FORWARD_MIN = 64
 
 
-def dense_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, name: str,
-                  out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+def dense_forward(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    name: str,
+    out: np.ndarray | None = None,
+    scratch: np.ndarray | None = None,
+) -> np.ndarray:
     """``out = act(x @ weight.T + bias)`` for ``weight (out, in)``: one BLAS
     GEMM, then bias and activation fused into one sweep. ``scratch`` (any
     C-contiguous buffer of ``out``'s size) holds the transposed GEMM result
@@ -272,10 +281,18 @@ def dense_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, name: str
     return out
 
 
-def dense_backward(x: np.ndarray, a: np.ndarray, delta: np.ndarray, weight: np.ndarray,
-                   name: str, grad_weight: np.ndarray | None = None,
-                   grad_bias: np.ndarray | None = None, delta_below: np.ndarray | None = None,
-                   dz: np.ndarray | None = None, need_delta_below: bool = True):
+def dense_backward(
+    x: np.ndarray,
+    a: np.ndarray,
+    delta: np.ndarray,
+    weight: np.ndarray,
+    name: str,
+    grad_weight: np.ndarray | None = None,
+    grad_bias: np.ndarray | None = None,
+    delta_below: np.ndarray | None = None,
+    dz: np.ndarray | None = None,
+    need_delta_below: bool = True,
+):
     """Backward through ``a = act(x @ weight.T + bias)`` given ``delta = dL/da``.
 
     Returns ``(grad_weight, grad_bias, delta_below)``; ``delta_below`` (dL/dx)

@@ -96,7 +96,7 @@ def init_params(spec: ModelSpec, init: str = "normal:0.2", seed: int = 0) -> dic
     elif kind not in ("xavier", "he") or arg:
         raise ValueError(f"init: {init!r} is not normal:STD, xavier or he")
     for name, shape in spec.shapes().items():
-        fan_in = spec.layers[int(name[5:name.index(".")])]
+        fan_in = spec.layers[int(name[5 : name.index(".")])]
         fan_out = shape[0]
         if kind == "normal":
             value = rng.normal(0.0, std, shape)
@@ -119,7 +119,9 @@ def check_params(spec: ModelSpec, params: dict[str, np.ndarray], where: str = "p
         raise ValueError(f"{where}: missing {missing}, unexpected {extra} for layers {spec.layers}")
     for name, shape in shapes.items():
         if params[name].shape != shape:
-            raise ValueError(f"{where}: {name} has shape {params[name].shape}, layers {spec.layers} need {shape}")
+            raise ValueError(
+                f"{where}: {name} has shape {params[name].shape}, layers {spec.layers} need {shape}"
+            )
 
 
 def save_params(path: str | Path, params: dict[str, np.ndarray]) -> None:
@@ -142,10 +144,14 @@ def to_bias_first(params: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The original project's layout: one ``(out, in + 1)`` matrix per layer,
     bias in column 0 and weights after it (inputs had a constant 1 prepended)."""
     n = len(params) // 2
-    return [np.hstack([params[f"layer{i}.bias"][:, None], params[f"layer{i}.weight"]]) for i in range(n)]
+    return [
+        np.hstack([params[f"layer{i}.bias"][:, None], params[f"layer{i}.weight"]]) for i in range(n)
+    ]
 
 
-def from_bias_first(matrices: list[np.ndarray], dtype: str | np.dtype | None = None) -> dict[str, np.ndarray]:
+def from_bias_first(
+    matrices: list[np.ndarray], dtype: str | np.dtype | None = None
+) -> dict[str, np.ndarray]:
     """Inverse of :func:`to_bias_first`."""
     params = {}
     for i, m in enumerate(matrices):
@@ -170,9 +176,14 @@ class LayerStack:
     swap in fetched values between steps.
     """
 
-    def __init__(self, spec: ModelSpec, params: dict[str, np.ndarray],
-                 first: int = 0, last: int | None = None,
-                 grads: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        params: dict[str, np.ndarray],
+        first: int = 0,
+        last: int | None = None,
+        grads: dict[str, np.ndarray] | None = None,
+    ):
         last = spec.n_layers if last is None else last
         if not 0 <= first < last <= spec.n_layers:
             raise ValueError(f"layer range [{first}, {last}) outside 0..{spec.n_layers}")
@@ -207,7 +218,7 @@ class LayerStack:
     def _buffers(self, batch: int) -> None:
         if batch == self._batch:
             return
-        sizes = self.spec.layers[self.first:self.last + 1]
+        sizes = self.spec.layers[self.first : self.last + 1]
         # outputs[k] is layer k's activation; deltas[k] is dL/d(its input).
         self.outputs = [kernels.empty((batch, n), self.dtype) for n in sizes[1:]]
         self.deltas = [kernels.empty((batch, n), self.dtype) for n in sizes[:-1]]
@@ -238,8 +249,9 @@ class LayerStack:
             h = layer.forward(h, params, out, scratch)
         return h
 
-    def backward(self, delta: np.ndarray, need_delta_below: bool = True,
-                 preactivation: bool = False) -> np.ndarray | None:
+    def backward(
+        self, delta: np.ndarray, need_delta_below: bool = True, preactivation: bool = False
+    ) -> np.ndarray | None:
         """Gradients of the last :meth:`forward` into :attr:`grads`, given
         ``delta = dL/d(output)``; returns ``dL/d(input)`` for the stack below
         (``None`` when ``need_delta_below`` is false).
@@ -276,25 +288,30 @@ class Loss:
         y = np.asarray(y, dtype=self.spec.np_dtype)
         return y.reshape(len(y), -1)
 
-    def __call__(self, out: np.ndarray, targets: np.ndarray,
-                 delta: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    def __call__(
+        self, out: np.ndarray, targets: np.ndarray, delta: np.ndarray | None = None
+    ) -> tuple[float, np.ndarray]:
         if self.spec.loss == "cross_entropy":
             return kernels.softmax_cross_entropy(out, targets, delta)
         return kernels.squared_error(out, targets, delta)
 
 
-def predict(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray,
-            batch_size: int = 1024) -> np.ndarray:
+def predict(
+    spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray, batch_size: int = 1024
+) -> np.ndarray:
     """Network outputs for every row of ``x``."""
     stack = LayerStack(spec, params)
     x = np.asarray(x, dtype=spec.np_dtype)
-    outs = [stack.forward(np.ascontiguousarray(x[i:i + batch_size])).copy()
-            for i in range(0, len(x), batch_size)]
+    outs = [
+        stack.forward(np.ascontiguousarray(x[i : i + batch_size])).copy()
+        for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(outs) if outs else np.empty((0, spec.layers[-1]), spec.np_dtype)
 
 
-def evaluate(spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray,
-             y: np.ndarray) -> dict[str, float]:
+def evaluate(
+    spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
+) -> dict[str, float]:
     """Mean loss over ``(x, y)`` and, for a classifier, accuracy."""
     if len(x) == 0:
         raise ValueError("evaluate: empty data set")

@@ -55,8 +55,10 @@ class Optimizer(Protocol):
 
 
 def _positive(key: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
     ):
         raise ConfigError(f"optimizer.{key}", value, "must be a finite number > 0")
 

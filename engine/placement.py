@@ -81,7 +81,7 @@ class Slice:
 
     def of(self, full: np.ndarray) -> np.ndarray:
         """This piece's rows of ``full`` as a view (no copy)."""
-        return full[self.row_start:self.row_stop]
+        return full[self.row_start : self.row_stop]
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,9 @@ class ShardPlan:
         out: dict[str, list[Slice]] = {name: [] for name, _ in self.shapes}
         for s in self.slices:
             out[s.tensor].append(s)
-        return {name: tuple(sorted(pieces, key=lambda s: s.row_start)) for name, pieces in out.items()}
+        return {
+            name: tuple(sorted(pieces, key=lambda s: s.row_start)) for name, pieces in out.items()
+        }
 
     @cached_property
     def _shape_of(self) -> dict[str, tuple[int, ...]]:
@@ -136,7 +138,9 @@ class ShardPlan:
     def on_shard(self, shard: int) -> tuple[Slice, ...]:
         """The pieces shard ``shard`` owns, in key order."""
         if not 0 <= shard < self.n_shards:
-            raise KeyError(f"shard {shard!r} is not in this plan (shards are 0..{self.n_shards - 1})")
+            raise KeyError(
+                f"shard {shard!r} is not in this plan (shards are 0..{self.n_shards - 1})"
+            )
         return tuple(s for s in self.slices if s.shard == shard)
 
     def shard_bytes(self) -> tuple[int, ...]:
@@ -165,7 +169,9 @@ class ShardPlan:
         self._check_full(tensor, full, "full")
         return {s.key: s.of(full) for s in self.pieces(tensor)}
 
-    def assemble(self, tensor: str, parts: Mapping[int, np.ndarray], *, out: np.ndarray) -> np.ndarray:
+    def assemble(
+        self, tensor: str, parts: Mapping[int, np.ndarray], *, out: np.ndarray
+    ) -> np.ndarray:
         """Copy every piece of ``tensor`` from ``parts`` (key -> array) into its
         rows of ``out``, and return ``out``.
 

@@ -100,8 +100,18 @@ def dense_forward(x, weight, bias, name, out=None, scratch=None):
     return _out(out, _forward(name)(x @ weight.T + bias))
 
 
-def dense_backward(x, a, delta, weight, name, grad_weight=None, grad_bias=None,
-                   delta_below=None, dz=None, need_delta_below=True):
+def dense_backward(
+    x,
+    a,
+    delta,
+    weight,
+    name,
+    grad_weight=None,
+    grad_bias=None,
+    delta_below=None,
+    dz=None,
+    need_delta_below=True,
+):
     dz = activation_grad(a, delta, name, out=dz)
     grad_weight = _out(grad_weight, dz.T @ x)
     grad_bias = _out(grad_bias, dz.sum(axis=0))

@@ -26,8 +26,7 @@ class Trainer:
     """Forward, loss, backward and an in-place optimizer step, all in the
     model's dtype with buffers reused across steps."""
 
-    def __init__(self, spec: ModelSpec, params: dict[str, np.ndarray],
-                 optimizer: Optimizer):
+    def __init__(self, spec: ModelSpec, params: dict[str, np.ndarray], optimizer: Optimizer):
         self.spec = spec
         self.params = params
         self.optimizer = optimizer
@@ -48,8 +47,15 @@ class Trainer:
             self.optimizer.apply(self.params[name], grad, self.state[name])
         return value
 
-    def fit(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1, epochs: int = 1,
-            seed: int = 0, shuffle: bool = True) -> TrainResult:
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int = 1,
+        epochs: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> TrainResult:
         """Train over ``(x, y)``; the per-step losses are kept."""
         x = np.asarray(x, dtype=self.spec.np_dtype)
         y = self.loss.targets(y)

@@ -25,8 +25,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    spec = ModelSpec((2, 2, 1), activation="sigmoid", output="sigmoid", loss="squared_error",
-                     dtype="float64")
+    spec = ModelSpec(
+        (2, 2, 1), activation="sigmoid", output="sigmoid", loss="squared_error", dtype="float64"
+    )
     params = init_params(spec, "normal:0.2", seed=args.seed)
     x, y = xor(50_000, seed=args.seed)
     start = time.perf_counter()

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PREFIX = "dbn"
-SUBNET = "10.213.7"          # private, and only ever configured inside our namespaces
-HOST_OFFSET = 10             # host i (1-based) is SUBNET.(10 + i)
+SUBNET = "10.213.7"  # private, and only ever configured inside our namespaces
+HOST_OFFSET = 10  # host i (1-based) is SUBNET.(10 + i)
 _counter = 0
 
 
@@ -66,12 +66,16 @@ def unavailable() -> str | None:
     if made.returncode != 0:
         return f"cannot create a network namespace here: {made.stderr.strip()}"
     try:
-        for cmd in (("link", "add", "br0", "type", "bridge"),
-                    ("link", "add", "v0", "type", "veth", "peer", "name", "v1")):
+        for cmd in (
+            ("link", "add", "br0", "type", "bridge"),
+            ("link", "add", "v0", "type", "veth", "peer", "name", "v1"),
+        ):
             out = _ip("-n", probe, *cmd, check=False)
             if out.returncode != 0:
-                return f"cannot create a {cmd[-1] if cmd[-1] == 'bridge' else 'veth'} here: " \
-                       f"{out.stderr.strip()}"
+                return (
+                    f"cannot create a {cmd[-1] if cmd[-1] == 'bridge' else 'veth'} here: "
+                    f"{out.stderr.strip()}"
+                )
     finally:
         _ip("netns", "del", probe, check=False)
     return None
@@ -85,8 +89,25 @@ def netem_available() -> bool:
         return False
     try:
         _ip("-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1")
-        tc = subprocess.run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "v0",
-                             "root", "netem", "delay", "1ms"], capture_output=True, timeout=30)
+        tc = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                probe,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "v0",
+                "root",
+                "netem",
+                "delay",
+                "1ms",
+            ],
+            capture_output=True,
+            timeout=30,
+        )
         return tc.returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
@@ -152,11 +173,14 @@ class Process:
             if m:
                 return m
             if self.popen.poll() is not None:
-                raise AssertionError(f"{self.host}: exited {self.popen.returncode} before "
-                                     f"printing {pattern!r}:\n{self.output()[-3000:]}")
+                raise AssertionError(
+                    f"{self.host}: exited {self.popen.returncode} before "
+                    f"printing {pattern!r}:\n{self.output()[-3000:]}"
+                )
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.host}: no {pattern!r} within {timeout} s:\n"
-                                     f"{self.output()[-3000:]}")
+                raise AssertionError(
+                    f"{self.host}: no {pattern!r} within {timeout} s:\n{self.output()[-3000:]}"
+                )
             time.sleep(0.02)
 
     def stop(self, timeout: float = 10.0) -> int:
@@ -232,8 +256,20 @@ class Testbed:
     def _plug(self, i: int, host: str) -> None:
         """A veth from the bridge (port ``p<i>``) to ``eth0`` in ``host``."""
         ns = self.ns[host]
-        _ip("-n", self.switch, "link", "add", f"p{i}", "type", "veth", "peer", "name", "eth0",
-            "netns", ns)
+        _ip(
+            "-n",
+            self.switch,
+            "link",
+            "add",
+            f"p{i}",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        )
         _ip("-n", self.switch, "link", "set", f"p{i}", "master", "br0")
         _ip("-n", self.switch, "link", "set", f"p{i}", "up")
         self._configure(host)
@@ -255,7 +291,7 @@ class Testbed:
                 proc.stop(timeout=5)
         self._links.clear()
         for ns in [*self.ns.values(), self.switch]:
-            for pid in _ns_pids(ns):          # anything else still in our namespaces
+            for pid in _ns_pids(ns):  # anything else still in our namespaces
                 _kill(pid, signal.SIGKILL)
             _ip("netns", "del", ns, check=False)
 
@@ -268,16 +304,26 @@ class Testbed:
 
     def run(self, host: str, args: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
         """Run ``args`` to completion inside ``host``'s namespace."""
-        return subprocess.run(["ip", "netns", "exec", self.ns[host], *args], capture_output=True,
-                              text=True, timeout=timeout, **kw)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.ns[host], *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
 
     def start(self, host: str, args: list[str], name: str | None = None, **kw) -> Process:
         """Start ``args`` inside ``host``'s namespace (``ip netns exec`` execs
         it, so the Popen's pid is the process itself)."""
         log = self.workdir / f"{name or host}.log"
         with open(log, "wb") as out:
-            popen = subprocess.Popen(["ip", "netns", "exec", self.ns[host], *args], stdout=out,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
+            popen = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns[host], *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                **kw,
+            )
         proc = Process(popen, log, name or host)
         self.processes.append(proc)
         return proc
@@ -285,8 +331,9 @@ class Testbed:
     # ---------------------------------------------------------- impairment
 
     @contextlib.contextmanager
-    def impair(self, host: str, delay_ms: float, loss: float, *, both_ways: bool = False,
-               seed: int = 0):
+    def impair(
+        self, host: str, delay_ms: float, loss: float, *, both_ways: bool = False, seed: int = 0
+    ):
         """Degrade ``host``'s link for the duration of the ``with``, as
         ``tc qdisc add dev eth0 root netem delay <delay_ms>ms loss <loss>%``
         on the host's veth does: what the host sends is delayed and a random
@@ -302,20 +349,31 @@ class Testbed:
             try:
                 for ns, dev in devs:
                     self._netem.add(f"{ns}/{dev}")
-                    subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev,
-                                    *qdisc], check=True, capture_output=True, timeout=30)
+                    subprocess.run(
+                        ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, *qdisc],
+                        check=True,
+                        capture_output=True,
+                        timeout=30,
+                    )
                 yield stats
             finally:
                 for ns, dev in devs:
-                    shown = subprocess.run(["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show",
-                                            "dev", dev], capture_output=True, text=True, timeout=30)
+                    shown = subprocess.run(
+                        ["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", dev],
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                    )
                     # " Sent 123 bytes 4 pkt (dropped 5, overlimits 0 requeues 0)"
                     m = re.search(r"Sent \d+ bytes (\d+) pkt \(dropped (\d+)", shown.stdout)
                     if m:
                         stats.passed += int(m.group(1))
                         stats.dropped += int(m.group(2))
-                    subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev,
-                                    "root"], capture_output=True, timeout=30)
+                    subprocess.run(
+                        ["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"],
+                        capture_output=True,
+                        timeout=30,
+                    )
                     self._netem.discard(f"{ns}/{dev}")
         else:
             stats = Impairment("emulated")
@@ -332,20 +390,37 @@ class Testbed:
         """Links currently degraded (netem qdiscs or emulated links)."""
         return sorted([*self._netem, *self._links])
 
-    def _emulate(self, host: str, delay_ms: float, loss: float, both_ways: bool,
-                 seed: int) -> None:
+    def _emulate(self, host: str, delay_ms: float, loss: float, both_ways: bool, seed: int) -> None:
         """Replace ``host``'s veth by tap ``eth0`` <-> link emulator <-> tap
         ``p<i>`` on the bridge. The host keeps its address; its open TCP
         connections survive the swap (the address never leaves the host, so
         at worst a few segments are retransmitted)."""
         i = self.hosts.index(host) + 1
-        _ip("-n", self.switch, "link", "del", f"p{i}")       # deletes eth0 in the host too
-        proc = self.start(host, [sys.executable, __file__, "link", "--host-ns", self.ns[host],
-                                 "--switch-ns", self.switch, "--host-dev", "eth0",
-                                 "--switch-dev", f"p{i}", "--delay-ms", str(delay_ms),
-                                 "--loss", str(loss), "--seed", str(seed),
-                                 *(["--both-ways"] * both_ways)],
-                          name=f"link-{host}-{len(list(self.workdir.glob(f'link-{host}-*')))}")
+        _ip("-n", self.switch, "link", "del", f"p{i}")  # deletes eth0 in the host too
+        proc = self.start(
+            host,
+            [
+                sys.executable,
+                __file__,
+                "link",
+                "--host-ns",
+                self.ns[host],
+                "--switch-ns",
+                self.switch,
+                "--host-dev",
+                "eth0",
+                "--switch-dev",
+                f"p{i}",
+                "--delay-ms",
+                str(delay_ms),
+                "--loss",
+                str(loss),
+                "--seed",
+                str(seed),
+                *(["--both-ways"] * both_ways),
+            ],
+            name=f"link-{host}-{len(list(self.workdir.glob(f'link-{host}-*')))}",
+        )
         self.processes.remove(proc)
         self._links[host] = proc
         proc.wait_for(r"^link: up$", timeout=10)
@@ -360,7 +435,7 @@ class Testbed:
         code = proc.stop(timeout=5) if proc else None
         i = self.hosts.index(host) + 1
         for ns, dev in ((self.switch, f"p{i}"), (self.ns[host], "eth0")):
-            _ip("-n", ns, "link", "del", dev, check=False)    # if it outlived the emulator
+            _ip("-n", ns, "link", "del", dev, check=False)  # if it outlived the emulator
         self._plug(i, host)
         if proc is None:
             return ""
@@ -394,8 +469,16 @@ def _tap(name: str) -> int:
     return fd
 
 
-def run_link(host_ns: str, switch_ns: str, host_dev: str, switch_dev: str, delay_ms: float,
-             loss: float, both_ways: bool = False, seed: int = 0) -> None:
+def run_link(
+    host_ns: str,
+    switch_ns: str,
+    host_dev: str,
+    switch_dev: str,
+    delay_ms: float,
+    loss: float,
+    both_ways: bool = False,
+    seed: int = 0,
+) -> None:
     """Forward Ethernet frames between a TAP in ``host_ns`` and one in
     ``switch_ns`` until SIGTERM, delaying each frame the host sends by
     ``delay_ms`` and dropping it with probability ``loss`` percent (frames
@@ -419,7 +502,7 @@ def run_link(host_ns: str, switch_ns: str, host_dev: str, switch_dev: str, delay
     rng = random.Random(seed)
     delay = delay_ms / 1000.0
     other = {a: b, b: a}
-    queue: list[tuple[float, int, int, bytes]] = []     # (due, seq, out fd, frame)
+    queue: list[tuple[float, int, int, bytes]] = []  # (due, seq, out fd, frame)
     seq = 0
     sent = dropped = 0
     sel = selectors.DefaultSelector()
@@ -439,7 +522,7 @@ def run_link(host_ns: str, switch_ns: str, host_dev: str, switch_dev: str, delay
                     frame = os.read(key.fd, 65536)
                 except (BlockingIOError, InterruptedError):
                     break
-                except OSError:     # the other side of a tap not up yet
+                except OSError:  # the other side of a tap not up yet
                     break
                 if key.fd == b and not both_ways:
                     with contextlib.suppress(BlockingIOError, OSError):
@@ -456,6 +539,7 @@ def run_link(host_ns: str, switch_ns: str, host_dev: str, switch_dev: str, delay
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+
     parser = argparse.ArgumentParser(description="user-space netem stand-in (see run_link)")
     sub = parser.add_subparsers(dest="command", required=True)
     link = sub.add_parser("link")
@@ -466,8 +550,16 @@ def main(argv: list[str] | None = None) -> int:
     link.add_argument("--both-ways", action="store_true")
     link.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    run_link(args.host_ns, args.switch_ns, args.host_dev, args.switch_dev, args.delay_ms,
-             args.loss, args.both_ways, args.seed)
+    run_link(
+        args.host_ns,
+        args.switch_ns,
+        args.host_dev,
+        args.switch_dev,
+        args.delay_ms,
+        args.loss,
+        args.both_ways,
+        args.seed,
+    )
     return 0
 
 

@@ -81,7 +81,9 @@ def test_public_names_have_docstrings():
         module = importlib.import_module(package)
         for name in module.__all__:
             value = getattr(module, name)
-            if (inspect.isclass(value) or inspect.isroutine(value)) and not (value.__doc__ or "").strip():
+            if (inspect.isclass(value) or inspect.isroutine(value)) and not (
+                value.__doc__ or ""
+            ).strip():
                 missing.append(f"{package}.{name}")
     assert not missing, missing
 
@@ -160,13 +162,19 @@ def test_layers_import_only_downward():
         imports = dbnode_imports(name, path) - {name}
         for layer, allowed in ALLOWED.items():
             if name == layer or name.startswith(layer + "."):
-                bad = [i for i in imports if not any(i == a or i.startswith(a + ".") for a in allowed)]
+                bad = [
+                    i for i in imports if not any(i == a or i.startswith(a + ".") for a in allowed)
+                ]
                 violations += [f"{name} imports {i}" for i in bad]
         if name in LOWER_THAN_SERVICES:
             violations += [f"{name} imports {i}" for i in imports
                            if any(i == u or i.startswith(u + ".") for u in UPPER)]  # fmt: skip
         if name.startswith("dbnode.wire.") and name.rpartition(".")[2] in (
-            "frames", "decoder", "secret", "session", "reply"
+            "frames",
+            "decoder",
+            "secret",
+            "session",
+            "reply",
         ):
             trio_side = ["sockio", "connection", "handshake", "channel", "endpoints", "peers"]
             violations += [f"{name} imports {i}" for i in imports

@@ -26,9 +26,20 @@ DBNODE = [sys.executable, "-m", "dbnode.cli"]
 
 def start_node(secret_file: Path, name: str) -> tuple[subprocess.Popen, str]:
     # The node's log goes to the test's stderr: a pipe nobody reads would fill.
-    proc = subprocess.Popen([*DBNODE, "serve", "--listen", "127.0.0.1:0", "--secret-file",
-                             str(secret_file), "--name", name],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *DBNODE,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--secret-file",
+            str(secret_file),
+            "--name",
+            name,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     assert line.startswith("dbnode serve: listening on "), line
     return proc, line.rsplit(" ", 1)[1].strip()
@@ -44,7 +55,7 @@ def nodes(tmp_path_factory):
     for proc, _ in started:
         proc.send_signal(signal.SIGTERM)
     for proc, _ in started:
-        assert proc.wait(timeout=10) == 0     # SIGTERM is a clean shutdown
+        assert proc.wait(timeout=10) == 0  # SIGTERM is a clean shutdown
         proc.stdout.close()
 
 
@@ -79,9 +90,15 @@ def serve_pids() -> set[int]:
 @pytest.mark.parametrize("partitions,shards", [(1, 1), (2, 2), (3, 1), (3, 3)])
 def test_one_replica_reproduces_the_single_process_trainer(nodes, tmp_path, partitions, shards):
     raw = {
-        "model": {"layers": [8, 6, 5, 3], "activation": "tanh", "output": "softmax",
-                  "loss": "cross_entropy", "dtype": "float64", "init": "xavier",
-                  "partitions": partitions},
+        "model": {
+            "layers": [8, 6, 5, 3],
+            "activation": "tanh",
+            "output": "softmax",
+            "loss": "cross_entropy",
+            "dtype": "float64",
+            "init": "xavier",
+            "partitions": partitions,
+        },
         "data": {"train": "blobs:150"},
         "train": {"replicas": 1, "batch_size": 1, "epochs": 2, "seed": 4},
         "optimizer": {"name": "sgd", "learning_rate": 0.1},
@@ -107,8 +124,9 @@ def run_cli(*args, timeout=300):
 
 def run_watching(*args, timeout=300) -> tuple[subprocess.CompletedProcess, set[int]]:
     """Run ``dbnode ARGS`` and note every ``dbnode serve`` child it starts."""
-    proc = subprocess.Popen([*DBNODE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [*DBNODE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     seen: set[int] = set()
     deadline = time.monotonic() + timeout
     with Drain(proc) as output:
@@ -127,8 +145,10 @@ class Drain:
 
     def __init__(self, proc):
         self.proc, self.out, self.err = proc, [], []
-        self.threads = [threading.Thread(target=lambda: self.out.append(proc.stdout.read())),
-                        threading.Thread(target=lambda: self.err.append(proc.stderr.read()))]
+        self.threads = [
+            threading.Thread(target=lambda: self.out.append(proc.stdout.read())),
+            threading.Thread(target=lambda: self.err.append(proc.stderr.read())),
+        ]
 
     def __enter__(self):
         self.result = ["", ""]
@@ -145,7 +165,7 @@ class Drain:
 def test_xor_example_converges_on_the_embedded_cluster(tmp_path):
     out, nodes = run_watching("train", str(EXAMPLES / "xor.toml"), "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert nodes                                     # it did start its embedded cluster
+    assert nodes  # it did start its embedded cluster
     config = RunConfig.load(EXAMPLES / "xor.toml")
     assert config.replicas_for(50_000) == 25
     params = load_params(tmp_path / "model.npz", config.spec())
@@ -156,14 +176,22 @@ def test_xor_example_converges_on_the_embedded_cluster(tmp_path):
     assert summary["test_accuracy"] == 1.0
     metrics = (tmp_path / "metrics.csv").read_text().splitlines()
     assert metrics[0] == "seconds,examples,train_loss,test_loss,test_accuracy" and len(metrics) >= 2
-    wait_until_gone(nodes)                           # and stopped it
+    wait_until_gone(nodes)  # and stopped it
 
 
 def test_digits_example_on_hosts_given_by_the_command_line(nodes, tmp_path):
     pytest.importorskip("sklearn")
     addresses, secret = nodes
-    out = run_cli("train", str(EXAMPLES / "digits.toml"), "--hosts", ",".join(addresses),
-                  "--secret-file", str(secret), "--out", str(tmp_path))
+    out = run_cli(
+        "train",
+        str(EXAMPLES / "digits.toml"),
+        "--hosts",
+        ",".join(addresses),
+        "--secret-file",
+        str(secret),
+        "--out",
+        str(tmp_path),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.95
@@ -173,13 +201,16 @@ def test_digits_example_on_hosts_given_by_the_command_line(nodes, tmp_path):
     assert json.loads(evaluated.stdout)["accuracy"] >= 0.95
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.layers=[3, 2, 1]", "examples have 2 features, model.layers[0] is 3"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("optimizer.name=adam", "optimizer.name"),
-    ("model.colour=1", "model.colour"),
-    ("data.train=missing.csv", "missing.csv"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.layers=[3, 2, 1]", "examples have 2 features, model.layers[0] is 3"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("optimizer.name=adam", "optimizer.name"),
+        ("model.colour=1", "model.colour"),
+        ("data.train=missing.csv", "missing.csv"),
+    ],
+)
 def test_bad_configs_fail_clearly_before_starting_anything(override, message):
     out, nodes = run_watching("train", str(EXAMPLES / "xor.toml"), "--set", override, timeout=60)
     assert out.returncode == 2, out.stderr
@@ -190,17 +221,27 @@ def test_bad_configs_fail_clearly_before_starting_anything(override, message):
 def test_unreachable_host_is_named(tmp_path):
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(32))
-    out = run_cli("train", str(EXAMPLES / "xor.toml"), "--hosts", "127.0.0.1:1",
-                  "--secret-file", str(secret), timeout=60)
+    out = run_cli(
+        "train",
+        str(EXAMPLES / "xor.toml"),
+        "--hosts",
+        "127.0.0.1:1",
+        "--secret-file",
+        str(secret),
+        timeout=60,
+    )
     assert out.returncode == 1
     assert "127.0.0.1:1" in out.stderr and "unreachable" in out.stderr
 
 
 def test_bad_initial_weights_are_caught_before_any_node_starts(tmp_path):
     bad = tmp_path / "w.npz"
-    np.savez(bad, **init_params(RunConfig.load(EXAMPLES / "xor.toml", ["model.layers=[2, 3, 1]"]).spec()))
-    out, nodes = run_watching("train", str(EXAMPLES / "xor.toml"), "--set", f'model.init="{bad}"',
-                              timeout=60)
+    np.savez(
+        bad, **init_params(RunConfig.load(EXAMPLES / "xor.toml", ["model.layers=[2, 3, 1]"]).spec())
+    )
+    out, nodes = run_watching(
+        "train", str(EXAMPLES / "xor.toml"), "--set", f'model.init="{bad}"', timeout=60
+    )
     assert out.returncode == 2, out.stderr
     assert "model.init" in out.stderr and "layer0.weight has shape (3, 2)" in out.stderr
     assert not nodes
@@ -230,9 +271,13 @@ def embedded_node(driver: subprocess.Popen, name: str) -> tuple[int, set[int]]:
 
 
 def test_killing_the_node_that_holds_the_parameters_without_checkpoints_fails_clearly():
-    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "xor.toml"), "--set", "cluster.nodes=3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim, nodes = embedded_node(proc, "local-0")     # placement puts shard 0 on the first node
+    proc = subprocess.Popen(
+        [*DBNODE, "train", str(EXAMPLES / "xor.toml"), "--set", "cluster.nodes=3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim, nodes = embedded_node(proc, "local-0")  # placement puts shard 0 on the first node
     time.sleep(1.5)
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
@@ -244,16 +289,27 @@ def test_killing_the_node_that_holds_the_parameters_without_checkpoints_fails_cl
 
 def test_a_replica_node_killed_mid_run_is_replaced_and_the_run_completes(tmp_path):
     pytest.importorskip("sklearn")
-    common = ["--set", "cluster.nodes=3", "--set", "cluster.parameter_shards=1",
-              "--set", "train.epochs=60", "--set", "cluster.heartbeat=0.5"]
+    common = [
+        "--set",
+        "cluster.nodes=3",
+        "--set",
+        "cluster.parameter_shards=1",
+        "--set",
+        "train.epochs=60",
+        "--set",
+        "cluster.heartbeat=0.5",
+    ]
     calm = run_cli("train", str(EXAMPLES / "digits.toml"), *common, "--out", str(tmp_path / "calm"))
     assert calm.returncode == 0, calm.stderr[-2000:]
     calm_accuracy = json.loads((tmp_path / "calm" / "summary.json").read_text())["test_accuracy"]
 
-    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common,
-                             "--out", str(tmp_path / "hit")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim, nodes = embedded_node(proc, "local-2")     # replica partitions only
+    proc = subprocess.Popen(
+        [*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common, "--out", str(tmp_path / "hit")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim, nodes = embedded_node(proc, "local-2")  # replica partitions only
     time.sleep(1.0)
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
@@ -271,8 +327,12 @@ def calm_json_examples(tmp_path):
 
 
 def test_interrupted_run_stops_its_nodes():
-    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "xor.toml")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*DBNODE, "train", str(EXAMPLES / "xor.toml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     nodes = set(wait_for_nodes(proc, 1))
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
@@ -283,14 +343,17 @@ def test_interrupted_run_stops_its_nodes():
 
 def test_status_reports_each_node_and_names_the_unreachable(nodes, tmp_path):
     addresses, secret = nodes
-    out = run_cli("status", "--hosts", ",".join(addresses), "--secret-file", str(secret), timeout=60)
+    out = run_cli(
+        "status", "--hosts", ",".join(addresses), "--secret-file", str(secret), timeout=60
+    )
     assert out.returncode == 0, out.stderr
     entries = [json.loads(line) for line in out.stdout.splitlines()]
     assert [e["address"] for e in entries] == addresses
     assert {e["node"]["name"] for e in entries} == {"test-0", "test-1"}
     assert all("partitions" in e and "shard" in e for e in entries)
-    out = run_cli("status", "--hosts", f"{addresses[0]},127.0.0.1:1", "--secret-file", str(secret),
-                  timeout=60)
+    out = run_cli(
+        "status", "--hosts", f"{addresses[0]},127.0.0.1:1", "--secret-file", str(secret), timeout=60
+    )
     assert out.returncode == 1
     assert "error" in json.loads(out.stdout.splitlines()[1])
 
@@ -298,23 +361,42 @@ def test_status_reports_each_node_and_names_the_unreachable(nodes, tmp_path):
 def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp_path):
     pytest.importorskip("sklearn")
     heartbeat = 0.5
-    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "digits.toml"), "--set", "cluster.nodes=3",
-                             "--set", "cluster.parameter_shards=1", "--set", "train.epochs=60",
-                             "--set", f"cluster.heartbeat={heartbeat}", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *DBNODE,
+            "train",
+            str(EXAMPLES / "digits.toml"),
+            "--set",
+            "cluster.nodes=3",
+            "--set",
+            "cluster.parameter_shards=1",
+            "--set",
+            "train.epochs=60",
+            "--set",
+            f"cluster.heartbeat={heartbeat}",
+            "--out",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     victim, nodes = embedded_node(proc, "local-2")
     time.sleep(1.0)
     os.kill(victim, signal.SIGSTOP)
     stopped_at = time.time()
     try:
         deadline = time.monotonic() + 30
-        while not (tmp_path / "summary.json").exists() and proc.poll() is None \
-                and time.monotonic() < deadline:
+        while (
+            not (tmp_path / "summary.json").exists()
+            and proc.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
             if time.time() - stopped_at > 4 * heartbeat:
                 break
     finally:
-        os.kill(victim, signal.SIGCONT)           # it comes back; its old partitions must stop
+        os.kill(victim, signal.SIGCONT)  # it comes back; its old partitions must stop
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -329,17 +411,31 @@ def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp
 
 def test_a_shard_node_killed_mid_run_is_restored_from_its_checkpoint(tmp_path):
     pytest.importorskip("sklearn")
-    common = ["--set", "cluster.nodes=3", "--set", "cluster.parameter_shards=1",
-              "--set", "train.epochs=60", "--set", "cluster.heartbeat=0.5",
-              "--set", "checkpoint.interval=0.3", "--set", "checkpoint.keep=2"]
+    common = [
+        "--set",
+        "cluster.nodes=3",
+        "--set",
+        "cluster.parameter_shards=1",
+        "--set",
+        "train.epochs=60",
+        "--set",
+        "cluster.heartbeat=0.5",
+        "--set",
+        "checkpoint.interval=0.3",
+        "--set",
+        "checkpoint.keep=2",
+    ]
     calm = run_cli("train", str(EXAMPLES / "digits.toml"), *common, "--out", str(tmp_path / "calm"))
     assert calm.returncode == 0, calm.stderr[-2000:]
     calm_summary = json.loads((tmp_path / "calm" / "summary.json").read_text())
 
-    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common,
-                             "--out", str(tmp_path / "hit")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim, nodes = embedded_node(proc, "local-0")     # the node with the parameter shard
+    proc = subprocess.Popen(
+        [*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common, "--out", str(tmp_path / "hit")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim, nodes = embedded_node(proc, "local-0")  # the node with the parameter shard
     time.sleep(1.5)
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
@@ -359,29 +455,48 @@ def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path):
     # Long enough (about 10 s here) that the driver is surely killed mid-run.
     common = ["--set", "train.epochs=400", "--set", "checkpoint.interval=0.3"]
     first = tmp_path / "first"
-    proc = subprocess.Popen([*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common,
-                             "--out", str(first)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common, "--out", str(first)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     nodes = set(wait_for_nodes(proc, 1))
     deadline = time.monotonic() + 60
     while not list((first / "checkpoints").glob("ckpt-*[0-9]")) and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.kill()                                       # the driver dies outright
+    proc.kill()  # the driver dies outright
     proc.communicate(timeout=30)
-    wait_until_gone(nodes)                            # its nodes follow it (stdin closes)
+    wait_until_gone(nodes)  # its nodes follow it (stdin closes)
     assert not (first / "summary.json").exists()
 
-    out = run_cli("train", str(EXAMPLES / "digits.toml"), *common, "--resume", str(first),
-                  "--out", str(tmp_path / "second"))
+    out = run_cli(
+        "train",
+        str(EXAMPLES / "digits.toml"),
+        *common,
+        "--resume",
+        str(first),
+        "--out",
+        str(tmp_path / "second"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "second" / "summary.json").read_text())
     resumed = [e for e in summary["events"] if e["event"] == "resumed"]
     assert resumed and "ckpt-" in resumed[0]["checkpoint"]
     assert summary["test_accuracy"] >= 0.95
 
-    other = run_cli("train", str(EXAMPLES / "digits.toml"), *common, "--set", "train.seed=9",
-                    "--resume", str(first), timeout=60)
+    other = run_cli(
+        "train",
+        str(EXAMPLES / "digits.toml"),
+        *common,
+        "--set",
+        "train.seed=9",
+        "--resume",
+        str(first),
+        timeout=60,
+    )
     assert other.returncode == 2 and "another model, data, optimizer or schedule" in other.stderr
-    empty = run_cli("train", str(EXAMPLES / "digits.toml"), "--resume", str(tmp_path / "none"),
-                    timeout=60)
+    empty = run_cli(
+        "train", str(EXAMPLES / "digits.toml"), "--resume", str(tmp_path / "none"), timeout=60
+    )
     assert empty.returncode == 2 and "no complete checkpoint" in empty.stderr

@@ -26,20 +26,26 @@ learning_rate = 0.5
 def test_load_and_override(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(XOR)
-    config = RunConfig.load(path, ["train.seed=7", "model.layers=[2, 3, 1]", "optimizer.learning_rate=1"])
+    config = RunConfig.load(
+        path, ["train.seed=7", "model.layers=[2, 3, 1]", "optimizer.learning_rate=1"]
+    )
     assert config.model.layers == (2, 3, 1)
     assert config.train.seed == 7 and config.train.batch_size == 1
-    assert config.optimizer.learning_rate == 1.0 and isinstance(config.optimizer.learning_rate, float)
-    assert config.data.train == "xor:50000"            # built-in names are not paths
-    assert config.replicas_for(50_000) == 25            # the original's 25 replicas
+    assert config.optimizer.learning_rate == 1.0 and isinstance(
+        config.optimizer.learning_rate, float
+    )
+    assert config.data.train == "xor:50000"  # built-in names are not paths
+    assert config.replicas_for(50_000) == 25  # the original's 25 replicas
     assert config.spec().layers == (2, 3, 1)
     assert RunConfig.from_dict(config.to_dict()) == config
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[model]\nlayers = [4, 2]\ninit = "w.npz"\n[data]\ntrain = "d/train.csv"\n'
-                    '[cluster]\nsecret_file = "s.key"\n')
+    path.write_text(
+        '[model]\nlayers = [4, 2]\ninit = "w.npz"\n[data]\ntrain = "d/train.csv"\n'
+        '[cluster]\nsecret_file = "s.key"\n'
+    )
     config = RunConfig.load(path)
     assert config.data.train == str(tmp_path / "d/train.csv")
     assert config.model.init == str(tmp_path / "w.npz")
@@ -58,26 +64,29 @@ def with_(section, **values):
     return raw
 
 
-@pytest.mark.parametrize("raw,key", [
-    ({**BASE, "modle": {}}, "modle"),
-    (with_("model", size=3), "model.size"),
-    (with_("model", layers="2,1"), "model.layers"),
-    (with_("model", layers=[2, 1.5]), r"model.layers\[1\]"),
-    (with_("model", activation="swish"), "model.activation"),
-    (with_("model", partitions=2), "model.partitions"),
-    (with_("model", layers=[2, 0]), "model"),
-    (with_("model", _drop=True), "model.layers"),
-    (with_("data", _drop=True), "data.train"),
-    (with_("data", test_fraction=1.0), "data.test_fraction"),
-    (with_("train", batch_size=0), "train.batch_size"),
-    (with_("train", batch_size=True), "train.batch_size"),
-    (with_("train", replicas=2, examples_per_replica=10), "train.replicas"),
-    (with_("optimizer", learning_rate=-1), "optimizer.learning_rate"),
-    (with_("optimizer", learning_rate="fast"), "optimizer.learning_rate"),
-    (with_("optimizer", name="adam"), "optimizer.name"),
-    (with_("cluster", hosts=["localhost"]), "cluster.hosts"),
-    (with_("cluster", parameter_shards=0), "cluster.parameter_shards"),
-])
+@pytest.mark.parametrize(
+    "raw,key",
+    [
+        ({**BASE, "modle": {}}, "modle"),
+        (with_("model", size=3), "model.size"),
+        (with_("model", layers="2,1"), "model.layers"),
+        (with_("model", layers=[2, 1.5]), r"model.layers\[1\]"),
+        (with_("model", activation="swish"), "model.activation"),
+        (with_("model", partitions=2), "model.partitions"),
+        (with_("model", layers=[2, 0]), "model"),
+        (with_("model", _drop=True), "model.layers"),
+        (with_("data", _drop=True), "data.train"),
+        (with_("data", test_fraction=1.0), "data.test_fraction"),
+        (with_("train", batch_size=0), "train.batch_size"),
+        (with_("train", batch_size=True), "train.batch_size"),
+        (with_("train", replicas=2, examples_per_replica=10), "train.replicas"),
+        (with_("optimizer", learning_rate=-1), "optimizer.learning_rate"),
+        (with_("optimizer", learning_rate="fast"), "optimizer.learning_rate"),
+        (with_("optimizer", name="adam"), "optimizer.name"),
+        (with_("cluster", hosts=["localhost"]), "cluster.hosts"),
+        (with_("cluster", parameter_shards=0), "cluster.parameter_shards"),
+    ],
+)
 def test_bad_values_name_their_key(raw, key):
     with pytest.raises(ConfigError, match=f"^{key}"):
         RunConfig.from_dict(raw)

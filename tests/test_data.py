@@ -56,7 +56,9 @@ def test_mnist_idx_pair(tmp_path, suffix):
     assert x.shape == (6, 20) and x.max() <= 1.0
     np.testing.assert_allclose(x * 255, images.reshape(6, 20))
     np.testing.assert_array_equal(y, labels)
-    x2, _ = data.load(f"idx:{tmp_path}/train-images-idx3-ubyte{suffix},{tmp_path}/train-labels-idx1-ubyte{suffix}")
+    x2, _ = data.load(
+        f"idx:{tmp_path}/train-images-idx3-ubyte{suffix},{tmp_path}/train-labels-idx1-ubyte{suffix}"
+    )
     np.testing.assert_array_equal(x2, x)
 
 
@@ -85,7 +87,9 @@ def test_bad_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="bad magic"):
         data.load(str(tmp_path / "x-images-idx3-ubyte"))
     write_idx(tmp_path / "t-images-idx1-ubyte", np.zeros(4, np.uint8), 0x08)
-    (tmp_path / "t-images-idx1-ubyte").write_bytes((tmp_path / "t-images-idx1-ubyte").read_bytes()[:-1])
+    (tmp_path / "t-images-idx1-ubyte").write_bytes(
+        (tmp_path / "t-images-idx1-ubyte").read_bytes()[:-1]
+    )
     with pytest.raises(ConfigError, match="does not match its shape"):
         data.load(str(tmp_path / "t-images-idx1-ubyte"))
     (tmp_path / "data.bin").write_bytes(b"")

@@ -32,8 +32,12 @@ def frames(draw):
     if kind in TENSOR_KINDS and draw(st.booleans()):
         shape = tuple(draw(st.lists(st.integers(0, 40), min_size=0, max_size=3)))
         array = np.arange(int(np.prod(shape)), dtype=draw(st.sampled_from(DTYPES))).reshape(shape)
-    meta = draw(st.none() | st.dictionaries(st.text(min_size=1, max_size=5),
-                                            st.integers(-5, 5) | st.text(max_size=8), max_size=3))
+    meta = draw(
+        st.none()
+        | st.dictionaries(
+            st.text(min_size=1, max_size=5), st.integers(-5, 5) | st.text(max_size=8), max_size=3
+        )
+    )
     parts = encode_frame(kind, request_id=draw(st.integers(0, 2**64 - 1)),
                          key=draw(st.integers(0, 2**32 - 1)), seq=draw(st.integers(0, 2**64 - 1)),
                          array=array, meta=meta)  # fmt: skip

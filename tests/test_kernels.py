@@ -24,11 +24,20 @@ from dbnode import reference as R
 
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64)]
 ACTIVATIONS = ["linear", "sigmoid", "tanh", "relu", "softmax"]
-KERNELS = ["sgd", "momentum", "adagrad", "accumulate", "activation", "activation_grad",
-           "squared_error", "softmax_cross_entropy", "dense_forward", "dense_backward"]
+KERNELS = [
+    "sgd",
+    "momentum",
+    "adagrad",
+    "accumulate",
+    "activation",
+    "activation_grad",
+    "squared_error",
+    "softmax_cross_entropy",
+    "dense_forward",
+    "dense_backward",
+]
 
-SETTINGS = settings(max_examples=50, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # (rtol, atol) per dtype for elementwise results. atol is scaled by the
 # magnitude of the expected values and, for reductions, by the number of
@@ -84,7 +93,7 @@ class Guarded:
     def __init__(self, shape, dtype, fill=np.nan):
         self.n = math.prod(shape)
         self.buf = np.full(self.n + 2 * PAD, SENTINEL, dtype)
-        self.arr = self.buf[PAD:PAD + self.n].reshape(shape)
+        self.arr = self.buf[PAD : PAD + self.n].reshape(shape)
         assert self.arr.flags.c_contiguous
         assert self.n == 0 or np.shares_memory(self.arr, self.buf)
         self.arr[...] = fill
@@ -95,7 +104,7 @@ class Guarded:
 
     def assert_intact(self):
         assert (self.buf[:PAD] == SENTINEL).all(), "write before the start of the array"
-        assert (self.buf[PAD + self.n:] == SENTINEL).all(), "write past the end of the array"
+        assert (self.buf[PAD + self.n :] == SENTINEL).all(), "write past the end of the array"
 
 
 def normal(rng, shape, dtype, scale=1.0):
@@ -169,12 +178,14 @@ def call_optimizer(mod, name, w, g, state, hp):
 
 
 OPTIMIZERS = ["sgd", "momentum", "adagrad", "accumulate"]
-hyperparameters = st.fixed_dictionaries({
-    "lr": st.floats(1e-3, 1.0),
-    "mu": st.floats(0.0, 0.99),
-    "eps": st.sampled_from([1e-8, 1e-6, 0.1]),
-    "scale": st.one_of(st.floats(-2.0, -0.1), st.floats(0.1, 2.0)),
-})
+hyperparameters = st.fixed_dictionaries(
+    {
+        "lr": st.floats(1e-3, 1.0),
+        "mu": st.floats(0.0, 0.99),
+        "eps": st.sampled_from([1e-8, 1e-6, 0.1]),
+        "scale": st.one_of(st.floats(-2.0, -0.1), st.floats(0.1, 2.0)),
+    }
+)
 
 
 def optimizer_state(rng, name, shape, dtype):
@@ -187,8 +198,14 @@ def optimizer_state(rng, name, shape, dtype):
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @SETTINGS
-@given(shape=any_shape, dtype=dtypes, g_layout=layouts, g_readonly=st.booleans(),
-       hp=hyperparameters, seed=seeds)
+@given(
+    shape=any_shape,
+    dtype=dtypes,
+    g_layout=layouts,
+    g_readonly=st.booleans(),
+    hp=hyperparameters,
+    seed=seeds,
+)
 def test_optimizer_matches_reference(name, shape, dtype, g_layout, g_readonly, hp, seed):
     rng = np.random.default_rng(seed)
     w0, g0 = normal(rng, shape, dtype), normal(rng, shape, dtype)
@@ -248,11 +265,19 @@ def test_in_place_kernels_update_the_callers_arrays():
 
 
 @SETTINGS
-@given(shape=rows_cols(), dtype=dtypes, act=activations, z_layout=layouts,
-       z_readonly=st.booleans(), out_mode=st.sampled_from(["none", "given", "z"]),
-       scale=st.sampled_from([1e-3, 1.0, 30.0]), seed=seeds)
-def test_activation_matches_reference(shape, dtype, act, z_layout, z_readonly, out_mode,
-                                      scale, seed):
+@given(
+    shape=rows_cols(),
+    dtype=dtypes,
+    act=activations,
+    z_layout=layouts,
+    z_readonly=st.booleans(),
+    out_mode=st.sampled_from(["none", "given", "z"]),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    seed=seeds,
+)
+def test_activation_matches_reference(
+    shape, dtype, act, z_layout, z_readonly, out_mode, scale, seed
+):
     rng = np.random.default_rng(seed)
     z0 = normal(rng, shape, dtype, scale)
     with np.errstate(over="ignore"):  # the twin's sigmoid: exp(-z) -> inf -> 0, fine
@@ -279,11 +304,19 @@ def test_activation_matches_reference(shape, dtype, act, z_layout, z_readonly, o
 
 
 @SETTINGS
-@given(shape=rows_cols(), dtype=dtypes, act=activations, a_layout=layouts,
-       d_layout=layouts, readonly=st.booleans(),
-       out_mode=st.sampled_from(["none", "given", "delta"]), seed=seeds)
-def test_activation_grad_matches_reference(shape, dtype, act, a_layout, d_layout, readonly,
-                                           out_mode, seed):
+@given(
+    shape=rows_cols(),
+    dtype=dtypes,
+    act=activations,
+    a_layout=layouts,
+    d_layout=layouts,
+    readonly=st.booleans(),
+    out_mode=st.sampled_from(["none", "given", "delta"]),
+    seed=seeds,
+)
+def test_activation_grad_matches_reference(
+    shape, dtype, act, a_layout, d_layout, readonly, out_mode, seed
+):
     rng = np.random.default_rng(seed)
     a0 = R.activation(normal(rng, shape, dtype, 2.0), act)  # a real activation output
     d0 = normal(rng, shape, dtype)
@@ -314,11 +347,19 @@ def test_activation_grad_matches_reference(shape, dtype, act, a_layout, d_layout
 
 
 @SETTINGS
-@given(shape=rows_cols(min_rows=1), dtype=dtypes, p_layout=layouts, t_layout=layouts,
-       readonly=st.booleans(), flat_targets=st.booleans(), give_delta=st.booleans(),
-       seed=seeds)
-def test_squared_error_matches_reference(shape, dtype, p_layout, t_layout, readonly,
-                                         flat_targets, give_delta, seed):
+@given(
+    shape=rows_cols(min_rows=1),
+    dtype=dtypes,
+    p_layout=layouts,
+    t_layout=layouts,
+    readonly=st.booleans(),
+    flat_targets=st.booleans(),
+    give_delta=st.booleans(),
+    seed=seeds,
+)
+def test_squared_error_matches_reference(
+    shape, dtype, p_layout, t_layout, readonly, flat_targets, give_delta, seed
+):
     rng = np.random.default_rng(seed)
     p0, t0 = normal(rng, shape, dtype), normal(rng, shape, dtype)
     if flat_targets and shape[1] == 1:
@@ -355,11 +396,19 @@ def labels_as(y, form):
 
 
 @SETTINGS
-@given(shape=rows_cols(min_rows=1), dtype=dtypes, p_layout=layouts, readonly=st.booleans(),
-       label_form=st.sampled_from(["intp", "int32", "strided", "readonly", "list"]),
-       give_delta=st.booleans(), scale=st.sampled_from([1.0, 10.0]), seed=seeds)
-def test_softmax_cross_entropy_matches_reference(shape, dtype, p_layout, readonly, label_form,
-                                                 give_delta, scale, seed):
+@given(
+    shape=rows_cols(min_rows=1),
+    dtype=dtypes,
+    p_layout=layouts,
+    readonly=st.booleans(),
+    label_form=st.sampled_from(["intp", "int32", "strided", "readonly", "list"]),
+    give_delta=st.booleans(),
+    scale=st.sampled_from([1.0, 10.0]),
+    seed=seeds,
+)
+def test_softmax_cross_entropy_matches_reference(
+    shape, dtype, p_layout, readonly, label_form, give_delta, scale, seed
+):
     rng = np.random.default_rng(seed)
     p0 = R.activation(normal(rng, shape, dtype, scale), "softmax")
     y = rng.integers(0, shape[1], shape[0])
@@ -385,11 +434,20 @@ def test_softmax_cross_entropy_matches_reference(shape, dtype, p_layout, readonl
 
 
 @SETTINGS
-@given(shape=dense_shapes, dtype=dtypes, act=activations, x_layout=layouts,
-       w_layout=layouts, readonly=st.booleans(), give_out=st.booleans(),
-       give_scratch=st.booleans(), seed=seeds)
-def test_dense_forward_matches_reference(shape, dtype, act, x_layout, w_layout, readonly,
-                                         give_out, give_scratch, seed):
+@given(
+    shape=dense_shapes,
+    dtype=dtypes,
+    act=activations,
+    x_layout=layouts,
+    w_layout=layouts,
+    readonly=st.booleans(),
+    give_out=st.booleans(),
+    give_scratch=st.booleans(),
+    seed=seeds,
+)
+def test_dense_forward_matches_reference(
+    shape, dtype, act, x_layout, w_layout, readonly, give_out, give_scratch, seed
+):
     batch, n_in, n_out = shape
     rng = np.random.default_rng(seed)
     x0 = normal(rng, (batch, n_in), dtype)
@@ -402,8 +460,14 @@ def test_dense_forward_matches_reference(shape, dtype, act, x_layout, w_layout, 
     out = Guarded((batch, n_out), dtype) if give_out else None
     # Documented: any C-contiguous buffer of out's size, here a flat one.
     scratch = Guarded((batch * n_out,), dtype) if give_scratch else None
-    result = K.dense_forward(x, w, b, act, None if out is None else out.arr,
-                             scratch=None if scratch is None else scratch.arr)
+    result = K.dense_forward(
+        x,
+        w,
+        b,
+        act,
+        None if out is None else out.arr,
+        scratch=None if scratch is None else scratch.arr,
+    )
 
     if out is not None:
         assert result is out.arr
@@ -430,25 +494,50 @@ def test_dense_forward_accepts_a_non_contiguous_bias(dtype, bias_layout, n_out):
 
 
 @SETTINGS
-@given(shape=dense_shapes, dtype=dtypes, act=activations, x_layout=layouts,
-       a_layout=layouts, d_layout=layouts, w_layout=layouts, readonly=st.booleans(),
-       give_outs=st.booleans(), dz_mode=st.sampled_from(["none", "given", "delta"]),
-       need_delta_below=st.booleans(), seed=seeds)
-def test_dense_backward_matches_reference(shape, dtype, act, x_layout, a_layout, d_layout,
-                                          w_layout, readonly, give_outs, dz_mode,
-                                          need_delta_below, seed):
+@given(
+    shape=dense_shapes,
+    dtype=dtypes,
+    act=activations,
+    x_layout=layouts,
+    a_layout=layouts,
+    d_layout=layouts,
+    w_layout=layouts,
+    readonly=st.booleans(),
+    give_outs=st.booleans(),
+    dz_mode=st.sampled_from(["none", "given", "delta"]),
+    need_delta_below=st.booleans(),
+    seed=seeds,
+)
+def test_dense_backward_matches_reference(
+    shape,
+    dtype,
+    act,
+    x_layout,
+    a_layout,
+    d_layout,
+    w_layout,
+    readonly,
+    give_outs,
+    dz_mode,
+    need_delta_below,
+    seed,
+):
     batch, n_in, n_out = shape
     rng = np.random.default_rng(seed)
     x0 = normal(rng, (batch, n_in), dtype)
     w0 = normal(rng, (n_out, n_in), dtype, 0.5)
     a0 = R.dense_forward(x0, w0, normal(rng, (n_out,), dtype, 0.5), act)
     d0 = normal(rng, (batch, n_out), dtype)
-    want_gw, want_gb, want_db = R.dense_backward(x0, a0, d0.copy(), w0, act,
-                                                 need_delta_below=need_delta_below)
+    want_gw, want_gb, want_db = R.dense_backward(
+        x0, a0, d0.copy(), w0, act, need_delta_below=need_delta_below
+    )
     want_dz = R.activation_grad(a0, d0, act)
 
-    x, a, w = (inp(x0, x_layout, readonly), inp(a0, a_layout, readonly),
-               inp(w0, w_layout, readonly))
+    x, a, w = (
+        inp(x0, x_layout, readonly),
+        inp(a0, a_layout, readonly),
+        inp(w0, w_layout, readonly),
+    )
     outs = {}
     if give_outs:
         outs["grad_weight"] = Guarded((n_out, n_in), dtype)
@@ -498,8 +587,10 @@ def test_dense_backward_matches_reference(shape, dtype, act, x_layout, a_layout,
 # the exp-based activations), reaches PARALLEL_MIN = 1 << 20. About 100k
 # elements stays serial for the cheap kernels; LARGE_N crosses the threshold
 # for every kernel. Both counts are odd, so per-thread spans are uneven.
-LARGE = {"100k": (100_003, (317, 331), (1000, 37, 101)),
-         "1M": ((1 << 20) + 3, (1031, 1021), (4099, 37, 257))}
+LARGE = {
+    "100k": (100_003, (317, 331), (1000, 37, 101)),
+    "1M": ((1 << 20) + 3, (1031, 1021), (4099, 37, 257)),
+}
 
 
 @pytest.fixture(params=[1, 3], ids=lambda n: f"threads={n}")
@@ -819,56 +910,109 @@ WRONG_DTYPE = [
     ("adagrad-g", lambda: K.adagrad(f32(3), f64(3), f32(3), 0.1), "g"),
     ("adagrad-sum_sq", lambda: K.adagrad(f64(3), f64(3), f32(3), 0.1), "sum_sq"),
     ("accumulate-g", lambda: K.accumulate(f64(3), f32(3)), "g"),
-    ("accumulate-acc-f16", lambda: K.accumulate(np.ones(3, np.float16), np.ones(3, np.float16)),
-     "acc"),
+    (
+        "accumulate-acc-f16",
+        lambda: K.accumulate(np.ones(3, np.float16), np.ones(3, np.float16)),
+        "acc",
+    ),
     ("activation-z-int", lambda: K.activation(np.ones((2, 3), np.int64), "tanh"), "z"),
     ("activation-out", lambda: K.activation(f64(2, 3), "tanh", out=f32(2, 3)), "out"),
     ("activation_grad-delta", lambda: K.activation_grad(f64(2, 3), f32(2, 3), "tanh"), "delta"),
-    ("activation_grad-out",
-     lambda: K.activation_grad(f64(2, 3), f64(2, 3), "tanh", out=f32(2, 3)), "out"),
-    ("squared_error-p-int", lambda: K.squared_error(np.ones((2, 3), int), f64(2, 3)),
-     "(p|prediction)"),
+    (
+        "activation_grad-out",
+        lambda: K.activation_grad(f64(2, 3), f64(2, 3), "tanh", out=f32(2, 3)),
+        "out",
+    ),
+    (
+        "squared_error-p-int",
+        lambda: K.squared_error(np.ones((2, 3), int), f64(2, 3)),
+        "(p|prediction)",
+    ),
     ("squared_error-t", lambda: K.squared_error(f64(2, 3), f32(2, 3)), "(t|target)"),
     ("squared_error-delta", lambda: K.squared_error(f64(2, 3), f64(2, 3), f32(2, 3)), "delta"),
-    ("softmax_cross_entropy-p-int",
-     lambda: K.softmax_cross_entropy(np.ones((2, 3), int), [0, 1]), "(p|probabilities)"),
-    ("softmax_cross_entropy-delta",
-     lambda: K.softmax_cross_entropy(P3, [0, 1], f32(2, 3)), "delta"),
-    ("dense_forward-x-f16",
-     lambda: K.dense_forward(np.ones((2, 3), np.float16), f64(4, 3), f64(4), "tanh"), "x"),
-    ("dense_forward-weight", lambda: K.dense_forward(f64(2, 3), f32(4, 3), f64(4), "tanh"),
-     "weight"),
+    (
+        "softmax_cross_entropy-p-int",
+        lambda: K.softmax_cross_entropy(np.ones((2, 3), int), [0, 1]),
+        "(p|probabilities)",
+    ),
+    (
+        "softmax_cross_entropy-delta",
+        lambda: K.softmax_cross_entropy(P3, [0, 1], f32(2, 3)),
+        "delta",
+    ),
+    (
+        "dense_forward-x-f16",
+        lambda: K.dense_forward(np.ones((2, 3), np.float16), f64(4, 3), f64(4), "tanh"),
+        "x",
+    ),
+    (
+        "dense_forward-weight",
+        lambda: K.dense_forward(f64(2, 3), f32(4, 3), f64(4), "tanh"),
+        "weight",
+    ),
     ("dense_forward-bias", lambda: K.dense_forward(f32(2, 3), f32(4, 3), f64(4), "tanh"), "bias"),
-    ("dense_forward-out",
-     lambda: K.dense_forward(f64(2, 3), f64(4, 3), f64(4), "tanh", f32(2, 4)), "out"),
-    ("dense_forward-wide-out",
-     lambda: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", f32(2, 64)), "out"),
-    ("dense_forward-wide-scratch",
-     lambda: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", scratch=f32(128)),
-     "scratch"),
-    ("dense_backward-a",
-     lambda: K.dense_backward(f64(2, 3), f32(2, 4), f64(2, 4), f64(4, 3), "tanh"), "a"),
-    ("dense_backward-delta",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f32(2, 4), f64(4, 3), "tanh"), "delta"),
-    ("dense_backward-weight",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f32(4, 3), "tanh"), "weight"),
-    ("dense_backward-grad_weight",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh",
-                              grad_weight=f32(4, 3)), "grad_weight"),
-    ("dense_backward-grad_bias",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh",
-                              grad_bias=f32(4)), "grad_bias"),
-    ("dense_backward-delta_below",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh",
-                              delta_below=f32(2, 3)), "delta_below"),
-    ("dense_backward-dz",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", dz=f32(2, 4)),
-     "dz"),
+    (
+        "dense_forward-out",
+        lambda: K.dense_forward(f64(2, 3), f64(4, 3), f64(4), "tanh", f32(2, 4)),
+        "out",
+    ),
+    (
+        "dense_forward-wide-out",
+        lambda: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", f32(2, 64)),
+        "out",
+    ),
+    (
+        "dense_forward-wide-scratch",
+        lambda: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", scratch=f32(128)),
+        "scratch",
+    ),
+    (
+        "dense_backward-a",
+        lambda: K.dense_backward(f64(2, 3), f32(2, 4), f64(2, 4), f64(4, 3), "tanh"),
+        "a",
+    ),
+    (
+        "dense_backward-delta",
+        lambda: K.dense_backward(f64(2, 3), f64(2, 4), f32(2, 4), f64(4, 3), "tanh"),
+        "delta",
+    ),
+    (
+        "dense_backward-weight",
+        lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f32(4, 3), "tanh"),
+        "weight",
+    ),
+    (
+        "dense_backward-grad_weight",
+        lambda: K.dense_backward(
+            f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", grad_weight=f32(4, 3)
+        ),
+        "grad_weight",
+    ),
+    (
+        "dense_backward-grad_bias",
+        lambda: K.dense_backward(
+            f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", grad_bias=f32(4)
+        ),
+        "grad_bias",
+    ),
+    (
+        "dense_backward-delta_below",
+        lambda: K.dense_backward(
+            f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", delta_below=f32(2, 3)
+        ),
+        "delta_below",
+    ),
+    (
+        "dense_backward-dz",
+        lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", dz=f32(2, 4)),
+        "dz",
+    ),
 ]
 
 
-@pytest.mark.parametrize("call, name", [c[1:] for c in WRONG_DTYPE],
-                         ids=[c[0] for c in WRONG_DTYPE])
+@pytest.mark.parametrize(
+    "call, name", [c[1:] for c in WRONG_DTYPE], ids=[c[0] for c in WRONG_DTYPE]
+)
 def test_wrong_dtype_is_a_type_error_naming_the_argument(call, name):
     with pytest.raises(TypeError, match=rf"^{name}\b"):
         call()
@@ -894,33 +1038,54 @@ WRONG_SHAPE = [
     ("softmax_cross_entropy-delta", lambda: K.softmax_cross_entropy(P3, [0, 1], f64(3, 2))),
     ("dense_forward-weight", lambda: K.dense_forward(f64(2, 3), f64(4, 5), f64(4), "tanh")),
     ("dense_forward-bias", lambda: K.dense_forward(f64(2, 3), f64(4, 3), f64(5), "tanh")),
-    ("dense_forward-out",
-     lambda: K.dense_forward(f64(2, 3), f64(4, 3), f64(4), "tanh", f64(2, 5))),
-    ("dense_forward-wide-out",
-     lambda: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", f64(2, 65))),
-    ("dense_forward-wide-bias",
-     lambda: K.dense_forward(f64(2, 3), f64(64, 3), f64(65), "tanh")),
-    ("dense_forward-wide-scratch",
-     lambda: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", scratch=f64(127))),
-    ("dense_backward-x-rows",
-     lambda: K.dense_backward(f64(3, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh")),
-    ("dense_backward-a-cols",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 5), f64(2, 5), f64(4, 3), "tanh")),
-    ("dense_backward-delta",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 5), f64(4, 3), "tanh")),
-    ("dense_backward-weight-in",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 5), "tanh")),
-    ("dense_backward-grad_weight",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh",
-                              grad_weight=f64(4, 4))),
-    ("dense_backward-grad_bias",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh",
-                              grad_bias=f64(5))),
-    ("dense_backward-delta_below",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh",
-                              delta_below=f64(2, 4))),
-    ("dense_backward-dz",
-     lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", dz=f64(2, 3))),
+    ("dense_forward-out", lambda: K.dense_forward(f64(2, 3), f64(4, 3), f64(4), "tanh", f64(2, 5))),
+    (
+        "dense_forward-wide-out",
+        lambda: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", f64(2, 65)),
+    ),
+    ("dense_forward-wide-bias", lambda: K.dense_forward(f64(2, 3), f64(64, 3), f64(65), "tanh")),
+    (
+        "dense_forward-wide-scratch",
+        lambda: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", scratch=f64(127)),
+    ),
+    (
+        "dense_backward-x-rows",
+        lambda: K.dense_backward(f64(3, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh"),
+    ),
+    (
+        "dense_backward-a-cols",
+        lambda: K.dense_backward(f64(2, 3), f64(2, 5), f64(2, 5), f64(4, 3), "tanh"),
+    ),
+    (
+        "dense_backward-delta",
+        lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 5), f64(4, 3), "tanh"),
+    ),
+    (
+        "dense_backward-weight-in",
+        lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 5), "tanh"),
+    ),
+    (
+        "dense_backward-grad_weight",
+        lambda: K.dense_backward(
+            f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", grad_weight=f64(4, 4)
+        ),
+    ),
+    (
+        "dense_backward-grad_bias",
+        lambda: K.dense_backward(
+            f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", grad_bias=f64(5)
+        ),
+    ),
+    (
+        "dense_backward-delta_below",
+        lambda: K.dense_backward(
+            f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", delta_below=f64(2, 4)
+        ),
+    ),
+    (
+        "dense_backward-dz",
+        lambda: K.dense_backward(f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", dz=f64(2, 3)),
+    ),
 ]
 
 
@@ -935,25 +1100,43 @@ for _make in (strided, readonly):
     _kind = _make.__name__
     BAD_OUTPUT += [
         (f"activation-out-{_kind}", lambda m=_make: K.activation(f64(2, 3), "tanh", out=m(2, 3))),
-        (f"activation_grad-out-{_kind}",
-         lambda m=_make: K.activation_grad(f64(2, 3), f64(2, 3), "tanh", out=m(2, 3))),
-        (f"squared_error-delta-{_kind}",
-         lambda m=_make: K.squared_error(f64(2, 3), f64(2, 3), m(2, 3))),
-        (f"softmax_cross_entropy-delta-{_kind}",
-         lambda m=_make: K.softmax_cross_entropy(P3, [0, 1], m(2, 3))),
-        (f"dense_forward-out-{_kind}",
-         lambda m=_make: K.dense_forward(f64(2, 3), f64(4, 3), f64(4), "tanh", m(2, 4))),
-        (f"dense_forward-wide-out-{_kind}",
-         lambda m=_make: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", m(2, 64))),
-        (f"dense_forward-wide-scratch-{_kind}",
-         lambda m=_make: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh",
-                                         scratch=m(128))),
+        (
+            f"activation_grad-out-{_kind}",
+            lambda m=_make: K.activation_grad(f64(2, 3), f64(2, 3), "tanh", out=m(2, 3)),
+        ),
+        (
+            f"squared_error-delta-{_kind}",
+            lambda m=_make: K.squared_error(f64(2, 3), f64(2, 3), m(2, 3)),
+        ),
+        (
+            f"softmax_cross_entropy-delta-{_kind}",
+            lambda m=_make: K.softmax_cross_entropy(P3, [0, 1], m(2, 3)),
+        ),
+        (
+            f"dense_forward-out-{_kind}",
+            lambda m=_make: K.dense_forward(f64(2, 3), f64(4, 3), f64(4), "tanh", m(2, 4)),
+        ),
+        (
+            f"dense_forward-wide-out-{_kind}",
+            lambda m=_make: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", m(2, 64)),
+        ),
+        (
+            f"dense_forward-wide-scratch-{_kind}",
+            lambda m=_make: K.dense_forward(f64(2, 3), f64(64, 3), f64(64), "tanh", scratch=m(128)),
+        ),
     ] + [
-        (f"dense_backward-{arg}-{_kind}",
-         lambda m=_make, arg=arg, shape=shape: K.dense_backward(
-             f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", **{arg: m(*shape)}))
-        for arg, shape in (("grad_weight", (4, 3)), ("grad_bias", (4,)),
-                           ("delta_below", (2, 3)), ("dz", (2, 4)))
+        (
+            f"dense_backward-{arg}-{_kind}",
+            lambda m=_make, arg=arg, shape=shape: K.dense_backward(
+                f64(2, 3), f64(2, 4), f64(2, 4), f64(4, 3), "tanh", **{arg: m(*shape)}
+            ),
+        )
+        for arg, shape in (
+            ("grad_weight", (4, 3)),
+            ("grad_bias", (4,)),
+            ("delta_below", (2, 3)),
+            ("dz", (2, 4)),
+        )
     ]
 
 
@@ -1049,8 +1232,9 @@ def test_sigmoid_and_tanh_saturate_to_finite_limits(dtype):
     np.testing.assert_array_equal(s, np.array([[0, 1, 0, 1, 0.5]], dtype))
     np.testing.assert_array_equal(t, np.array([[-1, 1, -1, 1, 0]], dtype))
     # The dense layer's fused bias+activation path saturates the same way.
-    a = K.dense_forward(np.zeros((1, 2), dtype), np.zeros((2, 2), dtype),
-                        np.array([-1000, 1000], dtype), "sigmoid")
+    a = K.dense_forward(
+        np.zeros((1, 2), dtype), np.zeros((2, 2), dtype), np.array([-1000, 1000], dtype), "sigmoid"
+    )
     np.testing.assert_array_equal(a, np.array([[0, 1]], dtype))
     grad = K.activation_grad(s, np.ones_like(s), "sigmoid")
     assert np.isfinite(grad).all()
@@ -1060,13 +1244,12 @@ def test_sigmoid_and_tanh_saturate_to_finite_limits(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_softmax_of_large_logits_is_finite_and_normalized(dtype):
     big = float(np.finfo(dtype).max) / 2
-    z = np.array([[1000, 999, -1000],
-                  [1e4, 1e4, 1e4],
-                  [-1e4, 0, 1e4],
-                  [big, -big, 0]], dtype)
-    for p in (K.activation(z, "softmax"),
-              K.dense_forward(np.eye(4, dtype=dtype), np.zeros((3, 4), dtype), z[1], "softmax"),
-              K.dense_forward(np.zeros((4, 1), dtype), np.zeros((3, 1), dtype), z[3], "softmax")):
+    z = np.array([[1000, 999, -1000], [1e4, 1e4, 1e4], [-1e4, 0, 1e4], [big, -big, 0]], dtype)
+    for p in (
+        K.activation(z, "softmax"),
+        K.dense_forward(np.eye(4, dtype=dtype), np.zeros((3, 4), dtype), z[1], "softmax"),
+        K.dense_forward(np.zeros((4, 1), dtype), np.zeros((3, 1), dtype), z[3], "softmax"),
+    ):
         assert np.isfinite(p).all()
         np.testing.assert_allclose(p.sum(axis=1), 1, rtol=TOL[np.dtype(dtype)][0])
     p = K.activation(z, "softmax")

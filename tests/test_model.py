@@ -62,8 +62,14 @@ def reference_step(spec, params, x, y, lr):
     """One minibatch SGD step composed from the numpy twins, for comparison."""
     acts, n = [x], spec.n_layers
     for i in range(n):
-        acts.append(reference.dense_forward(acts[-1], params[f"layer{i}.weight"],
-                                            params[f"layer{i}.bias"], spec.activation_of(i)))
+        acts.append(
+            reference.dense_forward(
+                acts[-1],
+                params[f"layer{i}.weight"],
+                params[f"layer{i}.bias"],
+                spec.activation_of(i),
+            )
+        )
     if spec.loss == "cross_entropy":
         loss, delta = reference.softmax_cross_entropy(acts[-1], y)
     else:
@@ -71,19 +77,23 @@ def reference_step(spec, params, x, y, lr):
     grads = {}
     for i in range(n - 1, -1, -1):
         act = "linear" if (spec.loss == "cross_entropy" and i == n - 1) else spec.activation_of(i)
-        gw, gb, delta = reference.dense_backward(acts[i], acts[i + 1], delta,
-                                                 params[f"layer{i}.weight"], act)
+        gw, gb, delta = reference.dense_backward(
+            acts[i], acts[i + 1], delta, params[f"layer{i}.weight"], act
+        )
         grads[f"layer{i}.weight"], grads[f"layer{i}.bias"] = gw, gb
     for name, g in grads.items():
         reference.sgd(params[name], g, lr)
     return loss
 
 
-@pytest.mark.parametrize("layers,hidden,output,loss", [
-    ((5, 7, 3), "relu", "softmax", "cross_entropy"),
-    ((4, 6, 5, 2), "tanh", "sigmoid", "squared_error"),
-    ((3, 8, 8, 4), "sigmoid", "linear", "squared_error"),
-])
+@pytest.mark.parametrize(
+    "layers,hidden,output,loss",
+    [
+        ((5, 7, 3), "relu", "softmax", "cross_entropy"),
+        ((4, 6, 5, 2), "tanh", "sigmoid", "squared_error"),
+        ((3, 8, 8, 4), "sigmoid", "linear", "squared_error"),
+    ],
+)
 def test_trainer_matches_numpy_reference_over_many_steps(layers, hidden, output, loss):
     spec = ModelSpec(layers, activation=hidden, output=output, loss=loss, dtype="float64")
     ours, ref = init_params(spec, "xavier", 1), init_params(spec, "xavier", 1)
@@ -117,10 +127,14 @@ def test_xor_converges_with_the_original_settings():
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_trainer_learns_synthetic_classes(dtype):
     x, y = blobs(3000, features=8, classes=4, spread=0.4, seed=2)
-    spec = ModelSpec((8, 32, 4), activation="relu", output="softmax", loss="cross_entropy", dtype=dtype)
+    spec = ModelSpec(
+        (8, 32, 4), activation="relu", output="softmax", loss="cross_entropy", dtype=dtype
+    )
     params = init_params(spec, "he", seed=0)
     before = evaluate(spec, params, x[2500:], y[2500:])
-    Trainer(spec, params, make_optimizer("momentum", 0.05)).fit(x[:2500], y[:2500], batch_size=16, epochs=4)
+    Trainer(spec, params, make_optimizer("momentum", 0.05)).fit(
+        x[:2500], y[:2500], batch_size=16, epochs=4
+    )
     after = evaluate(spec, params, x[2500:], y[2500:])
     assert after["accuracy"] >= 0.95 > before["accuracy"]
     assert after["loss"] < before["loss"]
@@ -141,13 +155,18 @@ def test_adagrad_trainer_learns_regression():
 def test_split_stacks_compute_what_the_whole_stack_computes():
     # A replica split into layer partitions must compute the same forward
     # and backward as the unsplit network.
-    spec = ModelSpec((6, 9, 7, 5, 3), activation="tanh", output="softmax", loss="cross_entropy",
-                     dtype="float64")
+    spec = ModelSpec(
+        (6, 9, 7, 5, 3), activation="tanh", output="softmax", loss="cross_entropy", dtype="float64"
+    )
     params = init_params(spec, "xavier", 4)
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(10, 6)), rng.integers(0, 3, 10)
     whole = LayerStack(spec, params)
-    parts = [LayerStack(spec, params, 0, 1), LayerStack(spec, params, 1, 3), LayerStack(spec, params, 3)]
+    parts = [
+        LayerStack(spec, params, 0, 1),
+        LayerStack(spec, params, 1, 3),
+        LayerStack(spec, params, 3),
+    ]
     out_whole = whole.forward(x).copy()
     h = x
     for part in parts:
@@ -175,16 +194,19 @@ def test_stack_rejects_bad_input():
         LayerStack(spec, init_params(spec), 1, 1)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"layers": (3,)}, "at least an input and an output"),
-    ({"layers": (3, 0, 1)}, "positive integers"),
-    ({"layers": (3, 2.5, 1)}, "positive integers"),
-    ({"layers": (2, 1), "activation": "swish"}, "activation: 'swish'"),
-    ({"layers": (2, 1), "output": "tanh"}, "output: 'tanh'"),
-    ({"layers": (2, 1), "loss": "hinge"}, "loss: 'hinge'"),
-    ({"layers": (2, 1), "dtype": "float16"}, "dtype: 'float16'"),
-    ({"layers": (2, 3), "loss": "cross_entropy"}, "cross_entropy needs output = 'softmax'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"layers": (3,)}, "at least an input and an output"),
+        ({"layers": (3, 0, 1)}, "positive integers"),
+        ({"layers": (3, 2.5, 1)}, "positive integers"),
+        ({"layers": (2, 1), "activation": "swish"}, "activation: 'swish'"),
+        ({"layers": (2, 1), "output": "tanh"}, "output: 'tanh'"),
+        ({"layers": (2, 1), "loss": "hinge"}, "loss: 'hinge'"),
+        ({"layers": (2, 1), "dtype": "float16"}, "dtype: 'float16'"),
+        ({"layers": (2, 3), "loss": "cross_entropy"}, "cross_entropy needs output = 'softmax'"),
+    ],
+)
 def test_spec_rejects_bad_values_naming_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ModelSpec(**kwargs)
@@ -196,15 +218,16 @@ def test_initializers():
     assert normal["layer0.weight"].shape == (300, 400) and normal["layer0.bias"].shape == (300,)
     assert normal["layer0.weight"].dtype == np.float32
     assert abs(normal["layer0.weight"].std() - 0.2) < 0.005
-    assert abs(normal["layer0.bias"].std() - 0.2) < 0.05      # the original drew biases too
+    assert abs(normal["layer0.bias"].std() - 0.2) < 0.05  # the original drew biases too
     xavier = init_params(spec, "xavier", seed=0)
     assert abs(xavier["layer0.weight"].std() - math.sqrt(2 / 700)) < 0.002
     assert not xavier["layer0.bias"].any()
     he = init_params(spec, "he", seed=0)
     assert abs(he["layer0.weight"].std() - math.sqrt(2 / 400)) < 0.002
-    assert all(p.ctypes.data % 64 == 0 for p in he.values())     # cache-line aligned
-    np.testing.assert_array_equal(init_params(spec, "he", 1)["layer1.weight"],
-                                  init_params(spec, "he", 1)["layer1.weight"])
+    assert all(p.ctypes.data % 64 == 0 for p in he.values())  # cache-line aligned
+    np.testing.assert_array_equal(
+        init_params(spec, "he", 1)["layer1.weight"], init_params(spec, "he", 1)["layer1.weight"]
+    )
     for bad in ("uniform", "normal:x", "xavier:2"):
         with pytest.raises(ValueError, match="init"):
             init_params(spec, bad)

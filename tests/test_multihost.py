@@ -33,7 +33,7 @@ from dbnode.placement import place
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 DBNODE = [sys.executable, "-m", "dbnode.cli"]
-PORT = 7070                 # every host has its own port space: the default port on each
+PORT = 7070  # every host has its own port space: the default port on each
 HOSTS = ["h1", "h2", "h3"]
 
 
@@ -52,25 +52,43 @@ class Cluster:
         summary and the wall time."""
         sets = [arg for o in overrides for arg in ("--set", o)]
         start = time.monotonic()
-        done = self.net.run("driver", [*DBNODE, "train", str(EXAMPLES / config), "--hosts",
-                                       self.hosts, "--secret-file", str(self.secret),
-                                       "--out", str(out), *sets], timeout=timeout, cwd=ROOT)
+        done = self.net.run(
+            "driver",
+            [
+                *DBNODE,
+                "train",
+                str(EXAMPLES / config),
+                "--hosts",
+                self.hosts,
+                "--secret-file",
+                str(self.secret),
+                "--out",
+                str(out),
+                *sets,
+            ],
+            timeout=timeout,
+            cwd=ROOT,
+        )
         wall = time.monotonic() - start
         assert done.returncode == 0, done.stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
-        print(f"\n{' '.join([config, *overrides])}: wall {wall:.1f} s, "
-              f"train {summary['seconds']} s, test accuracy {summary['test_accuracy']:.4f}")
+        print(
+            f"\n{' '.join([config, *overrides])}: wall {wall:.1f} s, "
+            f"train {summary['seconds']} s, test accuracy {summary['test_accuracy']:.4f}"
+        )
         return summary, wall
 
     def connect_time(self, host: str, port: int = 9, tries: int = 5) -> float:
         """Median seconds for the driver to get an answer (a refusal: nothing
         listens on ``port``) to a TCP SYN sent to ``host``: one round trip."""
-        code = ("import socket, time\n"
-                f"for _ in range({tries}):\n"
-                "    s = socket.socket(); s.settimeout(10); t = time.monotonic()\n"
-                f"    try: s.connect(({self.net.address[host]!r}, {port}))\n"
-                "    except ConnectionRefusedError: pass\n"
-                "    print(time.monotonic() - t); s.close()\n")
+        code = (
+            "import socket, time\n"
+            f"for _ in range({tries}):\n"
+            "    s = socket.socket(); s.settimeout(10); t = time.monotonic()\n"
+            f"    try: s.connect(({self.net.address[host]!r}, {port}))\n"
+            "    except ConnectionRefusedError: pass\n"
+            "    print(time.monotonic() - t); s.close()\n"
+        )
         done = self.net.run("driver", [sys.executable, "-c", code], timeout=60)
         assert done.returncode == 0, done.stderr
         return statistics.median(float(t) for t in done.stdout.split())
@@ -93,8 +111,20 @@ def cluster(tmp_path_factory):
     try:
         net.up()
         for h in HOSTS:
-            nodes[h] = net.start(h, [*DBNODE, "serve", "--listen", f"{net.address[h]}:{PORT}",
-                                     "--secret-file", str(secret), "--name", h], cwd=ROOT)
+            nodes[h] = net.start(
+                h,
+                [
+                    *DBNODE,
+                    "serve",
+                    "--listen",
+                    f"{net.address[h]}:{PORT}",
+                    "--secret-file",
+                    str(secret),
+                    "--name",
+                    h,
+                ],
+                cwd=ROOT,
+            )
         for h, node in nodes.items():
             bound = node.wait_for(r"^dbnode serve: listening on (\S+)$", timeout=30).group(1)
             assert bound == f"{net.address[h]}:{PORT}"
@@ -114,12 +144,17 @@ def test_each_node_is_reached_over_the_bridge_only(cluster):
     code = f"import socket; socket.create_connection(('127.0.0.1', {PORT}), 5)"
     probe = cluster.net.run("driver", [sys.executable, "-c", code], timeout=30)
     assert probe.returncode != 0 and "ConnectionRefusedError" in probe.stderr
-    done = cluster.net.run("driver", [*DBNODE, "status", "--hosts", cluster.hosts,
-                                      "--secret-file", str(cluster.secret)], timeout=60, cwd=ROOT)
+    done = cluster.net.run(
+        "driver",
+        [*DBNODE, "status", "--hosts", cluster.hosts, "--secret-file", str(cluster.secret)],
+        timeout=60,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     entries = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(e["address"], e["node"]["name"]) for e in entries] == [
-        (f"{cluster.net.address[h]}:{PORT}", h) for h in HOSTS]
+        (f"{cluster.net.address[h]}:{PORT}", h) for h in HOSTS
+    ]
 
 
 def xor_rows_right(out: Path, config: RunConfig) -> np.ndarray:
@@ -176,17 +211,21 @@ def test_training_converges_over_a_slow_lossy_link(cluster, tmp_path, run):
         pytest.skip(f"cannot degrade a link: {reason}")
     config = RunConfig.load(EXAMPLES / config_name, overrides)
     # h1 holds (the first of) the parameter shard(s), whatever the replicas.
-    assert place(len(HOSTS), config.cluster.parameter_shards, 1,
-                 config.model.partitions).shards[0] == 0
+    assert (
+        place(len(HOSTS), config.cluster.parameter_shards, 1, config.model.partitions).shards[0]
+        == 0
+    )
 
     before = cluster.connect_time("h1")
     with cluster.net.impair("h1", DELAY_MS, LOSS_PCT) as link:
         during = cluster.connect_time("h1")
         summary, wall = cluster.train(config_name, *overrides, out=tmp_path, timeout=150)
     after = cluster.connect_time("h1")
-    print(f"link to h1 ({link.how}): round trip {before * 1e3:.2f} ms before, "
-          f"{during * 1e3:.1f} ms impaired, {after * 1e3:.2f} ms after; "
-          f"{link.dropped} frames dropped, {link.passed} passed")
+    print(
+        f"link to h1 ({link.how}): round trip {before * 1e3:.2f} ms before, "
+        f"{during * 1e3:.1f} ms impaired, {after * 1e3:.2f} ms after; "
+        f"{link.dropped} frames dropped, {link.passed} passed"
+    )
     assert during >= DELAY_MS / 1000 * 0.9, "the link was not slowed down"
     assert link.dropped > 0, "the link dropped nothing"
     assert after < DELAY_MS / 1000 / 2 and cluster.net.impaired() == [], "impairment not removed"

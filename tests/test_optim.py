@@ -32,7 +32,11 @@ def test_each_optimizer_round_trips_its_wire_form(name):
 def test_the_config_section_is_the_optimizer():
     config = config_with(name="momentum", learning_rate=1, momentum=0.5)
     assert config.optimizer == optim.Momentum(1.0, 0.5)
-    assert config.to_dict()["optimizer"] == {"name": "momentum", "learning_rate": 1.0, "momentum": 0.5}
+    assert config.to_dict()["optimizer"] == {
+        "name": "momentum",
+        "learning_rate": 1.0,
+        "momentum": 0.5,
+    }
     assert RunConfig.from_dict(config.to_dict()) == config
     assert RunConfig.from_dict(BASE).optimizer == optim.SGD(0.01)  # the default
 
@@ -60,7 +64,12 @@ def test_bad_settings_name_the_key_and_what_is_allowed(optimizer, key, words):
 def test_a_shard_refuses_a_bad_optimizer_with_the_reason():
     shard = ParameterShard()
     with pytest.raises(ShardError, match=r"optimizer\.momentum.*unknown setting for sgd"):
-        shard.init(1, "w", np.zeros(3, np.float32), optimizer={"name": "sgd", "learning_rate": 0.1, "momentum": 0.9})
+        shard.init(
+            1,
+            "w",
+            np.zeros(3, np.float32),
+            optimizer={"name": "sgd", "learning_rate": 0.1, "momentum": 0.9},
+        )
     with pytest.raises(ShardError, match="mapping with 'name' and 'learning_rate'"):
         shard.init(1, "w", np.zeros(3, np.float32), optimizer=["sgd"])
     assert shard.keys() == []

@@ -20,16 +20,37 @@ DBNODE = str(_BESIDE) if _BESIDE.exists() else shutil.which("dbnode")
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_public_api_is_pinned():
     assert sorted(dbnode.__all__) == [
-        "Adagrad", "ConfigError", "DBNodeError", "LayerStack", "LocalProtocolError", "ModelSpec",
-        "Momentum", "ProtocolError", "RemoteProtocolError", "RunConfig", "SGD", "Summary",
-        "TrainResult", "Trainer", "__version__", "evaluate", "from_bias_first", "init_params",
-        "load_params", "make_optimizer", "predict", "save_params", "to_bias_first", "train",
+        "Adagrad",
+        "ConfigError",
+        "DBNodeError",
+        "LayerStack",
+        "LocalProtocolError",
+        "ModelSpec",
+        "Momentum",
+        "ProtocolError",
+        "RemoteProtocolError",
+        "RunConfig",
+        "SGD",
+        "Summary",
+        "TrainResult",
+        "Trainer",
+        "__version__",
+        "evaluate",
+        "from_bias_first",
+        "init_params",
+        "load_params",
+        "make_optimizer",
+        "predict",
+        "save_params",
+        "to_bias_first",
+        "train",
     ]
     for name in dbnode.__all__:
         assert getattr(dbnode, name) is not None
@@ -107,15 +128,27 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sdist_ships_the_kernel_sources_and_builds_a_wheel(tmp_path):
     # python -m build makes the sdist, then builds the wheel from the sdist
     # alone: this fails if a .pyx, .h or build file is missing from it.
-    out = subprocess.run([sys.executable, "-m", "build", "--outdir", str(tmp_path), str(ROOT)],
-                         env={**os.environ, "DBNODE_MARCH": "portable"},
-                         capture_output=True, text=True, timeout=1200)
+    out = subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(tmp_path), str(ROOT)],
+        env={**os.environ, "DBNODE_MARCH": "portable"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     (sdist,) = tmp_path.glob("dbnode-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    assert {"csrc/_kernels.pyx", "csrc/_target.pyx", "csrc/dbnode_math.h", "setup.py",
-            "pyproject.toml", "README.md", "engine/kernels.py", "cli/main.py"} <= names
+    assert {
+        "csrc/_kernels.pyx",
+        "csrc/_target.pyx",
+        "csrc/dbnode_math.h",
+        "setup.py",
+        "pyproject.toml",
+        "README.md",
+        "engine/kernels.py",
+        "cli/main.py",
+    } <= names
     (wheel,) = tmp_path.glob("dbnode-*.whl")
     with zipfile.ZipFile(wheel) as whl:
         files = whl.namelist()

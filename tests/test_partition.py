@@ -16,15 +16,22 @@ from dbnode.trainer import Trainer
 
 def run_one_replica(spec, params, x, y, bounds, n_shards, lr, n_fetch, n_push, batch, epochs, seed):
     blocks = {f"block{k}": pack_block(spec, params, a, b) for k, (a, b) in enumerate(bounds)}
-    plan = plan_shards({n: b.shape for n, b in blocks.items()}, n_shards, spec.np_dtype.itemsize,
-                       min_split_bytes=64)
+    plan = plan_shards(
+        {n: b.shape for n, b in blocks.items()},
+        n_shards,
+        spec.np_dtype.itemsize,
+        min_split_bytes=64,
+    )
     shards = [ParameterShard(i) for i in range(n_shards)]
     for name, full in blocks.items():
         for key, piece in plan.cut(name, full).items():
-            shards[plan.slice(key).shard].init(key, plan.slice(key).name, piece,
-                                               optimizer={"name": "sgd", "learning_rate": lr})
-    cores = [PartitionCore(spec, a, b, blocks[f"block{k}"].copy(), lr, n_fetch, n_push)
-             for k, (a, b) in enumerate(bounds)]
+            shards[plan.slice(key).shard].init(
+                key, plan.slice(key).name, piece, optimizer={"name": "sgd", "learning_rate": lr}
+            )
+    cores = [
+        PartitionCore(spec, a, b, blocks[f"block{k}"].copy(), lr, n_fetch, n_push)
+        for k, (a, b) in enumerate(bounds)
+    ]
     targets = Loss(spec).targets(y)
     for step, idx in enumerate(batch_indices(len(x), batch, epochs, seed)):
         h = x[idx]
@@ -57,8 +64,9 @@ def run_one_replica(spec, params, x, y, bounds, n_shards, lr, n_fetch, n_push, b
 @pytest.mark.parametrize("bounds", [[(0, 3)], [(0, 1), (1, 3)], [(0, 1), (1, 2), (2, 3)]])
 @pytest.mark.parametrize("n_shards", [1, 3])
 def test_one_replica_fetching_and_pushing_every_step_is_the_reference_trainer(bounds, n_shards):
-    spec = ModelSpec((5, 8, 6, 3), activation="tanh", output="softmax", loss="cross_entropy",
-                     dtype="float64")
+    spec = ModelSpec(
+        (5, 8, 6, 3), activation="tanh", output="softmax", loss="cross_entropy", dtype="float64"
+    )
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
     params = init_params(spec, "xavier", seed=1)
@@ -77,11 +85,23 @@ def test_accumulating_pushes_sum_the_steps_between_them():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(9, 3)), rng.random(9)
     params = init_params(spec, seed=3)
-    final, shards, plan = run_one_replica(spec, {k: v.copy() for k, v in params.items()}, x, y,
-                                          [(0, 1), (1, 2)], 2, 0.1, 3, 3, 1, 1, 0)
+    final, shards, plan = run_one_replica(
+        spec,
+        {k: v.copy() for k, v in params.items()},
+        x,
+        y,
+        [(0, 1), (1, 2)],
+        2,
+        0.1,
+        3,
+        3,
+        1,
+        1,
+        0,
+    )
     ref = {k: v.copy() for k, v in params.items()}
     Trainer(spec, ref, make_optimizer("sgd", 0.1)).fit(x, y, batch_size=1, epochs=1, seed=0)
-    for name in ref:   # local SGD between pushes: the same trajectory
+    for name in ref:  # local SGD between pushes: the same trajectory
         np.testing.assert_allclose(final[name], ref[name], rtol=0, atol=1e-12)
     assert sum(s.stats()["totals"]["pushes"] for s in shards) == 3 * len(plan.slices)
 
@@ -99,7 +119,7 @@ def test_block_layout_aligns_every_tensor_and_round_trips():
         assert views[name].base is flat or views[name].base is flat.base
     padding = np.ones(total, bool)
     for off, shape in layout.values():
-        padding[off:off + int(np.prod(shape))] = False
+        padding[off : off + int(np.prod(shape))] = False
     assert not flat[padding].any()
     with pytest.raises(ValueError, match="flat block"):
         block_views(spec, flat[:-1], 0, 2)
@@ -115,7 +135,7 @@ def test_core_buffers():
     assert core.push_due and not core.fetch_due
     grads = core.take_gradients()
     assert grads.any() and grads.dtype == np.float32
-    assert not core.take_gradients().any()              # a fresh buffer
+    assert not core.take_gradients().any()  # a fresh buffer
     core.release(grads)
     assert not grads.any()
     with pytest.raises(ValueError, match="fetched block"):
@@ -123,7 +143,9 @@ def test_core_buffers():
     other = core.install(flat.copy() + 1)
     assert other is flat and core.flat is not flat
     middle_spec = ModelSpec((3, 4, 4, 2))
-    middle = PartitionCore(middle_spec, 1, 2, pack_block(middle_spec, init_params(middle_spec), 1, 2), 0.1)
+    middle = PartitionCore(
+        middle_spec, 1, 2, pack_block(middle_spec, init_params(middle_spec), 1, 2), 0.1
+    )
     with pytest.raises(RuntimeError, match="last partition"):
         middle.loss_delta(np.zeros((1, 4), np.float32), np.zeros((1, 2), np.float32))
 
@@ -133,20 +155,20 @@ def test_a_late_fetch_keeps_the_local_steps_taken_since_it_was_issued():
     rng = np.random.default_rng(5)
     x, y = rng.normal(size=(6, 3)), rng.random((6, 2))
     params = init_params(spec, seed=1)
-    shard = pack_block(spec, params, 0, 2)                # a stand-in shard, plain SGD
+    shard = pack_block(spec, params, 0, 2)  # a stand-in shard, plain SGD
     core = PartitionCore(spec, 0, 2, shard.copy(), 0.3)
     ref = {k: v.copy() for k, v in params.items()}
     trainer = Trainer(spec, ref, make_optimizer("sgd", 0.3))
     pending = None
     for i in range(6):
-        out = core.forward(x[i:i + 1])
-        _, delta = core.loss_delta(out, y[i:i + 1])
+        out = core.forward(x[i : i + 1])
+        _, delta = core.loss_delta(out, y[i : i + 1])
         core.backward(delta)
-        trainer.step(x[i:i + 1], y[i:i + 1])
-        if pending is not None:                            # the last fetch lands a step late
+        trainer.step(x[i : i + 1], y[i : i + 1])
+        if pending is not None:  # the last fetch lands a step late
             core.install(pending)
         grads = core.take_gradients()
-        shard -= 0.3 * grads                               # the push lands at once
+        shard -= 0.3 * grads  # the push lands at once
         core.release(grads)
         core.fetch_issued()
         pending = shard.copy()
@@ -166,10 +188,10 @@ def test_late_fetches_with_any_push_and_fetch_periods(n_fetch, n_push):
     trainer = Trainer(spec, ref, make_optimizer("sgd", 0.2))
     pending = None
     for i in range(12):
-        out = core.forward(x[i:i + 1])
-        _, delta = core.loss_delta(out, y[i:i + 1])
+        out = core.forward(x[i : i + 1])
+        _, delta = core.loss_delta(out, y[i : i + 1])
         core.backward(delta)
-        trainer.step(x[i:i + 1], y[i:i + 1])
+        trainer.step(x[i : i + 1], y[i : i + 1])
         if pending is not None and (core.push_due or core.fetch_due):
             core.install(pending)
             pending = None

@@ -16,7 +16,8 @@ NAMES = [f"layer{i}.{kind}" for i in range(6) for kind in ("weight", "bias")] + 
 
 shapes_st = st.dictionaries(
     st.sampled_from(NAMES),
-    st.tuples(st.integers(0, 300)) | st.tuples(st.integers(0, 200), st.integers(0, 40))
+    st.tuples(st.integers(0, 300))
+    | st.tuples(st.integers(0, 200), st.integers(0, 40))
     | st.tuples(st.integers(1, 20), st.integers(1, 5), st.integers(1, 4)),
     min_size=1,
     max_size=10,
@@ -51,7 +52,7 @@ def test_every_row_owned_exactly_once(args):
             assert s.nbytes == int(np.prod(s.shape)) * plan.itemsize
             assert s.whole == (len(pieces) == 1)
             assert s.name == (name if s.whole else f"{name}[{s.row_start}:{s.row_stop}]")
-            owner[s.row_start:s.row_stop] += 1
+            owner[s.row_start : s.row_stop] += 1
         assert (owner == 1).all()
         # contiguous, in row order, starting at 0
         assert [s.row_start for s in pieces] == [0] + [s.row_stop for s in pieces[:-1]]
@@ -259,6 +260,7 @@ def test_place_rejects_bad_counts(args, key):
 
 # --------------------------------------------------------------- split_layers
 
+
 @given(st.lists(st.integers(1, 300), min_size=2, max_size=9), st.data())
 @settings(max_examples=100, deadline=None)
 def test_split_layers_is_contiguous_and_optimal(layers, data):
@@ -266,11 +268,15 @@ def test_split_layers_is_contiguous_and_optimal(layers, data):
     parts = data.draw(st.integers(1, n))
     bounds = split_layers(tuple(layers), parts)
     assert len(bounds) == parts and bounds[0][0] == 0 and bounds[-1][1] == n
-    assert all(a < b for a, b in bounds) and all(bounds[k][1] == bounds[k + 1][0] for k in range(parts - 1))
+    assert all(a < b for a, b in bounds) and all(
+        bounds[k][1] == bounds[k + 1][0] for k in range(parts - 1)
+    )
     weight = [layers[i] * layers[i + 1] + layers[i + 1] for i in range(n)]
     cost = max(sum(weight[a:b]) for a, b in bounds)
-    brute = min(max(sum(weight[a:b]) for a, b in zip((0, *cuts), (*cuts, n)))
-                for cuts in combinations(range(1, n), parts - 1))
+    brute = min(
+        max(sum(weight[a:b]) for a, b in zip((0, *cuts), (*cuts, n)))
+        for cuts in combinations(range(1, n), parts - 1)
+    )
     assert cost == brute
 
 

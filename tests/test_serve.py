@@ -27,9 +27,21 @@ class NodeProcess:
             self.secret_file.write_bytes(os.urandom(32))
         self.secret = self.secret_file.read_bytes()
         self.proc = subprocess.Popen(
-            [*DBNODE, "serve", "--listen", "127.0.0.1:0", "--secret-file", str(self.secret_file),
-             "--snapshot-dir", str(tmp_path / "snaps"), *extra],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
+            [
+                *DBNODE,
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--secret-file",
+                str(self.secret_file),
+                "--snapshot-dir",
+                str(tmp_path / "snaps"),
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         assert line.startswith("dbnode serve: listening on "), line + self.log_text()
         host, _, port = line.rsplit(" ", 1)[1].strip().rpartition(":")
@@ -63,7 +75,9 @@ async def channel(nursery, node, secret=None) -> Channel:
 
 
 async def init(ch, key, value, optimizer=SGD):
-    await ch.request(MessageKind.INIT, key=key, array=value, meta={"name": f"t{key}", "optimizer": optimizer})
+    await ch.request(
+        MessageKind.INIT, key=key, array=value, meta={"name": f"t{key}", "optimizer": optimizer}
+    )
 
 
 async def pull(ch, key):
@@ -77,22 +91,32 @@ def run_cli(*args, timeout=30):
 
 def test_serve_refuses_a_public_address_without_a_secret():
     env = {k: v for k, v in os.environ.items() if k != "DBNODE_SECRET"}
-    out = subprocess.run([*DBNODE, "serve", "--listen", "0.0.0.0:0"], capture_output=True, text=True,
-                         timeout=30, env=env)
+    out = subprocess.run(
+        [*DBNODE, "serve", "--listen", "0.0.0.0:0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert out.returncode == 2
     assert "needs a secret" in out.stderr
 
 
 def test_serve_on_loopback_without_a_secret_makes_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DBNODE_SECRET"}
-    proc = subprocess.Popen([*DBNODE, "serve", "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [*DBNODE, "serve", "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         made = proc.stdout.readline()
         listening = proc.stdout.readline()
         assert made.startswith("dbnode serve: secret written to ")
         path = made.rsplit(" ", 1)[1].strip()
-        assert os.stat(path).st_mode & 0o077 == 0          # owner-only
+        assert os.stat(path).st_mode & 0o077 == 0  # owner-only
         assert len(open(path, "rb").read()) == 32
         assert listening.startswith("dbnode serve: listening on 127.0.0.1:")
         assert not listening.strip().endswith(":0")
@@ -127,26 +151,27 @@ async def test_wrong_or_missing_secret_is_rejected_and_good_clients_still_served
 
 def malformed_frames(rng, count):
     """Headers that lie, bytes that are not frames at all, truncations."""
-    good = b"".join(bytes(p) for p in encode_frame(MessageKind.PUSH, request_id=7, key=1,
-                                                      array=np.ones(3)))
+    good = b"".join(
+        bytes(p) for p in encode_frame(MessageKind.PUSH, request_id=7, key=1, array=np.ones(3))
+    )
     for i in range(count):
         kind = i % 5
         if kind == 0:
             yield rng.bytes(int(rng.integers(1, 400)))
-        elif kind == 1:                                         # bit flips in the header
+        elif kind == 1:  # bit flips in the header
             frame = bytearray(good)
             for _ in range(int(rng.integers(1, 6))):
                 bit = int(rng.integers(0, HEADER_SIZE * 8))
                 frame[bit // 8] ^= 1 << (bit % 8)
             yield bytes(frame)
-        elif kind == 2:                                         # a payload of 2**60 bytes
+        elif kind == 2:  # a payload of 2**60 bytes
             frame = bytearray(good)
             frame[104:112] = (1 << 60).to_bytes(8, "little")
             yield bytes(frame)
-        elif kind == 3:                                         # wrong magic
+        elif kind == 3:  # wrong magic
             yield b"XXXX" + good[4:]
-        else:                                                   # a truncated frame, then EOF
-            yield good[:int(rng.integers(1, len(good)))]
+        else:  # a truncated frame, then EOF
+            yield good[: int(rng.integers(1, len(good)))]
 
 
 async def test_thousands_of_malformed_frames_change_nothing(node):
@@ -192,10 +217,10 @@ async def test_thousands_of_malformed_frames_change_nothing(node):
             for i, data in enumerate(frames):
                 attackers.start_soon(attack, data, i % 2 == 0)
 
-        after, version_after = await pull(ch, 1)       # the old channel still works
+        after, version_after = await pull(ch, 1)  # the old channel still works
         np.testing.assert_array_equal(after, before)
         assert version_after == version == 1
-        fresh = await channel(nursery, node)            # and so does a new one
+        fresh = await channel(nursery, node)  # and so does a new one
         np.testing.assert_array_equal((await pull(fresh, 1))[0], before)
         stats = (await fresh.request(MessageKind.STATS)).meta
         assert stats["totals"]["pushes"] == 1
@@ -216,33 +241,46 @@ async def test_shard_requests_answer_as_the_protocol_says(node):
         value = np.arange(3.0, dtype=np.float32)
         assert await refused(MessageKind.INIT, array=value.astype(np.int32),
                              meta={"name": "w", "optimizer": SGD}) == (35, "key 1 (w): dtype must be float32 or float64, got int32")  # fmt: skip
-        code, text = await refused(MessageKind.INIT, array=value)            # meta is required
+        code, text = await refused(MessageKind.INIT, array=value)  # meta is required
         assert code == 32 and "name" in text
-        code, text = await refused(MessageKind.INIT, array=value,
-                                   meta={"name": "w", "optimizer": {**SGD, "momentum": 0.9}})
+        code, text = await refused(
+            MessageKind.INIT, array=value, meta={"name": "w", "optimizer": {**SGD, "momentum": 0.9}}
+        )
         assert code == 32 and "optimizer.momentum=0.9: unknown setting for sgd" in text
         code, text = await refused(MessageKind.INIT, meta={"name": "w", "optimizer": SGD})
-        assert code == 32                                                     # no payload
+        assert code == 32  # no payload
         momentum = {"name": "momentum", "learning_rate": 0.5}
-        await ch.request(MessageKind.INIT, key=1, array=value, meta={"name": "w", "optimizer": momentum})
-        again = await ch.request(MessageKind.INIT, key=1, array=value * 0,
-                                 meta={"name": "w", "optimizer": momentum})
-        assert again.seq == 0                                                 # idempotent
-        code, text = await refused(MessageKind.INIT, array=value, meta={"name": "v", "optimizer": momentum})
-        assert code == 32 and "name" in text                                  # a conflict
+        await ch.request(
+            MessageKind.INIT, key=1, array=value, meta={"name": "w", "optimizer": momentum}
+        )
+        again = await ch.request(
+            MessageKind.INIT, key=1, array=value * 0, meta={"name": "w", "optimizer": momentum}
+        )
+        assert again.seq == 0  # idempotent
+        code, text = await refused(
+            MessageKind.INIT, array=value, meta={"name": "v", "optimizer": momentum}
+        )
+        assert code == 32 and "name" in text  # a conflict
         assert (await refused(MessageKind.PUSH, array=value.astype(np.float64)))[0] == 35
         assert (await refused(MessageKind.PUSH, array=value[:2]))[0] == 34
         assert (await refused(MessageKind.PUSH, key=2, array=value))[0] == 33
         assert (await refused(MessageKind.PUSH, array=value, flags=1))[0] == 32
         grad = np.ones(3, np.float32)
         for _ in range(2):  # a retried push (same pusher and seq) is applied once
-            reply = await ch.request(MessageKind.PUSH_PULL, key=1, array=grad, seq=5, meta={"pusher": "p"})
-        v = -0.5 * grad                                                       # v = 0.9 v - lr g
+            reply = await ch.request(
+                MessageKind.PUSH_PULL, key=1, array=grad, seq=5, meta={"pusher": "p"}
+            )
+        v = -0.5 * grad  # v = 0.9 v - lr g
         np.testing.assert_array_equal(reply.array, value + v)
         assert reply.seq == 1
         stats = (await ch.request(MessageKind.STATS)).meta["tensors"][0]
         assert stats["optimizer"] == {**momentum, "momentum": 0.9}
-        assert (stats["version"], stats["pushes"], stats["duplicates"], stats["rejected"]) == (1, 1, 1, 2)
+        assert (stats["version"], stats["pushes"], stats["duplicates"], stats["rejected"]) == (
+            1,
+            1,
+            1,
+            2,
+        )
         await ch.aclose()
 
 
@@ -256,8 +294,11 @@ async def test_concurrent_pushers_lose_no_update(node):
         async def pusher(i):
             mine = await channel(nursery, node)
             for k in range(pushes):
-                await mine.request(MessageKind.PUSH, key=1 + (k % 2),
-                                   array=np.full(1024, 1.0) if k % 2 == 0 else np.ones((3, 5), np.float32))
+                await mine.request(
+                    MessageKind.PUSH,
+                    key=1 + (k % 2),
+                    array=np.full(1024, 1.0) if k % 2 == 0 else np.ones((3, 5), np.float32),
+                )
             await mine.aclose()
 
         async with trio.open_nursery() as pushers:
@@ -337,7 +378,7 @@ async def test_a_thousand_handshakes_with_a_wrong_secret_are_all_rejected(node):
         for i in range(1000):
             nursery.start_soon(attempt, i)
     assert rejected == 1000
-    async with trio.open_nursery() as nursery:       # and the node still serves its own
+    async with trio.open_nursery() as nursery:  # and the node still serves its own
         ch = await channel(nursery, node)
         await init(ch, 1, np.ones(2))
         assert (await pull(ch, 1))[1] == 0
@@ -347,20 +388,44 @@ async def test_a_thousand_handshakes_with_a_wrong_secret_are_all_rejected(node):
 def bad_requests(rng, count):
     """Well-framed requests that are wrong: unknown keys, wrong shapes and
     dtypes, bad metadata, commands that do not exist, stray partition traffic."""
-    kinds = [MessageKind.PUSH, MessageKind.PUSH_PULL, MessageKind.PULL, MessageKind.INIT,
-             MessageKind.CONTROL, MessageKind.FORWARD, MessageKind.BACKWARD, MessageKind.SNAPSHOT]
+    kinds = [
+        MessageKind.PUSH,
+        MessageKind.PUSH_PULL,
+        MessageKind.PULL,
+        MessageKind.INIT,
+        MessageKind.CONTROL,
+        MessageKind.FORWARD,
+        MessageKind.BACKWARD,
+        MessageKind.SNAPSHOT,
+    ]
     dtypes = [np.float32, np.float64, np.int32, np.int64, np.uint8]
     for i in range(count):
         kind = kinds[i % len(kinds)]
         key = int(rng.choice([1, 2, int(rng.integers(3, 2**32))]))
         shape = tuple(int(d) for d in rng.integers(0, 5, size=int(rng.integers(0, 3))))
         tensorless = kind in (MessageKind.PULL, MessageKind.SNAPSHOT)
-        array = None if tensorless or rng.random() < 0.2 else np.zeros(shape, dtypes[i % len(dtypes)])
-        meta = rng.choice([None, {"op": "nope"}, {"pusher": 5}, {"name": "../x"}, {"op": "start"},
-                           {"optimizer": {"name": "sgd"}}, {"op": "data", "role": "z"}])
-        if key == 1 and kind in (MessageKind.PUSH, MessageKind.PUSH_PULL) and array is not None \
-                and array.shape == (4,) and array.dtype == np.float64:
-            array = np.zeros(3)                      # never a valid push to the watched key
+        array = (
+            None if tensorless or rng.random() < 0.2 else np.zeros(shape, dtypes[i % len(dtypes)])
+        )
+        meta = rng.choice(
+            [
+                None,
+                {"op": "nope"},
+                {"pusher": 5},
+                {"name": "../x"},
+                {"op": "start"},
+                {"optimizer": {"name": "sgd"}},
+                {"op": "data", "role": "z"},
+            ]
+        )
+        if (
+            key == 1
+            and kind in (MessageKind.PUSH, MessageKind.PUSH_PULL)
+            and array is not None
+            and array.shape == (4,)
+            and array.dtype == np.float64
+        ):
+            array = np.zeros(3)  # never a valid push to the watched key
         if kind is MessageKind.INIT and key == 1:
             meta = {"name": "other", "optimizer": {"name": "sgd", "learning_rate": 1.0}}
         yield kind, key, array, meta
@@ -388,7 +453,7 @@ async def test_a_hundred_thousand_bad_requests_change_nothing(node):
             async with trio.open_nursery() as fuzz:
                 for i, sender in enumerate(senders):
                     fuzz.start_soon(send, sender, requests[i::4])
-            for s in senders:                             # every bad request was handled
+            for s in senders:  # every bad request was handled
                 await s.ping(timeout=60)
         after, version_after = await pull(ch, 1)
         np.testing.assert_array_equal(after, before)
@@ -398,7 +463,7 @@ async def test_a_hundred_thousand_bad_requests_change_nothing(node):
         for s in senders:
             await s.aclose()
         await ch.aclose()
-    assert node.proc.poll() is None                      # alive
+    assert node.proc.poll() is None  # alive
 
 
 def rss_bytes(pid: int) -> int:
@@ -425,11 +490,14 @@ async def test_load_applies_every_acknowledged_push_exactly_once_with_flat_memor
             grad, seq = np.ones(1024), 0
             while trio.current_time() < deadline:
                 seq += 1
-                await mine.request(MessageKind.PUSH, key=1, array=grad, seq=seq, meta={"pusher": f"c{i}"})
+                await mine.request(
+                    MessageKind.PUSH, key=1, array=grad, seq=seq, meta={"pusher": f"c{i}"}
+                )
                 acked += 1
-                if seq % 10 == 0:           # a retry of an acknowledged push: must be dropped
-                    await mine.request(MessageKind.PUSH, key=1, array=grad, seq=seq,
-                                       meta={"pusher": f"c{i}"})
+                if seq % 10 == 0:  # a retry of an acknowledged push: must be dropped
+                    await mine.request(
+                        MessageKind.PUSH, key=1, array=grad, seq=seq, meta={"pusher": f"c{i}"}
+                    )
                     retried += 1
             await mine.aclose()
 
@@ -447,7 +515,9 @@ async def test_load_applies_every_acknowledged_push_exactly_once_with_flat_memor
         await ch.aclose()
     np.testing.assert_array_equal(value, np.full(1024, -float(acked)))
     assert version == acked and stats["totals"]["duplicates"] == retried > 0
-    warm = samples[len(samples) // 3:]
-    print(f"load: {clients} clients, {seconds:.0f} s, {acked} pushes acknowledged and applied once, "
-          f"{retried} retries dropped, node RSS {min(warm) >> 20}-{max(warm) >> 20} MiB after warm-up")
+    warm = samples[len(samples) // 3 :]
+    print(
+        f"load: {clients} clients, {seconds:.0f} s, {acked} pushes acknowledged and applied once, "
+        f"{retried} retries dropped, node RSS {min(warm) >> 20}-{max(warm) >> 20} MiB after warm-up"
+    )
     assert max(warm) - min(warm) < 16 << 20, [s >> 20 for s in samples]

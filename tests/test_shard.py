@@ -83,7 +83,9 @@ def test_init_from_initializers(dtype):
     s = ParameterShard()
     opt = {"name": "sgd", "learning_rate": 0.1}
     s.init(0, "z", shape=(2, 3), dtype=dtype, optimizer=opt)
-    s.init(1, "c", shape=(4,), dtype=np.dtype(dtype).name, initializer="constant:1.5", optimizer=opt)
+    s.init(
+        1, "c", shape=(4,), dtype=np.dtype(dtype).name, initializer="constant:1.5", optimizer=opt
+    )
     s.init(2, "n", shape=(500,), dtype=dtype, initializer="normal:0.2", seed=5, optimizer=opt)
     s.init(3, "n2", shape=(500,), dtype=dtype, initializer="normal:0.2", seed=5, optimizer=opt)
     assert (s.pull(0).value == 0).all() and s.pull(0).value.dtype == dtype
@@ -261,7 +263,9 @@ BAD_PUSHES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("what, grad, kwargs, error, match", BAD_PUSHES, ids=[b[0] for b in BAD_PUSHES])
+@pytest.mark.parametrize(
+    "what, grad, kwargs, error, match", BAD_PUSHES, ids=[b[0] for b in BAD_PUSHES]
+)
 def test_bad_push_is_rejected_and_changes_nothing(what, grad, kwargs, error, match):
     s = _shard()
     s.push(7, np.full((4, 3), 0.5, np.float32), pusher="a", seq=0)  # some momentum state
@@ -562,18 +566,20 @@ def test_not_a_snapshot(tmp_path):
 
 def test_pinned_buffer_stays_at_its_version_while_pushes_go_to_a_copy():
     shard = ParameterShard()
-    shard.init(1, "w", np.arange(4, dtype=np.float32), optimizer={"name": "sgd", "learning_rate": 1.0})
+    shard.init(
+        1, "w", np.arange(4, dtype=np.float32), optimizer={"name": "sgd", "learning_rate": 1.0}
+    )
     (view, version), unpin = shard.pin(1)
     assert version == 0 and not view.flags.writeable
     shard.push(1, np.ones(4, np.float32))
-    np.testing.assert_array_equal(view, [0, 1, 2, 3])            # the send sees version 0
+    np.testing.assert_array_equal(view, [0, 1, 2, 3])  # the send sees version 0
     np.testing.assert_array_equal(shard.pull(1).value, [-1, 0, 1, 2])
-    unpin()                                                      # stale unpin: harmless
+    unpin()  # stale unpin: harmless
     (view2, version2), unpin2 = shard.pin(1)
     assert version2 == 1
     unpin2()
     base = shard.view(1).value.base
-    shard.push(1, np.ones(4, np.float32))                        # unpinned: updated in place
+    shard.push(1, np.ones(4, np.float32))  # unpinned: updated in place
     assert shard.view(1).value.base is base
     np.testing.assert_array_equal(view2, [-2, -1, 0, 1])
 
@@ -581,7 +587,9 @@ def test_pinned_buffer_stays_at_its_version_while_pushes_go_to_a_copy():
 def test_snapshot_of_some_keys_merges_into_another_shard(tmp_path):
     a = ParameterShard()
     for key in (1, 2, 3):
-        a.init(key, f"t{key}", np.full(4, float(key)), optimizer={"name": "sgd", "learning_rate": 1.0})
+        a.init(
+            key, f"t{key}", np.full(4, float(key)), optimizer={"name": "sgd", "learning_rate": 1.0}
+        )
     a.push(2, np.ones(4), pusher="r0p0i0", seq=5)
     a.snapshot(tmp_path / "part.npz", keys=[2, 3])
     b = ParameterShard()
@@ -589,7 +597,7 @@ def test_snapshot_of_some_keys_merges_into_another_shard(tmp_path):
     b.merge(ParameterShard.restore(tmp_path / "part.npz"))
     assert b.keys() == [2, 3, 9] and b.version(2) == 1
     np.testing.assert_array_equal(b.pull(2).value, np.full(4, 1.0))
-    assert b.push(2, np.ones(4), pusher="r0p0i0", seq=5) == 1       # the dedup table came along
+    assert b.push(2, np.ones(4), pusher="r0p0i0", seq=5) == 1  # the dedup table came along
     with pytest.raises(KeyConflictError):
         b.merge(ParameterShard.restore(tmp_path / "part.npz"))
     with pytest.raises(UnknownKeyError):

@@ -280,8 +280,10 @@ async def test_peer_without_a_proof_is_rejected(nursery, auth_meta):
         ([dict(kind=K.AUTH, meta={"mac": "00" * 32})], ErrorCode.UNEXPECTED),
         ([dict(kind=K.HELLO, meta={})], ErrorCode.BAD_META),
         # HELLO then a request instead of AUTH.
-        ([dict(kind=K.HELLO, meta={"nonce": "11" * 32}), dict(kind=K.PULL, request_id=1)],
-         ErrorCode.UNEXPECTED),  # fmt: skip
+        (
+            [dict(kind=K.HELLO, meta={"nonce": "11" * 32}), dict(kind=K.PULL, request_id=1)],
+            ErrorCode.UNEXPECTED,
+        ),  # fmt: skip
         # No tensor before AUTH_OK: the handshake limits allow no payload.
         ([dict(kind=K.PUSH, request_id=1, array=np.zeros(4, np.float32))], ErrorCode.TOO_LARGE),
     ],
@@ -597,7 +599,8 @@ BAD_FRAMES = {
         ErrorCode.TOO_LARGE,
     ),
     "payload that does not match the shape": (
-        header(K.PUSH, dtype=1, shape=(4,), payload_length=12), ErrorCode.BAD_SHAPE
+        header(K.PUSH, dtype=1, shape=(4,), payload_length=12),
+        ErrorCode.BAD_SHAPE,
     ),
     "bad meta": (header(meta_length=5) + b"{oops", ErrorCode.BAD_META),
     "unknown kind": (header(kind=77), ErrorCode.BAD_KIND),
@@ -977,7 +980,9 @@ async def test_inline_answers_larger_than_the_socket_buffer(nursery):
             if i % 4 == 0:
                 results[i] = await channel.request(K.PULL, key=1, timeout=10)
             else:
-                results[i] = await channel.request(K.PUSH_PULL, key=2, array=np.full(3, i), timeout=10)
+                results[i] = await channel.request(
+                    K.PUSH_PULL, key=2, array=np.full(3, i), timeout=10
+                )
 
         async with trio.open_nursery() as n:
             for i in range(24):
@@ -1155,7 +1160,9 @@ async def test_many_senders_of_every_size_both_ways(nursery):
 
         async def one(i):
             into = np.empty_like(arrays[i]) if i % 2 else None
-            reply = await channel.request(K.PUSH_PULL, key=i, array=arrays[i], into=into, timeout=30)
+            reply = await channel.request(
+                K.PUSH_PULL, key=i, array=arrays[i], into=into, timeout=30
+            )
             got[i] = reply
 
         async with trio.open_nursery() as n:

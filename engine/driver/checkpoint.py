@@ -37,7 +37,7 @@ class Checkpoint:
     time: float
     config_hash: str
     replica_steps: dict[int, int]
-    files: dict[str, str]           # file name -> sha256
+    files: dict[str, str]  # file name -> sha256
 
     def read_shard(self, index: int) -> bytes:
         """The snapshot bytes of plan shard ``index``, checked against the manifest."""
@@ -54,8 +54,14 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write(directory: Path, number: int, shards: dict[int, bytes], config_hash: str,
-          replica_steps: dict[int, int], keep: int) -> Checkpoint:
+def write(
+    directory: Path,
+    number: int,
+    shards: dict[int, bytes],
+    config_hash: str,
+    replica_steps: dict[int, int],
+    keep: int,
+) -> Checkpoint:
     """Write checkpoint ``number`` atomically, then keep only the newest ``keep``."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{number:06d}"
@@ -67,8 +73,13 @@ def write(directory: Path, number: int, shards: dict[int, bytes], config_hash: s
         name = f"shard{index}.npz"
         write_synced(tmp / name, lambda f, data=data: f.write(data))
         files[name] = hashlib.sha256(data).hexdigest()
-    manifest = {"number": number, "time": time.time(), "config_hash": config_hash,
-                "replica_steps": {str(r): s for r, s in replica_steps.items()}, "files": files}
+    manifest = {
+        "number": number,
+        "time": time.time(),
+        "config_hash": config_hash,
+        "replica_steps": {str(r): s for r, s in replica_steps.items()},
+        "files": files,
+    }
     text = json.dumps(manifest, indent=1).encode()
     write_synced(tmp / MANIFEST, lambda f: f.write(text))
     replace_dir(tmp, final)
@@ -85,8 +96,13 @@ def load(path: Path) -> Checkpoint:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         checkpoint = Checkpoint(
-            path, int(manifest["number"]), float(manifest["time"]), str(manifest["config_hash"]),
-            {int(r): int(s) for r, s in manifest["replica_steps"].items()}, dict(manifest["files"]))
+            path,
+            int(manifest["number"]),
+            float(manifest["time"]),
+            str(manifest["config_hash"]),
+            {int(r): int(s) for r, s in manifest["replica_steps"].items()},
+            dict(manifest["files"]),
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: no readable manifest ({exc})") from None
     for name, digest in checkpoint.files.items():

@@ -86,11 +86,22 @@ class LocalCluster:
         self.secret_file = write_secret(Path(self._dir.name) / "secret")
         try:
             for i in range(self.n):
-                self.processes.append(subprocess.Popen(
-                    serve_command("--listen", "127.0.0.1:0", "--secret-file", str(self.secret_file),
-                                  "--name", f"local-{i}", "--exit-on-eof"),
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                ))
+                self.processes.append(
+                    subprocess.Popen(
+                        serve_command(
+                            "--listen",
+                            "127.0.0.1:0",
+                            "--secret-file",
+                            str(self.secret_file),
+                            "--name",
+                            f"local-{i}",
+                            "--exit-on-eof",
+                        ),
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                )
             self.addresses = [self._ready(p) for p in self.processes]
         except BaseException:
             self.stop()
@@ -102,12 +113,16 @@ class LocalCluster:
         while time.monotonic() < deadline:
             line = process.stdout.readline()
             if not line:
-                raise DBNodeError(f"local node (pid {process.pid}) exited with code "
-                                  f"{process.wait()} before listening")
+                raise DBNodeError(
+                    f"local node (pid {process.pid}) exited with code "
+                    f"{process.wait()} before listening"
+                )
             address = parse_ready_line(line)
             if address is not None:
                 return address
-        raise DBNodeError(f"local node (pid {process.pid}) did not start within {self.startup_timeout} s")
+        raise DBNodeError(
+            f"local node (pid {process.pid}) did not start within {self.startup_timeout} s"
+        )
 
     def stop(self) -> None:
         """Terminate every node (SIGTERM, then SIGKILL after 5 s) and wait."""

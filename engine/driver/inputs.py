@@ -17,10 +17,20 @@ from ..errors import ConfigError
 from ..model import ModelSpec, init_params, load_params
 from . import checkpoint
 
-__all__ = ["Inputs", "check_data", "find_resume", "load_data", "prepare", "run_identity", "shard_data"]
+__all__ = [
+    "Inputs",
+    "check_data",
+    "find_resume",
+    "load_data",
+    "prepare",
+    "run_identity",
+    "shard_data",
+]
 
 
-def load_data(config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+def load_data(
+    config: RunConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Training and test sets, checked against the model."""
     spec = config.spec()
     seed = config.train.seed
@@ -40,17 +50,26 @@ def load_data(config: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
 def check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray, where: str) -> None:
     """A clear error when the data does not fit the model."""
     if x.shape[1] != spec.layers[0]:
-        raise ConfigError("data", where, f"examples have {x.shape[1]} features, "
-                          f"model.layers[0] is {spec.layers[0]}")
+        raise ConfigError(
+            "data",
+            where,
+            f"examples have {x.shape[1]} features, model.layers[0] is {spec.layers[0]}",
+        )
     outputs = spec.layers[-1]
     if spec.loss == "cross_entropy":
         if y.ndim != 1 or not np.all(np.mod(y, 1) == 0) or y.min() < 0 or y.max() >= outputs:
-            raise ConfigError("data", where, f"cross_entropy needs integer labels in [0, {outputs}), "
-                              f"got values in [{y.min()}, {y.max()}]")
+            raise ConfigError(
+                "data",
+                where,
+                f"cross_entropy needs integer labels in [0, {outputs}), "
+                f"got values in [{y.min()}, {y.max()}]",
+            )
     else:
         width = 1 if y.ndim == 1 else y.shape[1]
         if width != outputs:
-            raise ConfigError("data", where, f"targets have {width} columns, the model has {outputs} outputs")
+            raise ConfigError(
+                "data", where, f"targets have {width} columns, the model has {outputs} outputs"
+            )
 
 
 def shard_data(n: int, replicas: int) -> list[slice]:
@@ -62,7 +81,6 @@ def shard_data(n: int, replicas: int) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
 
 
-
 @dataclass
 class Inputs:
     """Everything a run needs before any node is contacted, all checked."""
@@ -72,7 +90,7 @@ class Inputs:
     x_test: np.ndarray | None
     y_test: np.ndarray | None
     params: dict[str, np.ndarray]
-    shards: list[slice]          # each replica's rows of (x, y)
+    shards: list[slice]  # each replica's rows of (x, y)
     resume: checkpoint.Checkpoint | None = None
 
 
@@ -89,8 +107,9 @@ def run_identity(config: RunConfig) -> str:
     model, data, optimizer and training schedule (not hosts or intervals)."""
     train_keys = {k: v for k, v in config.to_dict()["train"].items() if k != "eval_interval"}
     d = config.to_dict()
-    return checkpoint.config_hash({"model": d["model"], "data": d["data"],
-                                   "optimizer": d["optimizer"], "train": train_keys})
+    return checkpoint.config_hash(
+        {"model": d["model"], "data": d["data"], "optimizer": d["optimizer"], "train": train_keys}
+    )
 
 
 def find_resume(config: RunConfig, directory: str | Path) -> checkpoint.Checkpoint:
@@ -101,10 +120,12 @@ def find_resume(config: RunConfig, directory: str | Path) -> checkpoint.Checkpoi
     if newest is None:
         raise ConfigError("--resume", str(directory), "holds no complete checkpoint")
     if newest.config_hash != run_identity(config):
-        raise ConfigError("--resume", str(newest.path), "was written by a run with another "
-                          "model, data, optimizer or schedule")
+        raise ConfigError(
+            "--resume",
+            str(newest.path),
+            "was written by a run with another model, data, optimizer or schedule",
+        )
     return newest
-
 
 
 def initial_params(config: RunConfig, spec: ModelSpec) -> dict[str, np.ndarray]:

@@ -66,7 +66,7 @@ class Progress:
     train_loss: float | None
     replicas_done: int
     replicas: int
-    per_replica: list[float] = field(default_factory=list)   # fraction done
+    per_replica: list[float] = field(default_factory=list)  # fraction done
     test: dict[str, float] | None = None
 
 
@@ -82,22 +82,26 @@ class Summary:
     partitions: int
     nodes: int
     examples: int
-    seconds: float                 # wall time of the run, setup included
-    train_seconds: float           # the replicas' training loops, to the last applied push
-    examples_per_second: float     # examples / train_seconds
+    seconds: float  # wall time of the run, setup included
+    train_seconds: float  # the replicas' training loops, to the last applied push
+    examples_per_second: float  # examples / train_seconds
     final_train_loss: float | None
     test_loss: float | None
     test_accuracy: float | None
     out_dir: str | None
-    dead_nodes: list[str] = field(default_factory=list)            # declared dead during the run
-    restarts: list[dict[str, Any]] = field(default_factory=list)   # replicas started again
-    events: list[dict[str, Any]] = field(default_factory=list)     # node dead/rejoined, restarts
+    dead_nodes: list[str] = field(default_factory=list)  # declared dead during the run
+    restarts: list[dict[str, Any]] = field(default_factory=list)  # replicas started again
+    events: list[dict[str, Any]] = field(default_factory=list)  # node dead/rejoined, restarts
 
 
-
-def train(config: RunConfig, hosts: list[Address] | None = None, out_dir: str | Path | None = None,
-          secret: bytes | None = None, progress: Callable[[Progress], None] | None = None,
-          resume: str | Path | None = None) -> Summary:
+def train(
+    config: RunConfig,
+    hosts: list[Address] | None = None,
+    out_dir: str | Path | None = None,
+    secret: bytes | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    resume: str | Path | None = None,
+) -> Summary:
     """Run ``config`` on a cluster; blocks until the run ends.
 
     Args:
@@ -126,20 +130,28 @@ def train(config: RunConfig, hosts: list[Address] | None = None, out_dir: str | 
     if resume is not None:
         inputs.resume = find_resume(config, resume)
     if config.checkpoint.interval and not (config.checkpoint.dir or out_dir):
-        raise ConfigError("checkpoint.dir", "", "checkpoints need a directory: set it or give --out")
+        raise ConfigError(
+            "checkpoint.dir", "", "checkpoints need a directory: set it or give --out"
+        )
     hosts = list(hosts or [_address(h) for h in config.cluster.hosts])
     if hosts:
         if secret is None:
             secret = load_secret(config.cluster.secret_file or None)
         return trio.run(_run, config, hosts, secret, inputs, out_dir, progress)
     with LocalCluster(config.cluster.nodes or None) as cluster:
-        return trio.run(_run, config, cluster.addresses, cluster.secret_file.read_bytes(),
-                        inputs, out_dir, progress)
+        return trio.run(
+            _run,
+            config,
+            cluster.addresses,
+            cluster.secret_file.read_bytes(),
+            inputs,
+            out_dir,
+            progress,
+        )
 
 
 def _address(text: str) -> Address:
     return parse_address(text, key="cluster.hosts")
-
 
 
 @dataclass
@@ -147,12 +159,12 @@ class _Replica:
     """One replica as the driver tracks it, across restarts."""
 
     index: int
-    rows: slice                      # its data shard: rows of the training set
-    hosts: list[Address]             # the node of each partition
-    uids: list[int]                  # each partition's id on its node
+    rows: slice  # its data shard: rows of the training set
+    hosts: list[Address]  # the node of each partition
+    uids: list[int]  # each partition's id on its node
     incarnation: int = 0
-    start_step: int = 0              # where the current incarnation began
-    base_examples: int = 0           # examples trained by earlier incarnations
+    start_step: int = 0  # where the current incarnation began
+    base_examples: int = 0  # examples trained by earlier incarnations
     last: control.PartitionReport | None = None  # the last status of its last partition
     done: bool = False
 
@@ -175,19 +187,23 @@ class _Run:
         self.partitions = config.model.partitions
         placement = place(len(hosts), config.cluster.parameter_shards, n_replicas, self.partitions)
         self.bounds = split_layers(self.spec.layers, self.partitions)
-        self.plan = plan_shards(blocks(self.spec, self.bounds), config.cluster.parameter_shards,
-                                self.spec.np_dtype.itemsize)
+        self.plan = plan_shards(
+            blocks(self.spec, self.bounds),
+            config.cluster.parameter_shards,
+            self.spec.np_dtype.itemsize,
+        )
         self.shard_hosts = [hosts[h] for h in placement.shards]
         self.client = ParameterClient(self.plan, self.shard_hosts, peers)
         self._uids = iter(range(1, 2**32))
         self.replicas = [
             _Replica(r, rows, [hosts[h] for h in placement.partitions[r]], [])
-            for r, rows in enumerate(inputs.shards)]
+            for r, rows in enumerate(inputs.shards)
+        ]
         self.health = FailureDetector(hosts, 3 * config.cluster.heartbeat, self.event)
         self.checkpoint_dir: Path | None = None
         self.checkpoints_written = 0
         self.restarts: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []     # what happened to nodes and replicas, when
+        self.events: list[dict[str, Any]] = []  # what happened to nodes and replicas, when
 
     @property
     def dead(self) -> set[Address]:
@@ -203,8 +219,9 @@ class _Run:
     def current_uids(self) -> set[int]:
         return {uid for r in self.replicas for uid in r.uids}
 
-    async def control(self, host: Address, request: control.Request, *,
-                      timeout: float = 60.0) -> Any:
+    async def control(
+        self, host: Address, request: control.Request, *, timeout: float = 60.0
+    ) -> Any:
         """Send a control request to a node.
 
         Args:
@@ -223,8 +240,10 @@ class _Run:
             ch = await self.peers.get(host)
             return await control.call(ch, request, timeout=timeout)
         except (OSError, TransportError) as exc:
-            raise DBNodeError(f"node {format_address(host)} is unreachable or stopped answering "
-                              f"({request.op}): {exc}") from None
+            raise DBNodeError(
+                f"node {format_address(host)} is unreachable or stopped answering "
+                f"({request.op}): {exc}"
+            ) from None
 
     def job(self, replica: _Replica, index: int) -> control.PartitionJob:
         """The ``start`` request of a replica's ``index``-th partition.
@@ -240,14 +259,26 @@ class _Run:
         first, last = self.bounds[index]
         neighbour = lambda i: (*replica.hosts[i], replica.uids[i])  # noqa: E731
         return control.PartitionJob(
-            uid=replica.uids[index], replica=replica.index, index=index, first=first, last=last,
-            model=self.spec, learning_rate=c.optimizer.learning_rate, n_fetch=c.train.n_fetch,
-            n_push=c.train.n_push, batch_size=c.train.batch_size, epochs=c.train.epochs,
-            seed=c.train.seed, n_examples=replica.n_examples, shards=tuple(self.shard_hosts),
-            min_split_bytes=DEFAULT_MIN_SPLIT_BYTES, bounds=tuple(self.bounds),
+            uid=replica.uids[index],
+            replica=replica.index,
+            index=index,
+            first=first,
+            last=last,
+            model=self.spec,
+            learning_rate=c.optimizer.learning_rate,
+            n_fetch=c.train.n_fetch,
+            n_push=c.train.n_push,
+            batch_size=c.train.batch_size,
+            epochs=c.train.epochs,
+            seed=c.train.seed,
+            n_examples=replica.n_examples,
+            shards=tuple(self.shard_hosts),
+            min_split_bytes=DEFAULT_MIN_SPLIT_BYTES,
+            bounds=tuple(self.bounds),
             prev=neighbour(index - 1) if index > 0 else None,
             next=neighbour(index + 1) if index < self.partitions - 1 else None,
-            start_step=replica.start_step, incarnation=replica.incarnation,
+            start_step=replica.start_step,
+            incarnation=replica.incarnation,
         )
 
     async def launch(self, replica: _Replica, inputs: Inputs, run: bool) -> None:
@@ -269,14 +300,15 @@ class _Run:
         """Start a failed replica again on live nodes, from the step its
         last partition had reached: the other replicas never stop."""
         if replica.incarnation >= MAX_RESTARTS:
-            raise DBNodeError(f"replica {replica.index} failed {replica.incarnation + 1} times; "
-                              f"last: {reason}")
+            raise DBNodeError(
+                f"replica {replica.index} failed {replica.incarnation + 1} times; last: {reason}"
+            )
         live = [h for h in self.hosts if h not in self.dead]
         if not live:
             raise DBNodeError(f"no node left to restart replica {replica.index} on ({reason})")
         for host, uid in zip(replica.hosts, replica.uids):
             if host not in self.dead:
-                try:   # its surviving partitions wait for peers that are gone
+                try:  # its surviving partitions wait for peers that are gone
                     await self.control(host, control.Stop(uids=(uid,)), timeout=5.0)
                 except DBNodeError:
                     self.dead.add(host)
@@ -294,12 +326,22 @@ class _Run:
         if replica.last is not None:
             replica.base_examples += replica.last.examples
             replica.start_step = replica.last.step
-        log.warning("replica %d failed (%s); restarting it at step %d on %s", replica.index, reason,
-                    replica.start_step, ", ".join(format_address(h) for h in hosts))
-        self.restarts.append({"replica": replica.index, "at_step": replica.start_step,
-                              "reason": reason})
-        self.event("replica restarted", replica=replica.index, at_step=replica.start_step,
-                   on=[format_address(h) for h in hosts])
+        log.warning(
+            "replica %d failed (%s); restarting it at step %d on %s",
+            replica.index,
+            reason,
+            replica.start_step,
+            ", ".join(format_address(h) for h in hosts),
+        )
+        self.restarts.append(
+            {"replica": replica.index, "at_step": replica.start_step, "reason": reason}
+        )
+        self.event(
+            "replica restarted",
+            replica=replica.index,
+            at_step=replica.start_step,
+            on=[format_address(h) for h in hosts],
+        )
         replica.hosts, replica.incarnation, replica.last = hosts, replica.incarnation + 1, None
         await self.launch(replica, inputs, run=True)
 
@@ -313,14 +355,20 @@ class _Run:
             try:
                 ch = await self.peers.get(host)
                 exported = await control.call(ch, control.Export(keys=tuple(keys)), timeout=60.0)
-            except (OSError, TransportError) as exc:   # the poll will name the dead node
+            except (OSError, TransportError) as exc:  # the poll will name the dead node
                 log.warning("checkpoint skipped: node %s: %s", format_address(host), exc)
                 return
             snapshots[i] = exported.data.tobytes()
         self.checkpoints_written += 1
         steps = {r.index: (r.last.step if r.last else r.start_step) for r in self.replicas}
-        written = checkpoint.write(self.checkpoint_dir, self.checkpoints_written, snapshots,
-                                   run_identity(self.config), steps, self.config.checkpoint.keep)
+        written = checkpoint.write(
+            self.checkpoint_dir,
+            self.checkpoints_written,
+            snapshots,
+            run_identity(self.config),
+            steps,
+            self.config.checkpoint.keep,
+        )
         self.event("checkpoint", number=written.number)
 
     async def recover_shards(self) -> None:
@@ -331,11 +379,15 @@ class _Run:
         newest = checkpoint.newest(self.checkpoint_dir) if self.checkpoint_dir else None
         dead_names = ", ".join(sorted({format_address(self.shard_hosts[i]) for i in lost}))
         if newest is None:
-            raise DBNodeError(f"node {dead_names} died holding parameter shards and there is no "
-                              "checkpoint to restore them from (set checkpoint.interval)")
+            raise DBNodeError(
+                f"node {dead_names} died holding parameter shards and there is no "
+                "checkpoint to restore them from (set checkpoint.interval)"
+            )
         live = [h for h in self.hosts if h not in self.dead]
         if not live:
-            raise DBNodeError(f"node {dead_names} died holding parameter shards, and no node is left")
+            raise DBNodeError(
+                f"node {dead_names} died holding parameter shards, and no node is left"
+            )
         for i in lost:
             target = min(live, key=lambda h: (self.shard_hosts.count(h), live.index(h)))
             data = np.frombuffer(newest.read_shard(i), np.uint8)
@@ -343,12 +395,14 @@ class _Run:
             self.shard_hosts[i] = target
         self.client.shards = list(self.shard_hosts)
         age = round(time.time() - newest.time, 3)
-        log.warning("parameter shards %s restored from checkpoint %d (%.1f s old)", lost,
-                    newest.number, age)
+        log.warning(
+            "parameter shards %s restored from checkpoint %d (%.1f s old)", lost, newest.number, age
+        )
         self.event("shards restored", shards=lost, checkpoint=newest.number, seconds_lost=age)
 
     async def poll(self) -> dict[str, control.PartitionReport]:
         """One heartbeat round: the current partitions' statuses, by uid."""
+
         async def status(host: Address, timeout: float) -> dict[str, control.PartitionReport]:
             return (await self.control(host, control.Status(), timeout=timeout)).partitions
 
@@ -359,11 +413,16 @@ class _Run:
 
     def pack(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A model as the parameter server holds it: one flat block per partition."""
-        return {f"block{k}": pack_block(self.spec, params, a, b) for k, (a, b) in enumerate(self.bounds)}
+        return {
+            f"block{k}": pack_block(self.spec, params, a, b) for k, (a, b) in enumerate(self.bounds)
+        }
 
     async def model(self) -> dict[str, np.ndarray]:
         """The parameter server's current model."""
-        flat = {name: kernels.empty(shape, self.spec.np_dtype) for name, shape in blocks(self.spec, self.bounds).items()}
+        flat = {
+            name: kernels.empty(shape, self.spec.np_dtype)
+            for name, shape in blocks(self.spec, self.bounds).items()
+        }
         await self.client.pull(flat)
         params = {}
         for k, (a, b) in enumerate(self.bounds):
@@ -371,17 +430,18 @@ class _Run:
         return params
 
 
-
-async def _run(config: RunConfig, hosts: list[Address], secret: bytes, inputs: Inputs, out_dir,
-               progress) -> Summary:
+async def _run(
+    config: RunConfig, hosts: list[Address], secret: bytes, inputs: Inputs, out_dir, progress
+) -> Summary:
     try:
         return await _run_in_nursery(config, hosts, secret, inputs, out_dir, progress)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
 
 
-async def _run_in_nursery(config: RunConfig, hosts: list[Address], secret: bytes, inputs: Inputs,
-                          out_dir, progress) -> Summary:
+async def _run_in_nursery(
+    config: RunConfig, hosts: list[Address], secret: bytes, inputs: Inputs, out_dir, progress
+) -> Summary:
     start = time.monotonic()
     async with trio.open_nursery() as nursery:
         peers = Peers(nursery, secret, name="driver")
@@ -421,8 +481,10 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
                 await run.control(host, control.Import(data=data))
         for replica in run.replicas:
             replica.start_step = inputs.resume.replica_steps.get(replica.index, 0)
-            replica.base_examples = min(replica.start_step * config.train.batch_size,
-                                        replica.n_examples * config.train.epochs)
+            replica.base_examples = min(
+                replica.start_step * config.train.batch_size,
+                replica.n_examples * config.train.epochs,
+            )
         run.event("resumed", checkpoint=str(inputs.resume.path))
     for replica in run.replicas:
         await run.launch(replica, inputs, run=False)
@@ -445,7 +507,9 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
             if replica.done:
                 continue
             mine = [statuses.get(str(uid)) for uid in replica.uids]
-            failure = next((f"node {format_address(h)} is dead" for h in replica.hosts if h in run.dead), None)
+            failure = next(
+                (f"node {format_address(h)} is dead" for h in replica.hosts if h in run.dead), None
+            )
             failure = failure or next((s.error for s in mine if s and s.error), None)
             if failure:
                 await run.restart(replica, inputs, failure)
@@ -468,32 +532,59 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
             test = evaluate(run.spec, await run.model(), inputs.x_test, inputs.y_test)
             next_eval = now + config.train.eval_interval
         if test is not None or finished:
-            metrics.append({"seconds": round(now - start, 3), "examples": examples,
-                            "train_loss": last_loss, "test_loss": test and test["loss"],
-                            "test_accuracy": test and test.get("accuracy")})
+            metrics.append(
+                {
+                    "seconds": round(now - start, 3),
+                    "examples": examples,
+                    "train_loss": last_loss,
+                    "test_loss": test and test["loss"],
+                    "test_accuracy": test and test.get("accuracy"),
+                }
+            )
         if progress:
-            progress(Progress(now - start, examples, total, last_loss,
-                              sum(r.done for r in run.replicas), len(run.replicas),
-                              [r.last.step / max(1, r.last.steps) if r.last else 0.0
-                               for r in run.replicas], test))
+            progress(
+                Progress(
+                    now - start,
+                    examples,
+                    total,
+                    last_loss,
+                    sum(r.done for r in run.replicas),
+                    len(run.replicas),
+                    [r.last.step / max(1, r.last.steps) if r.last else 0.0 for r in run.replicas],
+                    test,
+                )
+            )
         if finished:
             train_seconds = max(r.last.seconds for r in run.replicas)
             break
 
     seconds = time.monotonic() - start
     final = await run.model()
-    test = evaluate(run.spec, final, inputs.x_test, inputs.y_test) if inputs.x_test is not None else None
-    summary = Summary(config=config.to_dict(), replicas=len(run.replicas), partitions=run.partitions,
-                      nodes=len(run.hosts), examples=total, seconds=round(seconds, 3),
-                      train_seconds=round(train_seconds, 4),
-                      examples_per_second=round(total / train_seconds, 1), final_train_loss=last_loss,
-                      test_loss=test and test["loss"], test_accuracy=test and test.get("accuracy"),
-                      out_dir=str(out_dir) if out_dir else None,
-                      dead_nodes=run.ever_dead, restarts=run.restarts, events=run.events)
+    test = (
+        evaluate(run.spec, final, inputs.x_test, inputs.y_test)
+        if inputs.x_test is not None
+        else None
+    )
+    summary = Summary(
+        config=config.to_dict(),
+        replicas=len(run.replicas),
+        partitions=run.partitions,
+        nodes=len(run.hosts),
+        examples=total,
+        seconds=round(seconds, 3),
+        train_seconds=round(train_seconds, 4),
+        examples_per_second=round(total / train_seconds, 1),
+        final_train_loss=last_loss,
+        test_loss=test and test["loss"],
+        test_accuracy=test and test.get("accuracy"),
+        out_dir=str(out_dir) if out_dir else None,
+        dead_nodes=run.ever_dead,
+        restarts=run.restarts,
+        events=run.events,
+    )
     if out_dir is not None:
         write_outputs(Path(out_dir), final, metrics, summary)
     return summary
-
 
 
 def write_outputs(out: Path, params, metrics: list[dict], summary: Summary) -> None:
@@ -511,7 +602,9 @@ def write_outputs(out: Path, params, metrics: list[dict], summary: Summary) -> N
     out.mkdir(parents=True, exist_ok=True)
     save_params(out / "model.npz", params)
     with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["seconds", "examples", "train_loss", "test_loss", "test_accuracy"])
+        writer = csv.DictWriter(
+            f, ["seconds", "examples", "train_loss", "test_loss", "test_accuracy"]
+        )
         writer.writeheader()
         writer.writerows(metrics)
     (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")

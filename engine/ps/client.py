@@ -41,9 +41,14 @@ class ParameterClient:
         ValueError: ``shards`` does not have one address per plan shard.
     """
 
-    def __init__(self, plan: ShardPlan, shards: list[Address], peers: Peers,
-                 timeout: float | None = 60.0,
-                 local: Callable[[Address], ParameterShard | None] | None = None):
+    def __init__(
+        self,
+        plan: ShardPlan,
+        shards: list[Address],
+        peers: Peers,
+        timeout: float | None = 60.0,
+        local: Callable[[Address], ParameterShard | None] | None = None,
+    ):
         if len(shards) != plan.n_shards:
             raise ValueError(f"{len(shards)} shard addresses for a plan of {plan.n_shards} shards")
         self.plan = plan
@@ -74,8 +79,11 @@ class ParameterClient:
         return await ch.request(kind, key=key, timeout=self.timeout, **kwargs)
 
     def _pieces(self, tensors: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]]:
-        return [(key, view) for name, full in tensors.items()
-                for key, view in self.plan.cut(name, full).items()]
+        return [
+            (key, view)
+            for name, full in tensors.items()
+            for key, view in self.plan.cut(name, full).items()
+        ]
 
     async def init(self, params: dict[str, np.ndarray], optimizer: dict[str, Any]) -> None:
         """Create every piece of ``params`` on its shard. Idempotent.
@@ -89,9 +97,11 @@ class ParameterClient:
                 shape or optimizer).
             TransportError: a shard could not be reached in time.
         """
+
         async def one(key, view):
             meta = {"name": self.plan.slice(key).name, "optimizer": optimizer}
             await self._request(MessageKind.INIT, key, array=view, meta=meta)
+
         await self._each(self._pieces(params), one)
 
     async def pull(self, into: dict[str, np.ndarray]) -> dict[int, int]:
@@ -117,11 +127,18 @@ class ParameterClient:
                 versions[key] = shard.pull(key, out=view).version
             else:
                 versions[key] = (await self._request(MessageKind.PULL, key, into=view)).seq
+
         await self._each(self._pieces(into), one)
         return versions
 
-    async def push(self, grads: dict[str, np.ndarray], *, pusher: str, seq: int,
-                   fetch_into: dict[str, np.ndarray] | None = None) -> None:
+    async def push(
+        self,
+        grads: dict[str, np.ndarray],
+        *,
+        pusher: str,
+        seq: int,
+        fetch_into: dict[str, np.ndarray] | None = None,
+    ) -> None:
         """Send gradients to be applied by the shards' optimizers.
 
         Args:
@@ -147,10 +164,12 @@ class ParameterClient:
                 else:
                     shard.push(key, view, pusher=pusher, seq=seq)
             elif targets:
-                await self._request(MessageKind.PUSH_PULL, key, array=view, seq=seq, meta=meta,
-                                    into=targets[key])
+                await self._request(
+                    MessageKind.PUSH_PULL, key, array=view, seq=seq, meta=meta, into=targets[key]
+                )
             else:
                 await self._request(MessageKind.PUSH, key, array=view, seq=seq, meta=meta)
+
         await self._each(self._pieces(grads), one)
 
     def plan_views(self, tensors: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
@@ -178,4 +197,3 @@ class ParameterClient:
             ch = await self.peers.get(address)
             out.append((await ch.request(MessageKind.STATS, timeout=self.timeout)).meta)
         return out
-

@@ -242,7 +242,8 @@ class ParameterShard:
                 )
             if dtype is not None and _kernel_dtype(key, name, dtype) != value.dtype:
                 raise DTypeMismatchError(
-                    key, f"key {key} ({name}): dtype {np.dtype(dtype)} given, value has {value.dtype}"
+                    key,
+                    f"key {key} ({name}): dtype {np.dtype(dtype)} given, value has {value.dtype}",
                 )
             shape, dtype = value.shape, value.dtype
         elif shape is None or dtype is None:
@@ -394,16 +395,20 @@ class ParameterShard:
             raise ShardError(t.key, f"key {t.key} ({t.name}): out must be a numpy array")
         self._check_like(t, out, "out")
         if not (out.flags.c_contiguous and out.flags.writeable):
-            raise ShardError(t.key, f"key {t.key} ({t.name}): out must be C-contiguous and writable")
+            raise ShardError(
+                t.key, f"key {t.key} ({t.name}): out must be C-contiguous and writable"
+            )
 
     def _check_like(self, t: _Tensor, a: np.ndarray, what: str) -> None:
         if a.dtype != t.value.dtype:
             raise DTypeMismatchError(
-                t.key, f"key {t.key} ({t.name}): {what} dtype expected {t.value.dtype}, got {a.dtype}"
+                t.key,
+                f"key {t.key} ({t.name}): {what} dtype expected {t.value.dtype}, got {a.dtype}",
             )
         if a.shape != t.value.shape:
             raise ShapeMismatchError(
-                t.key, f"key {t.key} ({t.name}): {what} shape expected {t.value.shape}, got {a.shape}"
+                t.key,
+                f"key {t.key} ({t.name}): {what} shape expected {t.value.shape}, got {a.shape}",
             )
 
     def _check_push(self, t: _Tensor, grad, pusher, seq) -> None:
@@ -417,9 +422,13 @@ class ParameterShard:
             raise ShardError(t.key, f"{where}: give both pusher and seq, or neither")
         if pusher is not None:
             if not isinstance(pusher, str) or not pusher:
-                raise ShardError(t.key, f"{where}: pusher must be a non-empty string, got {pusher!r}")
+                raise ShardError(
+                    t.key, f"{where}: pusher must be a non-empty string, got {pusher!r}"
+                )
             if not _is_uint(seq):
-                raise ShardError(t.key, f"{where}: seq must be an integer in [0, 2**64), got {seq!r}")
+                raise ShardError(
+                    t.key, f"{where}: seq must be an integer in [0, 2**64), got {seq!r}"
+                )
 
     def stats(self) -> dict[str, Any]:
         """JSON-ready statistics: ``{"shard", "tensors": [per key: key, name,
@@ -492,7 +501,9 @@ class ParameterShard:
         dead node's checkpoint); keys must not clash."""
         clash = sorted(set(self._tensors) & set(other._tensors))
         if clash:
-            raise KeyConflictError(clash[0], f"keys {clash} are already held by shard {self.shard_id}")
+            raise KeyConflictError(
+                clash[0], f"keys {clash} are already held by shard {self.shard_id}"
+            )
         self._tensors.update(other._tensors)
 
     @classmethod
@@ -507,12 +518,16 @@ class ParameterShard:
         return cls._from_snapshot(path, *snapshot.read(path))
 
     @classmethod
-    def from_bytes(cls, data: bytes | bytearray | memoryview, name: str = "<bytes>") -> ParameterShard:
+    def from_bytes(
+        cls, data: bytes | bytearray | memoryview, name: str = "<bytes>"
+    ) -> ParameterShard:
         """A shard from :meth:`snapshot_bytes`' output (SnapshotError if it is bad)."""
         return cls._from_snapshot(name, *snapshot.load(io.BytesIO(data), name))
 
     @classmethod
-    def _from_snapshot(cls, where, meta: dict[str, Any], records: list[snapshot.Record]) -> ParameterShard:
+    def _from_snapshot(
+        cls, where, meta: dict[str, Any], records: list[snapshot.Record]
+    ) -> ParameterShard:
         shard = cls(int(meta["shard"]))
         shard._rejected_unknown = int(meta["rejected_unknown"])
         for d, value, state in records:

@@ -173,7 +173,10 @@ def _write_payload(f, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _read_member(
-    zf: zipfile.ZipFile, archive: int, name: str, dtype: np.dtype,
+    zf: zipfile.ZipFile,
+    archive: int,
+    name: str,
+    dtype: np.dtype,
     shape: tuple[int, ...] | None,
 ) -> np.ndarray:
     """Read the .npy member ``name`` straight into a fresh aligned array,
@@ -213,7 +216,9 @@ def _read_member(
         while filled < len(buf):
             n = f.readinto(buf[filled:])
             if not n:
-                raise SnapshotError("", f"member {name}: truncated after {filled} of {len(buf)} bytes")
+                raise SnapshotError(
+                    "", f"member {name}: truncated after {filled} of {len(buf)} bytes"
+                )
             filled += n
         if f.read(1):
             raise SnapshotError("", f"member {name}: trailing bytes after the array")

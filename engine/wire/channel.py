@@ -80,7 +80,6 @@ class _Pending:
         return True
 
 
-
 class Channel:
     """Requests and replies over one authenticated :class:`Connection`.
 
@@ -174,9 +173,7 @@ class Channel:
         self.conn = conn
         conn.spin = spin
         serving = handler is not None or inline is not None
-        conn.spin_if = lambda: serving or any(
-            p.sent and not p.done for p in self._pending.values()
-        )
+        conn.spin_if = lambda: serving or any(p.sent and not p.done for p in self._pending.values())
         self._handler = handler
         self._inline = inline
         self._allocate = allocate
@@ -317,9 +314,7 @@ class Channel:
         """
         kind = request_kind(kind)
         self._check_can_request()
-        await self.conn.send_frame(
-            kind, key=key, seq=seq, array=array, meta=meta, flags=flags
-        )
+        await self.conn.send_frame(kind, key=key, seq=seq, array=array, meta=meta, flags=flags)
 
     async def ping(self, timeout: float | None = None) -> float:
         """Round-trip a PING; returns the seconds it took."""
@@ -371,8 +366,10 @@ class Channel:
 
     @staticmethod
     def _check_into(into: Any) -> None:
-        if not isinstance(into, np.ndarray) or not into.flags.c_contiguous or not (
-            into.flags.writeable
+        if (
+            not isinstance(into, np.ndarray)
+            or not into.flags.c_contiguous
+            or not (into.flags.writeable)
         ):
             raise LocalProtocolError(
                 ErrorCode.INTERNAL, "into", type(into).__name__,
@@ -732,5 +729,3 @@ class Channel:
         finally:
             self._released(release)
             self._free_slot()
-
-

@@ -352,8 +352,10 @@ class Connection:
                             item.task = None
         except BaseException as exc:
             front = queue[0] if queue else None
-            if (front is not None and front.sent) or not self._wire.clean_cancel or (
-                not isinstance(exc, trio.Cancelled)
+            if (
+                (front is not None and front.sent)
+                or not self._wire.clean_cancel
+                or (not isinstance(exc, trio.Cancelled))
             ):
                 # Part of a frame is on the wire, or the socket failed: the
                 # peer's framing is lost.
@@ -695,5 +697,3 @@ class Connection:
             got += n
         if self._lowat != 1:
             self._lowat = self._wire.set_lowat(1)
-
-

@@ -144,5 +144,3 @@ class FrameDecoder:
             if self._offset == len(chunk):
                 chunks.popleft()
                 self._offset = 0
-
-

@@ -255,9 +255,7 @@ class Frame:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_header(
-        cls, header: Header, meta: dict[str, Any], array: np.ndarray | None
-    ) -> Frame:
+    def from_header(cls, header: Header, meta: dict[str, Any], array: np.ndarray | None) -> Frame:
         """Assemble a frame from a header, its parsed meta and its filled array."""
         if header.dtype is None:
             if array is not None:
@@ -319,9 +317,7 @@ def _check(h: Header, limits: Limits, err: type[ProtocolError]) -> None:
         # Python ints: no overflow. An empty tensor may not claim dimensions a
         # non-empty one could not have (numpy could not even allocate it).
         if math.prod(max(d, 1) for d in h.shape) * itemsize > limits.max_payload:
-            raise err(
-                ErrorCode.TOO_LARGE, "shape", h.shape, f"limit is {limits.max_payload} bytes"
-            )
+            raise err(ErrorCode.TOO_LARGE, "shape", h.shape, f"limit is {limits.max_payload} bytes")
         needed = math.prod(h.shape) * itemsize
         if needed != h.payload_length:
             raise err(
@@ -415,9 +411,7 @@ def _decode_fields(fields: tuple[Any, ...], limits: Limits) -> Header:
     # Magic and version keep their place in every version, so this check
     # (and the peer's report of it) works across versions.
     if version != PROTOCOL_VERSION:
-        raise err(
-            ErrorCode.BAD_VERSION, "version", version, f"this node speaks {PROTOCOL_VERSION}"
-        )
+        raise err(ErrorCode.BAD_VERSION, "version", version, f"this node speaks {PROTOCOL_VERSION}")
     try:
         kind = MessageKind(kind)
     except ValueError:
@@ -525,8 +519,6 @@ def payload_view(array: np.ndarray) -> memoryview:
         # reshape(-1) would silently copy, and a recv_into would fill the copy.
         raise LocalProtocolError(ErrorCode.INTERNAL, "array", "non-contiguous", "need C order")
     return memoryview(array.reshape(-1).view(np.uint8))
-
-
 
 
 # -- encoding ------------------------------------------------------------------
@@ -637,9 +629,7 @@ def encode_frame(
     try:
         kind = MessageKind(kind)
     except ValueError:
-        raise LocalProtocolError(
-            ErrorCode.BAD_KIND, "kind", kind, "unknown message kind"
-        ) from None
+        raise LocalProtocolError(ErrorCode.BAD_KIND, "kind", kind, "unknown message kind") from None
     meta_bytes = _dump_meta(meta)
     if kind == MessageKind.ERROR:
         _check_error_meta(meta or {}, LocalProtocolError)

@@ -119,5 +119,3 @@ async def server_handshake(
         return shake.hello_meta
 
     return await _run_handshake(conn, steps, "server", timeout)
-
-

@@ -21,8 +21,15 @@ class Peers:
     :meth:`get`.
     """
 
-    def __init__(self, nursery: trio.Nursery, secret: bytes, name: str = "",
-                 handler=None, connect_timeout: float = 10.0, spin: float = 0.0):
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        secret: bytes,
+        name: str = "",
+        handler=None,
+        connect_timeout: float = 10.0,
+        spin: float = 0.0,
+    ):
         self._spin = spin
         self._nursery = nursery
         self._secret = secret
@@ -42,8 +49,13 @@ class Peers:
         async with lock:
             ch = self._channels.get(address)
             if ch is None or ch.closed:
-                conn = await open_connection(address[0], address[1], self._secret, name=self._name,
-                                             handshake_timeout=self._timeout)
+                conn = await open_connection(
+                    address[0],
+                    address[1],
+                    self._secret,
+                    name=self._name,
+                    handshake_timeout=self._timeout,
+                )
                 ch = Channel(conn, self._handler, spin=self._spin)
                 await self._nursery.start(ch.run)
                 self._channels[address] = ch

@@ -17,6 +17,7 @@ __all__ = ["MIN_SECRET_BYTES", "load_secret", "check_secret"]
 
 MIN_SECRET_BYTES = 16  # docs/protocol.md section 10
 
+
 def load_secret(path: str | os.PathLike[str] | None = None, env: str = "DBNODE_SECRET") -> bytes:
     """Load the shared handshake secret.
 

@@ -236,8 +236,6 @@ class StreamWire:
         return type(self._stream).__name__
 
 
-
-
 def make_wire(stream: trio.abc.Stream) -> SocketWire | StreamWire:
     """The wire for ``stream``: zero copy on a TCP socket, one copy otherwise."""
     return SocketWire(stream) if isinstance(stream, trio.SocketStream) else StreamWire(stream)
