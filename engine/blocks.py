@@ -17,10 +17,20 @@ __all__ = ["block_layout", "block_views", "blocks", "pack_block"]
 def block_layout(
     spec: ModelSpec, first: int, last: int
 ) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
-    """Where each parameter of layers ``[first, last)`` sits in a flat
-    block: name -> (offset, shape), and the block's length. Each tensor
-    starts on a cache line (GEMMs write faster there); the padding between
-    them stays zero."""
+    """Where each parameter of layers ``[first, last)`` sits in a flat block.
+
+    Each tensor starts on a cache line (GEMMs write faster there); the
+    padding between them stays zero.
+
+    Args:
+        spec: the network.
+        first: the first layer of the block.
+        last: one past its last layer.
+
+    Returns:
+        ``(layout, length)``: name -> ``(offset, shape)`` of each parameter,
+        and the block's length in elements.
+    """
     step = kernels.ALIGN // spec.np_dtype.itemsize
     layout, offset = {}, 0
     for name, shape in spec.shapes().items():
@@ -37,6 +47,18 @@ def block_views(spec: ModelSpec, flat: np.ndarray, first: int, last: int) -> dic
     contiguous block: one buffer to push, fetch, accumulate and update in a
     single pass and a single message per shard, whatever the number of
     layers. The tensors are views into it, each C-contiguous.
+
+    Args:
+        spec: the network.
+        flat: the block, of the length :func:`block_layout` gives.
+        first: the first layer of the block.
+        last: one past its last layer.
+
+    Returns:
+        Parameter name -> its view into ``flat`` (no copy).
+
+    Raises:
+        ValueError: ``flat`` is not of the block's shape ``(length,)``.
     """
     layout, total = block_layout(spec, first, last)
     if flat.shape != (total,):
@@ -50,14 +72,37 @@ def block_views(spec: ModelSpec, flat: np.ndarray, first: int, last: int) -> dic
 
 
 def blocks(spec: ModelSpec, bounds) -> dict[str, tuple[int]]:
-    """The flat blocks of a network cut at ``bounds`` (``(first, last)`` per
-    partition): ``block{k}`` -> its shape. These are the tensors the
-    parameter server holds."""
+    """The flat blocks of a network cut at ``bounds``.
+
+    These are the tensors the parameter server holds.
+
+    Args:
+        spec: the network.
+        bounds: ``(first, last)`` of each layer partition, in order.
+
+    Returns:
+        ``block{k}`` -> its shape ``(length,)``, for partition ``k``.
+    """
     return {f"block{k}": (block_layout(spec, a, b)[1],) for k, (a, b) in enumerate(bounds)}
 
 
 def pack_block(spec: ModelSpec, params: dict[str, np.ndarray], first: int, last: int) -> np.ndarray:
-    """A new flat block holding the parameters of layers ``[first, last)``."""
+    """A new flat block holding the parameters of layers ``[first, last)``.
+
+    Args:
+        spec: the network.
+        params: parameter name -> array; those of layers ``[first, last)``
+            are copied in (cast to the model's dtype).
+        first: the first layer of the block.
+        last: one past its last layer.
+
+    Returns:
+        The block: aligned, of the model's dtype, padding zeroed.
+
+    Raises:
+        KeyError: ``params`` lacks a parameter of those layers.
+        ValueError: a parameter's shape does not fit its place.
+    """
     flat = kernels.zeros(block_layout(spec, first, last)[1], spec.np_dtype)
     for name, view in block_views(spec, flat, first, last).items():
         view[...] = params[name]

@@ -35,6 +35,18 @@ from .optim import SGD, Optimizer, from_wire
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The ``[model]`` section: the network and how it starts.
+
+    Attributes:
+        layers: sizes, input first (required).
+        activation: of the hidden layers.
+        output: of the last layer.
+        loss: ``squared_error`` or ``cross_entropy`` (needs softmax output).
+        dtype: ``float32`` or ``float64``.
+        init: ``normal:STD``, ``xavier``, ``he`` or an ``.npz`` of parameters.
+        partitions: layer partitions per replica.
+    """
+
     layers: tuple[int, ...] = ()
     activation: str = "sigmoid"
     output: str = "sigmoid"
@@ -46,6 +58,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """The ``[data]`` section: where the examples come from.
+
+    Attributes:
+        train: a data source (see :func:`dbnode.data.load`; required).
+        test: a held-out source; "" holds out ``test_fraction`` of ``train``.
+        test_fraction: the part of ``train`` held out when there is no ``test``.
+    """
+
     train: str = ""
     test: str = ""
     test_fraction: float = 0.0
@@ -53,6 +73,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The ``[train]`` section: replicas, minibatches and their pace.
+
+    Attributes:
+        replicas: model replicas; 0: from ``examples_per_replica``, else 1.
+        examples_per_replica: examples each replica trains on (0: unused).
+        batch_size: examples per step.
+        epochs: passes over each replica's data shard.
+        n_fetch: fetch parameters every this many steps.
+        n_push: push accumulated gradients every this many steps.
+        seed: for initialisation, data order and the held-out split.
+        eval_interval: seconds between held-out evaluations.
+    """
+
     replicas: int = 0
     examples_per_replica: int = 0
     batch_size: int = 1
@@ -65,6 +98,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    """The ``[cluster]`` section: where the run runs.
+
+    Attributes:
+        hosts: ``"host:port"`` of running nodes; none: an embedded local cluster.
+        parameter_shards: parameter server shards, spread over the nodes.
+        secret_file: the secret for ``hosts`` ("": ``$DBNODE_SECRET``).
+        nodes: nodes of the embedded local cluster (0: one per core).
+        heartbeat: seconds; a node silent for three of them is dead.
+    """
+
     hosts: tuple[str, ...] = ()
     parameter_shards: int = 1
     secret_file: str = ""
@@ -74,6 +117,8 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
+    """The ``[checkpoint]`` section: checkpoints of the parameter shards."""
+
     interval: float = 0.0  # seconds between checkpoints; 0: none
     keep: int = 3  # newest checkpoints kept
     dir: str = ""  # default: <out>/checkpoints
@@ -81,6 +126,12 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """A whole run config, one field per section (see the module's docstring).
+
+    Build it with :meth:`load` or :meth:`from_dict`, which check it; the
+    constructor does not.
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -93,7 +144,19 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
         """Build and check a config from nested dicts, then apply
-        ``section.key=value`` overrides (values in TOML syntax)."""
+        ``section.key=value`` overrides (values in TOML syntax).
+
+        Args:
+            raw: section name -> its keys and values, as TOML would give them.
+            overrides: ``section.key=value`` items, applied in order.
+
+        Returns:
+            The checked config.
+
+        Raises:
+            ConfigError: an unknown section or key, a bad value or override;
+                the error names ``section.key``.
+        """
         raw = {
             section: dict(values) if isinstance(values, dict) else values
             for section, values in raw.items()
@@ -124,7 +187,19 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
         """Read a TOML run config; relative data paths are taken from the
-        config file's directory."""
+        config file's directory.
+
+        Args:
+            path: the TOML file.
+            overrides: ``section.key=value`` items, as in :meth:`from_dict`.
+
+        Returns:
+            The checked config, its relative paths resolved (:meth:`relative_to`).
+
+        Raises:
+            ConfigError: the file is missing, unreadable or not TOML, or as
+                :meth:`from_dict`.
+        """
         path = Path(path)
         try:
             raw = tomllib.loads(path.read_text())
@@ -138,7 +213,17 @@ class RunConfig:
         return config.relative_to(path.parent)
 
     def relative_to(self, base: Path) -> RunConfig:
-        """Resolve data and secret paths that are relative to ``base``."""
+        """Resolve data and secret paths that are relative to ``base``.
+
+        Built-in data names, absolute and empty paths are kept; so is a
+        ``model.init`` that is not an ``.npz``. The checkpoint dir is resolved too.
+
+        Args:
+            base: the directory relative paths are taken from.
+
+        Returns:
+            A new config.
+        """
 
         def resolve(value: str) -> str:
             if not value or is_builtin(value) or Path(value).is_absolute():
@@ -163,11 +248,24 @@ class RunConfig:
         )
 
     def spec(self) -> ModelSpec:
+        """The network ``[model]`` describes.
+
+        Returns:
+            Its :class:`~dbnode.model.ModelSpec`.
+
+        Raises:
+            ValueError: the model section does not make a network (the checks
+                of :meth:`check` report it as a ConfigError).
+        """
         m = self.model
         return ModelSpec(m.layers, m.activation, m.output, m.loss, m.dtype)
 
     def check(self) -> None:
-        """Cross-field and range checks; each error names its key."""
+        """Cross-field and range checks; each error names its key.
+
+        Raises:
+            ConfigError: the first value out of range or at odds with another.
+        """
         m, d, t, c = self.model, self.data, self.train, self.cluster
         if not m.layers:
             raise ConfigError("model.layers", m.layers, "is required (sizes, input first)")
@@ -217,7 +315,14 @@ class RunConfig:
 
     def replicas_for(self, n_examples: int) -> int:
         """Replica count: given, or ceil(examples / examples_per_replica)
-        (the original's dataPerReplica), or 1."""
+        (the original's dataPerReplica), or 1.
+
+        Args:
+            n_examples: examples in the training set.
+
+        Returns:
+            The number of replicas, at least 1.
+        """
         t = self.train
         if t.replicas:
             return t.replicas
@@ -226,7 +331,11 @@ class RunConfig:
         return 1
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """The config as nested dicts, as :meth:`from_dict` takes it back."""
+        """The config as nested dicts, as :meth:`from_dict` takes it back.
+
+        Returns:
+            Section name -> key -> value; tuples as lists.
+        """
         out = {
             name: {
                 k: list(v) if isinstance(v, tuple) else v
@@ -240,7 +349,17 @@ class RunConfig:
 
 def parse_override(item: str) -> tuple[str, str, Any]:
     """``section.key=value`` -> (section, key, value); the value is read as
-    TOML (``3``, ``0.5``, ``[2, 2, 1]``, ``"relu"``), else as a bare string."""
+    TOML (``3``, ``0.5``, ``[2, 2, 1]``, ``"relu"``), else as a bare string.
+
+    Args:
+        item: the override, ``section.key=value``.
+
+    Returns:
+        ``(section, key, value)``.
+
+    Raises:
+        ConfigError: ``item`` is not of that form.
+    """
     dotted, sep, text = item.partition("=")
     section, dot, key = dotted.strip().partition(".")
     if not sep or not dot or not section or not key:
@@ -256,7 +375,20 @@ def parse_address(
     text: str, key: str = "address", default_port: int | None = None
 ) -> tuple[str, int]:
     """``host:port`` -> (host, port); IPv6 as ``[addr]:port``, or a bare
-    ``addr`` when a default port applies."""
+    ``addr`` when a default port applies.
+
+    Args:
+        text: the address.
+        key: what an error calls it (e.g. ``cluster.hosts``).
+        default_port: the port of an address without one; None: required.
+
+    Returns:
+        ``(host, port)``, the host without brackets.
+
+    Raises:
+        ConfigError: no host, or no port (none given and no default), or one
+            outside 0..65535.
+    """
     text = text.strip()
     if text.startswith("["):  # [v6] or [v6]:port
         host, _, rest = text[1:].partition("]")
@@ -277,7 +409,14 @@ def parse_address(
 
 
 def format_address(address: tuple[str, int]) -> str:
-    """(host, port) -> ``host:port``, with IPv6 hosts in brackets."""
+    """(host, port) -> ``host:port``, with IPv6 hosts in brackets.
+
+    Args:
+        address: ``(host, port)``.
+
+    Returns:
+        The text :func:`parse_address` reads back.
+    """
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -24,7 +24,15 @@ XOR_TARGETS = np.array([0, 1, 1, 0], dtype=np.float64)
 
 def xor(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` examples drawn uniformly from the four rows of XOR, as the
-    original project's example did."""
+    original project's example did.
+
+    Args:
+        n: examples.
+        seed: seeds the draws.
+
+    Returns:
+        ``(x, y)``: float64 ``(n, 2)`` inputs and ``(n,)`` targets.
+    """
     rows = np.random.default_rng(seed).integers(0, 4, size=n)
     return XOR_ROWS[rows], XOR_TARGETS[rows]
 
@@ -33,7 +41,18 @@ def blobs(
     n: int, features: int = 8, classes: int = 3, spread: float = 0.6, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic classification set: Gaussian clusters around random centres,
-    integer labels."""
+    integer labels.
+
+    Args:
+        n: examples.
+        features: inputs per example.
+        classes: clusters, one per class.
+        spread: the standard deviation around each centre.
+        seed: seeds the centres and the draws.
+
+    Returns:
+        ``(x, y)``: float64 ``(n, features)`` inputs and int labels ``(n,)``.
+    """
     rng = np.random.default_rng(seed)
     centres = rng.normal(0.0, 1.0, (classes, features))
     labels = rng.integers(0, classes, size=n)
@@ -42,7 +61,17 @@ def blobs(
 
 
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
-    """The permutation of ``range(n)`` that epoch ``epoch`` visits."""
+    """The permutation of ``range(n)`` that epoch ``epoch`` visits.
+
+    Args:
+        n: examples.
+        epoch: the epoch, from 0.
+        seed: with ``epoch``, seeds the permutation.
+        shuffle: False visits the examples in order.
+
+    Returns:
+        The example indices in visiting order.
+    """
     if not shuffle:
         return np.arange(n)
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -53,7 +82,21 @@ def batch_indices(
 ) -> Iterator[np.ndarray]:
     """Indices of each minibatch over ``epochs`` passes of ``n`` examples;
     the last batch of an epoch may be smaller. A replica's first partition
-    takes inputs and its last partition takes targets by the same indices."""
+    takes inputs and its last partition takes targets by the same indices.
+
+    Args:
+        n: examples.
+        batch_size: examples per batch.
+        epochs: passes over the examples.
+        seed: seeds each epoch's order (:func:`epoch_order`).
+        shuffle: False visits the examples in order.
+
+    Returns:
+        An iterator of index arrays, one per minibatch.
+
+    Raises:
+        ValueError: ``batch_size < 1`` (when iteration starts).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for epoch in range(epochs):
@@ -63,7 +106,16 @@ def batch_indices(
 
 
 def steps_per_run(n: int, batch_size: int, epochs: int) -> int:
-    """How many minibatches :func:`batch_indices` yields."""
+    """How many minibatches :func:`batch_indices` yields.
+
+    Args:
+        n: examples.
+        batch_size: examples per batch.
+        epochs: passes over the examples.
+
+    Returns:
+        ``epochs * ceil(n / batch_size)``.
+    """
     return epochs * -(-n // batch_size)
 
 
@@ -76,7 +128,23 @@ def minibatches(
     shuffle: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Contiguous minibatches of ``(x, y)`` for ``epochs`` passes; the last
-    batch of an epoch may be smaller."""
+    batch of an epoch may be smaller.
+
+    Args:
+        x: the inputs.
+        y: their targets, as many.
+        batch_size: examples per batch.
+        epochs: passes over the examples.
+        seed: seeds each epoch's order (:func:`epoch_order`).
+        shuffle: False visits the examples in order.
+
+    Returns:
+        An iterator of ``(x_batch, y_batch)`` copies.
+
+    Raises:
+        ValueError: ``x`` and ``y`` differ in length, or ``batch_size < 1``
+            (when iteration starts).
+    """
     if len(x) != len(y):
         raise ValueError(f"data: {len(x)} inputs but {len(y)} targets")
     for idx in batch_indices(len(x), batch_size, epochs, seed, shuffle):
@@ -89,7 +157,14 @@ def minibatches(
 
 
 def is_builtin(source: str) -> bool:
-    """Whether ``source`` names a built-in data set rather than a file."""
+    """Whether ``source`` names a built-in data set rather than a file.
+
+    Args:
+        source: a data source, as :func:`load` takes it.
+
+    Returns:
+        True for ``xor:N``, ``blobs:N``, ``idx:IMAGES,LABELS`` and ``digits``.
+    """
     return source == "digits" or source.partition(":")[0] in ("xor", "blobs", "idx")
 
 
@@ -103,6 +178,18 @@ def load(source: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     the images file of an MNIST-format pair whose name contains
     ``images-idx`` (labels: the same name with ``labels-idx1``; pixels
     scaled to [0, 1]).
+
+    Args:
+        source: the data source, as above.
+        seed: seeds the synthetic sets.
+
+    Returns:
+        ``(X, y)``.
+
+    Raises:
+        ConfigError: an unknown or malformed source, a missing or unreadable
+            file, data that is not numeric, finite and as long as its
+            targets, or ``digits`` without scikit-learn.
     """
     kind, _, arg = source.partition(":")
     if kind in ("xor", "blobs") and arg:
@@ -133,7 +220,17 @@ def load(source: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def split(
     x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A reproducible random train/test split: ``(x_train, y_train, x_test, y_test)``."""
+    """A reproducible random train/test split: ``(x_train, y_train, x_test, y_test)``.
+
+    Args:
+        x: the inputs.
+        y: their targets.
+        test_fraction: the part held out, rounded to whole examples.
+        seed: seeds the split.
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test)``, copies.
+    """
     n_test = int(round(len(x) * test_fraction))
     order = np.random.default_rng([seed, 0x7E57]).permutation(len(x))
     test, train = order[:n_test], order[n_test:]
@@ -195,7 +292,17 @@ _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An array from an idx file (MNIST's format), optionally gzipped."""
+    """An array from an idx file (MNIST's format), optionally gzipped.
+
+    Args:
+        path: the file; a ``.gz`` suffix means gzipped.
+
+    Returns:
+        The array, of the file's (big-endian) dtype and shape.
+
+    Raises:
+        ConfigError: the file cannot be read, or is not a whole idx file.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:

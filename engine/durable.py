@@ -18,7 +18,14 @@ __all__ = ["fsync_dir", "replace_dir", "replace_file", "write_synced"]
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make a rename or a new entry in ``directory`` durable."""
+    """Make a rename or a new entry in ``directory`` durable.
+
+    Args:
+        directory: the directory whose entries to fsync.
+
+    Raises:
+        OSError: it cannot be opened or synced.
+    """
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -28,7 +35,15 @@ def fsync_dir(directory: str | os.PathLike) -> None:
 
 def write_synced(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Create ``path`` with what ``write(f)`` writes, flushed and fsynced (no rename:
-    for files inside a directory that :func:`replace_dir` publishes)."""
+    for files inside a directory that :func:`replace_dir` publishes).
+
+    Args:
+        path: the file to create (or truncate).
+        write: writes the content to the binary file it is given.
+
+    Raises:
+        OSError: writing failed.
+    """
     with open(path, "wb") as f:
         write(f)
         f.flush()
@@ -40,6 +55,13 @@ def replace_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
     A crash or error at any point leaves either the old file or the new one,
     never a mix; the temporary file is removed on error.
+
+    Args:
+        path: the file to replace (or create).
+        write: writes the content to the binary file it is given.
+
+    Returns:
+        ``path``, as a Path.
 
     Raises:
         OSError: writing failed (disk full, ...); ``path`` is untouched.
@@ -61,7 +83,16 @@ def replace_file(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 
 def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Publish the filled directory ``tmp`` as ``final`` (same parent), durably."""
+    """Publish the filled directory ``tmp`` as ``final`` (same parent), durably.
+
+    Args:
+        tmp: the filled directory.
+        final: its name once published; an existing empty directory of that
+            name is replaced.
+
+    Raises:
+        OSError: the rename or a sync failed (e.g. ``final`` is not empty).
+    """
     fsync_dir(tmp)
     os.replace(tmp, final)
     fsync_dir(Path(final).parent)

@@ -100,6 +100,13 @@ def empty(shape, dtype) -> np.ndarray:
     writes a GEMM result about 10% faster into a 64-byte-aligned buffer, so
     every buffer the engine keeps (parameters, gradients, activations) is
     made here.
+
+    Args:
+        shape: an int or a tuple of ints.
+        dtype: anything ``np.dtype`` takes.
+
+    Returns:
+        The array, its contents undefined.
     """
     dtype = np.dtype(dtype)
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
@@ -110,14 +117,30 @@ def empty(shape, dtype) -> np.ndarray:
 
 
 def zeros(shape, dtype) -> np.ndarray:
-    """:func:`empty`, zero-filled."""
+    """:func:`empty`, zero-filled.
+
+    Args:
+        shape: an int or a tuple of ints.
+        dtype: anything ``np.dtype`` takes.
+
+    Returns:
+        The aligned array of zeros.
+    """
     out = empty(shape, dtype)
     out.fill(0)
     return out
 
 
 def aligned_copy(a: np.ndarray, dtype=None) -> np.ndarray:
-    """A C-contiguous, cache-line-aligned copy of ``a`` (cast to ``dtype``)."""
+    """A C-contiguous, cache-line-aligned copy of ``a`` (cast to ``dtype``).
+
+    Args:
+        a: an array, or anything ``np.asarray`` takes.
+        dtype: the copy's dtype; None keeps ``a``'s.
+
+    Returns:
+        The copy.
+    """
     a = np.asarray(a)
     out = empty(a.shape, a.dtype if dtype is None else dtype)
     out[...] = a
@@ -168,23 +191,67 @@ def _same_dtype(**arrays) -> np.dtype:
 
 
 def sgd(w: np.ndarray, g: np.ndarray, lr: float) -> None:
-    """In place: ``w -= lr * g``."""
+    """In place: ``w -= lr * g``.
+
+    Args:
+        w: the parameters, updated in place.
+        g: the gradient, of ``w``'s shape and dtype.
+        lr: the learning rate.
+
+    Raises:
+        ValueError, TypeError: arrays of mismatched shape, dtype or layout
+            (see the module's conventions).
+    """
     _k.sgd(w, _contig(g), lr)
 
 
 def momentum(w: np.ndarray, g: np.ndarray, velocity: np.ndarray, lr: float, mu: float) -> None:
-    """In place: ``velocity = mu * velocity - lr * g; w += velocity``."""
+    """In place: ``velocity = mu * velocity - lr * g; w += velocity``.
+
+    Args:
+        w: the parameters, updated in place.
+        g: the gradient, of ``w``'s shape and dtype.
+        velocity: the momentum state, updated in place.
+        lr: the learning rate.
+        mu: the momentum.
+
+    Raises:
+        ValueError, TypeError: arrays of mismatched shape, dtype or layout
+            (see the module's conventions).
+    """
     _k.momentum(w, _contig(g), velocity, lr, mu)
 
 
 def adagrad(w: np.ndarray, g: np.ndarray, sum_sq: np.ndarray, lr: float, eps: float = 1e-8) -> None:
     """In place: ``sum_sq += g**2; w -= lr * g / sqrt(sum_sq + eps)``
-    (the per-parameter rate of Dean et al. 2012)."""
+    (the per-parameter rate of Dean et al. 2012).
+
+    Args:
+        w: the parameters, updated in place.
+        g: the gradient, of ``w``'s shape and dtype.
+        sum_sq: the sum of squared gradients, updated in place.
+        lr: the learning rate.
+        eps: added under the square root.
+
+    Raises:
+        ValueError, TypeError: arrays of mismatched shape, dtype or layout
+            (see the module's conventions).
+    """
     _k.adagrad(w, _contig(g), sum_sq, lr, eps)
 
 
 def accumulate(acc: np.ndarray, g: np.ndarray, scale: float = 1.0) -> None:
-    """In place: ``acc += scale * g`` (gradient accumulation between pushes)."""
+    """In place: ``acc += scale * g`` (gradient accumulation between pushes).
+
+    Args:
+        acc: the accumulator, updated in place.
+        g: the gradient, of ``acc``'s shape and dtype.
+        scale: the factor on ``g``.
+
+    Raises:
+        ValueError, TypeError: arrays of mismatched shape, dtype or layout
+            (see the module's conventions).
+    """
     _k.axpy(acc, _contig(g), scale)
 
 
@@ -192,7 +259,20 @@ def accumulate(acc: np.ndarray, g: np.ndarray, scale: float = 1.0) -> None:
 
 
 def activation(z: np.ndarray, name: str, out: np.ndarray | None = None) -> np.ndarray:
-    """``out = act(z)`` on a (batch, features) array; ``out`` may be ``z``."""
+    """``out = act(z)`` on a (batch, features) array; ``out`` may be ``z``.
+
+    Args:
+        z: the pre-activations.
+        name: the activation's name.
+        out: where to write; None allocates it.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: an unknown activation, or a bad shape or layout.
+        TypeError: a dtype that is not float32/float64 or does not match.
+    """
     z = _contig(z)
     out = _out(out, z.shape, z.dtype)
     _k.activation(z, out, _code(name))
@@ -203,7 +283,21 @@ def activation_grad(
     a: np.ndarray, delta: np.ndarray, name: str, out: np.ndarray | None = None
 ) -> np.ndarray:
     """``out = delta * act'``, the derivative taken from the activation's
-    output ``a``; for softmax, the Jacobian-vector product."""
+    output ``a``; for softmax, the Jacobian-vector product.
+
+    Args:
+        a: the activation's output.
+        delta: dL/da, of ``a``'s shape.
+        name: the activation's name.
+        out: where to write dL/dz; None allocates it.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: an unknown activation, or a bad shape or layout.
+        TypeError: a dtype that is not float32/float64 or does not match.
+    """
     a, delta = _contig(a), _contig(delta)
     out = _out(out, a.shape, a.dtype)
     _k.activation_grad(a, delta, out, _code(name))
@@ -218,7 +312,19 @@ def squared_error(
 ) -> tuple[float, np.ndarray]:
     """The original project's loss, averaged over the batch:
     ``0.5 * sum((t - p)**2) / batch``. ``delta = (p - t) / batch`` is its
-    gradient with respect to ``p``."""
+    gradient with respect to ``p``.
+
+    Args:
+        p: the predictions, ``(batch, outputs)``.
+        t: the targets, of ``p``'s shape (or ``(batch,)`` for one output).
+        delta: where to write the gradient; None allocates it.
+
+    Returns:
+        ``(loss, delta)``.
+
+    Raises:
+        ValueError, TypeError: arrays of mismatched shape, dtype or layout.
+    """
     p, t = _contig(p), _contig(t)
     if t.ndim == 1 and p.shape == (len(t), 1):
         t = t.reshape(p.shape)  # (batch,) targets of a single-output network
@@ -231,7 +337,20 @@ def softmax_cross_entropy(
 ) -> tuple[float, np.ndarray]:
     """Cross-entropy of softmax probabilities ``p`` against integer class
     ``labels``, averaged over the batch. ``delta = (p - onehot) / batch`` is
-    the gradient with respect to the softmax's input."""
+    the gradient with respect to the softmax's input.
+
+    Args:
+        p: the softmax probabilities, ``(batch, classes)``.
+        labels: the class indices, ``(batch,)`` of an integer dtype.
+        delta: where to write the gradient; None allocates it.
+
+    Returns:
+        ``(loss, delta)``.
+
+    Raises:
+        TypeError: labels that are not integers, or a bad dtype.
+        ValueError: mismatched shapes, or a label out of range.
+    """
     p = _contig(p)
     if not np.issubdtype(np.asarray(labels).dtype, np.integer):
         raise TypeError(f"labels: expected integer class labels, got {np.asarray(labels).dtype}")
@@ -261,7 +380,23 @@ def dense_forward(
     """``out = act(x @ weight.T + bias)`` for ``weight (out, in)``: one BLAS
     GEMM, then bias and activation fused into one sweep. ``scratch`` (any
     C-contiguous buffer of ``out``'s size) holds the transposed GEMM result
-    for wide layers; it is allocated when ``None``."""
+    for wide layers; it is allocated when ``None``.
+
+    Args:
+        x: the inputs, ``(batch, in)``.
+        weight: ``(out, in)``.
+        bias: ``(out,)``.
+        name: the activation's name.
+        out: where to write ``(batch, out)``; None allocates it.
+        scratch: see above.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: an unknown activation, or a bad shape or layout.
+        TypeError: dtypes that are not float32/float64 or do not all match.
+    """
     _same_dtype(x=x, weight=weight, bias=bias)
     bias = _contig(bias)
     shape = (x.shape[0], weight.shape[0])
@@ -295,9 +430,29 @@ def dense_backward(
 ):
     """Backward through ``a = act(x @ weight.T + bias)`` given ``delta = dL/da``.
 
-    Returns ``(grad_weight, grad_bias, delta_below)``; ``delta_below`` (dL/dx)
-    is ``None`` when ``need_delta_below`` is false (the first layer). ``dz`` is
-    scratch for ``dL/dz`` and may be ``delta`` itself.
+    ``dz`` is scratch for ``dL/dz`` and may be ``delta`` itself. Each output
+    is allocated when passed as None.
+
+    Args:
+        x: the forward pass's input, ``(batch, in)``.
+        a: its output, ``(batch, out)``.
+        delta: dL/da, of ``a``'s shape.
+        weight: ``(out, in)``.
+        name: the activation's name (``linear`` for a delta already taken
+            with respect to the pre-activation).
+        grad_weight: where to write dL/dweight.
+        grad_bias: where to write dL/dbias.
+        delta_below: where to write dL/dx.
+        dz: scratch of ``a``'s shape.
+        need_delta_below: whether to compute dL/dx (not for the first layer).
+
+    Returns:
+        ``(grad_weight, grad_bias, delta_below)``; ``delta_below`` is None
+        when ``need_delta_below`` is false.
+
+    Raises:
+        ValueError: an unknown activation, or a bad shape or layout.
+        TypeError: dtypes that are not float32/float64 or do not all match.
     """
     _same_dtype(x=x, a=a, delta=delta, weight=weight)
     a, delta = _contig(a), _contig(delta)

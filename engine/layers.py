@@ -44,13 +44,26 @@ class Dense:
     activation: str
 
     def params(self) -> dict[str, tuple[int, ...]]:
-        """Parameter name (within the layer) -> shape."""
+        """Parameter name (within the layer) -> shape.
+
+        Returns:
+            ``{"weight": (n_out, n_in), "bias": (n_out,)}``.
+        """
         return {"weight": (self.n_out, self.n_in), "bias": (self.n_out,)}
 
     def forward(self, x: np.ndarray, params: dict[str, np.ndarray], out: np.ndarray,
                 scratch: np.ndarray) -> np.ndarray:  # fmt: skip
         """The activations of batch ``x`` into ``out`` (returned); ``scratch``
         takes the transposed GEMM result.
+
+        Args:
+            x: the input batch, ``(batch, n_in)``.
+            params: the layer's ``weight`` and ``bias``.
+            out: where the activations are written, ``(batch, n_out)``.
+            scratch: a buffer of ``out``'s size.
+
+        Returns:
+            ``out``.
 
         Raises:
             ValueError, TypeError: shapes or dtypes that do not fit (from the kernel).

@@ -27,6 +27,16 @@ class ModelSpec:
 
     The defaults are the original project's: sigmoid everywhere and the
     squared error ``0.5 * (t - p)**2``.
+
+    Args:
+        layers: the sizes, input first; at least two, each a positive int.
+        activation: of the hidden layers, one of :data:`HIDDEN_ACTIVATIONS`.
+        output: of the last layer, one of :data:`OUTPUTS`.
+        loss: one of :data:`LOSSES`; ``cross_entropy`` needs ``softmax`` output.
+        dtype: ``float32`` or ``float64``.
+
+    Raises:
+        ValueError: any of the above not met; the message names the field.
     """
 
     layers: tuple[int, ...]
@@ -52,21 +62,45 @@ class ModelSpec:
 
     @property
     def n_layers(self) -> int:
+        """The number of layers with parameters (sizes less one)."""
         return len(self.layers) - 1
 
     @property
     def np_dtype(self) -> np.dtype:
+        """:attr:`dtype` as a numpy dtype."""
         return np.dtype(self.dtype)
 
     def activation_of(self, layer: int) -> str:
+        """The activation of a layer.
+
+        Args:
+            layer: its index, 0 the first above the input.
+
+        Returns:
+            :attr:`output` for the last layer, else :attr:`activation`.
+        """
         return self.output if layer == self.n_layers - 1 else self.activation
 
     def layer(self, i: int) -> Dense:
-        """Layer ``i`` (0 is the first above the input)."""
+        """Layer ``i`` (0 is the first above the input).
+
+        Args:
+            i: the layer's index, in ``0 .. n_layers - 1``.
+
+        Returns:
+            The layer, with its sizes and activation.
+
+        Raises:
+            IndexError: ``i`` is past the last layer.
+        """
         return Dense(self.layers[i], self.layers[i + 1], self.activation_of(i))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name -> shape of every parameter (``layer{i}.{name}``), in layer order."""
+        """Name -> shape of every parameter (``layer{i}.{name}``), in layer order.
+
+        Returns:
+            A new dict, ``layer{i}.weight`` before ``layer{i}.bias``.
+        """
         return {f"layer{i}.{name}": shape for i in range(self.n_layers)
                 for name, shape in self.layer(i).params().items()}  # fmt: skip
 
@@ -83,7 +117,19 @@ def init_params(spec: ModelSpec, init: str = "normal:0.2", seed: int = 0) -> dic
     """Fresh parameters. ``init`` is ``normal:STD`` (the original project's
     Normal(0, 0.2) is ``normal:0.2``), ``xavier`` (Glorot normal) or ``he``
     (He normal); biases are drawn like weights for ``normal`` (as the
-    original did) and start at zero otherwise."""
+    original did) and start at zero otherwise.
+
+    Args:
+        spec: the network.
+        init: the initialisation, as above.
+        seed: seeds the random draws.
+
+    Returns:
+        Name -> aligned array of the model's dtype, for every parameter.
+
+    Raises:
+        ValueError: ``init`` is none of the above.
+    """
     rng = np.random.default_rng(seed)
     dtype = spec.np_dtype
     params = {}
@@ -111,7 +157,16 @@ def init_params(spec: ModelSpec, init: str = "normal:0.2", seed: int = 0) -> dic
 
 
 def check_params(spec: ModelSpec, params: dict[str, np.ndarray], where: str = "parameters") -> None:
-    """Raise ValueError naming the first missing, extra or misshapen array."""
+    """Raise ValueError naming the first missing, extra or misshapen array.
+
+    Args:
+        spec: the network.
+        params: name -> array, to check against :meth:`ModelSpec.shapes`.
+        where: what the message calls ``params`` (e.g. a file name).
+
+    Raises:
+        ValueError: an array is missing, unexpected or of the wrong shape.
+    """
     shapes = spec.shapes()
     missing = sorted(set(shapes) - set(params))
     extra = sorted(set(params) - set(shapes))
@@ -125,12 +180,32 @@ def check_params(spec: ModelSpec, params: dict[str, np.ndarray], where: str = "p
 
 
 def save_params(path: str | Path, params: dict[str, np.ndarray]) -> None:
-    """Write ``layer{i}.weight`` / ``layer{i}.bias`` arrays to an ``.npz``."""
+    """Write ``layer{i}.weight`` / ``layer{i}.bias`` arrays to an ``.npz``.
+
+    Args:
+        path: the file (numpy adds ``.npz`` when it lacks the suffix).
+        params: name -> array.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
     np.savez(path, **params)
 
 
 def load_params(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
-    """Read and check an ``.npz`` of parameters for ``spec``, cast to its dtype."""
+    """Read and check an ``.npz`` of parameters for ``spec``, cast to its dtype.
+
+    Args:
+        path: the ``.npz`` file, as :func:`save_params` writes it.
+        spec: the network the parameters must fit.
+
+    Returns:
+        Name -> aligned array of the model's dtype.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the arrays do not fit ``spec`` (or the file is not an ``.npz``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"parameters file not found: {path}")
@@ -142,7 +217,17 @@ def load_params(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
 
 def to_bias_first(params: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The original project's layout: one ``(out, in + 1)`` matrix per layer,
-    bias in column 0 and weights after it (inputs had a constant 1 prepended)."""
+    bias in column 0 and weights after it (inputs had a constant 1 prepended).
+
+    Args:
+        params: name -> array, every layer's ``weight`` and ``bias``.
+
+    Returns:
+        One ``(out, in + 1)`` matrix per layer, in layer order.
+
+    Raises:
+        KeyError: a layer's weight or bias is missing.
+    """
     n = len(params) // 2
     return [
         np.hstack([params[f"layer{i}.bias"][:, None], params[f"layer{i}.weight"]]) for i in range(n)
@@ -152,7 +237,18 @@ def to_bias_first(params: dict[str, np.ndarray]) -> list[np.ndarray]:
 def from_bias_first(
     matrices: list[np.ndarray], dtype: str | np.dtype | None = None
 ) -> dict[str, np.ndarray]:
-    """Inverse of :func:`to_bias_first`."""
+    """Inverse of :func:`to_bias_first`.
+
+    Args:
+        matrices: one ``(out, in + 1)`` matrix per layer, bias in column 0.
+        dtype: the parameters' dtype; None keeps the matrices'.
+
+    Returns:
+        Name -> aligned array, ``layer{i}.weight`` and ``layer{i}.bias``.
+
+    Raises:
+        ValueError: a matrix is not 2-d with at least two columns.
+    """
     params = {}
     for i, m in enumerate(matrices):
         m = np.asarray(m, dtype=dtype)
@@ -174,6 +270,17 @@ class LayerStack:
     buffers that are reused from step to step (reallocated only when the
     batch size changes). ``params`` is read at every pass, so a caller may
     swap in fetched values between steps.
+
+    Args:
+        spec: the network.
+        params: name -> array of (at least) the stack's layers' parameters.
+        first: the stack's first layer.
+        last: one past its last layer; None: the network's end.
+        grads: name -> the buffer each gradient is written into (e.g. views
+            of a flat block); None allocates them.
+
+    Raises:
+        ValueError: ``[first, last)`` is empty or outside the network.
     """
 
     def __init__(
@@ -227,14 +334,27 @@ class LayerStack:
 
     @property
     def in_size(self) -> int:
+        """Input features of the stack's first layer."""
         return self.spec.layers[self.first]
 
     @property
     def out_size(self) -> int:
+        """Outputs of the stack's last layer."""
         return self.spec.layers[self.last]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        """Activations of the stack's last layer for the batch ``x``."""
+        """Activations of the stack's last layer for the batch ``x``.
+
+        Args:
+            x: the input batch, ``(batch, in_size)`` of the model's dtype.
+
+        Returns:
+            The last layer's output buffer, reused (overwritten) by the next pass.
+
+        Raises:
+            ValueError: ``x`` is not ``(batch, in_size)``.
+            TypeError: ``x`` is not of the model's dtype.
+        """
         if x.ndim != 2 or x.shape[1] != self.in_size:
             raise ValueError(f"input: shape {x.shape} does not match (batch, {self.in_size})")
         if x.dtype != self.dtype:
@@ -256,8 +376,17 @@ class LayerStack:
         ``delta = dL/d(output)``; returns ``dL/d(input)`` for the stack below
         (``None`` when ``need_delta_below`` is false).
 
-        ``preactivation`` says ``delta`` is already taken with respect to the
-        last layer's pre-activation (softmax with cross-entropy).
+        Args:
+            delta: dL/d(output), of the last forward's output shape.
+            need_delta_below: whether to compute dL/d(input).
+            preactivation: ``delta`` is already taken with respect to the
+                last layer's pre-activation (softmax with cross-entropy).
+
+        Returns:
+            dL/d(input), a reused buffer, or None.
+
+        Raises:
+            ValueError: ``delta`` has the wrong shape.
         """
         if delta.shape != self.outputs[-1].shape:
             raise ValueError(f"delta: shape {delta.shape} does not match {self.outputs[-1].shape}")
@@ -275,14 +404,29 @@ class LayerStack:
 
 
 class Loss:
-    """The network's loss on its output, with the delta that starts backward."""
+    """The network's loss on its output, with the delta that starts backward.
+
+    Call it as ``loss(out, targets, delta=None) -> (value, delta)``: the
+    batch's mean loss and dL/d(out) (for cross-entropy, with respect to the
+    softmax's input: :attr:`preactivation`), written into ``delta`` if given.
+
+    Args:
+        spec: the network; its ``loss`` picks the kernel.
+    """
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.preactivation = spec.loss == "cross_entropy"
 
     def targets(self, y: np.ndarray) -> np.ndarray:
-        """Targets in the form the kernel takes: class indices or float rows."""
+        """Targets in the form the kernel takes: class indices or float rows.
+
+        Args:
+            y: class labels (cross-entropy) or target values.
+
+        Returns:
+            ``intp`` labels, or ``(examples, outputs)`` rows of the model's dtype.
+        """
         if self.spec.loss == "cross_entropy":
             return np.asarray(y, dtype=np.intp)
         y = np.asarray(y, dtype=self.spec.np_dtype)
@@ -299,7 +443,20 @@ class Loss:
 def predict(
     spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray, batch_size: int = 1024
 ) -> np.ndarray:
-    """Network outputs for every row of ``x``."""
+    """Network outputs for every row of ``x``.
+
+    Args:
+        spec: the network.
+        params: its parameters.
+        x: the inputs, ``(examples, features)``; cast to the model's dtype.
+        batch_size: rows per forward pass.
+
+    Returns:
+        A new ``(examples, outputs)`` array of the model's dtype.
+
+    Raises:
+        ValueError: ``x`` has the wrong number of features.
+    """
     stack = LayerStack(spec, params)
     x = np.asarray(x, dtype=spec.np_dtype)
     outs = [
@@ -312,7 +469,21 @@ def predict(
 def evaluate(
     spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
 ) -> dict[str, float]:
-    """Mean loss over ``(x, y)`` and, for a classifier, accuracy."""
+    """Mean loss over ``(x, y)`` and, for a classifier, accuracy.
+
+    Args:
+        spec: the network.
+        params: its parameters.
+        x: the inputs, ``(examples, features)``.
+        y: their targets.
+
+    Returns:
+        ``{"loss": ...}``, plus ``"accuracy"`` for cross-entropy or a single
+        output (thresholded at 0.5).
+
+    Raises:
+        ValueError: no examples, or shapes that do not fit the network.
+    """
     if len(x) == 0:
         raise ValueError("evaluate: empty data set")
     out = predict(spec, params, x)

@@ -45,13 +45,33 @@ class Optimizer(Protocol):
     learning_rate: float
 
     def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
-        """Fresh per-tensor state for ``param`` (aligned arrays of its shape and dtype)."""
+        """Fresh per-tensor state for ``param`` (aligned arrays of its shape and dtype).
+
+        Args:
+            param: the tensor the state is for.
+
+        Returns:
+            State name -> array; ``{}`` for a stateless optimizer.
+        """
 
     def apply(self, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray]) -> None:
-        """Update ``param`` (and ``state``) in place with ``grad``."""
+        """Update ``param`` (and ``state``) in place with ``grad``.
+
+        Args:
+            param: the tensor, updated in place (C-contiguous, writable).
+            grad: its gradient, of the same shape and dtype.
+            state: its state, from :meth:`state` (updated in place).
+
+        Raises:
+            ValueError, TypeError: arrays of mismatched shape, dtype or layout.
+        """
 
     def to_wire(self) -> dict[str, Any]:
-        """The JSON form: ``{"name": ..., "learning_rate": ..., **settings}``."""
+        """The JSON form: ``{"name": ..., "learning_rate": ..., **settings}``.
+
+        Returns:
+            A new dict that :func:`from_wire` takes back.
+        """
 
 
 def _positive(key: str, value: float) -> None:
@@ -73,7 +93,11 @@ class _Base:
             object.__setattr__(self, f.name, float(getattr(self, f.name)))
 
     def to_wire(self) -> dict[str, Any]:
-        """The JSON form: ``{"name": ..., "learning_rate": ..., **settings}``."""
+        """The JSON form: ``{"name": ..., "learning_rate": ..., **settings}``.
+
+        Returns:
+            A new dict that :func:`from_wire` takes back.
+        """
         return {"name": self.name, **dataclasses.asdict(self)}  # type: ignore[attr-defined]
 
 
@@ -91,11 +115,27 @@ class SGD(_Base):
     name: ClassVar[str] = "sgd"
 
     def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
-        """No state."""
+        """No state.
+
+        Args:
+            param: the tensor the state is for.
+
+        Returns:
+            ``{}``.
+        """
         return {}
 
     def apply(self, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
-        """``param -= lr * grad``, in place."""
+        """``param -= lr * grad``, in place.
+
+        Args:
+            param: the tensor, updated in place (C-contiguous, writable).
+            grad: its gradient, of the same shape and dtype.
+            state: its state, from :meth:`state` (unused).
+
+        Raises:
+            ValueError, TypeError: arrays of mismatched shape, dtype or layout.
+        """
         kernels.sgd(param, grad, self.learning_rate)
 
 
@@ -120,11 +160,27 @@ class Momentum(_Base):
             raise ConfigError("optimizer.momentum", self.momentum, "must be in [0, 1)")
 
     def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
-        """``velocity``, zeros like ``param``."""
+        """``velocity``, zeros like ``param``.
+
+        Args:
+            param: the tensor the state is for.
+
+        Returns:
+            ``{"velocity": zeros}``, aligned.
+        """
         return {"velocity": kernels.zeros(param.shape, param.dtype)}
 
     def apply(self, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
-        """One momentum step, in place."""
+        """One momentum step, in place.
+
+        Args:
+            param: the tensor, updated in place (C-contiguous, writable).
+            grad: its gradient, of the same shape and dtype.
+            state: its state, from :meth:`state` (its ``velocity`` is updated in place).
+
+        Raises:
+            ValueError, TypeError: arrays of mismatched shape, dtype or layout.
+        """
         kernels.momentum(param, grad, state["velocity"], self.learning_rate, self.momentum)
 
 
@@ -148,11 +204,27 @@ class Adagrad(_Base):
         _positive("eps", self.eps)
 
     def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
-        """``sum_sq``, zeros like ``param``."""
+        """``sum_sq``, zeros like ``param``.
+
+        Args:
+            param: the tensor the state is for.
+
+        Returns:
+            ``{"sum_sq": zeros}``, aligned.
+        """
         return {"sum_sq": kernels.zeros(param.shape, param.dtype)}
 
     def apply(self, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
-        """One Adagrad step, in place."""
+        """One Adagrad step, in place.
+
+        Args:
+            param: the tensor, updated in place (C-contiguous, writable).
+            grad: its gradient, of the same shape and dtype.
+            state: its state, from :meth:`state` (its ``sum_sq`` is updated in place).
+
+        Raises:
+            ValueError, TypeError: arrays of mismatched shape, dtype or layout.
+        """
         kernels.adagrad(param, grad, state["sum_sq"], self.learning_rate, self.eps)
 
 
@@ -161,13 +233,31 @@ OPTIMIZERS: dict[str, type] = {cls.name: cls for cls in (SGD, Momentum, Adagrad)
 
 
 def settings_of(name: str) -> dict[str, Any]:
-    """The settings of optimizer ``name`` besides the learning rate, with their defaults."""
+    """The settings of optimizer ``name`` besides the learning rate, with their defaults.
+
+    Args:
+        name: a wire name in :data:`OPTIMIZERS`.
+
+    Returns:
+        Setting name -> default value (``{}`` for SGD).
+
+    Raises:
+        KeyError: ``name`` is not an optimizer.
+    """
     return {f.name: f.default for f in dataclasses.fields(OPTIMIZERS[name])
             if f.name != "learning_rate"}  # fmt: skip
 
 
 def make_optimizer(name: str, learning_rate: float, **settings: Any) -> Optimizer:
     """Build an optimizer by name (``sgd``, ``momentum``, ``adagrad``).
+
+    Args:
+        name: the optimizer's wire name.
+        learning_rate: the step size (finite, > 0).
+        **settings: the optimizer's own settings (:func:`settings_of`), as numbers.
+
+    Returns:
+        The optimizer.
 
     Raises:
         ConfigError: an unknown name or setting, or a setting out of range;
@@ -196,6 +286,12 @@ def make_optimizer(name: str, learning_rate: float, **settings: Any) -> Optimize
 
 def from_wire(wire: Mapping[str, Any]) -> Optimizer:
     """An optimizer from its wire form (see :meth:`Optimizer.to_wire`).
+
+    Args:
+        wire: ``{"name": ..., "learning_rate": ..., **settings}``.
+
+    Returns:
+        The optimizer.
 
     Raises:
         ConfigError: not a mapping with ``name`` and ``learning_rate``, or as

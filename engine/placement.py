@@ -77,10 +77,18 @@ class Slice:
 
     @property
     def rows(self) -> int:
+        """The number of rows in the piece."""
         return self.row_stop - self.row_start
 
     def of(self, full: np.ndarray) -> np.ndarray:
-        """This piece's rows of ``full`` as a view (no copy)."""
+        """This piece's rows of ``full`` as a view (no copy).
+
+        Args:
+            full: the whole tensor.
+
+        Returns:
+            ``full[row_start:row_stop]``.
+        """
         return full[self.row_start : self.row_stop]
 
 
@@ -118,25 +126,65 @@ class ShardPlan:
         return dict(self.shapes)
 
     def shape(self, tensor: str) -> tuple[int, ...]:
-        """The full shape of ``tensor``."""
+        """The full shape of ``tensor``.
+
+        Args:
+            tensor: a tensor name.
+
+        Returns:
+            Its shape.
+
+        Raises:
+            KeyError: the tensor is not in this plan.
+        """
         try:
             return self._shape_of[tensor]
         except KeyError:
             raise KeyError(f"tensor {tensor!r} is not in this plan") from None
 
     def pieces(self, tensor: str) -> tuple[Slice, ...]:
-        """The pieces of ``tensor``, in row order."""
+        """The pieces of ``tensor``, in row order.
+
+        Args:
+            tensor: a tensor name.
+
+        Returns:
+            Its slices.
+
+        Raises:
+            KeyError: the tensor is not in this plan.
+        """
         self.shape(tensor)  # the KeyError names the tensor
         return self._by_tensor[tensor]
 
     def slice(self, key: int) -> Slice:
-        """The piece with wire key ``key``."""
+        """The piece with wire key ``key``.
+
+        Args:
+            key: a wire key.
+
+        Returns:
+            Its slice.
+
+        Raises:
+            KeyError: no piece has that key.
+        """
         if not (isinstance(key, (int, np.integer)) and 0 <= key < len(self.slices)):
             raise KeyError(f"key {key!r} is not in this plan (keys are 0..{len(self.slices) - 1})")
         return self.slices[key]
 
     def on_shard(self, shard: int) -> tuple[Slice, ...]:
-        """The pieces shard ``shard`` owns, in key order."""
+        """The pieces shard ``shard`` owns, in key order.
+
+        Args:
+            shard: a shard index, ``0 .. n_shards - 1``.
+
+        Returns:
+            Its slices (possibly none).
+
+        Raises:
+            KeyError: the shard is not in this plan.
+        """
         if not 0 <= shard < self.n_shards:
             raise KeyError(
                 f"shard {shard!r} is not in this plan (shards are 0..{self.n_shards - 1})"
@@ -144,7 +192,11 @@ class ShardPlan:
         return tuple(s for s in self.slices if s.shard == shard)
 
     def shard_bytes(self) -> tuple[int, ...]:
-        """Bytes of parameters each shard holds."""
+        """Bytes of parameters each shard holds.
+
+        Returns:
+            One count per shard, in shard order.
+        """
         load = [0] * self.n_shards
         for s in self.slices:
             load[s.shard] += s.nbytes
@@ -152,7 +204,11 @@ class ShardPlan:
 
     def balance_bound(self) -> int:
         """The guaranteed ceiling on any shard's bytes (see :func:`plan_shards`):
-        ``ceil(mean) + max(min_split_bytes, largest row in bytes)``."""
+        ``ceil(mean) + max(min_split_bytes, largest row in bytes)``.
+
+        Returns:
+            The bound, in bytes.
+        """
         total = sum(_nbytes(shape, self.itemsize) for _, shape in self.shapes)
         rows = [_row_bytes(shape, self.itemsize) for _, shape in self.shapes]
         return -(-total // self.n_shards) + max([self.min_split_bytes, *rows])
@@ -165,6 +221,17 @@ class ShardPlan:
         each piece straight into its view. The views of a C-contiguous
         ``full`` are C-contiguous (row ranges are), so they can go on the
         wire as they are.
+
+        Args:
+            tensor: a tensor name.
+            full: an array of the tensor's full shape.
+
+        Returns:
+            Piece key -> view.
+
+        Raises:
+            KeyError: the tensor is not in this plan.
+            ValueError: ``full`` is not an array of its shape.
         """
         self._check_full(tensor, full, "full")
         return {s.key: s.of(full) for s in self.pieces(tensor)}
@@ -178,6 +245,19 @@ class ShardPlan:
         A part that already *is* its destination view (it was received into
         ``cut(tensor, out)``) is not copied. Everything is checked before the
         first row is written, so a bad part leaves ``out`` untouched.
+
+        Args:
+            tensor: a tensor name.
+            parts: piece key -> its rows, for every piece of the tensor.
+            out: an array of the tensor's full shape.
+
+        Returns:
+            ``out``.
+
+        Raises:
+            KeyError: the tensor is not in this plan.
+            ValueError: ``out`` is not of its shape, ``parts`` lacks a piece or
+                has another, or a part's shape or dtype is wrong.
         """
         self._check_full(tensor, out, "out")
         pieces = self.pieces(tensor)
@@ -279,6 +359,15 @@ def plan_shards(
     Shards may be left empty when there are fewer tensors than shards and
     nothing is large enough to split.
 
+    Args:
+        shapes: tensor name -> shape (at least one axis).
+        n_shards: parameter shards.
+        itemsize: bytes per element.
+        min_split_bytes: tensors up to this size are never split.
+
+    Returns:
+        The plan.
+
     Raises:
         ConfigError: a bad shape, ``n_shards < 1``, ``itemsize < 1`` or
             ``min_split_bytes < 0``.
@@ -370,11 +459,19 @@ class Placement:
 
     @property
     def data(self) -> tuple[int, ...]:
+        """``data[r]``: the host of replica ``r``'s data shard (its first partition's)."""
         return tuple(parts[0] for parts in self.partitions)
 
     def on_host(self, host: int) -> dict[str, list]:
         """The roles of ``host``: ``{"shards": [i, ...], "partitions":
-        [(replica, partition), ...], "data": [replica, ...]}``."""
+        [(replica, partition), ...], "data": [replica, ...]}``.
+
+        Args:
+            host: a host index.
+
+        Returns:
+            Its roles, as above (empty lists for a host with none).
+        """
         return {
             "shards": [i for i, h in enumerate(self.shards) if h == host],
             "partitions": [
@@ -399,6 +496,15 @@ def place(n_hosts: int, n_shards: int, replicas: int, partitions: int) -> Placem
       when ``partitions <= n_hosts``, and at most ``ceil(partitions /
       n_hosts)`` on any host otherwise (the least possible);
     - the same arguments always give the same placement.
+
+    Args:
+        n_hosts: hosts.
+        n_shards: parameter shards.
+        replicas: model replicas.
+        partitions: layer partitions per replica.
+
+    Returns:
+        The placement.
 
     Raises:
         ConfigError: ``n_hosts``, ``n_shards`` or ``partitions`` below 1, or

@@ -231,7 +231,16 @@ class Channel:
         With ``into`` (a writable C-contiguous array), the answer's tensor
         is received straight into it and the returned frame's ``array`` *is*
         ``into``; the answer must carry a tensor of exactly its dtype and
-        shape. ``timeout`` bounds the whole round trip.
+        shape.
+
+        Args:
+            kind: a request kind.
+            key, seq, array, meta, flags: the request frame's fields.
+            timeout: seconds for the whole round trip; None: no limit.
+            into: where the answer's tensor lands, or None.
+
+        Returns:
+            The answer frame.
 
         Raises:
             RemoteError: the peer answered with an ERROR (``.code``, ``.message``).
@@ -311,13 +320,31 @@ class Channel:
         without waiting), so a loop of notifies pipelines them. If it
         fails, the peer may say so with an ERROR of ``request_id`` 0, which
         is logged here.
+
+        Args:
+            kind: a request kind.
+            key, seq, array, meta, flags: the request frame's fields.
+
+        Raises:
+            ConnectionClosedError: the connection is closed, closing or lost.
+            LocalProtocolError: the arguments do not make a valid request.
         """
         kind = request_kind(kind)
         self._check_can_request()
         await self.conn.send_frame(kind, key=key, seq=seq, array=array, meta=meta, flags=flags)
 
     async def ping(self, timeout: float | None = None) -> float:
-        """Round-trip a PING; returns the seconds it took."""
+        """Round-trip a PING; returns the seconds it took.
+
+        Args:
+            timeout: seconds to wait for the PONG; None: no limit.
+
+        Returns:
+            The round trip, in seconds.
+
+        Raises:
+            RequestTimeout, ConnectionClosedError: as :meth:`request`.
+        """
         start = trio.current_time()
         await self.request(MessageKind.PING, timeout=timeout)
         return trio.current_time() - start
@@ -343,6 +370,12 @@ class Channel:
 
         Returns when the connection has ended (closed by either side, lost,
         or after a protocol error) and every handler task has finished.
+
+        Args:
+            task_status: told once the reader has started.
+
+        Raises:
+            LocalProtocolError: INTERNAL, the channel ran before.
         """
         if self._running or self._finished.is_set():
             raise LocalProtocolError(ErrorCode.INTERNAL, "run", "again", "a channel runs once")

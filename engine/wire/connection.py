@@ -202,6 +202,10 @@ class Connection:
         Tasks blocked on the connection wake with ConnectionClosedError
         (giving ``reason``); call :meth:`aclose` afterwards to release the
         stream. Idempotent: the first reason sticks.
+
+        Args:
+            reason: the message of the errors it causes.
+            code: their ``.code``, or None.
         """
         if self._closed is None:
             self._closed = ConnectionClosedError(reason, code)
@@ -239,6 +243,10 @@ class Connection:
         The array's memory goes out as it is (no copy, unless it is not
         little-endian C-ordered) and must not change until this returns.
 
+        Args:
+            kind, request_id, key, seq, array, meta, flags: the frame, as
+                :func:`~dbnode.wire.frames.encode_frame` takes them.
+
         Raises:
             LocalProtocolError: the arguments do not make a valid frame
                 (nothing was sent).
@@ -255,6 +263,12 @@ class Connection:
 
         All parts go out together, in the order the sends were made, so
         frames of concurrent senders never interleave.
+
+        Args:
+            parts: the frame's buffers, in order.
+
+        Raises:
+            ConnectionClosedError: the connection is closed or was lost.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         unsent = self.start_send(parts)
@@ -271,9 +285,18 @@ class Connection:
     def start_send(self, parts: list[Any]) -> Outgoing | None:
         """Send the frame now if nothing is queued and the socket takes it all.
 
-        Synchronous. Returns None when the whole frame went out; else the
-        queued frame, which :meth:`finish_send` must then be awaited on
-        (by the caller or a task it starts), or nothing more goes out.
+        Synchronous.
+
+        Args:
+            parts: the frame's buffers, in order.
+
+        Returns:
+            None when the whole frame went out; else the queued frame, which
+            :meth:`finish_send` must then be awaited on (by the caller or a
+            task it starts), or nothing more goes out.
+
+        Raises:
+            ConnectionClosedError: the connection is closed or was lost.
         """
         self._check_open()
         if self._queue:  # another task is sending: queue up behind it
@@ -296,11 +319,16 @@ class Connection:
     async def finish_send(self, item: Outgoing) -> None:
         """Wait until a frame queued by :meth:`start_send` is out.
 
-        Raises ConnectionClosedError if the connection fails first.
         Cancelled before any byte of the frame went out, the frame is
         dropped and the connection stays usable; after, the connection is
         poisoned (the frame cannot be finished, so the peer's framing is
         lost) and closed.
+
+        Args:
+            item: what :meth:`start_send` returned.
+
+        Raises:
+            ConnectionClosedError: the connection failed first.
         """
         if not item.sender:
             if item.error is None and not item.done:  # (sent already by the sender)
@@ -392,7 +420,16 @@ class Connection:
                     item.task = None
 
     async def send_error(self, code: ErrorCode | int, text: str, request_id: int = 0) -> None:
-        """Send an ERROR frame (``{"code", "message"}``; text cut to MAX_ERROR_TEXT)."""
+        """Send an ERROR frame (``{"code", "message"}``; text cut to MAX_ERROR_TEXT).
+
+        Args:
+            code: the error code.
+            text: what went wrong.
+            request_id: the failed request's; 0 for the connection.
+
+        Raises:
+            ConnectionClosedError: the connection is closed or was lost.
+        """
         await self.send_parts(error_frame(code, text, request_id))
 
     async def close_with_error(self, code: ErrorCode | int, text: str) -> None:
@@ -402,6 +439,10 @@ class Connection:
         What the peer already sent is read and dropped first (briefly), so
         that closing with unread data does not reset the connection and
         destroy the ERROR frame on its way out.
+
+        Args:
+            code: the error code.
+            text: why; cut to fit the peer's limits.
         """
         if not self.authenticated:
             # The peer still applies the handshake limits (1 KiB of meta):
@@ -485,6 +526,12 @@ class Connection:
         given and returns one (it must be a writable C-contiguous array of
         exactly ``header.dtype`` and ``header.shape``: a pooled buffer, or
         the caller's own parameter buffer), else ``header.allocate()``.
+
+        Args:
+            into: ``into(header) -> ndarray | None``, or None.
+
+        Returns:
+            The frame.
 
         Raises:
             ConnectionClosedError: the peer closed the connection between

@@ -44,6 +44,9 @@ class FrameDecoder:
 
     ``limits`` may be replaced between frames, e.g. from HANDSHAKE_LIMITS to
     the normal limits once the peer is authenticated.
+
+    Args:
+        limits: the size caps to enforce (the :attr:`limits` attribute).
     """
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -72,6 +75,9 @@ class FrameDecoder:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes received from the peer; ``b""`` means the stream ended.
 
+        Args:
+            data: the received bytes (copied unless they are ``bytes``).
+
         Raises:
             LocalProtocolError: the decoder is poisoned, or data came after
                 the end of the stream.
@@ -90,6 +96,9 @@ class FrameDecoder:
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None until more data is received.
+
+        Returns:
+            The frame, or None.
 
         Raises:
             RemoteProtocolError: the peer sent an invalid frame, or the stream

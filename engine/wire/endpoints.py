@@ -35,6 +35,18 @@ async def open_connection(
 ) -> Connection:
     """Connect over TCP and run the client handshake; returns an authenticated Connection.
 
+    Args:
+        host: the server's host name or address.
+        port: its port.
+        secret: the shared secret.
+        name: our name, sent in HELLO for the server's logs.
+        handshake_timeout: seconds for the handshake.
+        limits: the Connection's limits.
+        stall_timeout: the Connection's (None: wait forever inside a frame).
+
+    Returns:
+        The authenticated connection; the caller owns it.
+
     Raises:
         ConfigError: the secret is missing or too short (before connecting).
         AuthenticationError, ConnectionClosedError: see :func:`client_handshake`;
@@ -70,7 +82,28 @@ async def connect(
     block. On exit the channel is closed gracefully (:meth:`Channel.aclose`,
     bounded by ``close_timeout``). ``handler`` and ``inline`` answer
     requests the server sends on this connection, as in :class:`Channel`
-    (neither: they get BAD_REQUEST); ``spin`` is the Channel's too.
+    (neither: they get BAD_REQUEST).
+
+    Args:
+        host: the server's host name or address.
+        port: its port.
+        secret: the shared secret.
+        handler: the Channel's ``handler``.
+        inline: the Channel's ``inline``.
+        name: our name, sent in HELLO for the server's logs.
+        handshake_timeout: seconds for the handshake.
+        limits: the Connection's limits.
+        stall_timeout: the Connection's.
+        max_concurrent: the Channel's.
+        close_timeout: the Channel's; bounds the close on exit.
+        spin: the Channel's.
+
+    Returns:
+        An async context manager that yields the running channel.
+
+    Raises:
+        ConfigError, AuthenticationError, ConnectionClosedError: as
+            :func:`open_connection` (on entering), or bad Channel arguments.
     """
     conn = await open_connection(
         host, port, secret, name=name, handshake_timeout=handshake_timeout,
@@ -125,6 +158,22 @@ async def serve(
     that breaks the protocol costs its sender the connection (ERROR with the
     code first), never the server or the other connections. A peer that
     stalls inside a frame for ``stall_timeout`` seconds gets TIMEOUT.
+
+    Args:
+        handler: answers requests in tasks (see :class:`Channel`), or None.
+        host: the address to bind; None: every interface.
+        port: the port to bind; 0: any free one.
+        secret: the shared secret.
+        inline: answers requests in the reader (see :class:`Channel`), or None.
+        task_status: receives the bound ``(host, port)``.
+        max_connections: connections served at once.
+        handshake_timeout: seconds for each handshake.
+        idle_timeout: each Channel's.
+        stall_timeout: each Connection's.
+        max_concurrent: each Channel's.
+        limits: each Connection's.
+        name: our name, sent in each handshake.
+        spin: each Channel's, in [0, 0.01] seconds.
 
     Raises:
         ConfigError: bad secret or arguments, or the address cannot be bound.

@@ -173,6 +173,9 @@ class Limits:
     Attributes:
         max_payload: largest tensor payload accepted, in bytes (default 1 GiB).
         max_meta: largest metadata block accepted, in bytes (default 64 KiB).
+
+    Raises:
+        ConfigError: a cap that is not an int in range.
     """
 
     max_payload: int = 1 << 30
@@ -222,13 +225,20 @@ class Header:
         Safe to call on any header :func:`decode_header` returned: its size
         has been checked against the limits. A transport may use any other
         C-contiguous array of this dtype and shape instead (a pooled one).
+
+        Returns:
+            A new array of ``dtype`` and ``shape``, or None without a tensor.
         """
         if self.dtype is None:
             return None
         return np.empty(self.shape, self.dtype)
 
     def pack(self) -> bytes:
-        """The HEADER_SIZE bytes of this header (no validation: see encode_frame)."""
+        """The HEADER_SIZE bytes of this header (no validation: see encode_frame).
+
+        Returns:
+            The packed header.
+        """
         code = DType.NONE if self.dtype is None else _DTYPE_CODES[self.dtype.str]
         dims = self.shape + (0,) * (MAX_NDIM - len(self.shape))
         return _HEADER.pack(
@@ -256,7 +266,19 @@ class Frame:
 
     @classmethod
     def from_header(cls, header: Header, meta: dict[str, Any], array: np.ndarray | None) -> Frame:
-        """Assemble a frame from a header, its parsed meta and its filled array."""
+        """Assemble a frame from a header, its parsed meta and its filled array.
+
+        Args:
+            header: the frame's decoded header.
+            meta: its parsed meta.
+            array: its payload, of the header's dtype and shape; None without one.
+
+        Returns:
+            The frame.
+
+        Raises:
+            LocalProtocolError: INTERNAL, ``array`` does not fit the header.
+        """
         if header.dtype is None:
             if array is not None:
                 raise LocalProtocolError(
@@ -273,7 +295,17 @@ class Frame:
         )
 
     def encode(self, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
-        """Encode this frame again; see :func:`encode_frame`."""
+        """Encode this frame again; see :func:`encode_frame`.
+
+        Args:
+            limits: the limits the encoded frame is checked against.
+
+        Returns:
+            The buffers to send, as :func:`encode_frame` returns them.
+
+        Raises:
+            LocalProtocolError: the frame breaks the protocol or ``limits``.
+        """
         return encode_frame(
             self.kind, request_id=self.request_id, key=self.key, seq=self.seq,
             array=self.array, meta=self.meta, flags=self.flags, limits=limits,
@@ -358,6 +390,13 @@ def decode_header(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_
     field, limits, and ``prod(shape) * itemsize == payload_length``. After it
     returns, ``header.allocate()`` and a buffer of ``meta_length`` bytes are
     safe to allocate.
+
+    Args:
+        buf: exactly HEADER_SIZE bytes.
+        limits: the size caps to enforce.
+
+    Returns:
+        The validated header.
 
     Raises:
         RemoteProtocolError: the header is invalid; ``.code`` says why.
@@ -470,6 +509,13 @@ def parse_meta(
     duplicate keys. With ``kind=ERROR`` the
     object must also hold an integer ``code`` and a string ``message``.
 
+    Args:
+        data: the meta bytes (empty for none).
+        kind: the frame's kind; ERROR adds the checks above.
+
+    Returns:
+        The object, a dict the caller owns (``{}`` for empty data).
+
     Raises:
         RemoteProtocolError: with code BAD_META.
     """
@@ -514,6 +560,15 @@ def payload_view(array: np.ndarray) -> memoryview:
     Use it to send the array, or to ``recv_into`` it (the view is writable
     when the array is). Unlike ``memoryview(array).cast("B")`` it also works
     for empty arrays.
+
+    Args:
+        array: a C-contiguous array.
+
+    Returns:
+        The view of its bytes.
+
+    Raises:
+        LocalProtocolError: INTERNAL, the array is not C-contiguous.
     """
     if not array.flags.c_contiguous:
         # reshape(-1) would silently copy, and a recv_into would fill the copy.
@@ -575,15 +630,25 @@ def encode_frame(
 ) -> list[bytes | memoryview]:
     """Encode one frame as the buffers to send, in order.
 
-    Returns ``[header + meta]`` or, with a non-empty array,
-    ``[header + meta, payload_view(array)]``: the array's memory itself,
-    not a copy (unless it had to be made C-contiguous or little-endian), so
-    it must not change until the send completes. Send the parts in one
-    scatter-gather call, or one after the other.
+    The payload part is the array's memory itself, not a copy (unless it
+    had to be made C-contiguous or little-endian), so it must not change
+    until the send completes. Send the parts in one scatter-gather call,
+    or one after the other.
 
-    ``meta`` is a JSON-serialisable dict with str keys; ``limits`` are those
-    the peer's decoder applies, checked here so that we fail and not the
-    connection.
+    Args:
+        kind: the frame's kind.
+        request_id: u64; 0 wants no reply.
+        key: u32 tensor / partition id.
+        seq: u64 sequence or version number.
+        array: the tensor to carry (a tensor kind only), or None.
+        meta: a JSON-serialisable dict with str keys, or None.
+        flags: u16 per-kind bits.
+        limits: those the peer's decoder applies, checked here so that we
+            fail and not the connection.
+
+    Returns:
+        ``[header + meta]`` or, with a non-empty array,
+        ``[header + meta, payload_view(array)]``.
 
     Raises:
         LocalProtocolError: the arguments do not make a valid frame.
@@ -658,6 +723,17 @@ def error_frame(code: ErrorCode | int, text: str, request_id: int = 0) -> list[b
 
     ``request_id`` is that of the failed request, or 0 for an error about
     the connection itself. Text longer than MAX_ERROR_TEXT is cut.
+
+    Args:
+        code: the error code.
+        text: what went wrong.
+        request_id: see above.
+
+    Returns:
+        The buffers to send, as :func:`encode_frame` returns them.
+
+    Raises:
+        LocalProtocolError: ``request_id`` does not fit a u64.
     """
     if len(text) > MAX_ERROR_TEXT:
         text = text[: MAX_ERROR_TEXT - 3] + "..."

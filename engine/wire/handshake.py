@@ -81,14 +81,24 @@ async def client_handshake(
 
     HELLO -> CHALLENGE -> AUTH -> AUTH_OK: both sides prove they know
     ``secret`` (HMAC-SHA256 over both fresh nonces, compared in constant
-    time). ``name`` goes into HELLO for the server's logs. On success the
-    connection is authenticated and the server's AUTH_OK meta is returned.
+    time). On success the connection is authenticated. On failure the peer
+    is told why when it can be (AUTH_FAILED, TIMEOUT, the code of a bad
+    frame) and the connection is closed.
 
-    On failure the peer is told why when it can be (AUTH_FAILED, TIMEOUT,
-    the code of a bad frame), the connection is closed, and this raises
-    :class:`AuthenticationError` (a proof failed, either way) or
-    :class:`ConnectionClosedError` with ``.code`` (refused, e.g.
-    UNAVAILABLE; timed out: TIMEOUT; bad frame; lost).
+    Args:
+        conn: a fresh connection; closed if the handshake fails.
+        secret: the shared secret.
+        name: our name, sent in HELLO for the server's logs.
+        timeout: seconds for the whole handshake.
+
+    Returns:
+        The server's AUTH_OK meta.
+
+    Raises:
+        AuthenticationError: a proof failed, either way.
+        ConnectionClosedError: with ``.code``: refused (e.g. UNAVAILABLE),
+            timed out (TIMEOUT), a bad frame, or the connection was lost.
+        ConfigError: the secret is too short (the connection stays open).
     """
     shake = ClientHandshake(secret, name)
 
@@ -107,7 +117,20 @@ async def server_handshake(
     """Authenticate a fresh connection as the server; the mirror of client_handshake.
 
     Nothing but HELLO, then AUTH (or an ERROR) is accepted before AUTH_OK;
-    anything else is UNEXPECTED. Returns the client's HELLO meta.
+    anything else is UNEXPECTED.
+
+    Args:
+        conn: a fresh connection; closed if the handshake fails.
+        secret: the shared secret.
+        name: our name, sent in AUTH_OK for the client's logs.
+        timeout: seconds for the whole handshake.
+
+    Returns:
+        The client's HELLO meta.
+
+    Raises:
+        AuthenticationError, ConnectionClosedError, ConfigError: as
+            :func:`client_handshake`.
     """
     shake = ServerHandshake(secret, name)
 

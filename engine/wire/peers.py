@@ -19,6 +19,15 @@ class Peers:
     The channels' reader tasks run in ``nursery``, which the owner of this
     object owns; a channel whose connection ended is replaced on the next
     :meth:`get`.
+
+    Args:
+        nursery: runs the channels' reader tasks.
+        secret: the shared secret.
+        name: our name, sent in each handshake.
+        handler: answers requests the peers send on these channels, as in
+            :class:`Channel`; None: they get BAD_REQUEST.
+        connect_timeout: seconds for each handshake.
+        spin: each Channel's ``spin``.
     """
 
     def __init__(
@@ -40,7 +49,19 @@ class Peers:
         self._locks: dict[Address, trio.Lock] = {}
 
     async def get(self, address: Address) -> Channel:
-        """The open channel to ``address``, connecting if needed."""
+        """The open channel to ``address``, connecting if needed.
+
+        Args:
+            address: ``(host, port)``.
+
+        Returns:
+            The channel, running in the pool's nursery.
+
+        Raises:
+            AuthenticationError, ConnectionClosedError: connecting failed
+                (see :func:`open_connection`).
+            ConfigError: the secret is too short.
+        """
         address = (address[0], int(address[1]))
         ch = self._channels.get(address)
         if ch is not None and not ch.closed:

@@ -68,7 +68,17 @@ InlineHandler = Callable[[Frame], "Reply | None | _Defer"]
 
 
 def error_reply(exc: Exception) -> tuple[ErrorCode | int, str]:
-    """The ERROR code and text that answer a request whose handler raised ``exc``."""
+    """The ERROR code and text that answer a request whose handler raised ``exc``.
+
+    A RequestError or ProtocolError with a request-level code (32 and up)
+    is answered as it is; anything else is INTERNAL, and logged.
+
+    Args:
+        exc: what the handler raised.
+
+    Returns:
+        ``(code, text)``.
+    """
     code = getattr(exc, "code", None)
     if isinstance(exc, (RequestError, ProtocolError)) and isinstance(code, int) and code >= 32:
         return code, exc.message if isinstance(exc, RequestError) else str(exc)

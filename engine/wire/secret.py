@@ -28,6 +28,13 @@ def load_secret(path: str | os.PathLike[str] | None = None, env: str = "DBNODE_S
     output of ``openssl rand -hex 32``, loses its line break, so it matches
     the same text in the environment.
 
+    Args:
+        path: the secret file, or None to use the environment.
+        env: the environment variable read without ``path``.
+
+    Returns:
+        The secret's bytes.
+
     Raises:
         ConfigError: the file cannot be read, the variable is not set, or
             the secret is shorter than MIN_SECRET_BYTES. The message names
@@ -65,7 +72,17 @@ def _strip_text_line_break(data: bytes) -> bytes:
 
 
 def check_secret(secret: Any) -> bytes:
-    """The secret as bytes, or a ConfigError (which never shows the secret)."""
+    """The secret as bytes, or a ConfigError (which never shows the secret).
+
+    Args:
+        secret: bytes, a bytearray or a memoryview.
+
+    Returns:
+        The secret as bytes.
+
+    Raises:
+        ConfigError: not bytes-like, or shorter than MIN_SECRET_BYTES.
+    """
     if not isinstance(secret, (bytes, bytearray, memoryview)):
         raise ConfigError(
             "secret", type(secret).__name__, "need bytes (see dbnode.wire.load_secret)"

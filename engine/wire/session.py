@@ -76,6 +76,9 @@ HANDSHAKE_ERROR_TEXT = (HANDSHAKE_LIMITS.max_meta - 64) // 6
 def check_flags(frame: Frame) -> None:
     """A request's flags must be ones its kind defines; version 1 defines none.
 
+    Args:
+        frame: the received request.
+
     Raises:
         RequestError: BAD_REQUEST (the connection carries on).
     """
@@ -88,6 +91,12 @@ def check_flags(frame: Frame) -> None:
 
 def request_kind(kind: MessageKind | int) -> MessageKind:
     """``kind`` as a request kind.
+
+    Args:
+        kind: a kind, or its wire value.
+
+    Returns:
+        The MessageKind.
 
     Raises:
         LocalProtocolError: BAD_KIND for an unknown kind, UNEXPECTED for a
@@ -111,6 +120,10 @@ def check_received(kind: MessageKind, authenticated: bool) -> None:
     handshake accepts only its next step (:func:`expect`); after it, a
     handshake kind is UNEXPECTED.
 
+    Args:
+        kind: the received frame's kind.
+        authenticated: whether the handshake is over.
+
     Raises:
         RemoteProtocolError: UNEXPECTED.
     """
@@ -119,7 +132,14 @@ def check_received(kind: MessageKind, authenticated: bool) -> None:
 
 
 def as_code(value: int) -> ErrorCode | int:
-    """An ERROR frame's code as an ErrorCode; unknown codes stay ints (judged by range)."""
+    """An ERROR frame's code as an ErrorCode; unknown codes stay ints (judged by range).
+
+    Args:
+        value: the code's wire value.
+
+    Returns:
+        The ErrorCode, or ``value`` itself.
+    """
     try:
         return ErrorCode(value)
     except ValueError:
@@ -127,7 +147,15 @@ def as_code(value: int) -> ErrorCode | int:
 
 
 class PeerError(Exception):
-    """The peer sent an ERROR frame where we expected something else."""
+    """The peer sent an ERROR frame where we expected something else.
+
+    Args:
+        frame: the ERROR frame (its meta already checked).
+
+    Attributes:
+        code: its code (an ErrorCode, or an int if unknown).
+        message: its text.
+    """
 
     def __init__(self, frame: Frame) -> None:
         self.code = as_code(frame.meta["code"])
@@ -137,6 +165,13 @@ class PeerError(Exception):
 
 def expect(frame: Frame, kind: MessageKind) -> Frame:
     """The handshake's next frame must be ``kind``.
+
+    Args:
+        frame: the received frame.
+        kind: the kind the handshake expects next.
+
+    Returns:
+        ``frame``.
 
     Raises:
         PeerError: it is an ERROR (the peer gave up).
@@ -166,6 +201,15 @@ def auth_mac(secret: bytes, role: str, client_nonce: bytes, server_nonce: bytes)
     that computes the MAC. The role label makes a MAC useless when reflected
     back at its maker; both fresh nonces make it useless when replayed on
     another connection. See docs/protocol.md, "Handshake".
+
+    Args:
+        secret: the shared secret.
+        role: ``"client"`` or ``"server"``.
+        client_nonce: the client's NONCE_SIZE bytes.
+        server_nonce: the server's NONCE_SIZE bytes.
+
+    Returns:
+        The 32-byte MAC.
 
     Raises:
         LocalProtocolError: a role other than client/server, or a nonce of
@@ -217,11 +261,21 @@ class ClientHandshake:
         self._nc = os.urandom(NONCE_SIZE) if nonce is None else nonce
 
     def hello(self) -> dict[str, Any]:
-        """HELLO's meta."""
+        """HELLO's meta.
+
+        Returns:
+            ``{"nonce": ...}``, and our ``name`` if we have one.
+        """
         return _named({"nonce": self._nc.hex()}, self._name)
 
     def on_challenge(self, frame: Frame) -> dict[str, Any]:
         """Check the server's proof in CHALLENGE; AUTH's meta.
+
+        Args:
+            frame: the frame received after HELLO.
+
+        Returns:
+            AUTH's meta, ``{"mac": ...}``.
 
         Raises:
             BadProof: the server does not know the secret.
@@ -235,7 +289,17 @@ class ClientHandshake:
         return {"mac": auth_mac(self._secret, "client", self._nc, ns).hex()}
 
     def on_auth_ok(self, frame: Frame) -> dict[str, Any]:
-        """AUTH_OK's meta: the handshake is complete."""
+        """AUTH_OK's meta: the handshake is complete.
+
+        Args:
+            frame: the frame received after AUTH.
+
+        Returns:
+            The server's AUTH_OK meta.
+
+        Raises:
+            PeerError, RemoteProtocolError: see :func:`expect`.
+        """
         return expect(frame, MessageKind.AUTH_OK).meta
 
 
@@ -244,6 +308,11 @@ class ServerHandshake:
 
     :meth:`on_hello` gives CHALLENGE's meta, :meth:`on_auth` AUTH_OK's;
     :attr:`hello_meta` is the client's HELLO meta once received.
+
+    Args:
+        secret: the shared secret (ConfigError if too short).
+        name: our name, sent in AUTH_OK for the client's logs.
+        nonce: our nonce; a fresh random one by default (tests pin it).
     """
 
     def __init__(self, secret: bytes, name: str | None = None, nonce: bytes | None = None):
@@ -256,6 +325,12 @@ class ServerHandshake:
     def on_hello(self, frame: Frame) -> dict[str, Any]:
         """CHALLENGE's meta, with our proof.
 
+        Args:
+            frame: the first frame received.
+
+        Returns:
+            CHALLENGE's meta, ``{"nonce": ..., "mac": ...}``.
+
         Raises:
             PeerError, RemoteProtocolError: see :func:`expect`; BAD_META.
         """
@@ -267,9 +342,16 @@ class ServerHandshake:
     def on_auth(self, frame: Frame) -> dict[str, Any]:
         """Check the client's proof in AUTH; AUTH_OK's meta.
 
+        Args:
+            frame: the frame received after CHALLENGE.
+
+        Returns:
+            AUTH_OK's meta (our ``name``, if we have one).
+
         Raises:
             BadProof: the client does not know the secret.
             PeerError, RemoteProtocolError: see :func:`expect`; BAD_META.
+            LocalProtocolError: INTERNAL, called before :meth:`on_hello`.
         """
         if self._nc is None:
             raise LocalProtocolError(ErrorCode.INTERNAL, "handshake", "AUTH", "before HELLO")
@@ -303,7 +385,11 @@ class CloseExchange:
 
     def on_close(self) -> bool:
         """The peer's CLOSE arrived; whether that completes the exchange
-        (we had sent ours). Otherwise we must answer with CLOSE when quiet."""
+        (we had sent ours). Otherwise we must answer with CLOSE when quiet.
+
+        Returns:
+            Whether the exchange is complete.
+        """
         if self.sent:
             return True
         self.received = True
@@ -311,6 +397,9 @@ class CloseExchange:
 
     def check_request(self, frame: Frame) -> None:
         """A request from the peer; it may not come after its CLOSE.
+
+        Args:
+            frame: the request.
 
         Raises:
             RemoteProtocolError: UNEXPECTED.

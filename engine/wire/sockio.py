@@ -40,6 +40,10 @@ class socket_errors:  # noqa: N801 - used like a context manager function
     connection, never OSError or trio's Closed/BrokenResourceError.
     (A class, not a @contextmanager: it wraps every frame on the hot path,
     where a generator-based context manager costs a microsecond.)
+
+    Args:
+        describe: ``describe(exc) -> str``, the message of the
+            ConnectionClosedError that replaces ``exc``.
     """
 
     __slots__ = ("_describe",)
@@ -67,7 +71,14 @@ class socket_errors:  # noqa: N801 - used like a context manager function
 
 
 class SocketWire:
-    """Raw I/O on a TCP socket: ``sendmsg`` of several buffers, ``recv_into``."""
+    """Raw I/O on a TCP socket: ``sendmsg`` of several buffers, ``recv_into``.
+
+    Its methods raise what the socket raises (OSError, trio's
+    Closed/BrokenResourceError); callers wrap them in :class:`socket_errors`.
+
+    Args:
+        stream: the connected TCP stream; the wire owns it.
+    """
 
     # A cancelled sendmsg/recv_into has moved no bytes, so a cancellation
     # between frames leaves the byte stream intact.
@@ -94,7 +105,14 @@ class SocketWire:
         self._has_sendmsg = hasattr(self._sock, "sendmsg")  # not on Windows
 
     def send_now(self, views: list[Any]) -> int:
-        """Send what the socket takes right now; 0 if it takes nothing."""
+        """Send what the socket takes right now; 0 if it takes nothing.
+
+        Args:
+            views: the buffers to send, in order.
+
+        Returns:
+            Bytes sent.
+        """
         raw = self._raw
         if raw is None:
             return 0
@@ -104,7 +122,14 @@ class SocketWire:
             return 0
 
     async def send_wait(self, views: list[memoryview]) -> int:
-        """Wait until the socket takes something, send it; bytes sent (> 0)."""
+        """Wait until the socket takes something, send it; bytes sent (> 0).
+
+        Args:
+            views: the buffers to send, in order.
+
+        Returns:
+            Bytes sent.
+        """
         if self._raw is None:
             if self._has_sendmsg:
                 return await self._sock.sendmsg(views)
@@ -116,7 +141,14 @@ class SocketWire:
                 return n
 
     def recv_now(self, view: memoryview) -> int | None:
-        """Receive what is there now; None if nothing is, 0 at end of stream."""
+        """Receive what is there now; None if nothing is, 0 at end of stream.
+
+        Args:
+            view: where to receive.
+
+        Returns:
+            Bytes received, 0 at the end of the stream, or None.
+        """
         raw = self._raw
         if raw is None:
             return None
@@ -126,7 +158,14 @@ class SocketWire:
             return None
 
     async def recv_wait(self, view: memoryview) -> int:
-        """Wait for data (or the end of the stream), then receive it."""
+        """Wait for data (or the end of the stream), then receive it.
+
+        Args:
+            view: where to receive.
+
+        Returns:
+            Bytes received; 0 at the end of the stream.
+        """
         if self._raw is None:
             return await self._sock.recv_into(view)
         while True:
@@ -136,10 +175,18 @@ class SocketWire:
                 return n
 
     async def wait_readable(self) -> None:
+        """Wait until there is data (or the end of the stream) to receive."""
         await trio.lowlevel.wait_readable(self._sock)
 
     def set_lowat(self, n: int) -> int:
-        """Set SO_RCVLOWAT (readable only with ``n`` bytes there, or at EOF); the value now."""
+        """Set SO_RCVLOWAT (readable only with ``n`` bytes there, or at EOF); the value now.
+
+        Args:
+            n: the low-water mark, in bytes.
+
+        Returns:
+            The mark in effect: ``n``, or 1 where it cannot be set.
+        """
         try:
             self._sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_RCVLOWAT, n)
         except (OSError, AttributeError):  # not everywhere: then every byte wakes us
@@ -147,19 +194,23 @@ class SocketWire:
         return n
 
     async def send_eof(self) -> None:
+        """Shut down the sending direction (once)."""
         await trio.lowlevel.checkpoint()
         if not self._sock.did_shutdown_SHUT_WR:
             self._sock.shutdown(_stdlib_socket.SHUT_WR)
 
     def abort(self) -> None:
+        """Close the socket at once; tasks waiting on it wake with an error."""
         # Synchronous: closing wakes any task waiting on the socket with
         # ClosedResourceError, and no later recv_into can write anything.
         self._sock.close()
 
     async def aclose(self) -> None:
+        """Close the stream."""
         await self._stream.aclose()
 
     def peer(self) -> str:
+        """The peer's address for messages: ``host:port``, or ``?`` if unknown."""
         try:
             address = self._sock.getpeername()
         except OSError:
@@ -170,7 +221,14 @@ class SocketWire:
 
 
 class StreamWire:
-    """Raw I/O on any trio Stream (TLS, in-memory test streams): one copy in."""
+    """Raw I/O on any trio Stream (TLS, in-memory test streams): one copy in.
+
+    The same methods as :class:`SocketWire`; none sends or receives without
+    waiting except :meth:`recv_now` on data already read ahead.
+
+    Args:
+        stream: the stream; the wire owns it.
+    """
 
     # A generic stream promises nothing about a cancelled send_all.
     clean_cancel = False
@@ -182,9 +240,25 @@ class StreamWire:
         self._aborted = False
 
     def send_now(self, views: list[Any]) -> int:
+        """Nothing: a generic stream has no synchronous send.
+
+        Args:
+            views: the buffers to send (ignored).
+
+        Returns:
+            0.
+        """
         return 0  # a generic stream has no synchronous send
 
     async def send_wait(self, views: list[memoryview]) -> int:
+        """Send the first buffer whole.
+
+        Args:
+            views: the buffers to send, in order.
+
+        Returns:
+            Bytes sent: the first buffer's length.
+        """
         await self._stream.send_all(views[0])
         return len(views[0])
 
@@ -196,6 +270,17 @@ class StreamWire:
         self._eof = not data
 
     def recv_now(self, view: memoryview) -> int | None:
+        """Receive from what was read ahead; None if nothing was, 0 at end of stream.
+
+        Args:
+            view: where to receive.
+
+        Returns:
+            Bytes received, 0 at the end of the stream, or None.
+
+        Raises:
+            trio.ClosedResourceError: the wire was aborted.
+        """
         if self._aborted:
             raise trio.ClosedResourceError
         if not self._ahead:
@@ -207,6 +292,14 @@ class StreamWire:
         return n
 
     async def recv_wait(self, view: memoryview) -> int:
+        """Wait for data (or the end of the stream), then receive it.
+
+        Args:
+            view: where to receive.
+
+        Returns:
+            Bytes received; 0 at the end of the stream.
+        """
         if not self._ahead and not self._eof:
             await self._receive(len(view))
         n = self.recv_now(view)
@@ -214,30 +307,50 @@ class StreamWire:
         return n
 
     async def wait_readable(self) -> None:
+        """Wait until there is data (or the end of the stream), reading it ahead."""
         if not self._ahead and not self._eof:
             await self._receive(None)
 
     def set_lowat(self, n: int) -> int:
+        """Nothing: a generic stream has no low-water mark.
+
+        Args:
+            n: the mark asked for (ignored).
+
+        Returns:
+            1.
+        """
         return 1  # a generic stream has no low-water mark
 
     async def send_eof(self) -> None:
+        """Close the sending direction, if the stream can."""
         if isinstance(self._stream, trio.abc.HalfCloseableStream):
             await self._stream.send_eof()
 
     def abort(self) -> None:
+        """Refuse all further data at once; :meth:`aclose` closes the stream."""
         # A generic stream cannot be closed synchronously; refuse further
         # data at once and close it for real in aclose().
         self._aborted = True
 
     async def aclose(self) -> None:
+        """Close the stream (forcefully)."""
         await trio.aclose_forcefully(self._stream)
 
     def peer(self) -> str:
+        """The stream's type name (a generic stream has no address)."""
         return type(self._stream).__name__
 
 
 def make_wire(stream: trio.abc.Stream) -> SocketWire | StreamWire:
-    """The wire for ``stream``: zero copy on a TCP socket, one copy otherwise."""
+    """The wire for ``stream``: zero copy on a TCP socket, one copy otherwise.
+
+    Args:
+        stream: a connected trio stream.
+
+    Returns:
+        A :class:`SocketWire` or a :class:`StreamWire` that owns it.
+    """
     return SocketWire(stream) if isinstance(stream, trio.SocketStream) else StreamWire(stream)
 
 
@@ -259,6 +372,13 @@ def _warn_slow_path() -> None:
 async def connect_tcp(host: str, port: int) -> trio.SocketStream:
     """A TCP connection to ``host:port``.
 
+    Args:
+        host: a host name or address.
+        port: the port.
+
+    Returns:
+        The connected stream.
+
     Raises:
         ConnectionClosedError: it cannot be made (the message names the address).
     """
@@ -275,6 +395,13 @@ async def listen_tcp(
     With port 0 each of several listeners (IPv4 and IPv6 of "localhost") would
     get its own random port, and only one address can be reported: the first
     is kept.
+
+    Args:
+        host: the address to bind; None: every interface.
+        port: the port; 0: any free one.
+
+    Returns:
+        ``(listeners, (host, port))``.
 
     Raises:
         ConfigError: the address cannot be bound.
