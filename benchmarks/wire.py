@@ -49,10 +49,13 @@ import numpy as np
 import trio
 from common import environment
 
+from dbnode import control
 from dbnode.driver import LocalCluster
 from dbnode.wire import Channel, MessageKind, open_connection
 
 MiB = 1 << 20
+# Every shard request names its run (the node holds each driver's apart).
+RUN = {"run": "bench"}
 PING_BYTES = 4096
 _LEN = struct.Struct("<Q")
 
@@ -225,13 +228,13 @@ async def bench_pull(ch: Channel, peer: RawPeer, sizes: list[int], rounds: int) 
         for key, nbytes in enumerate(sizes, start=100):
             value = np.arange(nbytes // 4, dtype=np.float32)
             await ch.request(MessageKind.INIT, key=key, array=value,
-                             meta={"name": f"pull{nbytes}", "optimizer": {"name": "sgd", "learning_rate": 0.1}})  # fmt: skip
+                             meta={**RUN, "name": f"pull{nbytes}", "optimizer": {"name": "sgd", "learning_rate": 0.1}})  # fmt: skip
             into = np.zeros_like(value)
             raw_into = memoryview(np.zeros(nbytes, np.uint8))
             request = _LEN.pack(nbytes)
 
             async def ours(key=key, into=into):
-                await ch.request(MessageKind.PULL, key=key, into=into)
+                await ch.request(MessageKind.PULL, key=key, into=into, meta=RUN)
 
             def raw(request=request, raw_into=raw_into):
                 sock.sendall(request)
@@ -257,7 +260,7 @@ async def bench_push_pull(ch: Channel, peer: RawPeer, rounds: int, repeat: int,
     key = 200
     w = np.zeros(1024, np.float32)
     await ch.request(MessageKind.INIT, key=key, array=w,
-                     meta={"name": "pp", "optimizer": {"name": "sgd", "learning_rate": 0.01}})  # fmt: skip
+                     meta={**RUN, "name": "pp", "optimizer": {"name": "sgd", "learning_rate": 0.01}})  # fmt: skip
     grad = np.full(1024, 1.0, np.float32)
     into = np.empty(1024, np.float32)
     sock = peer.connect(b"E")
@@ -265,7 +268,7 @@ async def bench_push_pull(ch: Channel, peer: RawPeer, rounds: int, repeat: int,
     back = memoryview(bytearray(PING_BYTES))
 
     async def ours():
-        await ch.request(MessageKind.PUSH_PULL, key=key, array=grad, into=into)
+        await ch.request(MessageKind.PUSH_PULL, key=key, array=grad, into=into, meta=RUN)
 
     def raw():
         sock.sendall(msg)
@@ -284,7 +287,7 @@ async def bench_push_pull(ch: Channel, peer: RawPeer, rounds: int, repeat: int,
 
 
 async def _pushes(ch: Channel, key: int) -> int:
-    stats = (await ch.request(MessageKind.STATS)).meta
+    stats = (await ch.request(MessageKind.STATS, meta=RUN)).meta
     return next(t["pushes"] for t in stats["tensors"] if t["key"] == key)
 
 
@@ -293,18 +296,18 @@ async def bench_pipelined_push(ch: Channel, n: int) -> list[str]:
     grad = np.full(1024, 1e-6, np.float32)
     for key, how in ((300, "notify"), (301, "64 concurrent requests")):
         await ch.request(MessageKind.INIT, key=key, array=np.zeros(1024, np.float32),
-                         meta={"name": f"push{key}", "optimizer": {"name": "sgd", "learning_rate": 0.01}})  # fmt: skip
+                         meta={**RUN, "name": f"push{key}", "optimizer": {"name": "sgd", "learning_rate": 0.01}})  # fmt: skip
         before = await _pushes(ch, key)
         start = time.perf_counter()
         if how == "notify":
             for _ in range(n):
-                await ch.notify(MessageKind.PUSH, key=key, array=grad)
+                await ch.notify(MessageKind.PUSH, key=key, array=grad, meta=RUN)
         else:
             todo = iter(range(n))
 
             async def worker(todo=todo, key=key):
                 for _ in todo:
-                    await ch.request(MessageKind.PUSH, key=key, array=grad)
+                    await ch.request(MessageKind.PUSH, key=key, array=grad, meta=RUN)
 
             async with trio.open_nursery() as nursery:
                 for _ in range(64):
@@ -327,6 +330,7 @@ async def _channel(address, secret: bytes, nursery, spin: float = 0.0) -> Channe
     conn = await open_connection(address[0], address[1], secret, name="bench")
     ch = Channel(conn, spin=spin)
     await nursery.start(ch.run)
+    await control.call(ch, control.Open(run=RUN["run"], name="bench", lease=3600.0))
     return ch
 
 

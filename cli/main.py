@@ -14,10 +14,12 @@ import ipaddress
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import trio
@@ -27,9 +29,10 @@ from dbnode.aio import first_error
 from dbnode.config import RunConfig, parse_address
 from dbnode.data import load
 from dbnode.driver import check_data, status, train, write_secret
-from dbnode.errors import ConfigError, DBNodeError
+from dbnode.errors import ConfigError, DBNodeError, RunInterrupted
 from dbnode.model import evaluate, load_params
 from dbnode.node import ready_line, run_node
+from dbnode.runs import parse_bytes
 from dbnode.wire import load_secret
 
 log = logging.getLogger("dbnode")
@@ -64,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--snapshot-dir", help="directory SNAPSHOT requests write to (default: snapshots refused)"
     )
-    serve.add_argument("--restore", help="start the parameter shard from this snapshot file")
+    serve.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget of all the runs the node holds, e.g. 4G or 512M; a start "
+        "or INIT that would exceed it is refused (default: 3/4 of the machine's RAM)",
+    )
     serve.add_argument(
         "--spin-us",
         type=float,
@@ -207,6 +215,10 @@ def cmd_serve(args) -> int:
     """
     host, port = parse_address(args.listen, key="--listen", default_port=DEFAULT_PORT)
     secret, made = serve_secret(args.secret_file, host)
+    try:
+        max_memory = parse_bytes(args.max_memory) if args.max_memory else None
+    except ValueError as exc:
+        raise ConfigError("--max-memory", args.max_memory, str(exc)) from None
 
     async def serve_until_stopped() -> None:
         async with trio.open_nursery() as nursery:
@@ -217,7 +229,7 @@ def cmd_serve(args) -> int:
                     secret,
                     name=args.name,
                     snapshot_dir=args.snapshot_dir,
-                    restore=args.restore,
+                    max_memory=max_memory,
                     spin=args.spin_us * 1e-6,
                     task_status=task_status,
                 )
@@ -260,12 +272,47 @@ def cmd_train(args) -> int:
     hosts = _hosts(args.hosts, "--hosts") if args.hosts else None
     secret = load_secret(args.secret_file) if args.secret_file else None
     show = _progress_printer(sys.stderr)
-    summary = train(
-        config, hosts=hosts, out_dir=args.out, secret=secret, progress=show, resume=args.resume
-    )
+    name = f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        summary = train(
+            config,
+            hosts=hosts,
+            out_dir=args.out,
+            secret=secret,
+            progress=show,
+            resume=args.resume,
+            name=name,
+        )
+    except RunInterrupted as stop:
+        show.close()
+        print(f"dbnode train: {stop}", file=sys.stderr)
+        if stop.checkpoint is not None:
+            print(f"dbnode train: resume with: {_resume_command(args, stop)}", file=sys.stderr)
+        else:
+            print(
+                "dbnode train: no checkpoint (checkpointing is off: set checkpoint.interval "
+                "to make a run resumable)",
+                file=sys.stderr,
+            )
+        return 130
     show.close()
     print(json.dumps({k: v for k, v in summary.__dict__.items() if k != "config"}, indent=2))
     return 0
+
+
+def _resume_command(args, stop: RunInterrupted) -> str:
+    """The command that goes on from an interrupted run's final checkpoint."""
+    words = ["dbnode", "train", args.config]
+    for item in args.set:
+        words += ["--set", item]
+    if args.hosts:
+        words += ["--hosts", args.hosts]
+    if args.secret_file:
+        words += ["--secret-file", args.secret_file]
+    words += ["--resume", str(stop.checkpoint.parent)]
+    if args.out:
+        words += ["--out", args.out]
+    return shlex.join(words)
 
 
 #: One replica's progress in one character, from none to done.

@@ -11,7 +11,8 @@ from ._lazy import lazy
 
 _EXPORTS = {
     "RunConfig": ".config",
-    **dict.fromkeys(["Summary", "train"], ".driver.run"),
+    "Summary": ".driver.outputs",
+    "train": ".driver.run",
     **dict.fromkeys(
         [
             "ConfigError",

@@ -8,7 +8,8 @@ A run config has these sections::
                  n_fetch, n_push, seed, eval_interval
     [optimizer]  name, learning_rate, and the named optimizer's own settings
                  (momentum: momentum; adagrad: eps) -- see dbnode.optim
-    [cluster]    hosts, parameter_shards, secret_file, nodes, heartbeat
+    [cluster]    hosts, parameter_shards, secret_file, nodes, heartbeat, lease,
+                 backup_interval
     [checkpoint] interval, keep, dir
 
 Every key is optional except ``model.layers`` and ``data.train``. An unknown
@@ -106,6 +107,11 @@ class ClusterConfig:
         secret_file: the secret for ``hosts`` ("": ``$DBNODE_SECRET``).
         nodes: nodes of the embedded local cluster (0: one per core).
         heartbeat: seconds; a node silent for three of them is dead.
+        lease: seconds a node keeps the run without hearing from the driver;
+            then it frees it (a driver killed outright leaves nothing behind).
+        backup_interval: seconds between the driver's in-memory copies of
+            every parameter shard, what a dead shard node's pieces are
+            restored from (0: none; then only checkpoints can).
     """
 
     hosts: tuple[str, ...] = ()
@@ -113,6 +119,8 @@ class ClusterConfig:
     secret_file: str = ""
     nodes: int = 0
     heartbeat: float = 1.0
+    lease: float = 10.0
+    backup_interval: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -308,6 +316,14 @@ class RunConfig:
             raise ConfigError("checkpoint.keep", k.keep, "must be >= 1")
         if not c.heartbeat > 0:
             raise ConfigError("cluster.heartbeat", c.heartbeat, "must be > 0 seconds")
+        if not c.lease >= 3 * c.heartbeat:
+            raise ConfigError(
+                "cluster.lease", c.lease, f"must be at least 3 heartbeats ({3 * c.heartbeat:g} s)"
+            )
+        if c.backup_interval < 0:
+            raise ConfigError(
+                "cluster.backup_interval", c.backup_interval, "must be >= 0 seconds (0: off)"
+            )
         if c.nodes < 0:
             raise ConfigError("cluster.nodes", c.nodes, "must be >= 0 (0: one per core)")
         for host in c.hosts:

@@ -53,6 +53,9 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_KEY = 33
     SHAPE_MISMATCH = 34
     DTYPE_MISMATCH = 35
+    UNKNOWN_RUN = 36  # no such run on this node (never opened, closed, or its lease expired)
+    STALE_EPOCH = 37  # the request's shard map is not the run's current one (fencing)
+    NOT_FINITE = 38  # a gradient or value with NaN or infinity; nothing was applied
     # 64-: node errors.
     INTERNAL = 64  # a bug or failure on the side that sends the ERROR
     UNAVAILABLE = 65  # shutting down or overloaded; try elsewhere or later
@@ -187,6 +190,7 @@ __all__ += [
     "UnknownKeyError",
     "ShapeMismatchError",
     "DTypeMismatchError",
+    "NotFiniteError",
     "KeyConflictError",
     "SnapshotError",
     "CheckpointError",
@@ -226,6 +230,12 @@ class DTypeMismatchError(ShardError):
     code = ErrorCode.DTYPE_MISMATCH
 
 
+class NotFiniteError(ShardError):
+    """A pushed gradient (or an init value) holds NaN or infinity."""
+
+    code = ErrorCode.NOT_FINITE
+
+
 class KeyConflictError(ShardError):
     """An init for an existing key disagrees with it (name, shape, dtype or
     optimizer)."""
@@ -246,3 +256,34 @@ class SnapshotError(DBNodeError, ValueError):
 
 class CheckpointError(DBNodeError):
     """A checkpoint is missing, incomplete or does not verify."""
+
+
+# -- runs (dbnode.partition, dbnode.driver) -----------------------------------------
+
+__all__ += ["Diverged", "RunInterrupted"]
+
+
+class Diverged(DBNodeError):
+    """A replica's loss stopped being finite: the learning rate is too high."""
+
+
+class RunInterrupted(DBNodeError):
+    """A run stopped by a signal (SIGINT, SIGTERM or SIGHUP) before its end.
+
+    Its outputs were written as of the moment it stopped, and a final
+    checkpoint taken when checkpointing was on.
+
+    Attributes:
+        signal: the signal's name.
+        out_dir: where the outputs went (None: nowhere).
+        checkpoint: the final checkpoint's directory, or None.
+        summary: the run's summary as of the stop.
+    """
+
+    def __init__(self, signal: str, out_dir, checkpoint, summary) -> None:
+        self.signal = signal
+        self.out_dir = out_dir
+        self.checkpoint = checkpoint
+        self.summary = summary
+        where = f"; outputs written to {out_dir}" if out_dir else ""
+        super().__init__(f"stopped by {signal}{where}")

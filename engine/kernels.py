@@ -31,7 +31,7 @@ from ._buildinfo import missing_cpu_flags, source_hash
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Bumped together with KERNELS_API in csrc/_kernels.pyx.
-KERNELS_API = 1
+KERNELS_API = 2
 
 _NOT_BUILT = (
     "dbnode's compiled kernels are missing or fail to load; dbnode never falls "
@@ -253,6 +253,22 @@ def accumulate(acc: np.ndarray, g: np.ndarray, scale: float = 1.0) -> None:
             (see the module's conventions).
     """
     _k.axpy(acc, _contig(g), scale)
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether no element of ``a`` is NaN or infinite (one compiled pass, no
+    temporary: what a shard checks every pushed gradient with).
+
+    Args:
+        a: any array; float32 and float64 ones in native byte order and C
+            order take the compiled pass, others numpy's.
+
+    Returns:
+        True when every element is finite (an empty array is).
+    """
+    if a.dtype in DTYPES and a.dtype.isnative and a.flags.c_contiguous:
+        return bool(_k.all_finite(a))
+    return bool(np.isfinite(a).all())
 
 
 # ------------------------------------------------------------ activations

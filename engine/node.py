@@ -3,14 +3,15 @@
 A node serves authenticated connections (:func:`dbnode.wire.serve`) and
 composes its services from their handler tables:
 
-- the parameter shard (:class:`~dbnode.ps.service.ShardService`): INIT,
+- the parameter shards (:class:`~dbnode.ps.service.ShardService`): INIT,
   PULL, PUSH, PUSH_PULL, STATS answered inline; SNAPSHOT; the control ops
   ``restore``, ``export``, ``import``;
 - the layer partitions (:class:`~dbnode.partition.PartitionService`):
   FORWARD, BACKWARD into the inbox of the partition the key names; the
-  control ops ``start``, ``data``, ``run``, ``stop``, ``status``;
-- the node itself: the control ops ``info`` and ``reset`` (which resets
-  both services).
+  control ops ``start``, ``data``, ``run``, ``stop``;
+- the node itself: the runs it holds for its drivers (:mod:`dbnode.runs`)
+  and the control ops ``info``, ``open``, ``close``, ``heartbeat``,
+  ``status`` and ``remap``. A sweep frees the runs whose lease expired.
 
 A request is dispatched by its MessageKind, a CONTROL one by its
 :class:`~dbnode.control.Op`, decoded and checked by its schema
@@ -26,7 +27,9 @@ the unit of parallelism.
 
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 from collections.abc import Awaitable, Callable
 from functools import partial
 from importlib.metadata import version
@@ -42,9 +45,12 @@ from .errors import ErrorCode, RequestError
 from .partition import PartitionService
 from .ps.service import ShardService
 from .ps.shard import ParameterShard
+from .runs import NodeRun, RunTable, default_max_memory
 from .wire import DEFER, Address, Frame, MessageKind, Peers, Reply, serve
 
 __all__ = ["READY_PREFIX", "Node", "parse_ready_line", "ready_line", "run_node"]
+
+log = logging.getLogger("dbnode.node")
 
 #: What ``dbnode serve`` prints on stdout once it listens, before the address:
 #: the embedded cluster (and any supervisor) waits for this line.
@@ -85,14 +91,19 @@ class Node:
 
     Args:
         secret: the cluster's shared secret (for channels to other nodes).
-        nursery: runs the node's background tasks (partitions, outgoing
-            channels).
+        nursery: runs the node's background tasks (runs, outgoing channels).
         name: the node's name in logs and in ``info``.
         address: where the node is reachable (set again once it listens).
         snapshot_dir: where SNAPSHOT writes and ``restore`` reads (None:
             refused).
-        shard: the parameter shard to start with (default: empty).
         spin: seconds its channels to other nodes busy-poll before sleeping.
+        max_memory: the memory budget of all runs, in bytes (default:
+            :func:`~dbnode.runs.default_max_memory`).
+
+    Attributes:
+        node_id: random, new at every start: what tells two nodes apart
+            (one node reached at two addresses has one id).
+        runs: the runs the node holds.
 
     Raises:
         RuntimeError: two services claim the same control op, or an op has
@@ -107,24 +118,20 @@ class Node:
         name: str = "",
         address: Address = ("127.0.0.1", 0),
         snapshot_dir: str | Path | None = None,
-        shard: ParameterShard | None = None,
         spin: float = 0.0,
+        max_memory: int | None = None,
     ):
         self.secret = secret
         self.name = name
         self.address = address
         self.nursery = nursery
+        self.node_id = secrets.token_hex(8)
+        self.runs = RunTable(max_memory or default_max_memory(), ParameterShard)
         # A channel carries requests both ways: what arrives on the node's
         # own outgoing channels is served like anything else.
         self.peers = Peers(nursery, secret, name=name, handler=self.handle, spin=spin)
-        self.shards = ShardService(shard, snapshot_dir)
-        self.partitions = PartitionService(
-            nursery,
-            self.peers,
-            address=lambda: self.address,
-            # Read at each call: restore and reset replace the shard.
-            local=lambda address: self.shards.shard if address == self.address else None,
-        )
+        self.shards = ShardService(self.runs, snapshot_dir)
+        self.partitions = PartitionService(self.runs, self.peers, address=lambda: self.address)
         self._inline = self.shards.inline
         self._handlers: dict[MessageKind, Callable[[Frame], Awaitable[Reply | None]]] = {
             **self.shards.handlers,
@@ -132,7 +139,16 @@ class Node:
             MessageKind.CONTROL: self._control,
         }
         self._ops = _compose(
-            self.shards.ops, self.partitions.ops, {Op.INFO: self._info, Op.RESET: self._reset}
+            self.shards.ops,
+            self.partitions.ops,
+            {
+                Op.INFO: self._info,
+                Op.OPEN: self._open,
+                Op.CLOSE: self._close,
+                Op.HEARTBEAT: self._heartbeat,
+                Op.STATUS: self._status,
+                Op.REMAP: self._remap,
+            },
         )
 
     def handle_inline(self, frame: Frame) -> Reply | None | object:
@@ -174,6 +190,12 @@ class Node:
             raise RequestError(ErrorCode.BAD_REQUEST, f"{frame.kind}: not a request a node serves")
         return await handler(frame)
 
+    async def sweep_leases(self, period: float = 0.25) -> None:
+        """Free the runs whose lease expired, every ``period`` seconds, forever."""
+        while True:
+            self.runs.sweep()
+            await trio.sleep(period)
+
     async def _control(self, frame: Frame) -> Reply:
         request = control.decode_request(frame)
         answer = await self._ops[request.op](request)
@@ -184,19 +206,75 @@ class Node:
 
     async def _info(self, request: control.Info) -> control.InfoReply:
         return control.InfoReply(
+            node_id=self.node_id,
             name=self.name,
             version=version("dbnode"),
             pid=os.getpid(),
             cores=os.cpu_count(),
             address=self.address,
+            max_memory=self.runs.max_memory,
+            memory=self.runs.memory,
+            runs=len(self.runs),
         )
 
-    async def _reset(self, request: control.Reset) -> None:
-        busy = self.partitions.busy()
-        if busy and not request.force:
-            raise RequestError(ErrorCode.BAD_REQUEST, f"partitions {busy} are still running")
-        self.partitions.reset()
-        self.shards.reset()
+    async def _open(self, request: control.Open) -> control.OpenReply:
+        run, created = self.runs.open(request.run, request.name, request.lease, request.epoch)
+        if created:
+            await self.nursery.start(self._host, run)
+        return control.OpenReply(created=created, epoch=run.epoch)
+
+    async def _host(self, run: NodeRun, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery the run's partitions compute in, until the run is
+        freed (its scope cancelled)."""
+        with run.scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    run.nursery = nursery
+                    task_status.started()
+                    await trio.sleep_forever()
+            except Exception:  # partitions catch their own; this is a last guard
+                log.exception("run %s (%s) failed", run.id, run.name)
+                self.runs.close(run.id, "it failed")
+
+    async def _close(self, request: control.Close) -> control.CloseReply:
+        run = self.runs.close(request.run)
+        if run is None:
+            return control.CloseReply(partitions=0, keys=0)
+        return control.CloseReply(partitions=len(run.partitions), keys=len(run.shard))
+
+    async def _heartbeat(self, request: control.Heartbeat) -> control.HeartbeatReply:
+        run = self.runs.get(request.run)
+        run.renew(trio.current_time())
+        return control.HeartbeatReply(
+            epoch=run.epoch,
+            partitions={str(uid): r.status.report() for uid, r in run.partitions.items()},
+            versions={str(k): v for k, v in run.shard.versions().items()},
+            fenced=run.fenced,
+            not_finite=run.not_finite,
+        )
+
+    async def _status(self, request: control.Status) -> control.StatusReply:
+        now = trio.current_time()
+        return control.StatusReply(
+            runs={
+                run.id: control.RunReport(
+                    name=run.name,
+                    lease_left=round(run.lease_left(now), 3),
+                    epoch=run.epoch,
+                    partitions={str(uid): r.status.report() for uid, r in run.partitions.items()},
+                    keys=len(run.shard),
+                    bytes=run.memory,
+                    pushes=run.shard.pushes,
+                )
+                for run in self.runs.runs.values()
+            }
+        )
+
+    async def _remap(self, request: control.Remap) -> None:
+        run = self.runs.get(request.run)
+        run.epoch = request.epoch
+        for runner in run.partitions.values():
+            runner.remap(request.epoch, request.shards)
 
 
 OpHandler = Callable[[Any], Awaitable[Any]]
@@ -221,8 +299,8 @@ async def run_node(
     *,
     name: str = "",
     snapshot_dir: str | Path | None = None,
-    restore: str | Path | None = None,
     spin: float = 0.0,
+    max_memory: int | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
     **serve_options: Any,
 ) -> None:
@@ -233,26 +311,25 @@ async def run_node(
         secret: the cluster's shared secret.
         name: the node's name (default ``node-<pid>``).
         snapshot_dir: where SNAPSHOT writes and ``restore`` reads.
-        restore: a snapshot file to start the parameter shard from.
         spin: seconds to busy-poll sockets before sleeping, on the server
             side and on the channels to other nodes (the transport's
             latency option).
+        max_memory: the memory budget of all runs, in bytes (default: a
+            share of the machine's RAM).
         task_status: reports the bound ``(host, port)`` once listening.
         serve_options: more options of :func:`dbnode.wire.serve`.
 
     Raises:
-        SnapshotError: ``restore`` is not a readable snapshot.
         OSError: the address cannot be listened on.
     """
-    shard = ParameterShard.restore(restore) if restore else None
     async with trio.open_nursery() as nursery:
         node = Node(
             secret,
             nursery,
             name=name or f"node-{os.getpid()}",
             snapshot_dir=snapshot_dir,
-            shard=shard,
             spin=spin,
+            max_memory=max_memory,
         )
         bound = await nursery.start(
             partial(
@@ -268,4 +345,5 @@ async def run_node(
             )
         )
         node.address = (bound[0], int(bound[1]))
+        nursery.start_soon(node.sweep_leases)
         task_status.started(node.address)

@@ -30,9 +30,10 @@ single-process trainer exactly, however late its fetches land.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
 import numpy as np
 import trio
@@ -42,11 +43,19 @@ from .aio import first_error
 from .blocks import block_layout, block_views, blocks
 from .control import Op
 from .data import batch_indices, steps_per_run
-from .errors import DBNodeError, ErrorCode, RequestError
+from .errors import (
+    ConnectionClosedError,
+    DBNodeError,
+    Diverged,
+    ErrorCode,
+    RemoteError,
+    RequestError,
+)
 from .model import LayerStack, Loss, ModelSpec
 from .placement import plan_shards
 from .ps.client import ParameterClient
 from .ps.shard import ParameterShard
+from .runs import NodeRun, RunTable
 from .wire import Address, Frame, MessageKind, Peers
 
 __all__ = [
@@ -63,6 +72,22 @@ log = logging.getLogger("dbnode.node")
 # Steps of at least this many floating-point operations run in a worker
 # thread (about 50 us of BLAS work; a trio thread hop costs tens of us).
 OFFLOAD_FLOPS = 1 << 22
+
+# Seconds a partition whose shard node is lost or fenced off keeps trying
+# (waiting for the driver's remap) before it gives up and fails (and its
+# replica is restarted); and how long it waits between two tries.
+REMAP_WAIT = 30.0
+RETRY_DELAY = 1.0
+
+
+def _shard_moved(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every error of a group) says a shard is not where
+    this partition's map puts it: refused for a stale epoch, or its node lost."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_shard_moved(e) for e in exc.exceptions)
+    if isinstance(exc, RemoteError):
+        return exc.code in (ErrorCode.STALE_EPOCH, ErrorCode.UNKNOWN_RUN)
+    return isinstance(exc, ConnectionClosedError)
 
 
 class PartitionCore:
@@ -215,17 +240,20 @@ class PartitionCore:
 
 @dataclass
 class PartitionStatus:
-    """A running partition's progress, as the ``status`` op reports it.
+    """A running partition's progress, as ``heartbeat`` and ``status`` report it.
 
     Attributes:
         step: steps done (a restarted replica starts at its ``start_step``).
         steps: steps of the whole run.
         examples: examples trained by this incarnation.
-        loss_sum, loss_count: the loss summed over examples since the last
-            report, and over how many (last partitions only).
+        loss_sum, loss_count: the loss summed over the examples trained by
+            this incarnation, and how many (last partitions only). Never
+            reset: whoever reports a rate takes differences, so any number of
+            readers see the same figures.
         seconds: in the training loop, until the last push was applied.
         done: finished, every push applied.
         error: why the partition failed, or None.
+        diverged: it failed because its loss stopped being finite.
     """
 
     step: int = 0
@@ -236,14 +264,15 @@ class PartitionStatus:
     seconds: float = 0.0
     done: bool = False
     error: str | None = None
+    diverged: bool = False
 
     def report(self) -> control.PartitionReport:
-        """The status as reported, and the start of a new loss window.
+        """The status as the control ops carry it (reading it changes nothing).
 
         Returns:
-            The report; ``loss_sum`` and ``loss_count`` start again from 0.
+            The report.
         """
-        out = control.PartitionReport(
+        return control.PartitionReport(
             step=self.step,
             steps=self.steps,
             examples=self.examples,
@@ -252,9 +281,8 @@ class PartitionStatus:
             seconds=self.seconds,
             done=self.done,
             error=self.error,
+            diverged=self.diverged,
         )
-        self.loss_sum, self.loss_count = 0.0, 0
-        return out
 
     @property
     def busy(self) -> bool:
@@ -272,23 +300,28 @@ class PartitionRunner:
     task (at most one in flight), so the loop only waits for the network
     when the previous push or fetch has not finished by the next one.
 
+    A failure of any kind (an exception group among them) ends the partition
+    alone: it is reported through its status, never raised into the node.
+
     Args:
         job: what the driver's ``start`` said.
-        service: the node's partition service (neighbours, peers, the
-            node's own shard).
+        service: the node's partition service (neighbours, peers).
+        run: the run on this node the partition belongs to.
 
     Raises:
         ValueError, KeyError: the job does not fit its own plan (e.g. an
             ``index`` without bounds).
     """
 
-    def __init__(self, job: control.PartitionJob, service: PartitionService):
+    def __init__(self, job: control.PartitionJob, service: PartitionService, run: NodeRun):
         self.job = job
         self.service = service
+        self.run_state = run
         self.status = PartitionStatus(
             step=job.start_step, steps=steps_per_run(job.n_examples, job.batch_size, job.epochs)
         )
         self.started = False
+        self.reserved = 0  # bytes of the node's memory budget granted to it
         self.cancel_scope = trio.CancelScope()
         self.inbox_send, self.inbox = trio.open_memory_channel[Frame](4)
         self.x: np.ndarray | None = None
@@ -315,6 +348,16 @@ class PartitionRunner:
             job.n_push,
         )
         self._spare: np.ndarray | None = kernels.zeros(size, spec.np_dtype)
+        self.client = ParameterClient(
+            self.plan,
+            list(job.shards),
+            service.peers,
+            run=job.run,
+            epoch=job.epoch,
+            local=service.local_shard(run),
+        )
+        self._remapped = trio.Event()  # set (and replaced) at every remap
+        self._sync_scope: trio.CancelScope | None = None  # the push or fetch in flight
         self._ready: np.ndarray | None = None
         self._sync_done = trio.Event()
         self._sync_done.set()
@@ -326,28 +369,66 @@ class PartitionRunner:
         flops = 2 * job.batch_size * self.core.flat.size
         self._offload = flops >= OFFLOAD_FLOPS
 
+    @staticmethod
+    def memory_needed(job: control.PartitionJob) -> int:
+        """Bytes a partition of ``job`` allocates once started (its data shard
+        aside, which comes with ``data``): an upper bound, checked against
+        the node's budget before anything is allocated.
+
+        Args:
+            job: the ``start`` request.
+
+        Returns:
+            Bytes: five parameter blocks (local copy, fetch landing buffer,
+            gradients, two accumulators) and the activations of a batch.
+        """
+        spec = job.spec
+        layers = spec.layers[job.first : job.last + 1]
+        block = sum(a * b + b for a, b in zip(layers, layers[1:])) + 16 * len(layers)
+        activations = 4 * job.batch_size * sum(layers)
+        return (5 * block + activations) * spec.np_dtype.itemsize
+
     async def run(self) -> None:
         """Train to the end of the job's schedule, or until stopped.
 
-        Never raises (but for cancellation): a failure ends up in
-        ``status.error``, and the node keeps serving.
+        Never raises (but for the cancellation of an enclosing scope): a
+        failure ends up in ``status.error``, and the node keeps serving.
         """
         self.started = True
-        with self.cancel_scope:
-            await self._run()
+        try:
+            with self.cancel_scope:
+                await self._run()
+        except Exception as exc:  # ExceptionGroups too: nothing of ours reaches the node
+            self._failed(exc)
 
     def stop(self) -> None:
         """Cancel the partition; frames still arriving for it are refused."""
         self.cancel_scope.cancel()
         self.inbox_send.close()
 
+    def remap(self, epoch: int, shards: tuple[tuple[str, int], ...]) -> None:
+        """Push to and fetch from ``shards`` at shard map ``epoch`` from now on;
+        a push or fetch refused for a stale epoch meanwhile is sent again."""
+        self.client.remap(epoch, list(shards))
+        self._remapped.set()
+        self._remapped = trio.Event()
+        if self._sync_scope is not None:  # waiting on the old map: send again
+            self._sync_scope.cancel()
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.status.error is not None:
+            return
+        cause = first_error(exc)
+        self.status.error = f"{type(cause).__name__}: {cause}"
+        self.status.diverged = isinstance(cause, Diverged)
+        log.error(
+            "partition %s of run %s failed: %s", self.job.uid, self.job.run, self.status.error
+        )
+        log.debug("partition %s failure", self.job.uid, exc_info=exc)
+
     async def _run(self) -> None:
         job = self.job
         try:
-            service = self.service
-            self.client = ParameterClient(
-                self.plan, list(job.shards), service.peers, local=service.local
-            )
             self._check_data()
             await self.client.pull({self.block: self.core.flat})
             start = trio.current_time()
@@ -363,10 +444,7 @@ class PartitionRunner:
             self.status.seconds = trio.current_time() - start
             self.status.done = True
         except Exception as exc:  # reported through status; the node keeps serving
-            cause = first_error(exc)
-            self.status.error = f"{type(cause).__name__}: {cause}"
-            log.error("partition %s failed: %s", job.uid, self.status.error)
-            log.debug("partition %s failure", job.uid, exc_info=True)
+            self._failed(exc)
 
     def _check_data(self) -> None:
         job = self.job
@@ -382,7 +460,7 @@ class PartitionRunner:
 
     async def _loop(self) -> None:
         job, core, status = self.job, self.core, self.status
-        send = self.service.send
+        send = partial(self.service.send, self.run_state)
         order = batch_indices(job.n_examples, job.batch_size, job.epochs, job.seed + job.replica)
         for step, idx in enumerate(order):
             if step < job.start_step:  # done by an earlier incarnation of the replica
@@ -395,6 +473,9 @@ class PartitionRunner:
                 h = await self._compute(core.forward, received.array)
             if core.is_last:
                 loss, delta = core.loss_delta(h, self.y[idx])
+                if not math.isfinite(loss):
+                    # Its gradients would be refused by every shard: stop here.
+                    raise Diverged(f"diverged at step {step} (loss {loss})")
                 status.loss_sum += loss * len(idx)
                 status.loss_count += len(idx)
             else:
@@ -440,23 +521,45 @@ class PartitionRunner:
     async def _sync(self, grads, staging, step: int) -> None:
         done = self._sync_done
         try:
-            if grads is not None:
-                into = None if staging is None else {self.block: staging}
-                await self.client.push(
-                    {self.block: grads}, pusher=self.job.pusher, seq=step, fetch_into=into
-                )
-            elif staging is not None:
-                await self.client.pull({self.block: staging})
+            # A shard node that died, froze or was fenced off: the driver
+            # restores its pieces elsewhere and remaps, and the request goes
+            # again to the new map (a remap also cancels one still waiting on
+            # the old). The shards drop whatever part of a push they had
+            # already applied, so nothing counts twice.
+            deadline = trio.current_time() + REMAP_WAIT
+            while True:
+                remapped = self._remapped
+                with trio.CancelScope() as self._sync_scope:
+                    try:
+                        await self._send(grads, staging, step)
+                        break
+                    except Exception as exc:
+                        if not _shard_moved(exc) or trio.current_time() > deadline:
+                            raise
+                if not self._sync_scope.cancelled_caught:
+                    with trio.move_on_after(RETRY_DELAY):
+                        await remapped.wait()
             if staging is not None:
                 self._ready = staging
         except Exception as exc:
             self._sync_error = exc
         finally:
+            self._sync_scope = None
             if grads is not None:
                 self.core.release(grads)
             if staging is not None and self._ready is not staging:
                 self._spare = staging
             done.set()
+
+    async def _send(self, grads, staging, step: int) -> None:
+        """One push (paired with a fetch into ``staging`` when given), or one fetch."""
+        if grads is not None:
+            into = None if staging is None else {self.block: staging}
+            await self.client.push(
+                {self.block: grads}, pusher=self.job.pusher, seq=step, fetch_into=into
+            )
+        elif staging is not None:
+            await self.client.pull({self.block: staging})
 
     def _install_ready(self) -> None:
         if self._ready is not None:
@@ -472,67 +575,80 @@ class PartitionRunner:
 
 
 class PartitionService:
-    """A node's layer partitions, and the handlers that reach them.
+    """The layer partitions of a node's runs, and the handlers that reach them.
+
+    Every request names its run (``run``), and a partition's uid is its id
+    within that run: two runs never see each other's partitions.
 
     Args:
-        nursery: where partitions run.
+        runs: the node's runs (each run's partitions live in it, and compute
+            in its nursery).
         peers: the node's channels to other nodes (neighbours, shards).
         address: ``address()`` is where this node is reachable (known only
             once it listens): a neighbour or shard there is this very node.
-        local: ``local(address)`` is the in-process ParameterShard serving
-            ``address``, or None (see :class:`~dbnode.ps.client.ParameterClient`).
 
     Attributes:
-        partitions: uid -> runner.
         handlers: MessageKind -> async handler (FORWARD, BACKWARD).
         ops: control :class:`~dbnode.control.Op` -> async handler taking the
-            decoded request (``start``, ``data``, ``run``, ``stop``, ``status``).
+            decoded request (``start``, ``data``, ``run``, ``stop``).
     """
 
-    def __init__(
-        self,
-        nursery: trio.Nursery,
-        peers: Peers,
-        address: Callable[[], Address],
-        local: Callable[[Address], ParameterShard | None],
-    ) -> None:
-        self.nursery = nursery
+    def __init__(self, runs: RunTable, peers: Peers, address: Callable[[], Address]) -> None:
+        self.runs = runs
         self.peers = peers
         self.address = address
-        self.local = local
-        self.partitions: dict[int, PartitionRunner] = {}
         self.handlers = {MessageKind.FORWARD: self._deliver, MessageKind.BACKWARD: self._deliver}
         self.ops = {
             Op.START: self._start,
             Op.DATA: self._data,
             Op.RUN: self._run,
             Op.STOP: self._stop,
-            Op.STATUS: self._status,
         }
 
-    def busy(self) -> list[int]:
-        """The uids of partitions started and neither finished nor failed."""
-        return [uid for uid, r in self.partitions.items() if r.status.busy]
+    def local_shard(self, run: NodeRun) -> Callable[[Address, int], ParameterShard | None]:
+        """What a partition's :class:`~dbnode.ps.client.ParameterClient` of
+        ``run`` uses to reach this node's own shard without the network.
 
-    def reset(self) -> None:
-        """Cancel and forget every partition."""
-        for runner in self.partitions.values():
-            runner.stop()
-        self.partitions.clear()
+        Args:
+            run: the partition's run.
 
-    def _runner(self, uid: int) -> PartitionRunner:
-        runner = self.partitions.get(uid)
+        Returns:
+            ``local(address, epoch)``: ``run``'s shard (looked up at each call:
+            ``restore`` replaces it) when ``address`` is this node, else None.
+            It refuses a stale ``epoch`` exactly as a shard request would.
+        """
+
+        def local(address: Address, epoch: int) -> ParameterShard | None:
+            if address != self.address():
+                return None
+            try:
+                run.check_epoch(epoch)
+            except RequestError as exc:
+                raise RemoteError(exc.code, exc.message) from None
+            return run.shard
+
+        return local
+
+    @staticmethod
+    def _runner(run: NodeRun, uid: int) -> PartitionRunner:
+        runner = run.partitions.get(uid)
         if runner is None:
-            raise RequestError(ErrorCode.UNKNOWN_KEY, f"no partition {uid} on this node")
+            raise RequestError(ErrorCode.UNKNOWN_KEY, f"run {run.id}: no partition {uid} here")
         return runner
 
     async def send(
-        self, target: tuple[str, int, int], kind: MessageKind, step: int, array: np.ndarray
+        self,
+        run: NodeRun,
+        target: tuple[str, int, int],
+        kind: MessageKind,
+        step: int,
+        array: np.ndarray,
     ) -> None:
-        """Send activations or deltas to a partition: straight into its inbox
-        when it lives on this node, else over TCP.
+        """Send activations or deltas to a partition of ``run``: straight into
+        its inbox when it lives on this node, else over TCP.
 
         Args:
+            run: the run both partitions belong to.
             target: the partition's ``(host, port, uid)``.
             kind: FORWARD or BACKWARD.
             step: the step they belong to (the frame's ``seq``).
@@ -540,9 +656,10 @@ class PartitionService:
 
         Raises:
             TransportError: the partition's node cannot be reached.
+            RemoteError: its node refused them (e.g. the partition is gone).
         """
         host, port, uid = target
-        local = self.partitions.get(uid)
+        local = run.partitions.get(uid)
         if local is not None and (host, int(port)) == self.address():
             # Copied: the sender reuses its buffer on the next step.
             frame = Frame(
@@ -551,23 +668,46 @@ class PartitionService:
             await local.inbox_send.send(frame)
             return
         ch = await self.peers.get((host, int(port)))
-        await ch.notify(kind, key=uid, seq=step, array=array)
+        await ch.notify(kind, key=uid, seq=step, array=array, meta={"run": run.id})
 
     async def _deliver(self, frame: Frame) -> None:
-        await self._runner(frame.key).inbox_send.send(frame)
+        run = self.runs.get(frame.meta.get("run"))
+        try:
+            await self._runner(run, frame.key).inbox_send.send(frame)
+        except trio.ClosedResourceError:  # stopped meanwhile
+            raise RequestError(
+                ErrorCode.UNKNOWN_KEY, f"run {run.id}: partition {frame.key} was stopped"
+            ) from None
 
     async def _start(self, job: control.PartitionJob) -> None:
-        if job.uid in self.partitions:
-            raise RequestError(ErrorCode.BAD_REQUEST, f"partition {job.uid} already exists")
+        run = self.runs.get(job.run)
+        existing = run.partitions.get(job.uid)
+        if existing is not None:
+            if existing.job == job:  # a retried start: nothing to do
+                return
+            raise RequestError(
+                ErrorCode.BAD_REQUEST,
+                f"run {run.id}: partition {job.uid} already exists with another job",
+            )
+        need = PartitionRunner.memory_needed(job)
+        self.runs.reserve(need, f"partition {job.uid} of run {run.id}")
         try:
-            runner = PartitionRunner(job, self)
+            runner = PartitionRunner(job, self, run)
         except (KeyError, ValueError) as exc:  # fields that do not fit together
             raise RequestError(ErrorCode.BAD_REQUEST, f"start: {exc}") from None
-        self.partitions[job.uid] = runner
+        runner.reserved = need
+        run.reserved += need
+        run.partitions[job.uid] = runner
 
     async def _data(self, request: control.Data) -> None:
-        runner = self._runner(request.uid)
+        run = self.runs.get(request.run)
+        runner = self._runner(run, request.uid)
         role, array = request.role, request.array
+        if array.dtype.kind in "fc" and not kernels.all_finite(array):
+            what = "inputs" if role == "x" else "targets"
+            raise RequestError(
+                ErrorCode.NOT_FINITE, f"{what} for partition {request.uid} hold NaN or infinity"
+            )
         spec, n = runner.job.spec, runner.job.n_examples
         if array.ndim == 0 or len(array) != n:
             raise RequestError(
@@ -582,6 +722,7 @@ class PartitionService:
                     f"inputs of shape {array.shape} for partition {request.uid}: only a first "
                     f"partition takes inputs, of {spec.layers[0]} features",
                 )
+            self._account(run, runner, array)
             runner.x = array.astype(spec.np_dtype, copy=False)
             return
         if not runner.core.is_last:
@@ -598,24 +739,31 @@ class PartitionService:
                 ErrorCode.SHAPE_MISMATCH,
                 f"targets of shape {array.shape}, the model has {spec.layers[-1]} outputs",
             )
+        self._account(run, runner, y)
         runner.y = y
 
+    def _account(self, run: NodeRun, runner: PartitionRunner, array: np.ndarray) -> None:
+        """Count a data shard against the node's memory budget (it is already
+        received: the transport's payload limit bounded it); refuse it if it
+        does not fit."""
+        self.runs.reserve(array.nbytes, f"data for partition {runner.job.uid} of run {run.id}")
+        runner.reserved += array.nbytes
+        run.reserved += array.nbytes
+
     async def _run(self, request: control.Run) -> None:
+        run = self.runs.get(request.run)
         # Every uid checked before any starts: a refused request changes nothing.
-        runners = [self._runner(uid) for uid in request.uids or list(self.partitions)]
+        uids = request.uids if request.uids is not None else list(run.partitions)
+        runners = [self._runner(run, uid) for uid in uids]
         for runner in runners:
             if not runner.started:  # a cancel scope is good for one run only
                 runner.started = True
-                self.nursery.start_soon(runner.run)
+                run.nursery.start_soon(runner.run)
 
     async def _stop(self, request: control.Stop) -> None:
+        run = self.runs.get(request.run)
         for uid in request.uids:
-            runner = self.partitions.pop(uid, None)
+            runner = run.partitions.pop(uid, None)
             if runner is not None:
                 runner.stop()
-
-    async def _status(self, request: control.Status) -> control.StatusReply:
-        reports: dict[str, Any] = {
-            str(uid): r.status.report() for uid, r in self.partitions.items()
-        }
-        return control.StatusReply(partitions=reports)
+                run.reserved -= runner.reserved

@@ -49,6 +49,10 @@ def accumulate(acc, g, scale=1.0):
     acc += acc.dtype.type(scale) * g
 
 
+def all_finite(a):
+    return bool(np.isfinite(a).all())
+
+
 def _forward(name):
     try:
         return _FORWARD[name]

@@ -2,6 +2,8 @@
 the node's control ops answered by a real node over TCP."""
 
 import dataclasses
+import json
+import math
 import os
 import re
 import subprocess
@@ -25,9 +27,12 @@ SECRET = os.urandom(32)
 SPEC = ModelSpec((2, 3, 1), "tanh", "sigmoid", "squared_error", "float64")
 
 
+RUN = "r1"
+
+
 def job(**changes) -> control.PartitionJob:
     fields = dict(
-        uid=7, replica=1, index=0, first=0, last=2, model=SPEC, learning_rate=0.5, n_fetch=1,
+        run=RUN, uid=7, replica=1, index=0, first=0, last=2, model=SPEC, learning_rate=0.5, n_fetch=1,
         n_push=2, batch_size=1, epochs=1, seed=3, n_examples=4, shards=(("127.0.0.1", 7070),),
         min_split_bytes=4096, bounds=((0, 2),), prev=None, next=("10.0.0.2", 7071, 8),
         start_step=5, incarnation=1,
@@ -39,26 +44,57 @@ def job(**changes) -> control.PartitionJob:
 REPORT = control.PartitionReport(
     step=3, steps=10, examples=3, loss_sum=0.25, loss_count=3, seconds=0.5, done=False, error=None
 )
+DIVERGED = dataclasses.replace(REPORT, loss_sum=float("inf"), error="diverged", diverged=True)
 
 #: One example of every schema, requests and replies.
 EXAMPLES = [
     control.Info(),
-    control.InfoReply(name="n", version="0.1.0", pid=12, cores=None, address=("::1", 7070)),
-    control.Reset(),
-    control.Reset(force=True),
-    job(),
-    control.Data(uid=7, role="y", array=np.arange(4.0)),
-    control.Run(),
-    control.Run(uids=(1, 2)),
-    control.Stop(uids=(3,)),
+    control.InfoReply(
+        node_id="ab12",
+        name="n",
+        version="0.1.0",
+        pid=12,
+        cores=None,
+        address=("::1", 7070),
+        max_memory=2**30,
+        memory=0,
+        runs=1,
+    ),  # fmt: skip
+    control.Open(run=RUN, name="digits", lease=10.0),
+    control.Open(run=RUN, name="digits", lease=2, epoch=3),
+    control.OpenReply(created=True, epoch=0),
+    control.Close(run=RUN),
+    control.CloseReply(partitions=2, keys=1),
+    control.Heartbeat(run=RUN),
+    control.HeartbeatReply(
+        epoch=1, partitions={"7": REPORT, "8": DIVERGED}, versions={"3": 9}, fenced=2, not_finite=0
+    ),
     control.Status(),
-    control.StatusReply(partitions={"7": REPORT, "8": dataclasses.replace(REPORT, error="boom")}),
-    control.Restore(name="shard.npz"),
+    control.StatusReply(
+        runs={
+            RUN: control.RunReport(
+                name="digits",
+                lease_left=4.5,
+                epoch=0,
+                keys=2,
+                bytes=100,
+                pushes=7,
+                partitions={"7": REPORT, "8": dataclasses.replace(REPORT, error="boom")},
+            )
+        }
+    ),  # fmt: skip
+    control.Remap(run=RUN, epoch=2, shards=(("10.0.0.1", 7070),)),
+    job(),
+    control.Data(run=RUN, uid=7, role="y", array=np.arange(4.0)),
+    control.Run(run=RUN),
+    control.Run(run=RUN, uids=(1, 2)),
+    control.Stop(run=RUN, uids=(3,)),
+    control.Restore(run=RUN, name="shard.npz"),
     control.RestoreReply(keys=2),
-    control.Export(),
-    control.Export(keys=(1, 5)),
+    control.Export(run=RUN),
+    control.Export(run=RUN, keys=(1, 5)),
     control.ExportReply(keys=2, data=np.frombuffer(b"snapshot", np.uint8)),
-    control.Import(data=np.frombuffer(b"snapshot", np.uint8)),
+    control.Import(run=RUN, data=np.frombuffer(b"snapshot", np.uint8)),
     control.ImportReply(keys=2),
 ]
 
@@ -70,6 +106,7 @@ def payload(message):
 @pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
 def test_every_schema_round_trips(message):
     key, meta, array = message.encode()
+    json.dumps(meta, allow_nan=False)  # strict JSON, as the meta must be
     back = type(message).from_meta(meta, key=key, array=array)
     assert back == message
     assert back.to_meta() == meta
@@ -89,29 +126,30 @@ def test_every_op_has_a_schema_and_every_schema_is_covered_here():
         assert schema.op is op and op.value == str(op)
 
 
-def test_requests_encode_to_the_metas_the_driver_always_sent():
-    # The wire bytes stay what they were before the schemas existed.
+def test_requests_encode_to_the_metas_the_driver_sends():
     old = {
-        "op": "start", "uid": 7, "replica": 1, "index": 0, "first": 0, "last": 2,
+        "op": "start", "run": "r1", "uid": 7, "replica": 1, "index": 0, "first": 0, "last": 2,
         "model": {"layers": [2, 3, 1], "activation": "tanh", "output": "sigmoid",
                   "loss": "squared_error", "dtype": "float64"},
         "learning_rate": 0.5, "n_fetch": 1, "n_push": 2, "batch_size": 1, "epochs": 1,
         "seed": 3, "n_examples": 4, "shards": [["127.0.0.1", 7070]], "min_split_bytes": 4096,
         "bounds": [[0, 2]], "prev": None, "next": ["10.0.0.2", 7071, 8], "start_step": 5,
-        "incarnation": 1,
+        "incarnation": 1, "epoch": 0,
     }  # fmt: skip
+    r = {"run": RUN}
     cases = [
         (job(), old),
         (control.Info(), {"op": "info"}),
-        (control.Reset(force=True), {"op": "reset", "force": True}),
-        (control.Run(), {"op": "run"}),
-        (control.Run(uids=(4, 5)), {"op": "run", "uids": [4, 5]}),
-        (control.Stop(uids=(4,)), {"op": "stop", "uids": [4]}),
+        (control.Open(run=RUN, name="n", lease=5), {"op": "open", **r, "name": "n", "lease": 5, "epoch": 0}),
+        (control.Close(run=RUN), {"op": "close", **r}),
+        (control.Run(run=RUN), {"op": "run", **r}),
+        (control.Run(run=RUN, uids=(4, 5)), {"op": "run", **r, "uids": [4, 5]}),
+        (control.Stop(run=RUN, uids=(4,)), {"op": "stop", **r, "uids": [4]}),
         (control.Status(), {"op": "status"}),
-        (control.Export(keys=(1, 2)), {"op": "export", "keys": [1, 2]}),
-        (control.Import(data=np.zeros(3, np.uint8)), {"op": "import"}),
-        (control.Data(uid=9, role="x", array=np.zeros((4, 2))), {"op": "data", "role": "x"}),
-    ]
+        (control.Export(run=RUN, keys=(1, 2)), {"op": "export", **r, "keys": [1, 2]}),
+        (control.Import(run=RUN, data=np.zeros(3, np.uint8)), {"op": "import", **r}),
+        (control.Data(run=RUN, uid=9, role="x", array=np.zeros((4, 2))), {"op": "data", **r, "role": "x"}),
+    ]  # fmt: skip
     for request, meta in cases:
         key, got, array = request.encode()
         assert got == meta and list(got) == list(meta)  # same keys in the same order
@@ -126,7 +164,7 @@ def test_requests_encode_to_the_metas_the_driver_always_sent():
             for p in encode_frame(MessageKind.CONTROL, request_id=1, key=key, array=array, meta=got)
         )
         assert after == before
-    assert control.Data(uid=9, role="x", array=np.zeros(1)).encode()[0] == 9
+    assert control.Data(run=RUN, uid=9, role="x", array=np.zeros(1)).encode()[0] == 9
 
 
 def required_meta_fields(schema):
@@ -181,16 +219,24 @@ def test_start_names_the_field_at_fault(meta, message):
 def test_payloads_keys_and_ops_are_checked():
     x = np.zeros((4, 2))
     with pytest.raises(RequestError, match=r"data: field 'role' must be one of \['x', 'y'\]"):
-        control.Data.from_meta({"op": "data", "role": "z"}, key=1, array=x)
+        control.Data.from_meta({"op": "data", "run": RUN, "role": "z"}, key=1, array=x)
     with pytest.raises(RequestError, match=r"data: payload \(array\) is missing"):
-        control.Data.from_meta({"op": "data", "role": "x"}, key=1)
+        control.Data.from_meta({"op": "data", "run": RUN, "role": "x"}, key=1)
     with pytest.raises(RequestError, match=r"import: payload \(data\) must be uint8, got float64"):
-        control.Import.from_meta({"op": "import"}, array=x)
+        control.Import.from_meta({"op": "import", "run": RUN}, array=x)
     with pytest.raises(
         RequestError,
-        match=r"status reply: field 'partitions\[7\].done' must be true or false, got 1",
+        match=r"heartbeat reply: field 'partitions\[7\].done' must be true or false, got 1",
     ):
-        control.StatusReply.from_meta({"partitions": {"7": {**REPORT.to_meta(), "done": 1}}})
+        control.HeartbeatReply.from_meta(
+            {"epoch": 0, "partitions": {"7": {**REPORT.to_meta(), "done": 1}}, "versions": {},
+             "fenced": 0, "not_finite": 0}
+        )  # fmt: skip
+    for bad in ("", "a b", "x" * 65, 7, None, "../x"):
+        with pytest.raises(RequestError, match="field 'run' must be a run id"):
+            control.Close.from_meta({"op": "close", "run": bad})
+    with pytest.raises(RequestError, match="field 'lease' must be a finite number > 0"):
+        control.Open.from_meta({"op": "open", "run": RUN, "name": "n", "lease": "nan"})
     with pytest.raises(RequestError, match="meta must be an object"):
         control.Info.from_meta([])
     for op in ("nope", ["info"], None, 5):
@@ -198,10 +244,19 @@ def test_payloads_keys_and_ops_are_checked():
             control.decode_request(Frame(MessageKind.CONTROL, meta={"op": op}))
         assert info.value.code == ErrorCode.BAD_REQUEST
     request = control.decode_request(
-        Frame(MessageKind.CONTROL, key=3, meta={"op": "data", "role": "x", "extra": 1}, array=x)
-    )
-    assert request == control.Data(uid=3, role="x", array=x)  # unknown fields are ignored
-    assert control.Run.from_meta({"op": "run", "uids": None}) == control.Run()
+        Frame(MessageKind.CONTROL, key=3, meta={"op": "data", "run": RUN, "role": "x", "extra": 1}, array=x)
+    )  # fmt: skip
+    assert request == control.Data(run=RUN, uid=3, role="x", array=x)  # unknown fields are ignored
+    assert control.Run.from_meta({"op": "run", "run": RUN, "uids": None}) == control.Run(run=RUN)
+
+
+def test_non_finite_losses_travel_as_strings():
+    meta = DIVERGED.to_meta()
+    assert meta["loss_sum"] == "inf"
+    nan = dataclasses.replace(REPORT, loss_sum=float("nan")).to_meta()
+    assert nan["loss_sum"] == "nan" and math.isnan(control.PartitionReport.from_meta(nan).loss_sum)
+    with pytest.raises(RequestError, match="must be a number"):
+        control.PartitionReport.from_meta({**meta, "loss_sum": "NaN!"})
 
 
 class FakeChannel:
@@ -215,23 +270,22 @@ class FakeChannel:
 
 async def test_call_sends_the_request_and_decodes_its_reply():
     ch = FakeChannel(Frame(MessageKind.REPLY, meta={"keys": 3}))
-    assert await control.call(ch, control.Restore(name="s.npz"), timeout=2) == control.RestoreReply(
-        3
-    )
+    restore = control.Restore(run=RUN, name="s.npz")
+    assert await control.call(ch, restore, timeout=2) == control.RestoreReply(3)
     kind, sent = ch.sent[0]
     assert kind == MessageKind.CONTROL
     assert sent == {
         "key": 0,
         "array": None,
-        "meta": {"op": "restore", "name": "s.npz"},
+        "meta": {"op": "restore", "run": RUN, "name": "s.npz"},
         "timeout": 2,
     }
-    assert await control.call(ch, control.Stop(uids=(1,))) is None
+    assert await control.call(ch, control.Stop(run=RUN, uids=(1,))) is None
     ch.answer = Frame(MessageKind.REPLY, meta={"keys": "three"})
     with pytest.raises(
         DBNodeError, match="malformed answer to restore: restore reply: field 'keys'"
     ):
-        await control.call(ch, control.Restore(name="s.npz"))
+        await control.call(ch, restore)
 
 
 # -- docs/cluster.md -------------------------------------------------------------------
@@ -277,6 +331,14 @@ async def channel(nursery, address) -> Channel:
     return ch
 
 
+async def open_run(ch, run=RUN, lease=30.0, **kw):
+    return await control.call(ch, control.Open(run=run, name=f"{run}-name", lease=lease, **kw))
+
+
+def shard_meta(run=RUN, **more):
+    return {"run": run, **more}
+
+
 async def test_a_node_answers_every_node_and_shard_op(tmp_path):
     async with trio.open_nursery() as nursery:
         a = await start_node(nursery, name="a", snapshot_dir=tmp_path)
@@ -285,45 +347,134 @@ async def test_a_node_answers_every_node_and_shard_op(tmp_path):
 
         info = await control.call(cha, control.Info())
         assert info.name == "a" and info.pid == os.getpid() and info.address == a
+        assert info.node_id != (await control.call(chb, control.Info())).node_id
+        assert (await open_run(cha)).created and not (await open_run(cha)).created
+        await open_run(chb)
 
         sgd = {"name": "sgd", "learning_rate": 1.0}
         for key in (1, 2):
-            meta = {"name": f"t{key}", "optimizer": sgd}
+            meta = shard_meta(name=f"t{key}", optimizer=sgd)
             await cha.request(MessageKind.INIT, key=key, array=np.full(3, float(key)), meta=meta)
-        await cha.request(MessageKind.PUSH, key=2, array=np.ones(3))
+        await cha.request(MessageKind.PUSH, key=2, array=np.ones(3), meta=shard_meta())
 
-        exported = await control.call(cha, control.Export(keys=(2,)))
+        exported = await control.call(cha, control.Export(run=RUN, keys=(2,)))
         assert exported.keys == 1 and exported.data.dtype == np.uint8
-        assert (await control.call(chb, control.Import(data=exported.data))).keys == 1
-        pulled = await chb.request(MessageKind.PULL, key=2)
+        assert (await control.call(chb, control.Import(run=RUN, data=exported.data))).keys == 1
+        pulled = await chb.request(MessageKind.PULL, key=2, meta=shard_meta())
         np.testing.assert_array_equal(pulled.array, np.full(3, 1.0))
         assert pulled.seq == 1  # the version came along
         with pytest.raises(RemoteError, match="already held") as refused:  # a ShardError, mapped
-            await control.call(chb, control.Import(data=exported.data))
+            await control.call(chb, control.Import(run=RUN, data=exported.data))
         assert refused.value.code == ErrorCode.BAD_REQUEST
         with pytest.raises(RemoteError) as unknown:
-            await control.call(cha, control.Export(keys=(99,)))
+            await control.call(cha, control.Export(run=RUN, keys=(99,)))
         assert unknown.value.code == ErrorCode.UNKNOWN_KEY
         with pytest.raises(RemoteError, match="not valid|corrupt|truncated"):
-            await control.call(chb, control.Import(data=np.frombuffer(b"junk", np.uint8)))
+            junk = np.frombuffer(b"junk", np.uint8)
+            await control.call(chb, control.Import(run=RUN, data=junk))
 
-        await cha.request(MessageKind.SNAPSHOT, meta={"name": "s.npz"})
-        await control.call(cha, control.Reset(force=True))
-        assert (await control.call(cha, control.Restore(name="s.npz"))).keys == 2
-        np.testing.assert_array_equal(
-            (await cha.request(MessageKind.PULL, key=1)).array, np.ones(3)
-        )
+        await cha.request(MessageKind.SNAPSHOT, meta=shard_meta(name="s.npz"))
+        assert (await control.call(cha, control.Close(run=RUN))).keys == 2
+        await open_run(cha)
+        assert (await control.call(cha, control.Restore(run=RUN, name="s.npz"))).keys == 2
+        pulled = await cha.request(MessageKind.PULL, key=1, meta=shard_meta())
+        np.testing.assert_array_equal(pulled.array, np.ones(3))
         with pytest.raises(RemoteError, match="without --snapshot-dir"):
-            await control.call(chb, control.Restore(name="s.npz"))
+            await control.call(chb, control.Restore(run=RUN, name="s.npz"))
         with pytest.raises(RemoteError, match="plain file name"):
-            await control.call(cha, control.Restore(name="../s.npz"))
+            await control.call(cha, control.Restore(run=RUN, name="../s.npz"))
 
-        await control.call(chb, control.Reset())
+        await control.call(chb, control.Close(run=RUN))
+        await control.call(chb, control.Close(run=RUN))  # closing twice is harmless
         with pytest.raises(RemoteError) as gone:
-            await chb.request(MessageKind.PULL, key=2)
-        assert gone.value.code == ErrorCode.UNKNOWN_KEY
+            await chb.request(MessageKind.PULL, key=2, meta=shard_meta())
+        assert gone.value.code == ErrorCode.UNKNOWN_RUN
         for ch in (cha, chb):
             await ch.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_runs_on_one_node_never_see_each_other():
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, await start_node(nursery))
+        sgd = {"name": "sgd", "learning_rate": 1.0}
+        for run, value in (("one", 1.0), ("two", 2.0)):
+            await open_run(ch, run)
+            meta = shard_meta(run, name="w", optimizer=sgd)
+            await ch.request(MessageKind.INIT, key=1, array=np.full(2, value), meta=meta)
+        await ch.request(MessageKind.PUSH, key=1, array=np.ones(2), meta=shard_meta("one"))
+        one = await ch.request(MessageKind.PULL, key=1, meta=shard_meta("one"))
+        two = await ch.request(MessageKind.PULL, key=1, meta=shard_meta("two"))
+        assert (one.array.tolist(), one.seq, two.array.tolist(), two.seq) == ([0, 0], 1, [2, 2], 0)
+        await control.call(ch, control.Close(run="one"))  # closing one leaves the other
+        assert (await ch.request(MessageKind.PULL, key=1, meta=shard_meta("two"))).seq == 0
+        for meta in ({}, {"run": "one"}, {"run": 5}):
+            with pytest.raises(RemoteError) as refused:
+                await ch.request(MessageKind.PULL, key=1, meta=meta)
+            assert refused.value.code == ErrorCode.UNKNOWN_RUN
+        runs = (await control.call(ch, control.Status())).runs
+        assert list(runs) == ["two"] and runs["two"].name == "two-name" and runs["two"].keys == 1
+        await ch.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lapsed_lease_frees_the_run_and_a_heartbeat_keeps_it():
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, await start_node(nursery))
+        await open_run(ch, "kept", lease=0.5)
+        await open_run(ch, "lapsed", lease=0.5)
+        partition = job(run="lapsed", shards=((await control.call(ch, control.Info())).address,))
+        await control.call(ch, dataclasses.replace(partition, next=None, start_step=0))
+        for _ in range(8):
+            await trio.sleep(0.2)
+            beat = await control.call(ch, control.Heartbeat(run="kept"))
+            assert beat.partitions == {}
+        assert list((await control.call(ch, control.Status())).runs) == ["kept"]
+        with pytest.raises(RemoteError, match="no run 'lapsed'") as gone:
+            await control.call(ch, control.Heartbeat(run="lapsed"))
+        assert gone.value.code == ErrorCode.UNKNOWN_RUN
+        assert (await control.call(ch, control.Info())).memory == 0  # its partition's share freed
+        await ch.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stale_epoch_is_refused_and_counted():
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, await start_node(nursery))
+        await open_run(ch)
+        sgd = {"name": "sgd", "learning_rate": 1.0}
+        meta = shard_meta(name="w", optimizer=sgd, epoch=0)
+        await ch.request(MessageKind.INIT, key=1, array=np.zeros(2), meta=meta)
+        address = (await control.call(ch, control.Info())).address
+        await control.call(ch, control.Remap(run=RUN, epoch=1, shards=(address,)))
+        for epoch in (0, 2):
+            with pytest.raises(RemoteError, match="epoch") as stale:
+                await ch.request(
+                    MessageKind.PUSH, key=1, array=np.ones(2), meta=shard_meta(epoch=epoch)
+                )
+            assert stale.value.code == ErrorCode.STALE_EPOCH
+        await ch.request(MessageKind.PUSH, key=1, array=np.ones(2), meta=shard_meta(epoch=1))
+        beat = await control.call(ch, control.Heartbeat(run=RUN))
+        assert (beat.epoch, beat.fenced, beat.versions) == (1, 2, {"1": 1})
+        await ch.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_memory_budget_refuses_before_allocating():
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, await start_node(nursery, max_memory=1 << 20))
+        await open_run(ch)
+        address = (await control.call(ch, control.Info())).address
+        huge = ModelSpec((4096, 4096, 10), "relu", "softmax", "cross_entropy", "float32")
+        with pytest.raises(RemoteError, match="budget") as refused:
+            await control.call(ch, job(model=huge, shards=(address,), bounds=((0, 2),), next=None))
+        assert refused.value.code == ErrorCode.UNAVAILABLE
+        sgd = {"name": "sgd", "learning_rate": 1.0}
+        with pytest.raises(RemoteError, match="budget"):
+            meta = shard_meta(name="w", optimizer=sgd)
+            await ch.request(MessageKind.INIT, key=1, array=np.zeros(1 << 18), meta=meta)
+        assert (await control.call(ch, control.Info())).memory == 0
+        await ch.aclose()
         nursery.cancel_scope.cancel()
 
 
@@ -332,37 +483,49 @@ async def test_a_node_answers_the_partition_ops_and_survives_their_misuse():
         address = await start_node(nursery)
         ch = await channel(nursery, address)
         partition = job(shards=(address,), next=None, start_step=0, uid=3)
-        await control.call(ch, partition)
-        with pytest.raises(RemoteError, match="partition 3 already exists"):
+        with pytest.raises(RemoteError) as no_run:
             await control.call(ch, partition)
+        assert no_run.value.code == ErrorCode.UNKNOWN_RUN
+        await open_run(ch)
+        await control.call(ch, partition)
+        await control.call(ch, partition)  # the same start again is harmless
+        with pytest.raises(RemoteError, match="partition 3 already exists with another job"):
+            await control.call(ch, dataclasses.replace(partition, seed=9))
         with pytest.raises(RemoteError, match="start: field 'bounds' is missing"):
             meta = {k: v for k, v in partition.to_meta().items() if k != "bounds"}
             await ch.request(MessageKind.CONTROL, meta=meta)
         with pytest.raises(RemoteError, match="start: "):  # fields that do not fit together
             await control.call(ch, job(uid=4, index=5, shards=(address,)))
         with pytest.raises(RemoteError) as unknown:
-            await control.call(ch, control.Data(uid=99, role="x", array=np.zeros((4, 2))))
+            await control.call(ch, control.Data(run=RUN, uid=99, role="x", array=np.zeros((4, 2))))
         assert unknown.value.code == ErrorCode.UNKNOWN_KEY
         with pytest.raises(RemoteError) as shape:
-            await control.call(ch, control.Data(uid=3, role="x", array=np.zeros((4, 5))))
+            await control.call(ch, control.Data(run=RUN, uid=3, role="x", array=np.zeros((4, 5))))
         assert shape.value.code == ErrorCode.SHAPE_MISMATCH
+        with pytest.raises(RemoteError) as nan:
+            bad = np.full((4, 2), np.nan)
+            await control.call(ch, control.Data(run=RUN, uid=3, role="x", array=bad))
+        assert nan.value.code == ErrorCode.NOT_FINITE
         with pytest.raises(RemoteError, match="no partition 99"):
-            await control.call(ch, control.Run(uids=(3, 99)))
-        assert (await control.call(ch, control.Status())).partitions["3"].step == 0  # not started
+            await control.call(ch, control.Run(run=RUN, uids=(3, 99)))
+        beat = await control.call(ch, control.Heartbeat(run=RUN))
+        assert beat.partitions["3"].step == 0  # not started
 
         # No data was given: the partition fails, and says why.
-        await control.call(ch, control.Run())
-        await control.call(ch, control.Run())  # a second run of the same partition is harmless
+        await control.call(ch, control.Run(run=RUN))
+        await control.call(
+            ch, control.Run(run=RUN)
+        )  # a second run of the same partition is harmless
         with trio.fail_after(10):
             while (
-                report := (await control.call(ch, control.Status())).partitions["3"]
+                report := (await control.call(ch, control.Heartbeat(run=RUN))).partitions["3"]
             ).error is None:
                 await trio.sleep(0.01)
         assert "inputs not received" in report.error and not report.done
         assert (await control.call(ch, control.Info())).address == address  # still serving
 
-        await control.call(ch, control.Stop(uids=(3, 42)))
-        assert (await control.call(ch, control.Status())).partitions == {}
+        await control.call(ch, control.Stop(run=RUN, uids=(3, 42)))
+        assert (await control.call(ch, control.Heartbeat(run=RUN))).partitions == {}
         await ch.aclose()
         nursery.cancel_scope.cancel()
 

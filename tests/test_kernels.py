@@ -35,6 +35,7 @@ KERNELS = [
     "softmax_cross_entropy",
     "dense_forward",
     "dense_backward",
+    "all_finite",
 ]
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1272,3 +1273,39 @@ def test_cross_entropy_of_an_underflowed_probability_is_finite(dtype):
     assert loss == pytest.approx(R.softmax_cross_entropy(p, [1, 0])[0], rel=LOSS_RTOL[dtype])
     assert np.isfinite(delta).all()
     assert_close(delta[0], [0.25, -0.5, 0.25], dtype)
+
+
+# ------------------------------------------------------------- finiteness
+
+SPECIALS = [np.nan, np.inf, -np.inf, -np.nan]
+
+
+@SETTINGS
+@given(
+    dtype=st.sampled_from(DTYPES),
+    n=st.integers(0, 5000),
+    bad=st.lists(st.tuples(st.integers(0, 10**9), st.sampled_from(SPECIALS)), max_size=3),
+    lay=st.sampled_from(LAYOUTS),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_all_finite_matches_reference(dtype, n, bad, lay, seed):
+    rng = np.random.default_rng(seed)
+    # Large finite values too: the largest float must not pass for infinity.
+    v = (np.clip(rng.standard_normal(n), -4, 4) * (float(np.finfo(dtype).max) / 8)).astype(dtype)
+    if n:
+        v[rng.integers(n)] = np.finfo(dtype).max
+        for where, special in bad:
+            v[where % n] = special
+    a = layout(v, lay)
+    assert K.all_finite(a) == R.all_finite(a) == bool(np.isfinite(v).all())
+
+
+def test_all_finite_finds_one_bad_element_anywhere_in_a_large_array():
+    for dtype in DTYPES:
+        v = np.ones(3_000_001, dtype)
+        assert K.all_finite(v)
+        for where in (0, 1_234_567, len(v) - 1):
+            for special in SPECIALS:
+                v[where] = special
+                assert not K.all_finite(v), (dtype, where, special)
+            v[where] = 1

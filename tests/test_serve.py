@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import trio
 
-from dbnode import reference
+from dbnode import control, reference
 from dbnode.errors import AuthenticationError, ConnectionClosedError, RemoteError
 from dbnode.wire import HEADER_SIZE, MAGIC, Channel, MessageKind, encode_frame, open_connection
 
@@ -67,11 +67,40 @@ def node(tmp_path):
         assert n.stop() == 0
 
 
-async def channel(nursery, node, secret=None) -> Channel:
+RUN = "t"
+
+
+class InRun:
+    """A channel whose requests name the test's run: what every client of a
+    node's shards does (control requests name it in their own fields)."""
+
+    def __init__(self, ch: Channel, run: str = RUN):
+        self.ch, self.run = ch, run
+
+    def _meta(self, kind, meta):
+        if kind == MessageKind.CONTROL or not (meta is None or isinstance(meta, dict)):
+            return meta
+        return {"run": self.run, **(meta or {})}
+
+    async def request(self, kind, *, meta=None, **kw):
+        return await self.ch.request(kind, meta=self._meta(kind, meta), **kw)
+
+    async def notify(self, kind, *, meta=None, **kw):
+        return await self.ch.notify(kind, meta=self._meta(kind, meta), **kw)
+
+    async def ping(self, **kw):
+        return await self.ch.ping(**kw)
+
+    async def aclose(self):
+        await self.ch.aclose()
+
+
+async def channel(nursery, node, secret=None, run=RUN) -> InRun:
     conn = await open_connection(*node.address, secret or node.secret)
     ch = Channel(conn)
     await nursery.start(ch.run)
-    return ch
+    await control.call(ch, control.Open(run=run, name="test", lease=600.0))
+    return InRun(ch, run)
 
 
 async def init(ch, key, value, optimizer=SGD):
@@ -338,10 +367,12 @@ async def test_snapshot_then_restart_restores_exact_values_and_versions(tmp_path
         await ch.aclose()
     assert node.stop(signal.SIGKILL) == -signal.SIGKILL
 
-    node = NodeProcess(tmp_path, "--restore", str(tmp_path / "snaps" / "shard.npz"))
+    node = NodeProcess(tmp_path)
     try:
         async with trio.open_nursery() as nursery:
             ch = await channel(nursery, node)
+            restored = await control.call(ch.ch, control.Restore(run=RUN, name="shard.npz"))
+            assert restored.keys == 2
             for k, (value, version) in saved.items():
                 got, got_version = await pull(ch, k)
                 np.testing.assert_array_equal(got, value)
@@ -414,8 +445,17 @@ def bad_requests(rng, count):
                 {"pusher": 5},
                 {"name": "../x"},
                 {"op": "start"},
+                {"op": "start", "run": RUN},
                 {"optimizer": {"name": "sgd"}},
                 {"op": "data", "role": "z"},
+                {"op": "data", "run": RUN, "role": "x"},
+                {"op": "close", "run": "another"},
+                {"op": "stop", "run": RUN, "uids": [5]},
+                {"op": "run", "run": RUN, "uids": [1]},
+                {"op": "remap", "run": RUN, "epoch": "x"},
+                {"run": "another"},
+                {"run": RUN, "epoch": 7},
+                {"run": [RUN]},
             ]
         )
         if (

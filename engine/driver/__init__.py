@@ -4,8 +4,10 @@
 module          holds
 ==============  ==========================================================
 ``inputs``      data and initial model, checked before any node is contacted
-``run``         :func:`train`: placement, launch, monitoring, outputs
+``run``         :func:`train`: placement, launch, monitoring, failover
+``outputs``     :class:`Progress`, :class:`Summary` and the run's files
 ``health``      :class:`FailureDetector`: heartbeats, dead and rejoined nodes
+``recovery``    the driver's shard backups; what a lost shard comes back from
 ``checkpoint``  checkpoint directories: atomic, verified, pruned
 ``cluster``     :class:`LocalCluster`: the embedded cluster on loopback
 ``status``      :func:`status`: each node's identity, partitions and shard
@@ -16,8 +18,9 @@ from .._lazy import lazy
 
 _EXPORTS = {
     "train": ".run",
-    "Summary": ".run",
-    "Progress": ".run",
+    "Summary": ".outputs",
+    "Progress": ".outputs",
+    "write_outputs": ".outputs",
     "status": ".status",
     "FailureDetector": ".health",
     "LocalCluster": ".cluster",

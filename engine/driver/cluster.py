@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import DBNodeError
 from ..node import parse_ready_line
+from ..runs import default_max_memory
 
 __all__ = ["CLI_MODULE", "LocalCluster", "serve_command", "write_secret"]
 
@@ -96,6 +97,9 @@ class LocalCluster:
                             "--name",
                             f"local-{i}",
                             "--exit-on-eof",
+                            # The machine's RAM is shared by its nodes.
+                            "--max-memory",
+                            str(default_max_memory(nodes=self.n)),
                         ),
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,

@@ -1,10 +1,12 @@
 """The failure detector: which nodes of a run are alive, from their heartbeats.
 
-A run's status polls double as heartbeats. A node that does not answer one
-within the timeout (3 heartbeat intervals) is declared dead; a dead node is
-probed briefly on every later round, and one that answers again (it was
-frozen, not gone) has the partitions it ran stopped, since they were
-replaced, and rejoins the live nodes.
+The driver's heartbeat (the ``heartbeat`` op: it renews the run's lease on
+the node and answers the run's state there) is also its failure detector. A
+node that does not answer within the timeout (3 heartbeat intervals), or
+answers that it no longer holds the run, is declared dead. A dead node is
+probed briefly on every later round; one that answers again (it was frozen,
+or lost the run, not gone) rejoins empty: whatever it still held of the run
+is dropped first, since it was replaced meanwhile.
 """
 
 from __future__ import annotations
@@ -32,13 +34,12 @@ class FailureDetector:
 
     Args:
         hosts: every node of the run.
-        timeout: seconds a live node has to answer a status poll.
+        timeout: seconds a live node has to answer a heartbeat.
         event: ``event(what, **details)`` records "node dead" and "node
             rejoined" in the run's events.
     """
 
-    def __init__(self, hosts: list[Address], timeout: float,
-                 event: Callable[..., None]) -> None:  # fmt: skip
+    def __init__(self, hosts: list[Address], timeout: float, event: Callable[..., None]) -> None:
         self.hosts = hosts
         self.timeout = timeout
         self.dead: set[Address] = set()
@@ -51,58 +52,59 @@ class FailureDetector:
         return [h for h in self.hosts if h not in self.dead]
 
     def declare_dead(self, host: Address, why: object) -> None:
-        """Mark ``host`` dead (once): logged and recorded as an event."""
+        """Mark ``host`` dead (once): logged and recorded as an event.
+
+        Args:
+            host: the node.
+            why: what showed it, for the log.
+        """
         if host in self.dead:
             return
         name = format_address(host)
         log.warning("node %s is dead: %s", name, why)
         self.dead.add(host)
         self.ever_dead.append(name)
-        self._event("node dead", node=name)
+        self._event("node dead", node=name, why=str(why)[:200])
 
     async def poll(
         self,
-        status: Callable[[Address, float], Awaitable[dict[str, Any]]],
-        stop: Callable[[Address, list[int], float], Awaitable[None]],
-        current: set[int],
-    ) -> dict[str, dict[str, Any]]:
+        heartbeat: Callable[[Address, float], Awaitable[Any]],
+        rejoin: Callable[[Address, float], Awaitable[dict[str, Any]]],
+    ) -> dict[Address, Any]:
         """One heartbeat round over every node, concurrently.
 
         Args:
-            status: ``status(host, timeout)`` -> the node's partition statuses
-                by uid (a DBNodeError when it cannot be had).
-            stop: ``stop(host, uids, timeout)`` stops stale partitions on a
-                node that answers again.
-            current: the uids of the run's current partitions.
+            heartbeat: ``heartbeat(host, timeout)`` -> the node's answer (a
+                DBNodeError when it cannot be had or the node refuses).
+            rejoin: ``rejoin(host, timeout)`` makes a dead node that answers
+                again a clean member of the run; returns details for the
+                event (a DBNodeError when it cannot).
 
         Returns:
-            Every answering node's statuses of current partitions, by uid.
+            The answer of every live node, by address.
         """
-        statuses: dict[str, dict[str, Any]] = {}
+        answers: dict[Address, Any] = {}
 
         async def one(host: Address) -> None:
-            was_dead = host in self.dead
-            wait = min(self.timeout, _PROBE) if was_dead else self.timeout
-            try:
-                with trio.fail_after(wait):
-                    mine = await status(host, wait)
-                    if was_dead:
-                        stale = [int(uid) for uid in mine if int(uid) not in current]
-                        if stale:
-                            await stop(host, stale, wait)
-            except (DBNodeError, trio.TooSlowError) as exc:
-                if not was_dead:
-                    self.declare_dead(host, exc)
-                return
-            if was_dead:
+            if host in self.dead:
+                wait = min(self.timeout, _PROBE)
+                try:
+                    with trio.fail_after(wait):
+                        details = await rejoin(host, wait)
+                except (DBNodeError, trio.TooSlowError):
+                    return
                 name = format_address(host)
-                log.warning("node %s answers again; its old partitions are stopped", name)
+                log.warning("node %s answers again; it rejoins the run empty", name)
                 self.dead.discard(host)
-                self._event("node rejoined", node=name)
-                mine = {uid: st for uid, st in mine.items() if int(uid) in current}
-            statuses.update(mine)
+                self._event("node rejoined", node=name, **details)
+                return
+            try:
+                with trio.fail_after(self.timeout):
+                    answers[host] = await heartbeat(host, self.timeout)
+            except (DBNodeError, trio.TooSlowError) as exc:
+                self.declare_dead(host, str(exc) or f"no answer within {self.timeout:g} s")
 
         async with trio.open_nursery() as nursery:
             for host in self.hosts:
                 nursery.start_soon(one, host)
-        return statuses
+        return answers

@@ -48,7 +48,21 @@ def load_data(
 
 
 def check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray, where: str) -> None:
-    """A clear error when the data does not fit the model."""
+    """A clear error when the data does not fit the model.
+
+    Args:
+        spec: the model.
+        x, y: inputs (one row per example) and targets.
+        where: the data source, for the message.
+
+    Raises:
+        ConfigError: wrong number of features or outputs, labels out of
+            range, or NaN or infinity in the inputs or targets.
+    """
+    for what, values in (("inputs", x), ("targets", y)):
+        if values.dtype.kind in "fc" and not np.isfinite(values).all():
+            bad = int(np.argwhere(~np.isfinite(values))[0][0])
+            raise ConfigError("data", where, f"{what} hold NaN or infinity (example {bad})")
     if x.shape[1] != spec.layers[0]:
         raise ConfigError(
             "data",

@@ -7,91 +7,54 @@ then:
 1. loads the data, checks it against the model, splits off the test set
    and cuts the training set into one data shard per replica
    (:mod:`dbnode.driver.inputs`);
-2. places parameter shards and every replica's layer partitions on the
-   nodes (:func:`dbnode.placement.place`, :func:`~dbnode.placement.split_layers`);
-3. initializes the parameter shards, ships each replica's inputs to its
-   first partition and its targets to its last, and starts the partitions;
-4. watches progress and health (:mod:`dbnode.driver.health`), restarting
-   failed replicas, restoring lost shards from checkpoints, evaluating the
-   parameter server's current model on the test set every
-   ``train.eval_interval`` seconds;
-5. when every partition has finished (and so every push has been applied),
-   pulls the final model and writes ``model.npz``, ``metrics.csv`` and
-   ``summary.json`` to the output directory.
+2. asks every node who it is (one node named twice is used once) and opens
+   the run on each: a random run id that scopes everything the run does
+   there, and a lease its heartbeats renew (:mod:`dbnode.runs`);
+3. places parameter shards and every replica's layer partitions on the
+   nodes (:func:`dbnode.placement.place`, :func:`~dbnode.placement.split_layers`),
+   initializes the shards, ships each replica's data, starts the partitions;
+4. watches progress and health (:mod:`dbnode.driver.health`): restarts
+   failed replicas, restores lost shards from its backups or checkpoints
+   under a new shard map epoch (:mod:`dbnode.driver.recovery`), evaluates
+   the current model on the test set every ``train.eval_interval`` seconds;
+5. when every partition has finished (every push applied), or a signal
+   stops the run, pulls the model and writes ``model.npz``, ``metrics.csv``
+   and ``summary.json`` (:mod:`dbnode.driver.outputs`); then closes the run
+   on every node, whatever happened.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
+import math
+import secrets
+import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import trio
 
-from .. import control, kernels
+from .. import control
 from ..aio import first_error
-from ..blocks import block_views, blocks, pack_block
 from ..config import RunConfig, format_address, parse_address
-from ..errors import ConfigError, DBNodeError, TransportError
-from ..model import evaluate, save_params
-from ..placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
-from ..ps.client import ParameterClient
+from ..errors import ConfigError, DBNodeError, RunInterrupted, TransportError
+from ..model import evaluate
 from ..wire import Address, Peers, load_secret
-from . import checkpoint
 from .cluster import LocalCluster
-from .health import FailureDetector
-from .inputs import Inputs, find_resume, prepare, run_identity
+from .inputs import Inputs, find_resume, prepare
+from .outputs import Progress, Summary, write_outputs
+from .state import Replica, RunState
 
 __all__ = ["Progress", "Summary", "train", "write_outputs"]
 
 log = logging.getLogger("dbnode.driver")
 
-# A replica whose partitions fail this many times fails the run.
-MAX_RESTARTS = 3
-
-
-@dataclass
-class Progress:
-    """What the driver knows about the run at one moment."""
-
-    seconds: float
-    examples: int
-    total_examples: int
-    train_loss: float | None
-    replicas_done: int
-    replicas: int
-    per_replica: list[float] = field(default_factory=list)  # fraction done
-    test: dict[str, float] | None = None
-
-
-@dataclass
-class Summary:
-    """What a finished run did: its config, its size, its times and results.
-
-    Written to ``summary.json`` (every field), and returned by :func:`train`.
-    """
-
-    config: dict[str, Any]
-    replicas: int
-    partitions: int
-    nodes: int
-    examples: int
-    seconds: float  # wall time of the run, setup included
-    train_seconds: float  # the replicas' training loops, to the last applied push
-    examples_per_second: float  # examples / train_seconds
-    final_train_loss: float | None
-    test_loss: float | None
-    test_accuracy: float | None
-    out_dir: str | None
-    dead_nodes: list[str] = field(default_factory=list)  # declared dead during the run
-    restarts: list[dict[str, Any]] = field(default_factory=list)  # replicas started again
-    events: list[dict[str, Any]] = field(default_factory=list)  # node dead/rejoined, restarts
+# Weights beyond this size at the end of a run earn a warning: the run did
+# not diverge to NaN, but its learning rate is almost surely too high.
+HUGE_WEIGHT = 1e6
 
 
 def train(
@@ -101,8 +64,14 @@ def train(
     secret: bytes | None = None,
     progress: Callable[[Progress], None] | None = None,
     resume: str | Path | None = None,
+    name: str | None = None,
 ) -> Summary:
     """Run ``config`` on a cluster; blocks until the run ends.
+
+    SIGINT, SIGTERM and SIGHUP (when called from the main thread) stop the
+    run cleanly: the outputs are written as of that moment, a final
+    checkpoint is taken when checkpointing is on, and
+    :class:`~dbnode.errors.RunInterrupted` is raised.
 
     Args:
         config: the run.
@@ -116,15 +85,17 @@ def train(
         progress: called with a :class:`Progress` at every poll.
         resume: an earlier run's output directory: continue from its newest
             checkpoint.
+        name: the run's name on the nodes (``dbnode status``, logs).
 
     Returns:
         The run's :class:`Summary`.
 
     Raises:
         ConfigError: the config, data or initial model is unusable.
+        RunInterrupted: a signal stopped the run (outputs written).
         DBNodeError: the run failed (a node refused or stayed unreachable,
-            a replica failed too often, a shard was lost without a
-            checkpoint, ...).
+            a replica failed too often, a shard was lost with no copy to
+            restore it from, every replica diverged, ...).
     """
     inputs = prepare(config)
     if resume is not None:
@@ -133,343 +104,116 @@ def train(
         raise ConfigError(
             "checkpoint.dir", "", "checkpoints need a directory: set it or give --out"
         )
+    name = name or "run"
     hosts = list(hosts or [_address(h) for h in config.cluster.hosts])
     if hosts:
         if secret is None:
             secret = load_secret(config.cluster.secret_file or None)
-        return trio.run(_run, config, hosts, secret, inputs, out_dir, progress)
+        return trio.run(_run, config, hosts, secret, inputs, out_dir, progress, name)
     with LocalCluster(config.cluster.nodes or None) as cluster:
-        return trio.run(
-            _run,
-            config,
-            cluster.addresses,
-            cluster.secret_file.read_bytes(),
-            inputs,
-            out_dir,
-            progress,
-        )
+        secret = cluster.secret_file.read_bytes()
+        return trio.run(_run, config, cluster.addresses, secret, inputs, out_dir, progress, name)
 
 
 def _address(text: str) -> Address:
     return parse_address(text, key="cluster.hosts")
 
 
-@dataclass
-class _Replica:
-    """One replica as the driver tracks it, across restarts."""
-
-    index: int
-    rows: slice  # its data shard: rows of the training set
-    hosts: list[Address]  # the node of each partition
-    uids: list[int]  # each partition's id on its node
-    incarnation: int = 0
-    start_step: int = 0  # where the current incarnation began
-    base_examples: int = 0  # examples trained by earlier incarnations
-    last: control.PartitionReport | None = None  # the last status of its last partition
-    done: bool = False
-
-    @property
-    def n_examples(self) -> int:
-        return self.rows.stop - self.rows.start
-
-    @property
-    def examples(self) -> int:
-        return self.base_examples + (self.last.examples if self.last else 0)
-
-
-class _Run:
-    """The state of one run as the driver sees it."""
-
-    def __init__(self, config: RunConfig, hosts: list[Address], peers: Peers, inputs: Inputs):
-        self.config, self.hosts, self.peers = config, hosts, peers
-        self.spec = config.spec()
-        n_replicas = len(inputs.shards)
-        self.partitions = config.model.partitions
-        placement = place(len(hosts), config.cluster.parameter_shards, n_replicas, self.partitions)
-        self.bounds = split_layers(self.spec.layers, self.partitions)
-        self.plan = plan_shards(
-            blocks(self.spec, self.bounds),
-            config.cluster.parameter_shards,
-            self.spec.np_dtype.itemsize,
-        )
-        self.shard_hosts = [hosts[h] for h in placement.shards]
-        self.client = ParameterClient(self.plan, self.shard_hosts, peers)
-        self._uids = iter(range(1, 2**32))
-        self.replicas = [
-            _Replica(r, rows, [hosts[h] for h in placement.partitions[r]], [])
-            for r, rows in enumerate(inputs.shards)
-        ]
-        self.health = FailureDetector(hosts, 3 * config.cluster.heartbeat, self.event)
-        self.checkpoint_dir: Path | None = None
-        self.checkpoints_written = 0
-        self.restarts: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []  # what happened to nodes and replicas, when
-
-    @property
-    def dead(self) -> set[Address]:
-        return self.health.dead
-
-    @property
-    def ever_dead(self) -> list[str]:
-        return self.health.ever_dead
-
-    def event(self, what: str, **details) -> None:
-        self.events.append({"time": round(time.time(), 3), "event": what, **details})
-
-    def current_uids(self) -> set[int]:
-        return {uid for r in self.replicas for uid in r.uids}
-
-    async def control(
-        self, host: Address, request: control.Request, *, timeout: float = 60.0
-    ) -> Any:
-        """Send a control request to a node.
-
-        Args:
-            host: the node.
-            request: the op and its arguments.
-            timeout: seconds to wait for the answer.
-
-        Returns:
-            The op's reply schema, or None for an op whose answer carries nothing.
-
-        Raises:
-            DBNodeError: the node is gone or stopped answering (the message
-                names it); RemoteError when it refused the request.
-        """
-        try:
-            ch = await self.peers.get(host)
-            return await control.call(ch, request, timeout=timeout)
-        except (OSError, TransportError) as exc:
-            raise DBNodeError(
-                f"node {format_address(host)} is unreachable or stopped answering "
-                f"({request.op}): {exc}"
-            ) from None
-
-    def job(self, replica: _Replica, index: int) -> control.PartitionJob:
-        """The ``start`` request of a replica's ``index``-th partition.
-
-        Args:
-            replica: the replica, its hosts and uids assigned.
-            index: which of its partitions.
-
-        Returns:
-            The partition's job, as its node gets it.
-        """
-        c = self.config
-        first, last = self.bounds[index]
-        neighbour = lambda i: (*replica.hosts[i], replica.uids[i])  # noqa: E731
-        return control.PartitionJob(
-            uid=replica.uids[index],
-            replica=replica.index,
-            index=index,
-            first=first,
-            last=last,
-            model=self.spec,
-            learning_rate=c.optimizer.learning_rate,
-            n_fetch=c.train.n_fetch,
-            n_push=c.train.n_push,
-            batch_size=c.train.batch_size,
-            epochs=c.train.epochs,
-            seed=c.train.seed,
-            n_examples=replica.n_examples,
-            shards=tuple(self.shard_hosts),
-            min_split_bytes=DEFAULT_MIN_SPLIT_BYTES,
-            bounds=tuple(self.bounds),
-            prev=neighbour(index - 1) if index > 0 else None,
-            next=neighbour(index + 1) if index < self.partitions - 1 else None,
-            start_step=replica.start_step,
-            incarnation=replica.incarnation,
-        )
-
-    async def launch(self, replica: _Replica, inputs: Inputs, run: bool) -> None:
-        """Create a replica's partitions on their nodes and give them its data."""
-        replica.uids = [next(self._uids) for _ in range(self.partitions)]
-        for p in range(self.partitions):
-            await self.control(replica.hosts[p], self.job(replica, p))
-        rows = replica.rows
-        x = np.ascontiguousarray(inputs.x[rows], dtype=self.spec.np_dtype)
-        await self.control(replica.hosts[0], control.Data(uid=replica.uids[0], role="x", array=x))
-        y = np.ascontiguousarray(inputs.y[rows])
-        await self.control(replica.hosts[-1], control.Data(uid=replica.uids[-1], role="y", array=y))
-        if run:
-            for host in dict.fromkeys(replica.hosts):
-                uids = tuple(u for h, u in zip(replica.hosts, replica.uids) if h == host)
-                await self.control(host, control.Run(uids=uids))
-
-    async def restart(self, replica: _Replica, inputs: Inputs, reason: str) -> None:
-        """Start a failed replica again on live nodes, from the step its
-        last partition had reached: the other replicas never stop."""
-        if replica.incarnation >= MAX_RESTARTS:
-            raise DBNodeError(
-                f"replica {replica.index} failed {replica.incarnation + 1} times; last: {reason}"
-            )
-        live = [h for h in self.hosts if h not in self.dead]
-        if not live:
-            raise DBNodeError(f"no node left to restart replica {replica.index} on ({reason})")
-        for host, uid in zip(replica.hosts, replica.uids):
-            if host not in self.dead:
-                try:  # its surviving partitions wait for peers that are gone
-                    await self.control(host, control.Stop(uids=(uid,)), timeout=5.0)
-                except DBNodeError:
-                    self.dead.add(host)
-        load = {h: 0 for h in live}
-        for other in self.replicas:
-            if other is not replica and not other.done:
-                for h in other.hosts:
-                    if h in load:
-                        load[h] += 1
-        hosts = []
-        for _ in range(self.partitions):
-            host = min(live, key=lambda h: (load[h], live.index(h)))
-            hosts.append(host)
-            load[host] += 1
-        if replica.last is not None:
-            replica.base_examples += replica.last.examples
-            replica.start_step = replica.last.step
-        log.warning(
-            "replica %d failed (%s); restarting it at step %d on %s",
-            replica.index,
-            reason,
-            replica.start_step,
-            ", ".join(format_address(h) for h in hosts),
-        )
-        self.restarts.append(
-            {"replica": replica.index, "at_step": replica.start_step, "reason": reason}
-        )
-        self.event(
-            "replica restarted",
-            replica=replica.index,
-            at_step=replica.start_step,
-            on=[format_address(h) for h in hosts],
-        )
-        replica.hosts, replica.incarnation, replica.last = hosts, replica.incarnation + 1, None
-        await self.launch(replica, inputs, run=True)
-
-    async def checkpoint(self) -> None:
-        """Export every plan shard's pieces and write them as one checkpoint."""
-        snapshots = {}
-        for i, host in enumerate(self.shard_hosts):
-            keys = [piece.key for piece in self.plan.on_shard(i)]
-            if not keys:
-                continue
-            try:
-                ch = await self.peers.get(host)
-                exported = await control.call(ch, control.Export(keys=tuple(keys)), timeout=60.0)
-            except (OSError, TransportError) as exc:  # the poll will name the dead node
-                log.warning("checkpoint skipped: node %s: %s", format_address(host), exc)
-                return
-            snapshots[i] = exported.data.tobytes()
-        self.checkpoints_written += 1
-        steps = {r.index: (r.last.step if r.last else r.start_step) for r in self.replicas}
-        written = checkpoint.write(
-            self.checkpoint_dir,
-            self.checkpoints_written,
-            snapshots,
-            run_identity(self.config),
-            steps,
-            self.config.checkpoint.keep,
-        )
-        self.event("checkpoint", number=written.number)
-
-    async def recover_shards(self) -> None:
-        """Put the pieces of parameter shards whose node died back on live
-        nodes, from the newest checkpoint. What the shards had learned since
-        that checkpoint is lost; the events say how old it was."""
-        lost = [i for i, host in enumerate(self.shard_hosts) if host in self.dead]
-        newest = checkpoint.newest(self.checkpoint_dir) if self.checkpoint_dir else None
-        dead_names = ", ".join(sorted({format_address(self.shard_hosts[i]) for i in lost}))
-        if newest is None:
-            raise DBNodeError(
-                f"node {dead_names} died holding parameter shards and there is no "
-                "checkpoint to restore them from (set checkpoint.interval)"
-            )
-        live = [h for h in self.hosts if h not in self.dead]
-        if not live:
-            raise DBNodeError(
-                f"node {dead_names} died holding parameter shards, and no node is left"
-            )
-        for i in lost:
-            target = min(live, key=lambda h: (self.shard_hosts.count(h), live.index(h)))
-            data = np.frombuffer(newest.read_shard(i), np.uint8)
-            await self.control(target, control.Import(data=data))
-            self.shard_hosts[i] = target
-        self.client.shards = list(self.shard_hosts)
-        age = round(time.time() - newest.time, 3)
-        log.warning(
-            "parameter shards %s restored from checkpoint %d (%.1f s old)", lost, newest.number, age
-        )
-        self.event("shards restored", shards=lost, checkpoint=newest.number, seconds_lost=age)
-
-    async def poll(self) -> dict[str, control.PartitionReport]:
-        """One heartbeat round: the current partitions' statuses, by uid."""
-
-        async def status(host: Address, timeout: float) -> dict[str, control.PartitionReport]:
-            return (await self.control(host, control.Status(), timeout=timeout)).partitions
-
-        async def stop(host: Address, uids: list[int], timeout: float) -> None:
-            await self.control(host, control.Stop(uids=tuple(uids)), timeout=timeout)
-
-        return await self.health.poll(status, stop, self.current_uids())
-
-    def pack(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A model as the parameter server holds it: one flat block per partition."""
-        return {
-            f"block{k}": pack_block(self.spec, params, a, b) for k, (a, b) in enumerate(self.bounds)
-        }
-
-    async def model(self) -> dict[str, np.ndarray]:
-        """The parameter server's current model."""
-        flat = {
-            name: kernels.empty(shape, self.spec.np_dtype)
-            for name, shape in blocks(self.spec, self.bounds).items()
-        }
-        await self.client.pull(flat)
-        params = {}
-        for k, (a, b) in enumerate(self.bounds):
-            params.update(block_views(self.spec, flat[f"block{k}"], a, b))
-        return params
-
-
 async def _run(
-    config: RunConfig, hosts: list[Address], secret: bytes, inputs: Inputs, out_dir, progress
+    config: RunConfig,
+    hosts: list[Address],
+    secret: bytes,
+    inputs: Inputs,
+    out_dir,
+    progress,
+    name: str,
 ) -> Summary:
     try:
-        return await _run_in_nursery(config, hosts, secret, inputs, out_dir, progress)
+        return await _run_in_nursery(config, hosts, secret, inputs, out_dir, progress, name)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
 
 
+async def _distinct_nodes(peers: Peers, hosts: list[Address]) -> list[Address]:
+    """``hosts`` with each node once: one node may be named by several
+    addresses (``A,A`` or ``127.0.0.1:P,localhost:P``); its id tells."""
+    seen: dict[str, Address] = {}
+    for host in hosts:
+        try:
+            ch = await peers.get(host)
+            info = await control.call(ch, control.Info(), timeout=30.0)
+        except (OSError, TransportError) as exc:
+            raise DBNodeError(f"node {format_address(host)} is unreachable: {exc}") from None
+        if info.node_id in seen:
+            log.warning(
+                "%s is the node %s again: used once",
+                format_address(host),
+                format_address(seen[info.node_id]),
+            )
+            continue
+        seen[info.node_id] = host
+    return list(seen.values())
+
+
 async def _run_in_nursery(
-    config: RunConfig, hosts: list[Address], secret: bytes, inputs: Inputs, out_dir, progress
+    config: RunConfig,
+    hosts: list[Address],
+    secret: bytes,
+    inputs: Inputs,
+    out_dir,
+    progress,
+    name: str,
 ) -> Summary:
     start = time.monotonic()
     async with trio.open_nursery() as nursery:
         peers = Peers(nursery, secret, name="driver")
-        run = _Run(config, hosts, peers, inputs)
-        if config.checkpoint.interval:
-            run.checkpoint_dir = Path(config.checkpoint.dir or Path(out_dir) / "checkpoints")
+        run: RunState | None = None
         try:
-            summary = await _drive(run, inputs, out_dir, progress, start)
+            distinct = await _distinct_nodes(peers, hosts)
+            run = RunState(config, distinct, peers, inputs, secrets.token_hex(8), name)
+            if len(distinct) < len(hosts):
+                run.event("duplicate hosts", given=len(hosts), nodes=len(distinct))
+            if config.checkpoint.interval:
+                run.checkpoint_dir = Path(config.checkpoint.dir or Path(out_dir) / "checkpoints")
+            summary = await _drive(run, inputs, out_dir, progress, start, nursery)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
-                for host in hosts:
-                    if host in run.dead:
-                        continue
-                    try:
-                        await run.control(host, control.Reset(force=True), timeout=2.0)
-                    except Exception:  # best effort: the node may be gone
-                        pass
+                if run is not None:
+                    await _close_everywhere(run)
                 await peers.aclose()
         nursery.cancel_scope.cancel()
     return summary
 
 
-async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary:
+async def _close_everywhere(run: RunState) -> None:
+    """Free the run on every node that still answers (best effort: the
+    leases free it on the others)."""
+
+    async def close(host: Address) -> None:
+        try:
+            await run.control(host, control.Close(run=run.id), timeout=2.0)
+        except Exception:  # the node may be gone
+            pass
+
+    async with trio.open_nursery() as nursery:
+        for host in run.hosts:
+            if host not in run.dead:
+                nursery.start_soon(close, host)
+
+
+async def _watch_signals(stop: Callable[[str], None]) -> None:
+    """Turn SIGINT, SIGTERM and SIGHUP into a clean stop of the run (a second
+    one is not caught: it ends the driver at once)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            stop(signal.Signals(signum).name)
+            return
+
+
+async def _drive(run: RunState, inputs: Inputs, out_dir, progress, start, nursery) -> Summary:
     config = run.config
     for host in run.hosts:
-        await run.control(host, control.Info())
-    for host in run.hosts:
-        await run.control(host, control.Reset(force=True))
+        await run.control(host, run.open_request())
     if inputs.resume is None:
         await run.client.init(run.pack(inputs.params), config.optimizer.to_wire())
     else:
@@ -478,65 +222,104 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
         for i, host in enumerate(run.shard_hosts):
             if run.plan.on_shard(i):
                 data = np.frombuffer(inputs.resume.read_shard(i), np.uint8)
-                await run.control(host, control.Import(data=data))
+                await run.control(host, control.Import(run=run.id, data=data))
         for replica in run.replicas:
             replica.start_step = inputs.resume.replica_steps.get(replica.index, 0)
             replica.base_examples = min(
                 replica.start_step * config.train.batch_size,
                 replica.n_examples * config.train.epochs,
             )
+        run.lineage.add(inputs.resume.run_id)
         run.event("resumed", checkpoint=str(inputs.resume.path))
     for replica in run.replicas:
         await run.launch(replica, inputs, run=False)
     for host in run.hosts:
-        await run.control(host, control.Run())
+        await run.control(host, control.Run(run=run.id))
 
+    interrupted: list[str] = []
+    with trio.CancelScope() as loop_scope:
+        if threading.current_thread() is threading.main_thread():
+
+            def stop(signame: str) -> None:
+                interrupted.append(signame)
+                loop_scope.cancel()
+
+            nursery.start_soon(_watch_signals, stop)
+        metrics, last_loss, train_seconds = await _watch(run, inputs, progress, start)
+    if interrupted:
+        metrics, last_loss, train_seconds = run.metrics, run.last_loss, None
+        log.warning("stopped by %s: writing the outputs as of now", interrupted[0])
+        for replica in run.replicas:
+            for host, uid in zip(replica.hosts, replica.uids):
+                if host not in run.dead:
+                    stop_request = control.Stop(run=run.id, uids=(uid,))
+                    with trio.move_on_after(5):
+                        await run.control(host, stop_request, timeout=5.0)
+    return await _finish(
+        run, inputs, out_dir, start, metrics, last_loss, train_seconds, interrupted
+    )
+
+
+async def _watch(
+    run: RunState, inputs: Inputs, progress, start
+) -> tuple[list, float | None, float]:
+    """Poll until every replica is over: restart failed replicas, restore
+    lost shards, back up, checkpoint, evaluate, report progress."""
+    config = run.config
     total = config.train.epochs * len(inputs.x)
-    metrics: list[dict[str, Any]] = []
-    last_loss = None
+    metrics = run.metrics
     next_eval = time.monotonic() + config.train.eval_interval
     every = config.checkpoint.interval
     next_checkpoint = time.monotonic() + every
     while True:
         await trio.sleep(min(0.2, config.cluster.heartbeat))
-        statuses = await run.poll()
+        answers = await run.poll()
         if set(run.shard_hosts) & run.dead:
             await run.recover_shards()
         window_sum = window_count = 0.0
         for replica in run.replicas:
-            if replica.done:
+            if replica.over:
                 continue
-            mine = [statuses.get(str(uid)) for uid in replica.uids]
-            failure = next(
-                (f"node {format_address(h)} is dead" for h in replica.hosts if h in run.dead), None
-            )
-            failure = failure or next((s.error for s in mine if s and s.error), None)
+            failure, mine = _replica_state(run, replica, answers)
+            if mine and mine[-1] is not None:
+                last = mine[-1]
+                replica.last = last
+                seen_sum, seen_count = replica.seen_loss
+                if math.isfinite(last.loss_sum):
+                    window_sum += last.loss_sum - seen_sum
+                    window_count += last.loss_count - seen_count
+                    replica.seen_loss = (last.loss_sum, last.loss_count)
+            diverged = next((s.error for s in mine if s and s.diverged), None)
+            if diverged:
+                replica.diverged = diverged
+                run.event("replica diverged", replica=replica.index, reason=diverged)
+                log.warning("replica %d stopped: %s", replica.index, diverged)
+                await _stop_replica(run, replica)
+                continue
             if failure:
                 await run.restart(replica, inputs, failure)
                 continue
-            if mine[-1] is not None:
-                replica.last = mine[-1]
-                window_sum += mine[-1].loss_sum
-                window_count += mine[-1].loss_count
             replica.done = all(s is not None and s.done for s in mine)
         if window_count:
-            last_loss = window_sum / window_count
+            run.last_loss = window_sum / window_count
         examples = sum(r.examples for r in run.replicas)
-        finished = all(r.done for r in run.replicas)
+        finished = all(r.over for r in run.replicas)
         now = time.monotonic()
+        if run.backups.due(now) and not finished:
+            await run.backup()
         if every and now >= next_checkpoint and not finished:
             await run.checkpoint()
-            next_checkpoint = now + every
+            next_checkpoint = time.monotonic() + every
         test = None
         if inputs.x_test is not None and (now >= next_eval or finished):
-            test = evaluate(run.spec, await run.model(), inputs.x_test, inputs.y_test)
-            next_eval = now + config.train.eval_interval
+            test = await _evaluate(run, inputs)
+            next_eval = time.monotonic() + config.train.eval_interval
         if test is not None or finished:
             metrics.append(
                 {
                     "seconds": round(now - start, 3),
                     "examples": examples,
-                    "train_loss": last_loss,
+                    "train_loss": run.last_loss,
                     "test_loss": test and test["loss"],
                     "test_accuracy": test and test.get("accuracy"),
                 }
@@ -547,64 +330,116 @@ async def _drive(run: _Run, inputs: Inputs, out_dir, progress, start) -> Summary
                     now - start,
                     examples,
                     total,
-                    last_loss,
-                    sum(r.done for r in run.replicas),
+                    run.last_loss,
+                    sum(r.over for r in run.replicas),
                     len(run.replicas),
                     [r.last.step / max(1, r.last.steps) if r.last else 0.0 for r in run.replicas],
                     test,
                 )
             )
         if finished:
-            train_seconds = max(r.last.seconds for r in run.replicas)
-            break
+            seconds = [r.last.seconds for r in run.replicas if r.done and r.last]
+            return metrics, run.last_loss, max(seconds, default=now - start)
 
-    seconds = time.monotonic() - start
+
+def _replica_state(
+    run: RunState, replica: Replica, answers: dict[Address, control.HeartbeatReply]
+) -> tuple[str | None, list[control.PartitionReport | None]]:
+    """Why a replica has failed (or None), and its partitions' reports."""
+    mine: list[control.PartitionReport | None] = []
+    failure = None
+    for host, uid in zip(replica.hosts, replica.uids):
+        if host in run.dead:
+            failure = failure or f"node {format_address(host)} is dead"
+            mine.append(None)
+            continue
+        answer = answers.get(host)
+        report = answer.partitions.get(str(uid)) if answer is not None else None
+        if answer is not None and report is None:
+            # The node answers but no longer has it: never wait for it.
+            failure = failure or f"partition {uid} vanished from {format_address(host)}"
+        if report is not None and report.error and not report.diverged:
+            failure = failure or report.error
+        mine.append(report)
+    return failure, mine
+
+
+async def _stop_replica(run: RunState, replica: Replica) -> None:
+    for host, uid in zip(replica.hosts, replica.uids):
+        if host not in run.dead:
+            try:
+                await run.control(host, control.Stop(run=run.id, uids=(uid,)), timeout=5.0)
+            except DBNodeError:
+                pass
+
+
+async def _evaluate(run: RunState, inputs: Inputs) -> dict[str, float]:
+    params = await run.model()
+    # In a worker thread: the event loop keeps the heartbeats going meanwhile.
+    return await trio.to_thread.run_sync(evaluate, run.spec, params, inputs.x_test, inputs.y_test)
+
+
+async def _finish(
+    run: RunState, inputs, out_dir, start, metrics, last_loss, train_seconds, interrupted
+) -> Summary:
+    """The final model, checkpoint, summary and outputs; the verdict on divergence."""
+    config = run.config
     final = await run.model()
-    test = (
-        evaluate(run.spec, final, inputs.x_test, inputs.y_test)
-        if inputs.x_test is not None
-        else None
-    )
+    if run.checkpoint_dir is not None:
+        await run.checkpoint()
+    test = await _evaluate(run, inputs) if inputs.x_test is not None else None
+    seconds = time.monotonic() - start
+    total = config.train.epochs * len(inputs.x)
+    trained = sum(r.examples for r in run.replicas)
+    train_seconds = train_seconds or seconds
+    diverged = [
+        {"replica": r.index, "reason": r.diverged} for r in run.replicas if r.diverged is not None
+    ]
+    biggest = max((float(np.max(np.abs(p))) for p in final.values() if p.size), default=0.0)
+    if biggest > HUGE_WEIGHT:
+        run.warn(
+            f"the model's largest weight is {biggest:.3g}: the learning rate "
+            f"({config.optimizer.learning_rate:g}) is probably too high"
+        )
+    if diverged and len(diverged) < len(run.replicas):
+        run.warn(
+            f"{len(diverged)} of {len(run.replicas)} replicas diverged: {diverged[0]['reason']}"
+        )
+    fenced = sum(f for f, _ in run.counters.values())
+    not_finite = sum(n for _, n in run.counters.values())
     summary = Summary(
         config=config.to_dict(),
         replicas=len(run.replicas),
         partitions=run.partitions,
         nodes=len(run.hosts),
-        examples=total,
+        examples=trained if interrupted else total,
         seconds=round(seconds, 3),
         train_seconds=round(train_seconds, 4),
-        examples_per_second=round(total / train_seconds, 1),
+        examples_per_second=round((trained if interrupted else total) / train_seconds, 1),
         final_train_loss=last_loss,
         test_loss=test and test["loss"],
         test_accuracy=test and test.get("accuracy"),
         out_dir=str(out_dir) if out_dir else None,
-        dead_nodes=run.ever_dead,
+        run_id=run.id,
+        run_name=run.name,
+        interrupted=interrupted[0] if interrupted else None,
+        dead_nodes=run.health.ever_dead,
         restarts=run.restarts,
+        diverged=diverged,
+        lost_updates=run.lost_updates,
+        fenced_requests=fenced,
+        refused_not_finite=not_finite,
+        warnings=run.warnings,
         events=run.events,
     )
     if out_dir is not None:
         write_outputs(Path(out_dir), final, metrics, summary)
-    return summary
-
-
-def write_outputs(out: Path, params, metrics: list[dict], summary: Summary) -> None:
-    """Write a run's ``model.npz``, ``metrics.csv`` and ``summary.json``.
-
-    Args:
-        out: the output directory (created if need be).
-        params: the final model, name -> array.
-        metrics: one row per evaluation: seconds, examples, losses, accuracy.
-        summary: the run's summary.
-
-    Raises:
-        OSError: a file could not be written.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    save_params(out / "model.npz", params)
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(
-            f, ["seconds", "examples", "train_loss", "test_loss", "test_accuracy"]
+    if interrupted:
+        last = run.last_checkpoint.path if run.last_checkpoint else None
+        raise RunInterrupted(interrupted[0], out_dir, last, summary)
+    if diverged and len(diverged) == len(run.replicas):
+        raise DBNodeError(
+            f"{diverged[0]['reason']}: lower optimizer.learning_rate "
+            f"(the last finite model was kept{f' in {out_dir}' if out_dir else ''})"
         )
-        writer.writeheader()
-        writer.writerows(metrics)
-    (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
+    return summary

@@ -9,24 +9,27 @@ import trio
 from .. import control
 from ..config import format_address
 from ..errors import DBNodeError
-from ..wire import Address, MessageKind, Peers
+from ..wire import Address, Peers
 
 __all__ = ["status"]
 
 
 def status(hosts: list[Address], secret: bytes, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """What each node says about itself: identity, partitions, shard totals.
+    """What each node says about itself: identity, and the runs it holds.
+
+    Read-only: asking changes nothing on the nodes (no lease is renewed, no
+    figure reset), so a monitor may ask at any rate.
 
     Args:
         hosts: the nodes to ask.
         secret: the cluster's shared secret.
-        timeout: seconds each node has to answer all three questions.
+        timeout: seconds each node has to answer both questions.
 
     Returns:
         One JSON-able entry per host, in order: ``address``, ``node`` (the
-        ``info`` answer), ``partitions`` (the ``status`` answer, by uid) and
-        ``shard`` (the STATS totals); a node that cannot be reached gets an
-        ``error`` entry instead of the last three.
+        ``info`` answer) and ``runs`` (by run id: name, lease left, epoch,
+        partitions by uid, the run's shard size and pushes); a node that
+        cannot be reached gets an ``error`` entry instead of the last two.
     """
     return trio.run(_status, hosts, secret, timeout)
 
@@ -41,9 +44,8 @@ async def _status(hosts: list[Address], secret: bytes, timeout: float) -> list[d
                 with trio.fail_after(timeout):
                     ch = await peers.get(host)
                     entry["node"] = (await control.call(ch, control.Info())).to_meta()
-                    partitions = (await control.call(ch, control.Status())).partitions
-                    entry["partitions"] = {uid: r.to_meta() for uid, r in partitions.items()}
-                    entry["shard"] = (await ch.request(MessageKind.STATS)).meta.get("totals", {})
+                    runs = (await control.call(ch, control.Status())).runs
+                    entry["runs"] = {run_id: r.to_meta() for run_id, r in runs.items()}
             # DBNodeError: the transport failed, or the node refused or garbled an answer.
             except (OSError, DBNodeError, trio.TooSlowError) as exc:
                 entry["error"] = f"{type(exc).__name__}: {exc}"

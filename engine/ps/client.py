@@ -24,18 +24,23 @@ __all__ = ["ParameterClient"]
 class ParameterClient:
     """Pull, push and initialize a model's tensors on its parameter shards.
 
-    Its requests go to ``shards``, which may be changed (to the new nodes of
-    shards restored elsewhere) between requests.
+    Its requests go to ``shards`` at shard map ``epoch``; :meth:`remap`
+    changes both (the new nodes of shards restored elsewhere) between
+    requests. Every request names the run and the epoch: a node refuses one
+    whose epoch is not the run's (STALE_EPOCH).
 
     Args:
         plan: which shard owns which rows of which tensor.
         shards: the address of each shard of the plan, by shard index.
         peers: where channels come from.
+        run: the run the tensors belong to.
+        epoch: the shard map's epoch.
         timeout: seconds for any one request.
-        local: ``local(address)`` is the in-process ParameterShard serving
-            ``address``, or None. Pieces held by this very process are then
-            pushed and pulled by direct calls (same arithmetic, same dedup),
-            not through the loopback interface.
+        local: ``local(address, epoch)`` is the in-process ParameterShard
+            serving ``address``, or None. Pieces held by this very process
+            are then pushed and pulled by direct calls (same arithmetic,
+            same dedup, same fencing: it raises STALE_EPOCH as the node
+            would), not through the loopback interface.
 
     Raises:
         ValueError: ``shards`` does not have one address per plan shard.
@@ -46,22 +51,37 @@ class ParameterClient:
         plan: ShardPlan,
         shards: list[Address],
         peers: Peers,
+        run: str,
+        epoch: int = 0,
         timeout: float | None = 60.0,
-        local: Callable[[Address], ParameterShard | None] | None = None,
+        local: Callable[[Address, int], ParameterShard | None] | None = None,
     ):
-        if len(shards) != plan.n_shards:
-            raise ValueError(f"{len(shards)} shard addresses for a plan of {plan.n_shards} shards")
         self.plan = plan
-        self.shards = [(h, int(p)) for h, p in shards]
         self.peers = peers
+        self.run = run
         self.timeout = timeout
-        self._local = local or (lambda address: None)
+        self._local = local or (lambda address, epoch: None)
+        self.remap(epoch, shards)
+
+    def remap(self, epoch: int, shards: list[Address]) -> None:
+        """Send to ``shards`` at shard map ``epoch`` from now on.
+
+        Raises:
+            ValueError: ``shards`` does not have one address per plan shard.
+        """
+        if len(shards) != self.plan.n_shards:
+            raise ValueError(
+                f"{len(shards)} shard addresses for a plan of {self.plan.n_shards} shards"
+            )
+        self.epoch = epoch
+        self.shards = [(h, int(p)) for h, p in shards]
+        self._meta = {"run": self.run, "epoch": epoch}
 
     def _address(self, key: int) -> Address:
         return self.shards[self.plan.slice(key).shard]
 
     def _in_process(self, key: int) -> ParameterShard | None:
-        return self._local(self._address(key))
+        return self._local(self._address(key), self.epoch)
 
     async def _each(self, jobs: Iterable[tuple[int, Any]], request) -> None:
         """Run ``request(key, arg)`` for every job, concurrently when there
@@ -74,9 +94,13 @@ class ParameterClient:
             for key, arg in jobs:
                 nursery.start_soon(request, key, arg)
 
-    async def _request(self, kind: MessageKind, key: int, **kwargs):
+    async def _request(self, kind: MessageKind, key: int, meta: dict | None = None, **kwargs):
+        """One request for piece ``key``; ``meta`` must name the run and epoch
+        (default: just those)."""
         ch = await self.peers.get(self._address(key))
-        return await ch.request(kind, key=key, timeout=self.timeout, **kwargs)
+        return await ch.request(
+            kind, key=key, timeout=self.timeout, meta=self._meta if meta is None else meta, **kwargs
+        )
 
     def _pieces(self, tensors: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]]:
         return [
@@ -99,7 +123,7 @@ class ParameterClient:
         """
 
         async def one(key, view):
-            meta = {"name": self.plan.slice(key).name, "optimizer": optimizer}
+            meta = {**self._meta, "name": self.plan.slice(key).name, "optimizer": optimizer}
             await self._request(MessageKind.INIT, key, array=view, meta=meta)
 
         await self._each(self._pieces(params), one)
@@ -154,7 +178,7 @@ class ParameterClient:
             TransportError: a shard could not be reached in time.
         """
         targets = self.plan_views(fetch_into) if fetch_into is not None else {}
-        meta = {"pusher": pusher}
+        meta = {**self._meta, "pusher": pusher}
 
         async def one(key, view):
             shard = self._in_process(key)
@@ -187,13 +211,16 @@ class ParameterClient:
         """The STATS of every distinct shard node.
 
         Returns:
-            One STATS answer (its meta) per node, in the order of ``shards``.
+            One STATS answer (its meta: the run's shard there) per node, in
+            the order of ``shards``.
 
         Raises:
+            RemoteError: a node refused (e.g. it no longer holds the run).
             TransportError: a node could not be reached in time.
         """
         out = []
         for address in dict.fromkeys(self.shards):
             ch = await self.peers.get(address)
-            out.append((await ch.request(MessageKind.STATS, timeout=self.timeout)).meta)
+            reply = await ch.request(MessageKind.STATS, timeout=self.timeout, meta=self._meta)
+            out.append(reply.meta)
         return out

@@ -1,8 +1,8 @@
-"""The parameter shard as a node serves it: request handlers, as tables.
+"""The parameter shards as a node serves them: request handlers, as tables.
 
-:class:`ShardService` holds a node's one :class:`~dbnode.ps.shard.ParameterShard`
-(every piece the driver placed on the node, whatever plan shard it belongs
-to) and answers:
+:class:`ShardService` answers for the :class:`~dbnode.ps.shard.ParameterShard`
+of each run on the node (every piece that run's driver placed on the node,
+whatever plan shard it belongs to; see :mod:`dbnode.runs`):
 
 - INIT, PULL, PUSH, PUSH_PULL, STATS **inline**: synchronously, in the
   connection's reader, in arrival order. Pushes are therefore applied one
@@ -30,7 +30,8 @@ import numpy as np
 
 from .. import control
 from ..control import Op
-from ..errors import ErrorCode, RequestError, ShardError, SnapshotError
+from ..errors import ErrorCode, NotFiniteError, RequestError, ShardError, SnapshotError
+from ..runs import NodeRun, RunTable
 from ..wire import Frame, MessageKind, Reply
 from .shard import ParameterShard
 
@@ -66,17 +67,18 @@ def _answering_shard_errors(handler: Callable) -> Callable:
 
 
 class ShardService:
-    """A node's parameter shard and its handlers.
+    """The parameter shards of a node's runs, and their handlers.
+
+    Every request names its run (meta ``run``) and acts on that run's shard
+    alone; a shard request may also carry the ``epoch`` of its sender's
+    shard map, and one of another epoch is refused (STALE_EPOCH).
 
     Args:
-        shard: the shard to start with (default: an empty one), e.g. one
-            restored from a snapshot at start-up.
+        runs: the node's runs.
         snapshot_dir: where SNAPSHOT writes and ``restore`` reads; None
             refuses both.
 
     Attributes:
-        shard: the current shard (``restore`` and :meth:`reset` replace it:
-            look it up through the service, never keep it).
         inline: MessageKind -> synchronous handler, for the transport's
             inline path.
         handlers: MessageKind -> async handler.
@@ -84,10 +86,8 @@ class ShardService:
             decoded request and returning its reply schema.
     """
 
-    def __init__(
-        self, shard: ParameterShard | None = None, snapshot_dir: str | Path | None = None
-    ) -> None:
-        self.shard = shard if shard is not None else ParameterShard()
+    def __init__(self, runs: RunTable, snapshot_dir: str | Path | None = None) -> None:
+        self.runs = runs
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         m = _answering_shard_errors
         self.inline: dict[MessageKind, InlineHandler] = {
@@ -104,44 +104,51 @@ class ShardService:
             Op.IMPORT: m(self._import),
         }
 
-    def reset(self) -> None:
-        """Drop every tensor: the shard starts over empty."""
-        self.shard = ParameterShard()
-
     # -- requests answered inline -------------------------------------------------
 
     def _init(self, frame: Frame) -> Reply:
+        run = self.runs.for_request(frame.meta)
         meta = frame.meta
-        version = self.shard.init(
+        if frame.array is not None and frame.key not in run.shard:
+            nbytes = frame.array.nbytes
+            # The value, and optimizer state of at most the same size (dbnode.optim).
+            self.runs.reserve(2 * nbytes, f"INIT of key {frame.key}")
+        version = run.shard.init(
             frame.key, meta.get("name"), frame.array, optimizer=meta.get("optimizer")
         )
         return Reply(seq=version)
 
-    def _pinned(self, key: int) -> Reply:
+    def _pinned(self, run: NodeRun, key: int) -> Reply:
         # The reply goes out from the live buffer, zero-copy; a push that
         # comes meanwhile updates a copy, until the send releases the pin.
-        (value, version), unpin = self.shard.pin(key)
+        (value, version), unpin = run.shard.pin(key)
         return Reply(array=value, seq=version, release=unpin)
 
     def _pull(self, frame: Frame) -> Reply:
-        return self._pinned(frame.key)
+        return self._pinned(self.runs.for_request(frame.meta), frame.key)
 
-    def _apply(self, frame: Frame) -> int:
+    def _apply(self, run: NodeRun, frame: Frame) -> int:
         pusher = frame.meta.get("pusher")
-        # Without a pusher a push is not deduplicated: its seq means nothing.
-        return self.shard.push(
-            frame.key, frame.array, pusher=pusher, seq=frame.seq if pusher is not None else None
-        )
+        try:
+            # Without a pusher a push is not deduplicated: its seq means nothing.
+            return run.shard.push(
+                frame.key, frame.array, pusher=pusher, seq=frame.seq if pusher is not None else None
+            )
+        except NotFiniteError:
+            run.not_finite += 1
+            raise
 
     def _push(self, frame: Frame) -> Reply:
-        return Reply(seq=self._apply(frame))
+        run = self.runs.for_request(frame.meta)
+        return Reply(seq=self._apply(run, frame))
 
     def _push_pull(self, frame: Frame) -> Reply:
-        self._apply(frame)
-        return self._pinned(frame.key)
+        run = self.runs.for_request(frame.meta)
+        self._apply(run, frame)
+        return self._pinned(run, frame.key)
 
     def _stats(self, frame: Frame) -> Reply:
-        return Reply(meta=self.shard.stats())
+        return Reply(meta=self.runs.for_request(frame.meta).shard.stats())
 
     # -- snapshots ----------------------------------------------------------------
 
@@ -171,30 +178,41 @@ class ShardService:
         return self.snapshot_dir / name
 
     async def _snapshot(self, frame: Frame) -> Reply:
+        run = self.runs.for_request(frame.meta)
         path = self.snapshot_path(frame.meta.get("name"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        written = self.shard.snapshot(path)
+        written = run.shard.snapshot(path)
         return Reply(meta={"path": str(written)})
 
     # -- control ops --------------------------------------------------------------
 
     async def _restore(self, request: control.Restore) -> control.RestoreReply:
+        run = self.runs.get(request.run)
+        path = self.snapshot_path(request.name)
         try:
-            self.shard = ParameterShard.restore(self.snapshot_path(request.name))
+            size = path.stat().st_size
+        except OSError as exc:
+            raise RequestError(ErrorCode.BAD_REQUEST, f"snapshot {request.name!r}: {exc}") from None
+        self.runs.reserve(max(0, size - run.shard.nbytes), f"restore of {request.name!r}")
+        try:
+            run.shard = ParameterShard.restore(path)
         except SnapshotError as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        return control.RestoreReply(keys=len(self.shard))
+        return control.RestoreReply(keys=len(run.shard))
 
     async def _export(self, request: control.Export) -> control.ExportReply:
+        run = self.runs.get(request.run)
         keys = None if request.keys is None else list(request.keys)
-        data = self.shard.snapshot_bytes(keys)
-        count = len(self.shard) if keys is None else len(keys)
+        data = run.shard.snapshot_bytes(keys)
+        count = len(run.shard) if keys is None else len(keys)
         return control.ExportReply(keys=count, data=np.frombuffer(data, np.uint8))
 
     async def _import(self, request: control.Import) -> control.ImportReply:
+        run = self.runs.get(request.run)
+        self.runs.reserve(request.data.nbytes, "import")
         try:
             pieces = ParameterShard.from_bytes(request.data.tobytes(), "import")
         except SnapshotError as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        self.shard.merge(pieces)
+        run.shard.merge(pieces)
         return control.ImportReply(keys=len(pieces))

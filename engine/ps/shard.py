@@ -32,6 +32,7 @@ from ..errors import (
     ConfigError,
     DTypeMismatchError,
     KeyConflictError,
+    NotFiniteError,
     ShapeMismatchError,
     ShardError,
     SnapshotError,
@@ -169,6 +170,22 @@ class ParameterShard:
         """The keys held, in ascending order."""
         return sorted(self._tensors)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor and its optimizer state."""
+        return sum(
+            t.value.nbytes + sum(a.nbytes for a in t.state.values()) for t in self._tensors.values()
+        )
+
+    def versions(self) -> dict[int, int]:
+        """Every key's version (pushes applied so far)."""
+        return {key: t.version for key, t in self._tensors.items()}
+
+    @property
+    def pushes(self) -> int:
+        """Pushes applied, over every key."""
+        return sum(t.pushes for t in self._tensors.values())
+
     def name(self, key: int) -> str:
         """The name of tensor ``key``."""
         return self._get(key).name
@@ -268,6 +285,8 @@ class ParameterShard:
         # Copies below: the shard must own an aligned, C-contiguous buffer the
         # compiled kernels can update in place for as long as the key lives.
         if value is not None:
+            if not kernels.all_finite(value):
+                raise NotFiniteError(key, f"key {key} ({name}): the value holds NaN or infinity")
             data = kernels.aligned_copy(value)
         else:
             data = _initial_value(key, shape, dtype, initializer, seed)
@@ -418,6 +437,10 @@ class ParameterShard:
                 t.key, f"{where}: gradient must be a numpy array, got {type(grad).__name__}"
             )
         self._check_like(t, grad, "gradient")
+        # A NaN or infinity would poison the tensor for every replica: refused
+        # whole, before anything is touched.
+        if not kernels.all_finite(grad):
+            raise NotFiniteError(t.key, f"{where}: the gradient holds NaN or infinity")
         if (pusher is None) != (seq is None):
             raise ShardError(t.key, f"{where}: give both pusher and seq, or neither")
         if pusher is not None:

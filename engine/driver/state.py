@@ -1,0 +1,418 @@
+"""One run as the driver sees it, and what the driver asks of its nodes.
+
+:class:`RunState` holds the run's placement (which node hosts each plan
+shard and each replica's partitions), its shard map epoch, what the last
+heartbeats said, and its incidents; its methods are the driver's moves:
+launch and restart replicas, back up and checkpoint shards, restore lost
+ones under a new epoch, poll. :mod:`dbnode.driver.run` drives them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from .. import control, kernels
+from ..blocks import block_views, blocks, pack_block
+from ..config import RunConfig, format_address
+from ..errors import DBNodeError, TransportError
+from ..placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
+from ..ps.client import ParameterClient
+from ..wire import Address, Peers
+from . import checkpoint
+from .health import FailureDetector
+from .inputs import Inputs, run_identity
+from .recovery import ShardBackups, lost_updates
+
+__all__ = ["MAX_RESTARTS", "Replica", "RunState"]
+
+log = logging.getLogger("dbnode.driver")
+
+# A replica whose partitions fail this many times fails the run.
+MAX_RESTARTS = 3
+
+
+@dataclass
+class Replica:
+    """One replica as the driver tracks it, across restarts."""
+
+    index: int
+    rows: slice  # its data shard: rows of the training set
+    hosts: list[Address]  # the node of each partition
+    uids: list[int]  # each partition's id in the run
+    incarnation: int = 0
+    start_step: int = 0  # where the current incarnation began
+    base_examples: int = 0  # examples trained by earlier incarnations
+    last: control.PartitionReport | None = None  # the last report of its last partition
+    seen_loss: tuple[float, int] = (0.0, 0)  # its loss sum and count already counted
+    done: bool = False
+    diverged: str | None = None
+
+    @property
+    def n_examples(self) -> int:
+        return self.rows.stop - self.rows.start
+
+    @property
+    def examples(self) -> int:
+        return self.base_examples + (self.last.examples if self.last else 0)
+
+    @property
+    def over(self) -> bool:
+        """Finished, or stopped for good (diverged)."""
+        return self.done or self.diverged is not None
+
+
+class RunState:
+    """The state of one run as the driver sees it (see the module's docstring)."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        hosts: list[Address],
+        peers: Peers,
+        inputs: Inputs,
+        run_id: str,
+        name: str,
+    ):
+        self.config, self.hosts, self.peers = config, hosts, peers
+        self.id, self.name = run_id, name
+        self.spec = config.spec()
+        n_replicas = len(inputs.shards)
+        self.partitions = config.model.partitions
+        placement = place(len(hosts), config.cluster.parameter_shards, n_replicas, self.partitions)
+        self.bounds = split_layers(self.spec.layers, self.partitions)
+        self.plan = plan_shards(
+            blocks(self.spec, self.bounds),
+            config.cluster.parameter_shards,
+            self.spec.np_dtype.itemsize,
+        )
+        self.epoch = 0
+        self.shard_hosts = [hosts[h] for h in placement.shards]
+        self.client = ParameterClient(self.plan, self.shard_hosts, peers, run=run_id)
+        self._uids = iter(range(1, 2**32))
+        self.replicas = [
+            Replica(r, rows, [hosts[h] for h in placement.partitions[r]], [])
+            for r, rows in enumerate(inputs.shards)
+        ]
+        self.health = FailureDetector(hosts, 3 * config.cluster.heartbeat, self.event)
+        self.backups = ShardBackups(config.cluster.backup_interval)
+        self.checkpoint_dir: Path | None = None
+        self.lineage = {run_id}  # the runs whose checkpoints are this run's
+        self.last_checkpoint: checkpoint.Checkpoint | None = None
+        self.versions: dict[int, int] = {}  # piece key -> last version seen
+        self.counters: dict[Address, tuple[int, int]] = {}  # host -> (fenced, not finite)
+        self.lost_updates = 0
+        self.restarts: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []  # what happened to nodes and replicas, when
+        self.warnings: list[str] = []
+        self.metrics: list[dict[str, Any]] = []  # one row per evaluation
+        self.last_loss: float | None = None  # the mean training loss of the last window
+
+    @property
+    def dead(self) -> set[Address]:
+        return self.health.dead
+
+    def event(self, what: str, **details) -> None:
+        self.events.append({"time": round(time.time(), 3), "event": what, **details})
+
+    def warn(self, text: str) -> None:
+        log.warning("%s", text)
+        self.warnings.append(text)
+
+    async def control(
+        self, host: Address, request: control.Request, *, timeout: float = 60.0
+    ) -> Any:
+        """Send a control request to a node.
+
+        Args:
+            host: the node.
+            request: the op and its arguments.
+            timeout: seconds to wait for the answer.
+
+        Returns:
+            The op's reply schema, or None for an op whose answer carries nothing.
+
+        Raises:
+            DBNodeError: the node is gone or stopped answering (the message
+                names it); RemoteError when it refused the request.
+        """
+        try:
+            ch = await self.peers.get(host)
+            return await control.call(ch, request, timeout=timeout)
+        except (OSError, TransportError) as exc:
+            raise DBNodeError(
+                f"node {format_address(host)} is unreachable or stopped answering "
+                f"({request.op}): {exc}"
+            ) from None
+
+    def open_request(self) -> control.Open:
+        """The ``open`` that opens (or renews) the run on a node."""
+        return control.Open(
+            run=self.id, name=self.name, lease=self.config.cluster.lease, epoch=self.epoch
+        )
+
+    def job(self, replica: Replica, index: int) -> control.PartitionJob:
+        """The ``start`` request of a replica's ``index``-th partition.
+
+        Args:
+            replica: the replica, its hosts and uids assigned.
+            index: which of its partitions.
+
+        Returns:
+            The partition's job, as its node gets it.
+        """
+        c = self.config
+        first, last = self.bounds[index]
+        neighbour = lambda i: (*replica.hosts[i], replica.uids[i])  # noqa: E731
+        return control.PartitionJob(
+            run=self.id,
+            uid=replica.uids[index],
+            replica=replica.index,
+            index=index,
+            first=first,
+            last=last,
+            model=self.spec,
+            learning_rate=c.optimizer.learning_rate,
+            n_fetch=c.train.n_fetch,
+            n_push=c.train.n_push,
+            batch_size=c.train.batch_size,
+            epochs=c.train.epochs,
+            seed=c.train.seed,
+            n_examples=replica.n_examples,
+            shards=tuple(self.shard_hosts),
+            min_split_bytes=DEFAULT_MIN_SPLIT_BYTES,
+            bounds=tuple(self.bounds),
+            prev=neighbour(index - 1) if index > 0 else None,
+            next=neighbour(index + 1) if index < self.partitions - 1 else None,
+            start_step=replica.start_step,
+            incarnation=replica.incarnation,
+            epoch=self.epoch,
+        )
+
+    async def launch(self, replica: Replica, inputs: Inputs, run: bool) -> None:
+        """Create a replica's partitions on their nodes and give them its data."""
+        replica.uids = [next(self._uids) for _ in range(self.partitions)]
+        for p in range(self.partitions):
+            await self.control(replica.hosts[p], self.job(replica, p))
+        rows = replica.rows
+        x = np.ascontiguousarray(inputs.x[rows], dtype=self.spec.np_dtype)
+        first, last = replica.hosts[0], replica.hosts[-1]
+        await self.control(first, control.Data(run=self.id, uid=replica.uids[0], role="x", array=x))
+        y = np.ascontiguousarray(inputs.y[rows])
+        await self.control(last, control.Data(run=self.id, uid=replica.uids[-1], role="y", array=y))
+        if run:
+            for host in dict.fromkeys(replica.hosts):
+                uids = tuple(u for h, u in zip(replica.hosts, replica.uids) if h == host)
+                await self.control(host, control.Run(run=self.id, uids=uids))
+
+    async def restart(self, replica: Replica, inputs: Inputs, reason: str) -> None:
+        """Start a failed replica again on live nodes, from the step its
+        last partition had reached: the other replicas never stop."""
+        if replica.incarnation >= MAX_RESTARTS:
+            raise DBNodeError(
+                f"replica {replica.index} failed {replica.incarnation + 1} times; last: {reason}"
+            )
+        live = self.health.live
+        if not live:
+            raise DBNodeError(f"no node left to restart replica {replica.index} on ({reason})")
+        for host, uid in zip(replica.hosts, replica.uids):
+            if host not in self.dead:
+                try:  # its surviving partitions wait for peers that are gone
+                    stop = control.Stop(run=self.id, uids=(uid,))
+                    await self.control(host, stop, timeout=5.0)
+                except DBNodeError as exc:
+                    self.health.declare_dead(host, exc)
+        live = self.health.live
+        if not live:
+            raise DBNodeError(f"no node left to restart replica {replica.index} on ({reason})")
+        load = {h: 0 for h in live}
+        for other in self.replicas:
+            if other is not replica and not other.over:
+                for h in other.hosts:
+                    if h in load:
+                        load[h] += 1
+        hosts = []
+        for _ in range(self.partitions):
+            host = min(live, key=lambda h: (load[h], live.index(h)))
+            hosts.append(host)
+            load[host] += 1
+        if replica.last is not None:
+            replica.base_examples += replica.last.examples
+            replica.start_step = replica.last.step
+        log.warning(
+            "replica %d failed (%s); restarting it at step %d on %s",
+            replica.index,
+            reason,
+            replica.start_step,
+            ", ".join(format_address(h) for h in hosts),
+        )
+        self.restarts.append(
+            {"replica": replica.index, "at_step": replica.start_step, "reason": reason}
+        )
+        self.event(
+            "replica restarted",
+            replica=replica.index,
+            at_step=replica.start_step,
+            on=[format_address(h) for h in hosts],
+        )
+        replica.hosts, replica.incarnation, replica.last = hosts, replica.incarnation + 1, None
+        replica.seen_loss = (0.0, 0)
+        await self.launch(replica, inputs, run=True)
+
+    async def export(self, index: int, timeout: float = 60.0) -> bytes:
+        """Plan shard ``index``'s pieces as snapshot bytes, from the node holding them.
+
+        Raises:
+            DBNodeError: the node is gone or refused.
+        """
+        keys = tuple(piece.key for piece in self.plan.on_shard(index))
+        request = control.Export(run=self.id, keys=keys)
+        return (
+            await self.control(self.shard_hosts[index], request, timeout=timeout)
+        ).data.tobytes()
+
+    def _shard_indices(self) -> list[int]:
+        return [i for i in range(self.plan.n_shards) if self.plan.on_shard(i)]
+
+    async def backup(self) -> None:
+        """A backup round: copy every plan shard into the driver's memory."""
+        start = time.monotonic()
+        for i in self._shard_indices():
+            if self.shard_hosts[i] in self.dead:
+                continue
+            try:
+                self.backups.store(i, await self.export(i))
+            except DBNodeError as exc:  # the heartbeat will name a dead node
+                log.info("backup of shard %d skipped: %s", i, exc)
+        self.backups.done(time.monotonic(), time.monotonic() - start)
+
+    async def checkpoint(self) -> None:
+        """Export every plan shard and write them as one checkpoint. A
+        checkpoint that cannot be written is a warning and an event; the
+        run goes on."""
+        assert self.checkpoint_dir is not None
+        snapshots = {}
+        for i in self._shard_indices():
+            try:
+                snapshots[i] = await self.export(i)
+            except DBNodeError as exc:  # the heartbeat will name the dead node
+                log.warning("checkpoint skipped: %s", exc)
+                return
+        steps = {r.index: (r.last.step if r.last else r.start_step) for r in self.replicas}
+        try:
+            written = await trio.to_thread.run_sync(
+                lambda: checkpoint.write(
+                    self.checkpoint_dir,
+                    snapshots,
+                    run_identity(self.config),
+                    steps,
+                    self.config.checkpoint.keep,
+                    self.id,
+                )
+            )
+        except OSError as exc:
+            self.warn(f"checkpoint failed ({exc}); the run goes on")
+            self.event("checkpoint failed", error=str(exc))
+            return
+        self.last_checkpoint = written
+        self.event("checkpoint", number=written.number)
+
+    async def recover_shards(self) -> None:
+        """Put the pieces of plan shards whose node died back on live nodes,
+        from the newer of the driver's backup and the newest checkpoint,
+        then move every live node to the new shard map (a new epoch: the
+        dead node's copies are fenced off)."""
+        lost = [i for i, host in enumerate(self.shard_hosts) if host in self.dead]
+        lost = [i for i in lost if self.plan.on_shard(i)]
+        if not lost:
+            return
+        dead_names = ", ".join(sorted({format_address(self.shard_hosts[i]) for i in lost}))
+        live = self.health.live
+        if not live:
+            raise DBNodeError(f"node {dead_names} died holding parameter shards; no node is left")
+        self.epoch += 1
+        restored = []
+        for i in lost:
+            source = self.backups.source(i, self.checkpoint_dir, self.lineage)
+            if source is None:
+                raise DBNodeError(
+                    f"node {dead_names} died holding parameter shards and there is no copy "
+                    "to restore them from (cluster.backup_interval is 0 and no checkpoint)"
+                )
+            target = min(live, key=lambda h: (self.shard_hosts.count(h), live.index(h)))
+            data = np.frombuffer(source.data, np.uint8)
+            await self.control(target, control.Import(run=self.id, data=data))
+            self.shard_hosts[i] = target
+            lost_now = lost_updates(source, self.versions)
+            self.lost_updates += lost_now
+            restored.append((i, source, lost_now))
+        for host in live:
+            remap = control.Remap(run=self.id, epoch=self.epoch, shards=tuple(self.shard_hosts))
+            await self.control(host, remap)
+        self.client.remap(self.epoch, self.shard_hosts)
+        for i, source, lost_now in restored:
+            age = round(time.time() - source.time, 3)
+            log.warning(
+                "parameter shard %d restored on %s from its %s (%.1f s old, %d updates lost)",
+                i,
+                format_address(self.shard_hosts[i]),
+                source.origin,
+                age,
+                lost_now,
+            )
+            self.event(
+                "shards restored",
+                shards=[i],
+                source=source.origin,
+                seconds_lost=age,
+                lost_updates=lost_now,
+                on=format_address(self.shard_hosts[i]),
+                epoch=self.epoch,
+            )
+
+    async def poll(self) -> dict[Address, control.HeartbeatReply]:
+        """One heartbeat round: renews the run's leases and answers its state,
+        by node (live nodes only)."""
+
+        async def heartbeat(host: Address, timeout: float) -> control.HeartbeatReply:
+            return await self.control(host, control.Heartbeat(run=self.id), timeout=timeout)
+
+        async def rejoin(host: Address, timeout: float) -> dict[str, Any]:
+            # It was replaced meanwhile: drop what it still runs and holds of
+            # the run, then take it back, empty, at the current epoch.
+            closed = await self.control(host, control.Close(run=self.id), timeout=timeout)
+            await self.control(host, self.open_request(), timeout=timeout)
+            return {"stale_partitions": closed.partitions, "stale_keys": closed.keys}
+
+        answers = await self.health.poll(heartbeat, rejoin)
+        for host, answer in answers.items():
+            self.counters[host] = (answer.fenced, answer.not_finite)
+            for key, version in answer.versions.items():
+                piece = int(key)
+                if self.shard_hosts[self.plan.slice(piece).shard] == host:
+                    self.versions[piece] = version
+        return answers
+
+    def pack(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A model as the parameter server holds it: one flat block per partition."""
+        return {
+            f"block{k}": pack_block(self.spec, params, a, b) for k, (a, b) in enumerate(self.bounds)
+        }
+
+    async def model(self) -> dict[str, np.ndarray]:
+        """The parameter server's current model."""
+        flat = {
+            name: kernels.empty(shape, self.spec.np_dtype)
+            for name, shape in blocks(self.spec, self.bounds).items()
+        }
+        await self.client.pull(flat)
+        params = {}
+        for k, (a, b) in enumerate(self.bounds):
+            params.update(block_views(self.spec, flat[f"block{k}"], a, b))
+        return params
