@@ -262,6 +262,7 @@ class PartitionReport(Message):
     done: bool = in_meta(boolean())
     error: str | None = in_meta(optional(string()))
     diverged: bool = in_meta(boolean(), False)
+    pushes: int = in_meta(_COUNT, 0)  # piece updates the shards acknowledged
 
 
 _REPORTS = mapping_of(nested(PartitionReport))

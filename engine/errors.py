@@ -260,7 +260,19 @@ class CheckpointError(DBNodeError):
 
 # -- runs (dbnode.partition, dbnode.driver) -----------------------------------------
 
-__all__ += ["Diverged", "RunInterrupted"]
+__all__ += ["Diverged", "NodeUnreachable", "RunInterrupted"]
+
+
+class NodeUnreachable(DBNodeError):
+    """A node of a run did not answer the driver (gone, frozen, or cut off).
+
+    Attributes:
+        host: the node's address.
+    """
+
+    def __init__(self, host, message: str) -> None:
+        self.host = host
+        super().__init__(message)
 
 
 class Diverged(DBNodeError):

@@ -254,6 +254,8 @@ class PartitionStatus:
         done: finished, every push applied.
         error: why the partition failed, or None.
         diverged: it failed because its loss stopped being finite.
+        pushes: piece updates the shards acknowledged (a block split over k
+            shard pieces counts k per push).
     """
 
     step: int = 0
@@ -265,6 +267,7 @@ class PartitionStatus:
     done: bool = False
     error: str | None = None
     diverged: bool = False
+    pushes: int = 0
 
     def report(self) -> control.PartitionReport:
         """The status as the control ops carry it (reading it changes nothing).
@@ -282,6 +285,7 @@ class PartitionStatus:
             done=self.done,
             error=self.error,
             diverged=self.diverged,
+            pushes=self.pushes,
         )
 
     @property
@@ -511,6 +515,9 @@ class PartitionRunner:
         self._raise_sync_error()
         self._install_ready()
         grads = core.take_gradients() if push else None
+        if grads is not None and not kernels.all_finite(grads):
+            # Every shard would refuse them, and the local copy has them already.
+            raise Diverged(f"diverged at step {step} (its gradients hold NaN or infinity)")
         staging = None
         if fetch:
             staging, self._spare = self._spare, None
@@ -555,9 +562,10 @@ class PartitionRunner:
         """One push (paired with a fetch into ``staging`` when given), or one fetch."""
         if grads is not None:
             into = None if staging is None else {self.block: staging}
-            await self.client.push(
+            acked = await self.client.push(
                 {self.block: grads}, pusher=self.job.pusher, seq=step, fetch_into=into
             )
+            self.status.pushes += acked
         elif staging is not None:
             await self.client.pull({self.block: staging})
 

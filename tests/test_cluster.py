@@ -381,7 +381,10 @@ def test_status_reports_each_node_and_names_the_unreachable(nodes, tmp_path):
     assert "error" in json.loads(out.stdout.splitlines()[1])
 
 
-def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp_path):
+@pytest.mark.parametrize("victim_name", ["local-2", "local-0"])
+def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp_path, victim_name):
+    """local-2 hosts replica partitions; local-0 also the parameter shard,
+    which is restored elsewhere: when it thaws, it is fenced off and rejoins empty."""
     pytest.importorskip("sklearn")
     heartbeat = 0.5
     proc = subprocess.Popen(
@@ -394,7 +397,7 @@ def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp
             "--set",
             "cluster.parameter_shards=1",
             "--set",
-            "train.epochs=60",
+            "train.epochs=150",
             "--set",
             f"cluster.heartbeat={heartbeat}",
             "--out",
@@ -404,7 +407,7 @@ def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp
         stderr=subprocess.PIPE,
         text=True,
     )
-    victim, nodes = embedded_node(proc, "local-2")
+    victim, nodes = embedded_node(proc, victim_name)
     time.sleep(1.0)
     os.kill(victim, signal.SIGSTOP)
     stopped_at = time.time()
@@ -427,6 +430,12 @@ def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp
     assert dead, summary["events"]
     # Detected within 3 heartbeats (+ one polling round and scheduling slack).
     assert dead[0]["time"] - stopped_at <= 3 * heartbeat + 0.2 + 0.5, (dead[0], stopped_at)
+    rejoined = [e for e in summary["events"] if e["event"] == "node rejoined"]
+    assert rejoined and rejoined[0]["stale_partitions"] >= 1, summary["events"]
+    if victim_name == "local-0":
+        assert rejoined[0]["stale_keys"] >= 1  # its copy of the shard, dropped
+        restored = [e for e in summary["events"] if e["event"] == "shards restored"]
+        assert restored and restored[0]["epoch"] == 1
     assert summary["restarts"]
     assert summary["test_accuracy"] >= 0.93
     wait_until_gone(nodes)
@@ -526,3 +535,41 @@ def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path):
         "train", str(EXAMPLES / "digits.toml"), "--resume", str(tmp_path / "none"), timeout=60
     )
     assert empty.returncode == 2 and "no complete checkpoint" in empty.stderr
+
+
+def test_a_run_whose_replicas_all_diverge_fails_and_keeps_the_last_finite_model(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run_cli(
+        "train", str(EXAMPLES / "digits.toml"), "--set", "optimizer.learning_rate=1e8",
+        "--set", "model.activation=\"linear\"", "--set", "train.epochs=3", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "diverged at step" in out.stderr and "lower optimizer.learning_rate" in out.stderr
+    assert "Traceback" not in out.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["diverged"]) == summary["replicas"] and summary["restarts"] == []
+    params = np.load(tmp_path / "model.npz")
+    assert all(np.isfinite(params[k]).all() for k in params.files)
+
+
+def test_huge_weights_earn_a_warning(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run_cli(
+        "train", str(EXAMPLES / "digits.toml"), "--set", "optimizer.learning_rate=1e4",
+        "--set", "train.epochs=2", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert any("learning rate" in w for w in summary["warnings"]), summary["warnings"]
+    assert "is probably too high" in out.stderr
+
+
+def test_non_finite_targets_are_refused_before_anything_starts(tmp_path):
+    data = tmp_path / "bad.csv"
+    data.write_text("0,0,0\n0,1,1\n1,0,nan\n1,1,0\n")
+    out, nodes = run_watching(
+        "train", str(EXAMPLES / "xor.toml"), "--set", f'data.train="{data}"', timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    assert "targets hold NaN or infinity (example 2)" in out.stderr
+    assert not nodes

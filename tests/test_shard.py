@@ -14,6 +14,7 @@ from dbnode.errors import (
     DTypeMismatchError,
     ErrorCode,
     KeyConflictError,
+    NotFiniteError,
     ShapeMismatchError,
     ShardError,
     SnapshotError,
@@ -260,7 +261,21 @@ BAD_PUSHES = [
     ("pusher-only", lambda: np.ones((4, 3), np.float32), {"pusher": "a"}, ShardError, "both"),
     ("negative-seq", lambda: np.ones((4, 3), np.float32), {"pusher": "a", "seq": -1}, ShardError, "seq"),
     ("int-pusher", lambda: np.ones((4, 3), np.float32), {"pusher": 3, "seq": 1}, ShardError, "pusher"),
+    ("nan", lambda: _with(np.ones((4, 3), np.float32), (2, 1), np.nan), {}, NotFiniteError, "NaN or infinity"),
+    ("inf", lambda: _with(np.ones((4, 3), np.float32), (0, 0), -np.inf), {}, NotFiniteError, "NaN or infinity"),
 ]  # fmt: skip
+
+
+def _with(a, where, value):
+    a[where] = value
+    return a
+
+
+def test_a_non_finite_init_value_is_refused():
+    s = ParameterShard()
+    with pytest.raises(NotFiniteError, match="NaN or infinity") as info:
+        s.init(1, "w", np.array([1.0, np.inf], np.float32), optimizer=SGD(0.1))
+    assert info.value.code == ErrorCode.NOT_FINITE and len(s) == 0
 
 
 @pytest.mark.parametrize(

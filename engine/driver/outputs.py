@@ -63,6 +63,10 @@ class Summary:
         diverged: replicas whose loss stopped being finite.
         lost_updates: pushes lost with dead shard nodes (applied after the
             copy they were restored from was taken).
+        pushes: piece updates the shards acknowledged to the replicas
+            (``acknowledged``, as far as the driver heard) and those the
+            final model holds (``applied``): equal in a run that lost
+            nothing, since a retried push is never applied twice.
         fenced_requests: shard requests refused for a stale shard map.
         refused_not_finite: pushes the shards refused for NaN or infinity.
         warnings: what the user should look at.
@@ -88,6 +92,7 @@ class Summary:
     restarts: list[dict[str, Any]] = field(default_factory=list)
     diverged: list[dict[str, Any]] = field(default_factory=list)
     lost_updates: int = 0
+    pushes: dict[str, int] = field(default_factory=dict)
     fenced_requests: int = 0
     refused_not_finite: int = 0
     warnings: list[str] = field(default_factory=list)

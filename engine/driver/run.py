@@ -31,8 +31,10 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import trio
@@ -42,6 +44,7 @@ from ..aio import first_error
 from ..config import RunConfig, format_address, parse_address
 from ..errors import ConfigError, DBNodeError, RunInterrupted, TransportError
 from ..model import evaluate
+from ..ps.shard import ParameterShard
 from ..wire import Address, Peers, load_secret
 from .cluster import LocalCluster
 from .inputs import Inputs, find_resume, prepare
@@ -221,8 +224,11 @@ async def _drive(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
         # each replica goes on from the step it had reached.
         for i, host in enumerate(run.shard_hosts):
             if run.plan.on_shard(i):
-                data = np.frombuffer(inputs.resume.read_shard(i), np.uint8)
-                await run.control(host, control.Import(run=run.id, data=data))
+                data = inputs.resume.read_shard(i)
+                run.initial_versions += sum(ParameterShard.from_bytes(data).versions().values())
+                await run.control(
+                    host, control.Import(run=run.id, data=np.frombuffer(data, np.uint8))
+                )
         for replica in run.replicas:
             replica.start_step = inputs.resume.replica_steps.get(replica.index, 0)
             replica.base_examples = min(
@@ -245,7 +251,7 @@ async def _drive(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
                 loop_scope.cancel()
 
             nursery.start_soon(_watch_signals, stop)
-        metrics, last_loss, train_seconds = await _watch(run, inputs, progress, start)
+        metrics, last_loss, train_seconds = await _watch(run, inputs, progress, start, nursery)
     if interrupted:
         metrics, last_loss, train_seconds = run.metrics, run.last_loss, None
         log.warning("stopped by %s: writing the outputs as of now", interrupted[0])
@@ -260,94 +266,179 @@ async def _drive(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
     )
 
 
+class _SideJobs:
+    """The driver's work besides polling (backups, checkpoints, evaluations),
+    each in a task of its own, one of a kind at a time: a slow or frozen
+    node holds up that job, never the heartbeats and failovers."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.busy: set[str] = set()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def start(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
+        if name in self.busy:
+            return
+        self.busy.add(name)
+        self._idle = trio.Event()
+        self.nursery.start_soon(self._run, name, job)
+
+    async def _run(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await job()
+        except (DBNodeError, trio.TooSlowError) as exc:  # a node failed: the poll will tell
+            log.info("%s skipped: %s", name, exc)
+        finally:
+            self.busy.discard(name)
+            if not self.busy:
+                self._idle.set()
+
+    async def wait(self) -> None:
+        """Until every job has ended."""
+        await self._idle.wait()
+
+
+async def _renew_leases(run: RunState) -> None:
+    """Renew the run's lease on every live node every heartbeat, whatever the
+    main loop is busy with (a restart waiting on a frozen node, say)."""
+
+    async def renew(host: Address) -> None:
+        try:
+            await run.control(host, run.open_request(), timeout=run.config.cluster.heartbeat * 2)
+        except DBNodeError:
+            pass  # the failure detector decides what a silent node is
+
+    while True:
+        async with trio.open_nursery() as nursery:
+            for host in run.health.live:
+                nursery.start_soon(renew, host)
+        await trio.sleep(run.config.cluster.heartbeat)
+
+
 async def _watch(
-    run: RunState, inputs: Inputs, progress, start
+    run: RunState, inputs: Inputs, progress, start, nursery: trio.Nursery
 ) -> tuple[list, float | None, float]:
     """Poll until every replica is over: restart failed replicas, restore
-    lost shards, back up, checkpoint, evaluate, report progress."""
+    lost shards, and have backups, checkpoints and evaluations made; report
+    progress."""
     config = run.config
     total = config.train.epochs * len(inputs.x)
     metrics = run.metrics
+    jobs = _SideJobs(nursery)
+    tests: list[tuple[float, int, dict[str, float]]] = []  # evaluations done, in order
+
+    async def evaluation(at: float, examples: int) -> None:
+        tests.append((at, examples, await _evaluate(run, inputs)))
+
     next_eval = time.monotonic() + config.train.eval_interval
     every = config.checkpoint.interval
     next_checkpoint = time.monotonic() + every
-    while True:
-        await trio.sleep(min(0.2, config.cluster.heartbeat))
-        answers = await run.poll()
-        if set(run.shard_hosts) & run.dead:
-            await run.recover_shards()
-        window_sum = window_count = 0.0
-        for replica in run.replicas:
-            if replica.over:
-                continue
-            failure, mine = _replica_state(run, replica, answers)
-            if mine and mine[-1] is not None:
-                last = mine[-1]
-                replica.last = last
-                seen_sum, seen_count = replica.seen_loss
-                if math.isfinite(last.loss_sum):
-                    window_sum += last.loss_sum - seen_sum
-                    window_count += last.loss_count - seen_count
-                    replica.seen_loss = (last.loss_sum, last.loss_count)
-            diverged = next((s.error for s in mine if s and s.diverged), None)
-            if diverged:
-                replica.diverged = diverged
-                run.event("replica diverged", replica=replica.index, reason=diverged)
-                log.warning("replica %d stopped: %s", replica.index, diverged)
-                await _stop_replica(run, replica)
-                continue
-            if failure:
-                await run.restart(replica, inputs, failure)
-                continue
-            replica.done = all(s is not None and s.done for s in mine)
-        if window_count:
-            run.last_loss = window_sum / window_count
-        examples = sum(r.examples for r in run.replicas)
-        finished = all(r.over for r in run.replicas)
-        now = time.monotonic()
-        if run.backups.due(now) and not finished:
-            await run.backup()
-        if every and now >= next_checkpoint and not finished:
-            await run.checkpoint()
-            next_checkpoint = time.monotonic() + every
-        test = None
-        if inputs.x_test is not None and (now >= next_eval or finished):
-            test = await _evaluate(run, inputs)
-            next_eval = time.monotonic() + config.train.eval_interval
-        if test is not None or finished:
-            metrics.append(
-                {
-                    "seconds": round(now - start, 3),
-                    "examples": examples,
-                    "train_loss": run.last_loss,
-                    "test_loss": test and test["loss"],
-                    "test_accuracy": test and test.get("accuracy"),
-                }
-            )
-        if progress:
-            progress(
-                Progress(
-                    now - start,
-                    examples,
-                    total,
-                    run.last_loss,
-                    sum(r.over for r in run.replicas),
-                    len(run.replicas),
-                    [r.last.step / max(1, r.last.steps) if r.last else 0.0 for r in run.replicas],
-                    test,
+    renewing = trio.CancelScope()
+    nursery.start_soon(_renew_leases_in, run, renewing)
+    try:
+        while True:
+            await trio.sleep(min(0.2, config.cluster.heartbeat))
+            answers = await run.poll()
+            if set(run.shard_hosts) & run.dead:
+                await run.recover_shards()
+            window_sum = window_count = 0.0
+            for replica in run.replicas:
+                if replica.over:
+                    continue
+                failure, by_node, mine = _replica_state(run, replica, answers)
+                replica.saw(mine)
+                if mine[-1] is not None:
+                    last = mine[-1]
+                    replica.last = last
+                    seen_sum, seen_count = replica.seen_loss
+                    if math.isfinite(last.loss_sum):
+                        window_sum += last.loss_sum - seen_sum
+                        window_count += last.loss_count - seen_count
+                        replica.seen_loss = (last.loss_sum, last.loss_count)
+                diverged = next(
+                    (s.error.removeprefix("Diverged: ") for s in mine if s and s.diverged), None
                 )
-            )
-        if finished:
-            seconds = [r.last.seconds for r in run.replicas if r.done and r.last]
-            return metrics, run.last_loss, max(seconds, default=now - start)
+                if diverged:
+                    replica.diverged = diverged
+                    run.event("replica diverged", replica=replica.index, reason=diverged)
+                    log.warning("replica %d stopped: %s", replica.index, diverged)
+                    await _stop_replica(run, replica)
+                    continue
+                if failure:
+                    await run.restart(replica, inputs, failure, node_failure=by_node)
+                    continue
+                replica.done = all(s is not None and s.done for s in mine)
+            if window_count:
+                run.last_loss = window_sum / window_count
+            examples = sum(r.examples for r in run.replicas)
+            finished = all(r.over for r in run.replicas)
+            now = time.monotonic()
+            if not finished:
+                if run.backups.due(now):
+                    jobs.start("backup", run.backup)
+                if every and now >= next_checkpoint:
+                    jobs.start("checkpoint", run.checkpoint)
+                    next_checkpoint = now + every
+                if inputs.x_test is not None and now >= next_eval:
+                    jobs.start("evaluation", partial(evaluation, now - start, examples))
+                    next_eval = now + config.train.eval_interval
+            else:
+                await jobs.wait()
+            test = None
+            while tests:  # what the evaluations found, each at the time it was asked
+                at, seen, test = tests.pop(0)
+                metrics.append(_row(at, seen, run.last_loss, test))
+            if progress:
+                progress(
+                    Progress(
+                        now - start,
+                        examples,
+                        total,
+                        run.last_loss,
+                        sum(r.over for r in run.replicas),
+                        len(run.replicas),
+                        [
+                            r.last.step / max(1, r.last.steps) if r.last else 0.0
+                            for r in run.replicas
+                        ],
+                        test,
+                    )
+                )
+            if finished:
+                seconds = [r.last.seconds for r in run.replicas if r.done and r.last]
+                return metrics, run.last_loss, max(seconds, default=now - start)
+    finally:
+        renewing.cancel()
+
+
+async def _renew_leases_in(run: RunState, scope: trio.CancelScope) -> None:
+    with scope:
+        await _renew_leases(run)
+
+
+def _row(at: float, examples: int, loss: float | None, test: dict | None) -> dict[str, Any]:
+    return {
+        "seconds": round(at, 3),
+        "examples": examples,
+        "train_loss": loss,
+        "test_loss": test and test["loss"],
+        "test_accuracy": test and test.get("accuracy"),
+    }
+
+
+# A partition's failures of these kinds come from a node's, not its own.
+_NODE_FAILURES = ("ConnectionClosedError", "RequestTimeout", "RemoteError", "TooSlowError",
+                  "AuthenticationError", "NodeUnreachable")  # fmt: skip
 
 
 def _replica_state(
     run: RunState, replica: Replica, answers: dict[Address, control.HeartbeatReply]
-) -> tuple[str | None, list[control.PartitionReport | None]]:
-    """Why a replica has failed (or None), and its partitions' reports."""
+) -> tuple[str | None, bool, list[control.PartitionReport | None]]:
+    """Why a replica has failed (or None), whether a node's failure caused
+    it, and its partitions' reports (None where none came)."""
     mine: list[control.PartitionReport | None] = []
-    failure = None
+    failure, by_node = None, True
     for host, uid in zip(replica.hosts, replica.uids):
         if host in run.dead:
             failure = failure or f"node {format_address(host)} is dead"
@@ -358,10 +449,11 @@ def _replica_state(
         if answer is not None and report is None:
             # The node answers but no longer has it: never wait for it.
             failure = failure or f"partition {uid} vanished from {format_address(host)}"
-        if report is not None and report.error and not report.diverged:
-            failure = failure or report.error
+        if report is not None and report.error and not report.diverged and not failure:
+            failure = report.error
+            by_node = report.error.startswith(_NODE_FAILURES)
         mine.append(report)
-    return failure, mine
+    return failure, by_node, mine
 
 
 async def _stop_replica(run: RunState, replica: Replica) -> None:
@@ -375,8 +467,13 @@ async def _stop_replica(run: RunState, replica: Replica) -> None:
 
 async def _evaluate(run: RunState, inputs: Inputs) -> dict[str, float]:
     params = await run.model()
+
+    def score() -> dict[str, float]:
+        with np.errstate(all="ignore"):  # a diverging model's overflows are reported, not warned
+            return evaluate(run.spec, params, inputs.x_test, inputs.y_test)
+
     # In a worker thread: the event loop keeps the heartbeats going meanwhile.
-    return await trio.to_thread.run_sync(evaluate, run.spec, params, inputs.x_test, inputs.y_test)
+    return await trio.to_thread.run_sync(score)
 
 
 async def _finish(
@@ -384,11 +481,14 @@ async def _finish(
 ) -> Summary:
     """The final model, checkpoint, summary and outputs; the verdict on divergence."""
     config = run.config
+    if not interrupted:
+        await run.poll()  # the shards' final versions
     final = await run.model()
     if run.checkpoint_dir is not None:
         await run.checkpoint()
     test = await _evaluate(run, inputs) if inputs.x_test is not None else None
     seconds = time.monotonic() - start
+    metrics.append(_row(seconds, sum(r.examples for r in run.replicas), last_loss, test))
     total = config.train.epochs * len(inputs.x)
     trained = sum(r.examples for r in run.replicas)
     train_seconds = train_seconds or seconds
@@ -427,6 +527,10 @@ async def _finish(
         restarts=run.restarts,
         diverged=diverged,
         lost_updates=run.lost_updates,
+        pushes={
+            "acknowledged": sum(r.acknowledged for r in run.replicas),
+            "applied": sum(run.versions.values()) - run.initial_versions,
+        },
         fenced_requests=fenced,
         refused_not_finite=not_finite,
         warnings=run.warnings,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import trio
 from .. import control, kernels
 from ..blocks import block_views, blocks, pack_block
 from ..config import RunConfig, format_address
-from ..errors import DBNodeError, TransportError
+from ..errors import DBNodeError, NodeUnreachable, TransportError
 from ..placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
 from ..ps.client import ParameterClient
 from ..wire import Address, Peers
@@ -53,6 +53,20 @@ class Replica:
     seen_loss: tuple[float, int] = (0.0, 0)  # its loss sum and count already counted
     done: bool = False
     diverged: str | None = None
+    failures: int = 0  # restarts it caused itself (not a node's death)
+    acked_before: int = 0  # piece updates acknowledged to earlier incarnations
+    acked: dict[int, int] = field(default_factory=dict)  # partition -> to this incarnation
+
+    @property
+    def acknowledged(self) -> int:
+        """Piece updates the shards acknowledged to this replica, as far as seen."""
+        return self.acked_before + sum(self.acked.values())
+
+    def saw(self, reports: list[control.PartitionReport | None]) -> None:
+        """Take in its partitions' latest reports (None: not heard)."""
+        for i, report in enumerate(reports):
+            if report is not None:
+                self.acked[i] = max(self.acked.get(i, 0), report.pushes)
 
     @property
     def n_examples(self) -> int:
@@ -108,10 +122,13 @@ class RunState:
         self.versions: dict[int, int] = {}  # piece key -> last version seen
         self.counters: dict[Address, tuple[int, int]] = {}  # host -> (fenced, not finite)
         self.lost_updates = 0
+        self.initial_versions = 0  # the shards' versions at the start (a resumed run's)
         self.restarts: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []  # what happened to nodes and replicas, when
         self.warnings: list[str] = []
         self.metrics: list[dict[str, Any]] = []  # one row per evaluation
+        # Ops a live node answers at once: waiting longer for one stalls the run.
+        self.op_timeout = max(5.0, 3 * config.cluster.heartbeat)
         self.last_loss: float | None = None  # the mean training loss of the last window
 
     @property
@@ -139,16 +156,18 @@ class RunState:
             The op's reply schema, or None for an op whose answer carries nothing.
 
         Raises:
-            DBNodeError: the node is gone or stopped answering (the message
-                names it); RemoteError when it refused the request.
+            NodeUnreachable: the node is gone or stopped answering (the
+                message names it); RemoteError when it refused the request.
         """
         try:
-            ch = await self.peers.get(host)
-            return await control.call(ch, request, timeout=timeout)
-        except (OSError, TransportError) as exc:
-            raise DBNodeError(
+            with trio.fail_after(timeout + 1):  # connecting included
+                ch = await self.peers.get(host)
+                return await control.call(ch, request, timeout=timeout)
+        except (OSError, TransportError, trio.TooSlowError) as exc:
+            raise NodeUnreachable(
+                host,
                 f"node {format_address(host)} is unreachable or stopped answering "
-                f"({request.op}): {exc}"
+                f"({request.op}): {exc or 'no answer in time'}",
             ) from None
 
     def open_request(self) -> control.Open:
@@ -199,7 +218,7 @@ class RunState:
         """Create a replica's partitions on their nodes and give them its data."""
         replica.uids = [next(self._uids) for _ in range(self.partitions)]
         for p in range(self.partitions):
-            await self.control(replica.hosts[p], self.job(replica, p))
+            await self.control(replica.hosts[p], self.job(replica, p), timeout=self.op_timeout)
         rows = replica.rows
         x = np.ascontiguousarray(inputs.x[rows], dtype=self.spec.np_dtype)
         first, last = replica.hosts[0], replica.hosts[-1]
@@ -209,25 +228,77 @@ class RunState:
         if run:
             for host in dict.fromkeys(replica.hosts):
                 uids = tuple(u for h, u in zip(replica.hosts, replica.uids) if h == host)
-                await self.control(host, control.Run(run=self.id, uids=uids))
+                await self.control(
+                    host, control.Run(run=self.id, uids=uids), timeout=self.op_timeout
+                )
 
-    async def restart(self, replica: Replica, inputs: Inputs, reason: str) -> None:
-        """Start a failed replica again on live nodes, from the step its
-        last partition had reached: the other replicas never stop."""
-        if replica.incarnation >= MAX_RESTARTS:
-            raise DBNodeError(
-                f"replica {replica.index} failed {replica.incarnation + 1} times; last: {reason}"
+    async def restart(
+        self, replica: Replica, inputs: Inputs, reason: str, node_failure: bool
+    ) -> None:
+        """Start a failed replica again on live nodes, from the step its last
+        partition had reached: the other replicas never stop.
+
+        Args:
+            replica: the replica.
+            inputs: the run's data.
+            reason: why it failed.
+            node_failure: it failed because a node did (not counted against
+                :data:`MAX_RESTARTS`, which catches replicas that fail by themselves).
+
+        Raises:
+            DBNodeError: it failed too often by itself, or no node is left.
+        """
+        if not node_failure:
+            replica.failures += 1
+            if replica.failures > MAX_RESTARTS:
+                raise DBNodeError(
+                    f"replica {replica.index} failed {replica.failures} times; last: {reason}"
+                )
+        await self._stop_partitions(replica)  # the survivors wait for peers that are gone
+        if replica.last is not None:
+            replica.base_examples += replica.last.examples
+            replica.start_step = replica.last.step
+        replica.incarnation, replica.last = replica.incarnation + 1, None
+        replica.seen_loss = (0.0, 0)
+        replica.acked_before, replica.acked = replica.acknowledged, {}
+        while True:
+            replica.hosts = self._least_loaded(replica, reason)
+            log.warning(
+                "replica %d failed (%s); restarting it at step %d on %s",
+                replica.index,
+                reason,
+                replica.start_step,
+                ", ".join(format_address(h) for h in replica.hosts),
             )
-        live = self.health.live
-        if not live:
-            raise DBNodeError(f"no node left to restart replica {replica.index} on ({reason})")
+            try:
+                await self.launch(replica, inputs, run=True)
+                break
+            except NodeUnreachable as exc:  # one of its new nodes failed meanwhile
+                self.health.declare_dead(exc.host, exc)
+                await self._stop_partitions(replica)
+                reason = str(exc)
+        self.restarts.append(
+            {"replica": replica.index, "at_step": replica.start_step, "reason": reason}
+        )
+        self.event(
+            "replica restarted",
+            replica=replica.index,
+            at_step=replica.start_step,
+            on=[format_address(h) for h in replica.hosts],
+        )
+
+    async def _stop_partitions(self, replica: Replica) -> None:
         for host, uid in zip(replica.hosts, replica.uids):
             if host not in self.dead:
-                try:  # its surviving partitions wait for peers that are gone
+                try:
                     stop = control.Stop(run=self.id, uids=(uid,))
-                    await self.control(host, stop, timeout=5.0)
-                except DBNodeError as exc:
+                    await self.control(host, stop, timeout=self.op_timeout)
+                except NodeUnreachable as exc:
                     self.health.declare_dead(host, exc)
+                except DBNodeError:
+                    pass
+
+    def _least_loaded(self, replica: Replica, reason: str) -> list[Address]:
         live = self.health.live
         if not live:
             raise DBNodeError(f"no node left to restart replica {replica.index} on ({reason})")
@@ -242,28 +313,7 @@ class RunState:
             host = min(live, key=lambda h: (load[h], live.index(h)))
             hosts.append(host)
             load[host] += 1
-        if replica.last is not None:
-            replica.base_examples += replica.last.examples
-            replica.start_step = replica.last.step
-        log.warning(
-            "replica %d failed (%s); restarting it at step %d on %s",
-            replica.index,
-            reason,
-            replica.start_step,
-            ", ".join(format_address(h) for h in hosts),
-        )
-        self.restarts.append(
-            {"replica": replica.index, "at_step": replica.start_step, "reason": reason}
-        )
-        self.event(
-            "replica restarted",
-            replica=replica.index,
-            at_step=replica.start_step,
-            on=[format_address(h) for h in hosts],
-        )
-        replica.hosts, replica.incarnation, replica.last = hosts, replica.incarnation + 1, None
-        replica.seen_loss = (0.0, 0)
-        await self.launch(replica, inputs, run=True)
+        return hosts
 
     async def export(self, index: int, timeout: float = 60.0) -> bytes:
         """Plan shard ``index``'s pieces as snapshot bytes, from the node holding them.
@@ -345,16 +395,29 @@ class RunState:
                     f"node {dead_names} died holding parameter shards and there is no copy "
                     "to restore them from (cluster.backup_interval is 0 and no checkpoint)"
                 )
-            target = min(live, key=lambda h: (self.shard_hosts.count(h), live.index(h)))
             data = np.frombuffer(source.data, np.uint8)
-            await self.control(target, control.Import(run=self.id, data=data))
+            while True:  # a node may fail while it takes them: then the next one
+                live = self.health.live
+                if not live:
+                    raise DBNodeError(
+                        f"node {dead_names} died holding parameter shards; no node is left"
+                    )
+                target = min(live, key=lambda h: (self.shard_hosts.count(h), live.index(h)))
+                try:
+                    await self.control(target, control.Import(run=self.id, data=data))
+                    break
+                except NodeUnreachable as exc:
+                    self.health.declare_dead(target, exc)
             self.shard_hosts[i] = target
             lost_now = lost_updates(source, self.versions)
             self.lost_updates += lost_now
             restored.append((i, source, lost_now))
-        for host in live:
-            remap = control.Remap(run=self.id, epoch=self.epoch, shards=tuple(self.shard_hosts))
-            await self.control(host, remap)
+        remap = control.Remap(run=self.id, epoch=self.epoch, shards=tuple(self.shard_hosts))
+        for host in self.health.live:
+            try:
+                await self.control(host, remap, timeout=self.op_timeout)
+            except NodeUnreachable as exc:  # its partitions fail over; its shards next round
+                self.health.declare_dead(host, exc)
         self.client.remap(self.epoch, self.shard_hosts)
         for i, source, lost_now in restored:
             age = round(time.time() - source.time, 3)

@@ -162,7 +162,7 @@ class ParameterClient:
         pusher: str,
         seq: int,
         fetch_into: dict[str, np.ndarray] | None = None,
-    ) -> None:
+    ) -> int:
         """Send gradients to be applied by the shards' optimizers.
 
         Args:
@@ -172,6 +172,9 @@ class ParameterClient:
             fetch_into: the same tensors' buffers: each piece's reply then
                 brings its values after the push (PUSH_PULL: one round trip
                 for both).
+
+        Returns:
+            How many pieces the shards acknowledged (all of them).
 
         Raises:
             RemoteError: a shard refused (wrong shape or dtype, ...).
@@ -194,7 +197,9 @@ class ParameterClient:
             else:
                 await self._request(MessageKind.PUSH, key, array=view, seq=seq, meta=meta)
 
-        await self._each(self._pieces(grads), one)
+        pieces = self._pieces(grads)
+        await self._each(pieces, one)
+        return len(pieces)
 
     def plan_views(self, tensors: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
         """The plan's pieces of ``tensors``.
