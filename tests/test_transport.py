@@ -307,6 +307,15 @@ async def test_other_protocol_version_is_refused(nursery):
     await expect_error_then_close(conn, ErrorCode.BAD_VERSION)
 
 
+async def test_a_node_gives_a_handshake_3_s_by_default(nursery):
+    host, port = await start_server(nursery)
+    conn = await raw_connection(port)
+    start = trio.current_time()
+    frame = await expect_error_then_close(conn, ErrorCode.TIMEOUT)
+    assert 2.8 < trio.current_time() - start < 5
+    assert "3.0 s" in frame.meta["message"]
+
+
 async def test_handshake_timeout_for_a_silent_client(nursery):
     host, port = await start_server(nursery, handshake_timeout=0.2)
     conn = await raw_connection(port)
@@ -829,10 +838,15 @@ async def test_idle_timeout_over_tcp(nursery):
 
 async def test_connection_cap(nursery):
     host, port = await start_server(nursery, max_connections=2)
+    # Connections still in their handshake are capped apart (tests/test_preauth.py):
+    # these hold none of the two places.
+    idle = [await raw_connection(port) for _ in range(3)]
     async with connect(host, port, SECRET) as first, connect(host, port, SECRET) as second:
         with pytest.raises(ConnectionClosedError) as info:
             await open_connection(host, port, SECRET)
         assert info.value.code == ErrorCode.UNAVAILABLE
+        for conn in idle:
+            await conn.aclose()
         await first.aclose()
         with trio.fail_after(5):
             while True:  # the server frees the slot right after the CLOSE exchange

@@ -12,6 +12,8 @@ module          sans-IO?  holds
 ``session``     yes       handshake messages and proofs, which kinds may
                           come when, the CLOSE exchange
 ``reply``       yes       what request handlers return (:class:`Reply`)
+``admission``   yes       caps on unauthenticated connections; log
+                          rate limits
 ``sockio``      no        the only module that touches sockets
 ``connection``  no        :class:`Connection`: frames over a trio stream
 ``handshake``   no        the handshake over a connection

@@ -22,11 +22,13 @@ from .frames import (
     DEFAULT_LIMITS,
     HANDSHAKE_LIMITS,
     HEADER_SIZE,
+    MAGIC,
     ErrorCode,
     Frame,
     Header,
     Limits,
     MessageKind,
+    check_magic,
     decode_header,
     encode_frame,
     error_frame,
@@ -682,6 +684,11 @@ class Connection:
             pos, end = self._rpos, self._rend = 0, end - pos
         rview = self._rview
         while end - pos < need:
+            if end > pos and part == "header":
+                # A header's first bytes that cannot start the magic are
+                # BAD_MAGIC at once: a stranger (``GET / HTTP/1.1``) is not
+                # held until it has sent a whole header.
+                check_magic(rview[pos : min(end, pos + len(MAGIC))])
             view = rview[end:]
             # After a short read the socket is most likely empty: wait for it
             # straight away rather than spend a system call on EAGAIN.

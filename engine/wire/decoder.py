@@ -18,10 +18,12 @@ from ..errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import (
     DEFAULT_LIMITS,
     HEADER_SIZE,
+    MAGIC,
     ErrorCode,
     Frame,
     Header,
     Limits,
+    check_magic,
     decode_header,
     parse_meta,
     payload_view,
@@ -115,6 +117,9 @@ class FrameDecoder:
     def _advance(self) -> Frame | None:
         while True:
             self._fill()
+            if self._header is None and self._filled:
+                # A stranger is turned away on its first bytes (as Connection does).
+                check_magic(self._header_buf[: min(self._filled, len(MAGIC))])
             if self._filled < len(self._dest):
                 if self._eof and (self._header is not None or self._filled):
                     part = (

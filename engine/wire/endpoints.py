@@ -10,10 +10,11 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..errors import ConfigError, ConnectionClosedError
+from .admission import LogLimiter, PreauthGate, source_of
 from .channel import Channel
 from .connection import Connection
-from .frames import DEFAULT_LIMITS, ErrorCode, Limits
-from .handshake import client_handshake, server_handshake
+from .frames import DEFAULT_LIMITS, ErrorCode, Limits, error_frame
+from .handshake import SERVER_HANDSHAKE_TIMEOUT, client_handshake, server_handshake
 from .reply import Handler, InlineHandler
 from .secret import check_secret
 from .sockio import connect_tcp, listen_tcp
@@ -21,6 +22,12 @@ from .sockio import connect_tcp, listen_tcp
 __all__ = ["connect", "open_connection", "serve"]
 
 log = logging.getLogger("dbnode.wire")
+
+# Seconds between two WARNING lines about the connections of one address.
+_LOG_INTERVAL = 10.0
+# Seconds a new connection may stay silent before it counts as idle
+# (PreauthGate); a genuine client says HELLO within a round trip.
+_IDLE_GRACE = 1.0
 
 
 async def open_connection(
@@ -133,7 +140,9 @@ async def serve(
     inline: InlineHandler | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     max_connections: int = 256,
-    handshake_timeout: float = 10.0,
+    max_preauth: int = 64,
+    max_preauth_per_source: int = 8,
+    handshake_timeout: float = SERVER_HANDSHAKE_TIMEOUT,
     idle_timeout: float | None = None,
     stall_timeout: float | None = 60.0,
     max_concurrent: int = 64,
@@ -153,11 +162,24 @@ async def serve(
     ``handshake_timeout``), then served by a :class:`Channel` with
     ``handler`` and ``inline`` (see there for how requests, errors and PING
     are answered, in the reader or in tasks, and ``max_concurrent``,
-    ``idle_timeout`` and ``spin``). A connection over
-    ``max_connections`` gets an ERROR UNAVAILABLE and is closed. A frame
-    that breaks the protocol costs its sender the connection (ERROR with the
-    code first), never the server or the other connections. A peer that
-    stalls inside a frame for ``stall_timeout`` seconds gets TIMEOUT.
+    ``idle_timeout`` and ``spin``). A frame that breaks the protocol costs
+    its sender the connection (ERROR with the code first), never the server
+    or the other connections; a peer whose first bytes are not the magic is
+    answered BAD_MAGIC at once. A peer that stalls inside a frame for
+    ``stall_timeout`` seconds gets TIMEOUT.
+
+    Two caps, counted apart (docs/protocol.md section 16): at most
+    ``max_connections`` authenticated connections (one more is answered
+    ERROR UNAVAILABLE, on arrival or instead of AUTH_OK), and at most
+    ``max_preauth`` connections still in their handshake, of which at most
+    ``max_preauth_per_source`` idle ones (silent for a second, no HELLO)
+    from one address (IPv6: one /64). Over those, the newcomer is let in
+    and an older unauthenticated connection is closed instead (ERROR
+    UNAVAILABLE, best effort): the oldest idle one of the same address, or
+    the oldest silent one of the address with the most (see
+    :class:`~dbnode.wire.admission.PreauthGate` for why). Failed handshakes
+    and refused connections are logged at WARNING on ``dbnode.wire``, at
+    most one line per address per 10 s with a count of the others.
 
     Args:
         handler: answers requests in tasks (see :class:`Channel`), or None.
@@ -166,8 +188,10 @@ async def serve(
         secret: the shared secret.
         inline: answers requests in the reader (see :class:`Channel`), or None.
         task_status: receives the bound ``(host, port)``.
-        max_connections: connections served at once.
-        handshake_timeout: seconds for each handshake.
+        max_connections: authenticated connections served at once.
+        max_preauth: connections in their handshake at once.
+        max_preauth_per_source: of those, idle ones from one address.
+        handshake_timeout: seconds for each handshake (3 by default).
         idle_timeout: each Channel's.
         stall_timeout: each Connection's.
         max_concurrent: each Channel's.
@@ -179,42 +203,105 @@ async def serve(
         ConfigError: bad secret or arguments, or the address cannot be bound.
     """
     secret = check_secret(secret)
-    if max_connections < 1:
-        raise ConfigError("max_connections", max_connections, "must be at least 1")
+    for option, value in [("max_connections", max_connections), ("max_preauth", max_preauth),
+                          ("max_preauth_per_source", max_preauth_per_source)]:  # fmt: skip
+        if value < 1:
+            raise ConfigError(option, value, "must be at least 1")
+    if not handshake_timeout > 0:
+        raise ConfigError("handshake_timeout", handshake_timeout, "must be more than 0 seconds")
     if not 0 <= spin <= 0.01:
         raise ConfigError("spin", spin, "must be in [0, 0.01] seconds")
     listeners, bound = await listen_tcp(host, port)
-    active = 0
+    gate = PreauthGate(max_preauth, max_preauth_per_source, grace=_IDLE_GRACE)
+    report = _Warnings()
+    shed: set[Connection] = set()
+    authenticated = 0
 
     async def on_stream(stream: trio.SocketStream) -> None:
-        nonlocal active
+        nonlocal authenticated
         conn = Connection(stream, limits=limits, stall_timeout=stall_timeout)
-        if active >= max_connections:
-            log.warning("refusing %s: at the limit of %d connections", conn.peer, max_connections)
-            await conn.close_with_error(
-                ErrorCode.UNAVAILABLE, f"node is at its limit of {max_connections} connections"
-            )
+        source = source_of(conn.peer)
+        if authenticated >= max_connections:  # refused before it costs a handshake
+            text = f"node is at its limit of {max_connections} connections"
+            report.warn(source, "refusing %s: %s", conn.peer, text)
+            await conn.close_with_error(ErrorCode.UNAVAILABLE, text)
             return
-        active += 1
+        # Over a pre-auth cap the newcomer stays and an older pending
+        # connection goes (PreauthGate says which, and why not the newcomer).
+        for victim in gate.admit(conn, source, trio.current_time()):
+            _shed(victim, source_of(victim.peer))
+        slot = False
+
+        def admit() -> str | None:
+            # Synchronous, right before AUTH_OK: the check and the count are
+            # one step, so the cap holds however many handshakes end at once.
+            nonlocal authenticated, slot
+            gate.release(conn)
+            if authenticated >= max_connections:
+                return f"node is at its limit of {max_connections} connections"
+            authenticated += 1
+            slot = True
+            return None
+
         try:
-            await _serve_connection(conn)
+            try:
+                await server_handshake(
+                    conn, secret, name=name, timeout=handshake_timeout,
+                    on_hello=lambda: gate.spoke(conn), admit=admit,
+                )  # fmt: skip
+            except ConnectionClosedError as exc:
+                if conn in shed and exc.code in (None, ErrorCode.UNAVAILABLE):
+                    pass  # shed to make room: logged then
+                elif exc.code is None:  # gone before or between frames: not an attack
+                    log.debug("%s left during the handshake: %s", conn.peer, exc)
+                else:
+                    detail = str(exc).removeprefix(f"handshake with {conn.peer} failed: ")
+                    report.warn(source, "handshake with %s failed: %s", conn.peer, detail)
+                return
+            finally:
+                gate.release(conn)
+            channel = Channel(
+                conn, handler, inline=inline, max_concurrent=max_concurrent,
+                idle_timeout=idle_timeout, spin=spin,
+            )  # fmt: skip
+            await channel.run()
         except Exception:  # a bug here must not take the other connections down
             log.exception("connection from %s failed", conn.peer)
         finally:
-            active -= 1
+            if slot:
+                authenticated -= 1
+            shed.discard(conn)
             await conn.aclose()
 
-    async def _serve_connection(conn: Connection) -> None:
-        try:
-            await server_handshake(conn, secret, name=name, timeout=handshake_timeout)
-        except ConnectionClosedError as exc:
-            log.info("handshake with %s failed: %s", conn.peer, exc)
-            return
-        channel = Channel(
-            conn, handler, inline=inline, max_concurrent=max_concurrent,
-            idle_timeout=idle_timeout, spin=spin,
-        )  # fmt: skip
-        await channel.run()
+    def _shed(victim: Connection, victim_source: str) -> None:
+        """Close a pending connection now to make room (its own task cleans up)."""
+        text = (
+            f"too many unauthenticated connections (at most {max_preauth}, "
+            f"{max_preauth_per_source} idle per address)"
+        )
+        report.warn(victim_source, "closing %s, still in its handshake: %s", victim.peer, text)
+        shed.add(victim)
+        try:  # best effort, without waiting: an idle socket's buffer takes it whole
+            victim.start_send(error_frame(ErrorCode.UNAVAILABLE, text))
+        except ConnectionClosedError:
+            pass
+        victim.abort(f"shed: {text}", ErrorCode.UNAVAILABLE)
 
     task_status.started(bound)
     await trio.serve_listeners(on_stream, listeners)
+
+
+class _Warnings:
+    """WARNING lines on ``dbnode.wire``, at most one per source per 10 s."""
+
+    def __init__(self) -> None:
+        self._limiter = LogLimiter(interval=_LOG_INTERVAL)
+
+    def warn(self, source: str, message: str, *args: object) -> None:
+        suppressed = self._limiter.hit(source, trio.current_time())
+        if suppressed is None:
+            return
+        if suppressed:
+            message += " (and %d more from %s since the last line about it, not logged)"
+            args += (suppressed, source)
+        log.warning(message, *args)

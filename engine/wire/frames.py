@@ -69,6 +69,7 @@ __all__ = [
     "HANDSHAKE_LIMITS",
     "Header",
     "Frame",
+    "check_magic",
     "decode_header",
     "parse_meta",
     "payload_view",
@@ -380,6 +381,25 @@ def _uint(name: str, value: Any, bits: int) -> int:
 
 
 # -- decoding ------------------------------------------------------------------
+
+
+def check_magic(prefix: bytes | bytearray | memoryview) -> None:
+    """Reject a frame as soon as its first bytes cannot start the magic.
+
+    Both parsers call it on the first bytes of a frame (up to 4) as they
+    arrive, so that a peer that speaks something else (``GET / HTTP/1.1``)
+    is answered at once, not after a whole header's worth of bytes.
+
+    Args:
+        prefix: the frame's first bytes received so far (0 to 4 of them).
+
+    Raises:
+        RemoteProtocolError: BAD_MAGIC, when ``prefix`` is not a prefix of MAGIC.
+    """
+    if not MAGIC.startswith(prefix):
+        raise RemoteProtocolError(
+            ErrorCode.BAD_MAGIC, "magic", bytes(prefix), f"expected {MAGIC!r}"
+        )
 
 
 def decode_header(buf: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Header:

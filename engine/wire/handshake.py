@@ -17,7 +17,15 @@ from .connection import Connection
 from .frames import ErrorCode, MessageKind
 from .session import BadProof, ClientHandshake, PeerError, ServerHandshake
 
-__all__ = ["client_handshake", "server_handshake"]
+__all__ = ["SERVER_HANDSHAKE_TIMEOUT", "client_handshake", "server_handshake"]
+
+#: Seconds a server gives a client for the whole handshake by default: a
+#: genuine client needs two round trips; a socket that says nothing is shed.
+SERVER_HANDSHAKE_TIMEOUT = 3.0
+
+
+class _Refused(Exception):
+    """The server's ``admit`` hook turned an authenticated client away."""
 
 
 async def _run_handshake(
@@ -36,6 +44,9 @@ async def _run_handshake(
     except trio.TooSlowError:
         tell = (ErrorCode.TIMEOUT, f"handshake not completed within {timeout} s")
         error = ConnectionClosedError(f"{tell[1]} (peer {conn.peer})", ErrorCode.TIMEOUT)
+    except _Refused as exc:
+        tell = (ErrorCode.UNAVAILABLE, str(exc))
+        error = ConnectionClosedError(f"refused {conn.peer}: {exc}", ErrorCode.UNAVAILABLE)
     except BadProof:
         tell = (ErrorCode.AUTH_FAILED, f"the {other}'s proof does not verify")
         error = AuthenticationError(
@@ -112,18 +123,31 @@ async def client_handshake(
 
 
 async def server_handshake(
-    conn: Connection, secret: bytes, *, name: str | None = None, timeout: float = 10.0
+    conn: Connection,
+    secret: bytes,
+    *,
+    name: str | None = None,
+    timeout: float = SERVER_HANDSHAKE_TIMEOUT,
+    on_hello: Callable[[], None] | None = None,
+    admit: Callable[[], str | None] | None = None,
 ) -> dict[str, Any]:
     """Authenticate a fresh connection as the server; the mirror of client_handshake.
 
     Nothing but HELLO, then AUTH (or an ERROR) is accepted before AUTH_OK;
-    anything else is UNEXPECTED.
+    anything else is UNEXPECTED. The bytes of a frame that cannot start
+    with the magic are BAD_MAGIC as soon as they arrive.
 
     Args:
         conn: a fresh connection; closed if the handshake fails.
         secret: the shared secret.
         name: our name, sent in AUTH_OK for the client's logs.
-        timeout: seconds for the whole handshake.
+        timeout: seconds for the whole handshake (3 by default; a client
+            waits 10).
+        on_hello: called once a valid HELLO has come (synchronously).
+        admit: called once the client's proof verified, before AUTH_OK
+            (synchronously): None lets the client in; a reason answers it
+            ERROR UNAVAILABLE with that reason instead, and the handshake
+            fails with ConnectionClosedError (code UNAVAILABLE).
 
     Returns:
         The client's HELLO meta.
@@ -136,8 +160,12 @@ async def server_handshake(
 
     async def steps() -> dict[str, Any]:
         challenge = shake.on_hello(await conn.receive_frame())
+        if on_hello is not None:
+            on_hello()
         await conn.send_frame(MessageKind.CHALLENGE, meta=challenge)
         auth_ok = shake.on_auth(await conn.receive_frame())
+        if admit is not None and (reason := admit()) is not None:
+            raise _Refused(reason)
         await conn.send_frame(MessageKind.AUTH_OK, meta=auth_ok)
         return shake.hello_meta
 

@@ -6,8 +6,10 @@ module only reads it from a file or the environment and checks its length.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,9 @@ from ..errors import ConfigError
 __all__ = ["MIN_SECRET_BYTES", "load_secret", "check_secret"]
 
 MIN_SECRET_BYTES = 16  # docs/protocol.md section 10
+
+log = logging.getLogger("dbnode.wire")
+_warned: set[tuple[str, int]] = set()  # (file, mode) already warned about
 
 
 def load_secret(path: str | os.PathLike[str] | None = None, env: str = "DBNODE_SECRET") -> bytes:
@@ -27,6 +32,10 @@ def load_secret(path: str | os.PathLike[str] | None = None, env: str = "DBNODE_S
     except that a file holding one line of printable ASCII text, like the
     output of ``openssl rand -hex 32``, loses its line break, so it matches
     the same text in the environment.
+
+    A file that other users may read or write (any of the group and
+    others permission bits set) is still used, with a WARNING on the
+    ``dbnode.wire`` logger (once per file and mode) suggesting ``chmod 600``.
 
     Args:
         path: the secret file, or None to use the environment.
@@ -45,6 +54,7 @@ def load_secret(path: str | os.PathLike[str] | None = None, env: str = "DBNODE_S
             data = Path(path).read_bytes()
         except OSError as exc:
             raise ConfigError("secret file", str(path), f"cannot read it: {exc.strerror}") from None
+        _warn_if_shared(path)
         data = _strip_text_line_break(data)
         where, value = "secret file", str(path)
     else:
@@ -59,6 +69,24 @@ def load_secret(path: str | os.PathLike[str] | None = None, env: str = "DBNODE_S
             where, value, f"holds {len(data)} bytes, need at least {MIN_SECRET_BYTES}"
         )
     return data
+
+
+def _warn_if_shared(path: str | os.PathLike[str]) -> None:
+    # Anyone who can read the secret can join the cluster (and write to it,
+    # replace it). Permission bits mean little on Windows: not checked there.
+    if os.name == "nt":
+        return
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return
+    if mode & 0o077 and (str(path), mode) not in _warned:
+        _warned.add((str(path), mode))
+        log.warning(
+            "secret file %s is open to other users (mode %s): anyone who can read it can "
+            "join the cluster; restrict it with: chmod 600 %s",
+            path, oct(mode), path,
+        )  # fmt: skip
 
 
 _TEXT_LINE = re.compile(rb"[\x20-\x7e]+(\r?\n)")
