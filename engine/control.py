@@ -276,7 +276,7 @@ class HeartbeatReply(Message):
     label: ClassVar[str] = "heartbeat reply"
     epoch: int = in_meta(_COUNT)
     partitions: dict[str, PartitionReport] = in_meta(_REPORTS)
-    versions: dict[str, int] = in_meta(mapping_of(_COUNT))
+    versions: dict[str, int] = in_meta(mapping_of(_COUNT, keys="key"))
     fenced: int = in_meta(_COUNT)
     not_finite: int = in_meta(_COUNT)
 
@@ -309,7 +309,7 @@ class StatusReply(Message):
     """Every run on the node, by run id."""
 
     label: ClassVar[str] = "status reply"
-    runs: dict[str, RunReport] = in_meta(mapping_of(nested(RunReport)))
+    runs: dict[str, RunReport] = in_meta(mapping_of(nested(RunReport), keys="run id"))
 
 
 @dataclass(frozen=True)
@@ -595,7 +595,8 @@ def _cells(schema: type[Message] | None) -> tuple[str, str, str]:
             payload = f.metadata["doc"]
         elif f.default is REQUIRED:
             nested = f.metadata["codec"].schema
-            each = f" (by uid, each: {_cells(nested)[2]})" if nested is not None else ""
+            by = f.metadata["codec"].keys
+            each = f" (by {by}, each: {_cells(nested)[2]})" if nested is not None else ""
             meta.append(f"`{f.name}`{each}")
         else:
             default = "null" if f.default is None else repr(f.default).lower()

@@ -66,6 +66,7 @@ class Codec:
     decode: Callable[[Any], Any]
     encode: Callable[[Any], Any] = lambda value: value
     schema: type[Message] | None = None  # the nested schema, for the docs table
+    keys: str = ""  # what a mapping's keys are, for the docs table
 
 
 def integer(minimum: int | None = None) -> Codec:
@@ -169,7 +170,9 @@ def tuple_of(name: str, *codecs: Codec) -> Codec:
     return Codec(decode, lambda value: [c.encode(v) for c, v in zip(codecs, value)])
 
 
-def mapping_of(codec: Codec) -> Codec:
+def mapping_of(codec: Codec, keys: str = "uid") -> Codec:
+    """An object of ``codec`` values; ``keys`` says what its keys are (docs)."""
+
     def decode(value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise Bad(f"must be an object, got {value!r}")
@@ -185,6 +188,7 @@ def mapping_of(codec: Codec) -> Codec:
         decode,
         lambda value: {str(k): codec.encode(v) for k, v in value.items()},
         codec.schema,
+        keys,
     )
 
 
