@@ -120,7 +120,7 @@ class ClusterConfig:
     nodes: int = 0
     heartbeat: float = 1.0
     lease: float = 10.0
-    backup_interval: float = 0.5
+    backup_interval: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -451,7 +451,7 @@ def test_a_shard_node_killed_mid_run_is_restored_and_the_run_completes(tmp_path,
         "--set",
         "cluster.parameter_shards=1",
         "--set",
-        "train.epochs=60",
+        "train.epochs=150",
         "--set",
         "cluster.heartbeat=0.5",
     ]
@@ -475,7 +475,9 @@ def test_a_shard_node_killed_mid_run_is_restored_and_the_run_completes(tmp_path,
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((tmp_path / "hit" / "summary.json").read_text())
     restored = [e for e in summary["events"] if e["event"] == "shards restored"]
-    assert restored and restored[0]["seconds_lost"] <= 0.3 + 3 * 0.5 + 1.0, restored
+    # The copy's age: its interval (backups 1 s, checkpoints 0.3 s), the
+    # detection (3 heartbeats) and a round of slack.
+    assert restored and restored[0]["seconds_lost"] <= 1.0 + 3 * 0.5 + 1.0, restored
     assert restored[0]["source"].startswith(copy), restored
     assert summary["lost_updates"] == sum(e["lost_updates"] for e in restored)
     assert summary["test_accuracy"] >= calm_summary["test_accuracy"] - 0.02, (summary, calm_summary)

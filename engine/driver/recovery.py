@@ -23,9 +23,10 @@ from . import checkpoint
 
 __all__ = ["Source", "ShardBackups", "lost_updates"]
 
-# A backup round may take at most this share of the time between rounds: a
-# model large enough that exporting it is slow is backed up less often.
-_MAX_SHARE = 0.05
+# A backup round may take at most this share of the time between rounds (as
+# the driver times it; it costs the nodes about as much again): a model
+# large enough that exporting it is slow is backed up less often.
+_MAX_SHARE = 0.02
 
 
 @dataclass(frozen=True)
