@@ -226,14 +226,17 @@ class Node:
     async def _host(self, run: NodeRun, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Hold the nursery the run's partitions compute in, until the run is
         freed (its scope cancelled)."""
-        with run.scope:
-            try:
+        try:
+            # The guard outside the scope: what the scope lets through once it
+            # has taken its own cancellation out of a group is what is caught.
+            with run.scope:
                 async with trio.open_nursery() as nursery:
                     run.nursery = nursery
                     task_status.started()
                     await trio.sleep_forever()
-            except Exception:  # partitions catch their own; this is a last guard
-                log.exception("run %s (%s) failed", run.id, run.name)
+        except Exception:  # partitions catch their own; this is a last guard
+            log.exception("run %s (%s) failed", run.id, run.name)
+            if self.runs.runs.get(run.id) is run:
                 self.runs.close(run.id, "it failed")
 
     async def _close(self, request: control.Close) -> control.CloseReply:

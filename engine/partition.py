@@ -730,8 +730,9 @@ class PartitionService:
                     f"inputs of shape {array.shape} for partition {request.uid}: only a first "
                     f"partition takes inputs, of {spec.layers[0]} features",
                 )
-            self._account(run, runner, array)
-            runner.x = array.astype(spec.np_dtype, copy=False)
+            x = array.astype(spec.np_dtype, copy=False)
+            self._account(run, runner, x, runner.x)
+            runner.x = x
             return
         if not runner.core.is_last:
             raise RequestError(
@@ -747,16 +748,17 @@ class PartitionService:
                 ErrorCode.SHAPE_MISMATCH,
                 f"targets of shape {array.shape}, the model has {spec.layers[-1]} outputs",
             )
-        self._account(run, runner, y)
+        self._account(run, runner, y, runner.y)
         runner.y = y
 
-    def _account(self, run: NodeRun, runner: PartitionRunner, array: np.ndarray) -> None:
-        """Count a data shard against the node's memory budget (it is already
-        received: the transport's payload limit bounded it); refuse it if it
-        does not fit."""
-        self.runs.reserve(array.nbytes, f"data for partition {runner.job.uid} of run {run.id}")
-        runner.reserved += array.nbytes
-        run.reserved += array.nbytes
+    def _account(self, run: NodeRun, runner: PartitionRunner, array: np.ndarray, previous) -> None:
+        """Count a data shard against the node's memory budget, in place of
+        the one it replaces (it is already received: the transport's payload
+        limit bounded it); refuse it if it does not fit."""
+        change = array.nbytes - (previous.nbytes if previous is not None else 0)
+        self.runs.reserve(change, f"data for partition {runner.job.uid} of run {run.id}")
+        runner.reserved += change
+        run.reserved += change
 
     async def _run(self, request: control.Run) -> None:
         run = self.runs.get(request.run)

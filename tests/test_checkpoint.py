@@ -114,3 +114,13 @@ def test_config_hash_is_stable_and_sensitive():
     assert checkpoint.config_hash(a) == checkpoint.config_hash(b)
     b["train"]["seed"] = 2
     assert checkpoint.config_hash(a) != checkpoint.config_hash(b)
+
+
+def test_a_checkpoint_from_before_runs_had_ids_still_loads(tmp_path):
+    written = checkpoint.write(tmp_path, {0: b"a"}, "h", {0: 5}, keep=1, run_id="r")
+    manifest = written.path / "manifest.json"
+    text = json.loads(manifest.read_text())
+    del text["run_id"], text["checksum"]
+    manifest.write_text(json.dumps(text))
+    old = checkpoint.load(written.path)
+    assert (old.run_id, old.replica_steps) == ("", {0: 5})

@@ -502,6 +502,12 @@ async def test_a_node_answers_the_partition_ops_and_survives_their_misuse():
         with pytest.raises(RemoteError) as shape:
             await control.call(ch, control.Data(run=RUN, uid=3, role="x", array=np.zeros((4, 5))))
         assert shape.value.code == ErrorCode.SHAPE_MISMATCH
+        x = np.zeros((4, 2))
+        for _ in range(3):  # sent again: counted once against the budget
+            await control.call(ch, control.Data(run=RUN, uid=3, role="x", array=x))
+        with_data = (await control.call(ch, control.Info())).memory
+        await control.call(ch, control.Data(run=RUN, uid=3, role="x", array=x))
+        assert (await control.call(ch, control.Info())).memory == with_data
         with pytest.raises(RemoteError) as nan:
             bad = np.full((4, 2), np.nan)
             await control.call(ch, control.Data(run=RUN, uid=3, role="x", array=bad))
@@ -511,7 +517,8 @@ async def test_a_node_answers_the_partition_ops_and_survives_their_misuse():
         beat = await control.call(ch, control.Heartbeat(run=RUN))
         assert beat.partitions["3"].step == 0  # not started
 
-        # No data was given: the partition fails, and says why.
+        # Inputs but no targets? A first-and-last partition needs both: it
+        # fails, and says why.
         await control.call(ch, control.Run(run=RUN))
         await control.call(
             ch, control.Run(run=RUN)
@@ -521,7 +528,7 @@ async def test_a_node_answers_the_partition_ops_and_survives_their_misuse():
                 report := (await control.call(ch, control.Heartbeat(run=RUN))).partitions["3"]
             ).error is None:
                 await trio.sleep(0.01)
-        assert "inputs not received" in report.error and not report.done
+        assert "targets not received" in report.error and not report.done
         assert (await control.call(ch, control.Info())).address == address  # still serving
 
         await control.call(ch, control.Stop(run=RUN, uids=(3, 42)))

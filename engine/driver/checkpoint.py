@@ -159,12 +159,13 @@ def load(path: Path) -> Checkpoint:
             str(manifest["config_hash"]),
             {int(r): int(s) for r, s in manifest["replica_steps"].items()},
             dict(manifest["files"]),
-            str(manifest["run_id"]),
+            # Checkpoints written before runs had ids carry neither of these.
+            str(manifest.get("run_id", "")),
         )
-        checksum = manifest["checksum"]
+        checksum = manifest.get("checksum")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: no readable manifest ({exc})") from None
-    if checksum != _digest(manifest):
+    if checksum is not None and checksum != _digest(manifest):
         raise CheckpointError(f"{path / MANIFEST}: its checksum does not match its content")
     for name, digest in checkpoint.files.items():
         try:

@@ -87,11 +87,14 @@ class ShardBackups:
         candidates = []
         if index in self.copies:
             candidates.append(self.copies[index])
-        newest = checkpoint.newest(checkpoint_dir, runs) if checkpoint_dir else None
-        if newest is not None:
-            candidates.append(
-                Source(newest.read_shard(index), newest.time, f"checkpoint {newest.number}")
-            )
+        try:
+            newest = checkpoint.newest(checkpoint_dir, runs) if checkpoint_dir else None
+            if newest is not None:
+                candidates.append(
+                    Source(newest.read_shard(index), newest.time, f"checkpoint {newest.number}")
+                )
+        except (OSError, checkpoint.CheckpointError):  # unreadable: the backup, if any
+            pass
         return max(candidates, key=lambda s: s.time, default=None)
 
 

@@ -214,9 +214,20 @@ async def _watch_signals(stop: Callable[[str], None]) -> None:
 
 
 async def _drive(run: RunState, inputs: Inputs, out_dir, progress, start, nursery) -> Summary:
-    config = run.config
     for host in run.hosts:
         await run.control(host, run.open_request())
+    # From the first open to the last request: setup (a big data set, a
+    # resume's import) and the final outputs may take longer than a lease.
+    renewing = trio.CancelScope()
+    nursery.start_soon(_renew_leases_in, run, renewing)
+    try:
+        return await _train(run, inputs, out_dir, progress, start, nursery)
+    finally:
+        renewing.cancel()
+
+
+async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nursery) -> Summary:
+    config = run.config
     if inputs.resume is None:
         await run.client.init(run.pack(inputs.params), config.optimizer.to_wire())
     else:
@@ -243,15 +254,18 @@ async def _drive(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
         await run.control(host, control.Run(run=run.id))
 
     interrupted: list[str] = []
+    watching = True
     with trio.CancelScope() as loop_scope:
         if threading.current_thread() is threading.main_thread():
 
             def stop(signame: str) -> None:
-                interrupted.append(signame)
-                loop_scope.cancel()
+                if watching:  # once the run has ended, its outputs are on their way
+                    interrupted.append(signame)
+                    loop_scope.cancel()
 
             nursery.start_soon(_watch_signals, stop)
-        metrics, last_loss, train_seconds = await _watch(run, inputs, progress, start, nursery)
+        metrics, last_loss, train_seconds = await _watch(run, inputs, progress, start)
+    watching = False
     if interrupted:
         metrics, last_loss, train_seconds = run.metrics, run.last_loss, None
         log.warning("stopped by %s: writing the outputs as of now", interrupted[0])
@@ -287,8 +301,12 @@ class _SideJobs:
     async def _run(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
         try:
             await job()
-        except (DBNodeError, trio.TooSlowError) as exc:  # a node failed: the poll will tell
-            log.info("%s skipped: %s", name, exc)
+        except Exception as exc:  # ExceptionGroups too: a side job never ends the run
+            cause = first_error(exc)
+            if isinstance(cause, (DBNodeError, trio.TooSlowError, OSError)):
+                log.info("%s skipped: %s", name, cause)  # a node failed: the poll will tell
+            else:
+                log.warning("%s failed", name, exc_info=exc)
         finally:
             self.busy.discard(name)
             if not self.busy:
@@ -301,11 +319,14 @@ class _SideJobs:
 
 async def _renew_leases(run: RunState) -> None:
     """Renew the run's lease on every live node every heartbeat, whatever the
-    main loop is busy with (a restart waiting on a frozen node, say)."""
+    main loop is busy with (a restart waiting on a frozen node, say). A
+    heartbeat renews an open run and never opens one: a node that lost the
+    run stays without it until the failure detector has dealt with it."""
 
     async def renew(host: Address) -> None:
+        beat = control.Heartbeat(run=run.id)
         try:
-            await run.control(host, run.open_request(), timeout=run.config.cluster.heartbeat * 2)
+            await run.control(host, beat, timeout=run.config.cluster.heartbeat * 2)
         except DBNodeError:
             pass  # the failure detector decides what a silent node is
 
@@ -317,7 +338,14 @@ async def _renew_leases(run: RunState) -> None:
 
 
 async def _watch(
-    run: RunState, inputs: Inputs, progress, start, nursery: trio.Nursery
+    run: RunState, inputs: Inputs, progress, start
+) -> tuple[list, float | None, float]:
+    async with trio.open_nursery() as side:
+        return await _watch_in(run, inputs, progress, start, _SideJobs(side))
+
+
+async def _watch_in(
+    run: RunState, inputs: Inputs, progress, start, jobs: _SideJobs
 ) -> tuple[list, float | None, float]:
     """Poll until every replica is over: restart failed replicas, restore
     lost shards, and have backups, checkpoints and evaluations made; report
@@ -325,7 +353,6 @@ async def _watch(
     config = run.config
     total = config.train.epochs * len(inputs.x)
     metrics = run.metrics
-    jobs = _SideJobs(nursery)
     tests: list[tuple[float, int, dict[str, float]]] = []  # evaluations done, in order
 
     async def evaluation(at: float, examples: int) -> None:
@@ -334,82 +361,75 @@ async def _watch(
     next_eval = time.monotonic() + config.train.eval_interval
     every = config.checkpoint.interval
     next_checkpoint = time.monotonic() + every
-    renewing = trio.CancelScope()
-    nursery.start_soon(_renew_leases_in, run, renewing)
-    try:
-        while True:
-            await trio.sleep(min(0.2, config.cluster.heartbeat))
-            answers = await run.poll()
-            if set(run.shard_hosts) & run.dead:
-                await run.recover_shards()
-            window_sum = window_count = 0.0
-            for replica in run.replicas:
-                if replica.over:
-                    continue
-                failure, by_node, mine = _replica_state(run, replica, answers)
-                replica.saw(mine)
-                if mine[-1] is not None:
-                    last = mine[-1]
-                    replica.last = last
-                    seen_sum, seen_count = replica.seen_loss
-                    if math.isfinite(last.loss_sum):
-                        window_sum += last.loss_sum - seen_sum
-                        window_count += last.loss_count - seen_count
-                        replica.seen_loss = (last.loss_sum, last.loss_count)
-                diverged = next(
-                    (s.error.removeprefix("Diverged: ") for s in mine if s and s.diverged), None
+    seen_dead: set[Address] = set()
+    while True:
+        await trio.sleep(min(0.2, config.cluster.heartbeat))
+        await run.fence(seen_dead)  # a node declared dead meanwhile (a restart's, say)
+        answers = await run.poll()
+        await run.fence(seen_dead)
+        window_sum = window_count = 0.0
+        for replica in run.replicas:
+            if replica.over:
+                continue
+            failure, by_node, mine = _replica_state(run, replica, answers)
+            replica.saw(mine)
+            if mine[-1] is not None:
+                last = mine[-1]
+                replica.last = last
+                seen_sum, seen_count = replica.seen_loss
+                if math.isfinite(last.loss_sum):
+                    window_sum += last.loss_sum - seen_sum
+                    window_count += last.loss_count - seen_count
+                    replica.seen_loss = (last.loss_sum, last.loss_count)
+            diverged = next(
+                (s.error.removeprefix("Diverged: ") for s in mine if s and s.diverged), None
+            )
+            if diverged:
+                replica.diverged = diverged
+                run.event("replica diverged", replica=replica.index, reason=diverged)
+                log.warning("replica %d stopped: %s", replica.index, diverged)
+                await _stop_replica(run, replica)
+                continue
+            if failure:
+                await run.restart(replica, inputs, failure, node_failure=by_node)
+                continue
+            replica.done = all(s is not None and s.done for s in mine)
+        if window_count:
+            run.last_loss = window_sum / window_count
+        examples = sum(r.examples for r in run.replicas)
+        finished = all(r.over for r in run.replicas)
+        now = time.monotonic()
+        if not finished:
+            if run.backups.due(now):
+                jobs.start("backup", run.backup)
+            if every and now >= next_checkpoint:
+                jobs.start("checkpoint", run.checkpoint)
+                next_checkpoint = now + every
+            if inputs.x_test is not None and now >= next_eval:
+                jobs.start("evaluation", partial(evaluation, now - start, examples))
+                next_eval = now + config.train.eval_interval
+        else:
+            await jobs.wait()
+        test = None
+        while tests:  # what the evaluations found, each at the time it was asked
+            at, seen, test = tests.pop(0)
+            metrics.append(_row(at, seen, run.last_loss, test))
+        if progress:
+            progress(
+                Progress(
+                    now - start,
+                    examples,
+                    total,
+                    run.last_loss,
+                    sum(r.over for r in run.replicas),
+                    len(run.replicas),
+                    [r.last.step / max(1, r.last.steps) if r.last else 0.0 for r in run.replicas],
+                    test,
                 )
-                if diverged:
-                    replica.diverged = diverged
-                    run.event("replica diverged", replica=replica.index, reason=diverged)
-                    log.warning("replica %d stopped: %s", replica.index, diverged)
-                    await _stop_replica(run, replica)
-                    continue
-                if failure:
-                    await run.restart(replica, inputs, failure, node_failure=by_node)
-                    continue
-                replica.done = all(s is not None and s.done for s in mine)
-            if window_count:
-                run.last_loss = window_sum / window_count
-            examples = sum(r.examples for r in run.replicas)
-            finished = all(r.over for r in run.replicas)
-            now = time.monotonic()
-            if not finished:
-                if run.backups.due(now):
-                    jobs.start("backup", run.backup)
-                if every and now >= next_checkpoint:
-                    jobs.start("checkpoint", run.checkpoint)
-                    next_checkpoint = now + every
-                if inputs.x_test is not None and now >= next_eval:
-                    jobs.start("evaluation", partial(evaluation, now - start, examples))
-                    next_eval = now + config.train.eval_interval
-            else:
-                await jobs.wait()
-            test = None
-            while tests:  # what the evaluations found, each at the time it was asked
-                at, seen, test = tests.pop(0)
-                metrics.append(_row(at, seen, run.last_loss, test))
-            if progress:
-                progress(
-                    Progress(
-                        now - start,
-                        examples,
-                        total,
-                        run.last_loss,
-                        sum(r.over for r in run.replicas),
-                        len(run.replicas),
-                        [
-                            r.last.step / max(1, r.last.steps) if r.last else 0.0
-                            for r in run.replicas
-                        ],
-                        test,
-                    )
-                )
-            if finished:
-                seconds = [r.last.seconds for r in run.replicas if r.done and r.last]
-                return metrics, run.last_loss, max(seconds, default=now - start)
-    finally:
-        renewing.cancel()
+            )
+        if finished:
+            seconds = [r.last.seconds for r in run.replicas if r.done and r.last]
+            return metrics, run.last_loss, max(seconds, default=now - start)
 
 
 async def _renew_leases_in(run: RunState, scope: trio.CancelScope) -> None:
@@ -428,8 +448,9 @@ def _row(at: float, examples: int, loss: float | None, test: dict | None) -> dic
 
 
 # A partition's failures of these kinds come from a node's, not its own.
-_NODE_FAILURES = ("ConnectionClosedError", "RequestTimeout", "RemoteError", "TooSlowError",
+_NODE_FAILURES = ("ConnectionClosedError", "RequestTimeout", "TooSlowError",
                   "AuthenticationError", "NodeUnreachable")  # fmt: skip
+_NODE_CODES = ("[UNKNOWN_RUN]", "[STALE_EPOCH]")
 
 
 def _replica_state(
@@ -451,7 +472,7 @@ def _replica_state(
             failure = failure or f"partition {uid} vanished from {format_address(host)}"
         if report is not None and report.error and not report.diverged and not failure:
             failure = report.error
-            by_node = report.error.startswith(_NODE_FAILURES)
+            by_node = report.error.startswith(_NODE_FAILURES) or report.error.endswith(_NODE_CODES)
         mine.append(report)
     return failure, by_node, mine
 

@@ -21,14 +21,14 @@ import trio
 from .. import control, kernels
 from ..blocks import block_views, blocks, pack_block
 from ..config import RunConfig, format_address
-from ..errors import DBNodeError, NodeUnreachable, TransportError
+from ..errors import DBNodeError, NodeUnreachable, RemoteError, TransportError
 from ..placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
 from ..ps.client import ParameterClient
 from ..wire import Address, Peers
 from . import checkpoint
 from .health import FailureDetector
 from .inputs import Inputs, run_identity
-from .recovery import ShardBackups, lost_updates
+from .recovery import ShardBackups, Source, lost_updates
 
 __all__ = ["MAX_RESTARTS", "Replica", "RunState"]
 
@@ -373,52 +373,30 @@ class RunState:
         self.last_checkpoint = written
         self.event("checkpoint", number=written.number)
 
-    async def recover_shards(self) -> None:
-        """Put the pieces of plan shards whose node died back on live nodes,
-        from the newer of the driver's backup and the newest checkpoint,
-        then move every live node to the new shard map (a new epoch: the
-        dead node's copies are fenced off)."""
-        lost = [i for i, host in enumerate(self.shard_hosts) if host in self.dead]
-        lost = [i for i in lost if self.plan.on_shard(i)]
-        if not lost:
+    async def fence(self, seen: set[Address]) -> None:
+        """Move the run past the nodes declared dead since ``seen`` was last
+        updated: restore the parameter shards they held on live nodes, and
+        advance the shard map's epoch everywhere, so that nothing they (or
+        partitions not told yet) still send is applied.
+
+        Args:
+            seen: the dead nodes already dealt with; updated.
+
+        Raises:
+            DBNodeError: shards were lost with no copy or no node to take them.
+        """
+        seen.intersection_update(self.dead)  # rejoined nodes may die again
+        newly = self.dead - seen
+        lost = [
+            i
+            for i, host in enumerate(self.shard_hosts)
+            if host in self.dead and self.plan.on_shard(i)
+        ]
+        if not newly and not lost:
             return
-        dead_names = ", ".join(sorted({format_address(self.shard_hosts[i]) for i in lost}))
-        live = self.health.live
-        if not live:
-            raise DBNodeError(f"node {dead_names} died holding parameter shards; no node is left")
-        self.epoch += 1
-        restored = []
-        for i in lost:
-            source = self.backups.source(i, self.checkpoint_dir, self.lineage)
-            if source is None:
-                raise DBNodeError(
-                    f"node {dead_names} died holding parameter shards and there is no copy "
-                    "to restore them from (cluster.backup_interval is 0 and no checkpoint)"
-                )
-            data = np.frombuffer(source.data, np.uint8)
-            while True:  # a node may fail while it takes them: then the next one
-                live = self.health.live
-                if not live:
-                    raise DBNodeError(
-                        f"node {dead_names} died holding parameter shards; no node is left"
-                    )
-                target = min(live, key=lambda h: (self.shard_hosts.count(h), live.index(h)))
-                try:
-                    await self.control(target, control.Import(run=self.id, data=data))
-                    break
-                except NodeUnreachable as exc:
-                    self.health.declare_dead(target, exc)
-            self.shard_hosts[i] = target
-            lost_now = lost_updates(source, self.versions)
-            self.lost_updates += lost_now
-            restored.append((i, source, lost_now))
-        remap = control.Remap(run=self.id, epoch=self.epoch, shards=tuple(self.shard_hosts))
-        for host in self.health.live:
-            try:
-                await self.control(host, remap, timeout=self.op_timeout)
-            except NodeUnreachable as exc:  # its partitions fail over; its shards next round
-                self.health.declare_dead(host, exc)
-        self.client.remap(self.epoch, self.shard_hosts)
+        seen.update(newly)
+        restored = await self._restore_shards(lost) if lost else []
+        await self._advance_epoch()
         for i, source, lost_now in restored:
             age = round(time.time() - source.time, 3)
             log.warning(
@@ -439,6 +417,53 @@ class RunState:
                 epoch=self.epoch,
             )
 
+    async def _restore_shards(self, lost: list[int]) -> list[tuple[int, Source, int]]:
+        """Import each lost plan shard into a live node, from the newer of
+        the driver's backup and the newest checkpoint."""
+        dead_names = ", ".join(sorted({format_address(self.shard_hosts[i]) for i in lost}))
+        restored = []
+        for i in lost:
+            # Off the event loop: it may read and verify checkpoints from disk.
+            source = await trio.to_thread.run_sync(
+                self.backups.source, i, self.checkpoint_dir, self.lineage
+            )
+            if source is None:
+                raise DBNodeError(
+                    f"node {dead_names} died holding parameter shards and there is no copy "
+                    "to restore them from (cluster.backup_interval is 0 and no checkpoint)"
+                )
+            data = np.frombuffer(source.data, np.uint8)
+            refused: dict[Address, str] = {}
+            while True:  # a node may fail or refuse while it takes them: then the next one
+                live = [h for h in self.health.live if h not in refused]
+                if not live:
+                    why = "; ".join(refused.values()) or "no node is left"
+                    raise DBNodeError(f"node {dead_names} died holding parameter shards: {why}")
+                target = min(live, key=lambda h: (self.shard_hosts.count(h), live.index(h)))
+                try:
+                    await self.control(target, control.Import(run=self.id, data=data))
+                    break
+                except NodeUnreachable as exc:
+                    self.health.declare_dead(target, exc)
+                except RemoteError as exc:  # e.g. over its memory budget
+                    refused[target] = f"{format_address(target)} refused: {exc.message}"
+            self.shard_hosts[i] = target
+            lost_now = lost_updates(source, self.versions)
+            self.lost_updates += lost_now
+            restored.append((i, source, lost_now))
+        return restored
+
+    async def _advance_epoch(self) -> None:
+        """A new shard map epoch on every live node (and this driver's client)."""
+        self.epoch += 1
+        remap = control.Remap(run=self.id, epoch=self.epoch, shards=tuple(self.shard_hosts))
+        for host in self.health.live:
+            try:
+                await self.control(host, remap, timeout=self.op_timeout)
+            except NodeUnreachable as exc:  # its partitions fail over; its shards next round
+                self.health.declare_dead(host, exc)
+        self.client.remap(self.epoch, self.shard_hosts)
+
     async def poll(self) -> dict[Address, control.HeartbeatReply]:
         """One heartbeat round: renews the run's leases and answers its state,
         by node (live nodes only)."""
@@ -448,7 +473,10 @@ class RunState:
 
         async def rejoin(host: Address, timeout: float) -> dict[str, Any]:
             # It was replaced meanwhile: drop what it still runs and holds of
-            # the run, then take it back, empty, at the current epoch.
+            # the run, then take it back, empty, at the current epoch. Never
+            # while the map still points at it: its shards must come back first.
+            if any(h == host and self.plan.on_shard(i) for i, h in enumerate(self.shard_hosts)):
+                raise DBNodeError("its shards are not restored yet")
             closed = await self.control(host, control.Close(run=self.id), timeout=timeout)
             await self.control(host, self.open_request(), timeout=timeout)
             return {"stale_partitions": closed.partitions, "stale_keys": closed.keys}
