@@ -122,21 +122,6 @@ def _address(text: str) -> Address:
     return parse_address(text, key="cluster.hosts")
 
 
-async def _run(
-    config: RunConfig,
-    hosts: list[Address],
-    secret: bytes,
-    inputs: Inputs,
-    out_dir,
-    progress,
-    name: str,
-) -> Summary:
-    try:
-        return await _run_in_nursery(config, hosts, secret, inputs, out_dir, progress, name)
-    except BaseExceptionGroup as group:
-        raise first_error(group) from None
-
-
 async def _distinct_nodes(peers: Peers, hosts: list[Address]) -> list[Address]:
     """``hosts`` with each node once: one node may be named by several
     addresses (``A,A`` or ``127.0.0.1:P,localhost:P``); its id tells."""
@@ -158,7 +143,7 @@ async def _distinct_nodes(peers: Peers, hosts: list[Address]) -> list[Address]:
     return list(seen.values())
 
 
-async def _run_in_nursery(
+async def _run(
     config: RunConfig,
     hosts: list[Address],
     secret: bytes,
@@ -167,6 +152,14 @@ async def _run_in_nursery(
     progress,
     name: str,
 ) -> Summary:
+    try:
+        return await _run_in_nursery(config, hosts, secret, inputs, out_dir, progress, name)
+    except BaseExceptionGroup as group:  # what a user meets is the error inside
+        raise first_error(group) from None
+
+
+async def _run_in_nursery(config, hosts, secret, inputs, out_dir, progress, name) -> Summary:
+    """:func:`_run`'s body: the run's nursery (its channels, its side tasks)."""
     start = time.monotonic()
     async with trio.open_nursery() as nursery:
         peers = Peers(nursery, secret, name="driver")
