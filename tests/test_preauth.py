@@ -94,6 +94,24 @@ async def count_open(socks):
     return sum([await read_to_eof(sock, 0.002) is None for sock in socks])
 
 
+async def settles(measure, ok, timeout=10.0):
+    """``measure()`` once ``ok`` holds of it, or its last value after ``timeout``
+    seconds: what the server does next takes longer on a loaded machine."""
+    deadline = trio.current_time() + timeout
+    while True:
+        value = await measure()
+        if ok(value) or trio.current_time() > deadline:
+            return value
+        await trio.sleep(0.05)
+
+
+def async_of(fn, *args):
+    async def call():
+        return fn(*args)
+
+    return call
+
+
 def frames_of(data):
     decoder = FrameDecoder(DEFAULT_LIMITS)
     decoder.receive_data(data)
@@ -201,8 +219,7 @@ async def test_500_idle_sockets_do_not_keep_a_client_out(nursery, many_files):
             data = await read_to_eof(sock, 5)
             assert data is not None and error_code(data) == ErrorCode.UNAVAILABLE
         # ... and at most 64 still wait for their handshake.
-        await trio.sleep(0.1)
-        assert await count_open(flood) <= 64
+        assert await settles(lambda: count_open(flood), lambda n: n <= 64) <= 64
         await exchange(host, port)  # the server still serves
     finally:
         close_all(flood)
@@ -214,8 +231,7 @@ async def test_idle_sockets_from_many_addresses_are_capped_in_all(nursery, many_
     flood = await idle_sockets(port, 200, sources)
     try:
         await exchange(host, port)
-        await trio.sleep(0.2)
-        assert await count_open(flood) <= 16
+        assert await settles(lambda: count_open(flood), lambda n: n <= 16) <= 16
         await exchange(host, port)
     finally:
         close_all(flood)
@@ -230,8 +246,8 @@ async def test_idle_sockets_from_one_address_are_capped(nursery, monkeypatch):
         assert await count_open(flood) == 20
         await trio.sleep(0.2)  # now all are
         flood.append(await raw_socket(port))
-        await trio.sleep(0.1)
-        assert await count_open(flood) == 4  # the 3 newest idle ones and the newcomer
+        # the 3 newest idle ones and the newcomer
+        assert await settles(lambda: count_open(flood), lambda n: n == 4) == 4
         assert await count_open(flood[-4:]) == 4
         await exchange(host, port)
     finally:
@@ -317,8 +333,7 @@ async def test_failed_handshakes_are_warnings_rate_limited_per_address(
     for _ in range(2):
         with pytest.raises(ConnectionClosedError):
             await open_connection(host, port, OTHER)
-    await trio.sleep(0.1)
-    lines = warnings_of(caplog)
+    lines = await settles(async_of(warnings_of, caplog), lambda ls: len(ls) >= 1)
     assert len(lines) == 1
     assert peers[0] in lines[0].getMessage() and "BAD_MAGIC" in lines[0].getMessage()
     await exchange(host, port)  # a good client is no failure
@@ -326,8 +341,7 @@ async def test_failed_handshakes_are_warnings_rate_limited_per_address(
     await trio.sleep(1.1)
     with pytest.raises(ConnectionClosedError):
         await open_connection(host, port, OTHER)
-    await trio.sleep(0.1)
-    lines = warnings_of(caplog)
+    lines = await settles(async_of(warnings_of, caplog), lambda ls: len(ls) >= 2)
     assert len(lines) == 2
     text = lines[1].getMessage()
     assert "handshake with 127.0.0.1:" in text and "5 more from 127.0.0.1" in text
@@ -337,8 +351,7 @@ async def test_failed_handshakes_are_warnings_rate_limited_per_address(
     await sock.send(b"nope")
     assert await read_to_eof(sock, 5) is not None
     sock.close()
-    await trio.sleep(0.1)
-    lines = warnings_of(caplog)
+    lines = await settles(async_of(warnings_of, caplog), lambda ls: len(ls) >= 3)
     assert len(lines) == 3 and "127.0.0.2:" in lines[2].getMessage()
 
 
@@ -353,8 +366,7 @@ async def test_timeouts_are_warnings_and_a_plain_disconnect_is_not(nursery, capl
     name = f"127.0.0.3:{sock.getsockname()[1]}"
     assert error_code(await read_to_eof(sock, 5)) == ErrorCode.TIMEOUT
     sock.close()
-    await trio.sleep(0.1)
-    (line,) = warnings_of(caplog)
+    (line,) = await settles(async_of(warnings_of, caplog), lambda ls: len(ls) >= 1)
     assert name in line.getMessage() and "0.2 s" in line.getMessage()
 
 
