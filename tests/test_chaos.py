@@ -13,63 +13,24 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from serve_node import DBNODE, ServeNode
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits.toml"
-DBNODE = [sys.executable, "-m", "dbnode.cli"]
 EPOCHS = int(os.environ.get("DBNODE_CHAOS_EPOCHS", "400"))
-
-
-class Node:
-    """A ``dbnode serve`` that can be killed and started again on its port."""
-
-    def __init__(self, tmp_path: Path, secret: Path, name: str, port: int = 0):
-        self.tmp_path, self.secret, self.name = tmp_path, secret, name
-        self.starts = 0
-        self.start(port)
-
-    def start(self, port: int) -> None:
-        self.starts += 1
-        self.log = open(self.tmp_path / f"{self.name}-{self.starts}.log", "w")
-        self.proc = subprocess.Popen(
-            [*DBNODE, "serve", "--listen", f"127.0.0.1:{port}", "--secret-file", str(self.secret),
-             "--name", self.name],
-            stdout=subprocess.PIPE, stderr=self.log, text=True,
-        )  # fmt: skip
-        line = self.proc.stdout.readline()
-        assert line.startswith("dbnode serve: listening on "), line
-        self.address = line.rsplit(" ", 1)[1].strip()
-        self.port = int(self.address.rsplit(":", 1)[1])
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.kill()
-        self.proc.wait()
-        self.proc.stdout.close()
-        self.log.close()
-
-    def logs(self) -> str:
-        return "".join(p.read_text() for p in self.tmp_path.glob(f"{self.name}-*.log"))
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    secret = tmp_path / "secret"
-    secret.write_bytes(os.urandom(32))
-    nodes = [Node(tmp_path, secret, f"chaos-{i}") for i in range(3)]
+    nodes = [ServeNode(tmp_path, f"chaos-{i}") for i in range(3)]
     yield nodes
     for n in nodes:
-        if n.proc.poll() is None:
-            n.proc.send_signal(signal.SIGCONT)
-            n.proc.send_signal(signal.SIGTERM)
-            assert n.proc.wait(timeout=10) == 0, n.name
-            n.proc.stdout.close()
-            n.log.close()
+        if n.alive():
+            assert n.stop() == 0, n.name
         assert "Traceback" not in n.logs(), n.logs()[-3000:]
 
 
@@ -108,9 +69,7 @@ def chaos(nodes, driver: subprocess.Popen, rng: random.Random) -> list[str]:
 def calm(tmp_path_factory):
     pytest.importorskip("sklearn")
     tmp = tmp_path_factory.mktemp("calm")
-    secret = tmp / "secret"
-    secret.write_bytes(os.urandom(32))
-    nodes = [Node(tmp, secret, f"calm-{i}") for i in range(3)]
+    nodes = [ServeNode(tmp, f"calm-{i}") for i in range(3)]
     try:
         driver = train(nodes, tmp / "out")
         _, err = driver.communicate(timeout=600)

@@ -3,64 +3,30 @@ twice, runs closed under a driver's feet. Real ``dbnode serve`` processes
 and real ``dbnode train`` drivers on loopback."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import trio
+from serve_node import DBNODE, ServeNode
 
 from dbnode import control
 from dbnode.wire import Peers
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-DBNODE = [sys.executable, "-m", "dbnode.cli"]
-
-
-class Node:
-    def __init__(self, tmp_path: Path, name: str):
-        self.secret = tmp_path / "secret"
-        if not self.secret.exists():
-            self.secret.write_bytes(os.urandom(32))
-        self.log = open(tmp_path / f"{name}.log", "w")
-        self.proc = subprocess.Popen(
-            [*DBNODE, "serve", "--listen", "127.0.0.1:0", "--secret-file", str(self.secret),
-             "--name", name],
-            stdout=subprocess.PIPE, stderr=self.log, text=True,
-        )  # fmt: skip
-        line = self.proc.stdout.readline()
-        assert line.startswith("dbnode serve: listening on "), line
-        self.address = line.rsplit(" ", 1)[1].strip()
-        self.port = int(self.address.rsplit(":", 1)[1])
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=10)
-        self.proc.stdout.close()
-        self.log.close()
-        return code
 
 
 @pytest.fixture
 def two(tmp_path):
-    nodes = [Node(tmp_path, f"shared-{i}") for i in range(2)]
+    nodes = [ServeNode(tmp_path, f"shared-{i}") for i in range(2)]
     yield nodes
     for n in nodes:
         if n.alive():
             assert n.stop() == 0, "a node did not shut down cleanly"
-        log = Path(n.log.name).read_text()
-        assert "Traceback" not in log, log[-3000:]
+        assert "Traceback" not in n.logs(), n.logs()[-3000:]
 
 
 def train_cmd(nodes, config="xor.toml", *more, hosts=None):
