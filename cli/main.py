@@ -28,11 +28,12 @@ import dbnode
 from dbnode.aio import first_error
 from dbnode.config import RunConfig, parse_address
 from dbnode.data import load
-from dbnode.driver import check_data, status, train, write_secret
+from dbnode.driver import check_data, plan, status, train, write_secret
 from dbnode.errors import ConfigError, DBNodeError, RunInterrupted
 from dbnode.model import evaluate, load_params
 from dbnode.node import ready_line, run_node
 from dbnode.runs import parse_bytes
+from dbnode.threads import available_cores, environment_threads, limit_threads
 from dbnode.wire import load_secret
 
 log = logging.getLogger("dbnode")
@@ -74,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         "or INIT that would exceed it is refused (default: 3/4 of the machine's RAM)",
     )
     serve.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="compute threads (BLAS and kernels) of this node: its share of the host's "
+        "cores when several nodes share a host (default: $OMP_NUM_THREADS or "
+        "$OPENBLAS_NUM_THREADS if set, else every core)",
+    )
+    serve.add_argument(
         "--spin-us",
         type=float,
         default=0.0,
@@ -105,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--secret-file",
         help="cluster secret for --hosts (default: [cluster] secret_file, else $DBNODE_SECRET)",
+    )
+    train.add_argument(
+        "--plan",
+        action="store_true",
+        help="print where the run's shards and partitions would go and the bytes per "
+        "step the placement predicts between processes, then exit without training",
     )
     train.add_argument(
         "--resume",
@@ -219,6 +235,10 @@ def cmd_serve(args) -> int:
         max_memory = parse_bytes(args.max_memory) if args.max_memory else None
     except ValueError as exc:
         raise ConfigError("--max-memory", args.max_memory, str(exc)) from None
+    if args.threads < 0:
+        raise ConfigError("--threads", args.threads, "must be >= 1 (0: the default)")
+    threads = args.threads or environment_threads() or available_cores()
+    limit_threads(threads)
 
     async def serve_until_stopped() -> None:
         async with trio.open_nursery() as nursery:
@@ -230,6 +250,7 @@ def cmd_serve(args) -> int:
                     name=args.name,
                     snapshot_dir=args.snapshot_dir,
                     max_memory=max_memory,
+                    threads=threads,
                     spin=args.spin_us * 1e-6,
                     task_status=task_status,
                 )
@@ -271,6 +292,12 @@ def cmd_train(args) -> int:
     config = RunConfig.load(args.config, args.set)
     hosts = _hosts(args.hosts, "--hosts") if args.hosts else None
     secret = load_secret(args.secret_file) if args.secret_file else None
+    if args.plan:
+        hosts = hosts or [parse_address(h, key="cluster.hosts") for h in config.cluster.hosts]
+        if hosts and secret is None:
+            secret = load_secret(config.cluster.secret_file or None)
+        print(plan(config, hosts, secret).describe())
+        return 0
     show = _progress_printer(sys.stderr)
     name = f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:

@@ -34,8 +34,13 @@ cdef extern from *:
     """
     #if DBNODE_OPENMP
     #include <omp.h>
-    static int dbnode_max_threads(void) { return omp_get_max_threads(); }
-    static void dbnode_set_threads(int n) { omp_set_num_threads(n); }
+    /* OpenMP's own limit is per calling thread; a node computes in worker
+       threads, so the limit it sets must hold in every thread: 0 = unset. */
+    static int dbnode_limit = 0;
+    static int dbnode_max_threads(void) {
+        return dbnode_limit > 0 ? dbnode_limit : omp_get_max_threads();
+    }
+    static void dbnode_set_threads(int n) { dbnode_limit = n; }
     #else
     static int dbnode_max_threads(void) { return 1; }
     static void dbnode_set_threads(int n) { (void)n; }
@@ -76,7 +81,8 @@ def max_threads():
 
 
 def set_threads(int n):
-    """Set the number of OpenMP threads the parallel kernels use."""
+    """Set the number of OpenMP threads the parallel kernels use, in every
+    thread of the process."""
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     dbnode_set_threads(n)

@@ -191,6 +191,8 @@ class InfoReply(Message):
     version: str = in_meta(string())
     pid: int = in_meta(_COUNT)
     cores: int | None = in_meta(optional(_COUNT))
+    threads: int = in_meta(_COUNT)
+    machine: str = in_meta(string())
     address: tuple[str, int] = in_meta(_ADDRESS)
     max_memory: int = in_meta(_COUNT)
     memory: int = in_meta(_COUNT)
@@ -200,8 +202,9 @@ class InfoReply(Message):
 @dataclass(frozen=True)
 class Info(Request):
     """Answers who the node is: its id (new at every start: two addresses of one
-    node give the same id), name, dbnode version, pid, cores, address, memory
-    budget and use, and how many runs it holds."""
+    node give the same id), name, dbnode version, pid, cores, the compute threads
+    it runs with, its machine (nodes with one machine id share its cores),
+    address, memory budget and use, and how many runs it holds."""
 
     op: ClassVar[Op] = Op.INFO
     reply: ClassVar[type[Message]] = InfoReply
@@ -263,6 +266,10 @@ class PartitionReport(Message):
     error: str | None = in_meta(optional(string()))
     diverged: bool = in_meta(boolean(), False)
     pushes: int = in_meta(_COUNT, 0)  # piece updates the shards acknowledged
+    # Payload bytes this partition sent to / received from other processes,
+    # by their "host:port" (pushes, fetches, activations and deltas).
+    sent: dict[str, int] = in_meta(mapping_of(_COUNT, keys="peer"), {})
+    received: dict[str, int] = in_meta(mapping_of(_COUNT, keys="peer"), {})
 
 
 _REPORTS = mapping_of(nested(PartitionReport))

@@ -305,9 +305,18 @@ class LayerStack:
         self.grads = grads if grads is not None else {
             full: kernels.zeros(spec.shapes()[full], self.dtype)
             for names in self._names for full in names.values()}  # fmt: skip
-        self._layer_grads = [{n: self.grads[full] for n, full in names.items()}
-                             for names in self._names]  # fmt: skip
         self._batch = -1
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        """The buffers backward writes each gradient into (overwriting them)."""
+        return self._grads
+
+    @grads.setter
+    def grads(self, grads: dict[str, np.ndarray]) -> None:
+        self._grads = grads
+        self._layer_grads = [{n: grads[full] for n, full in names.items()}
+                             for names in self._names]  # fmt: skip
 
     @property
     def params(self) -> dict[str, np.ndarray]:

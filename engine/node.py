@@ -46,6 +46,7 @@ from .partition import PartitionService
 from .ps.service import ShardService
 from .ps.shard import ParameterShard
 from .runs import NodeRun, RunTable, default_max_memory
+from .threads import available_cores, machine_id
 from .wire import DEFER, Address, Frame, MessageKind, Peers, Reply, serve
 
 __all__ = ["READY_PREFIX", "Node", "parse_ready_line", "ready_line", "run_node"]
@@ -99,6 +100,8 @@ class Node:
         spin: seconds its channels to other nodes busy-poll before sleeping.
         max_memory: the memory budget of all runs, in bytes (default:
             :func:`~dbnode.runs.default_max_memory`).
+        threads: the compute threads the process was given (``info``
+            reports them; ``dbnode serve --threads`` sets them).
 
     Attributes:
         node_id: random, new at every start: what tells two nodes apart
@@ -120,8 +123,10 @@ class Node:
         snapshot_dir: str | Path | None = None,
         spin: float = 0.0,
         max_memory: int | None = None,
+        threads: int | None = None,
     ):
         self.secret = secret
+        self.threads = threads or available_cores()
         self.name = name
         self.address = address
         self.nursery = nursery
@@ -210,7 +215,9 @@ class Node:
             name=self.name,
             version=version("dbnode"),
             pid=os.getpid(),
-            cores=os.cpu_count(),
+            cores=available_cores(),
+            threads=self.threads,
+            machine=machine_id(),
             address=self.address,
             max_memory=self.runs.max_memory,
             memory=self.runs.memory,
@@ -304,6 +311,7 @@ async def run_node(
     snapshot_dir: str | Path | None = None,
     spin: float = 0.0,
     max_memory: int | None = None,
+    threads: int | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
     **serve_options: Any,
 ) -> None:
@@ -319,6 +327,9 @@ async def run_node(
             latency option).
         max_memory: the memory budget of all runs, in bytes (default: a
             share of the machine's RAM).
+        threads: the compute threads the process runs with, as ``info``
+            reports them (the caller sizes the pools: see
+            :func:`dbnode.threads.limit_threads`).
         task_status: reports the bound ``(host, port)`` once listening.
         serve_options: more options of :func:`dbnode.wire.serve`.
 
@@ -333,6 +344,7 @@ async def run_node(
             snapshot_dir=snapshot_dir,
             spin=spin,
             max_memory=max_memory,
+            threads=threads,
         )
         bound = await nursery.start(
             partial(

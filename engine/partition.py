@@ -1,11 +1,12 @@
 """The layer-partition service: a replica's layers on one node.
 
 A Downpour replica is cut by layer into partitions, each an independent
-piece on some node. This module holds all of it, bottom up:
+piece on some node. This module and :mod:`dbnode.partition_core` hold
+all of it, bottom up:
 
-- :class:`PartitionCore`: a contiguous block of layers with a local copy of
-  their parameters — forward, backward, the local updates and the fetch
-  correction. No I/O at all.
+- :class:`~dbnode.partition_core.PartitionCore` (its own module): a
+  contiguous block of layers with a local copy of their parameters —
+  forward, backward, the local updates and the fetch correction. No I/O.
 - :class:`PartitionStatus`: a partition's progress, as ``status`` reports it.
 - :class:`PartitionRunner`: drives one core over the network — activations
   and deltas to and from its neighbours, pushes and fetches to and from the
@@ -14,17 +15,6 @@ piece on some node. This module holds all of it, bottom up:
   FORWARD/BACKWARD delivery into their inboxes, and the control ops
   ``start`` (the job: :class:`~dbnode.control.PartitionJob`), ``data``,
   ``run``, ``stop`` and ``status``.
-
-Between fetches the partition applies its own gradients to its local copy
-with plain SGD at the run's learning rate, as the paper's replicas do, so
-the next step never waits for the network. A fetch is asynchronous too: it
-answers with the shard's parameters as they were when it was issued, and
-the partition may have taken more steps since. :meth:`PartitionCore.install`
-therefore re-applies the local gradients the shards have not seen yet to the
-fetched values, so no step's own update is lost. With the shard's optimizer also
-plain SGD and one replica, the local copy and the shard's copy are then
-bit-for-bit the same, which is why a one-replica run reproduces the
-single-process trainer exactly, however late its fetches land.
 """
 
 from __future__ import annotations
@@ -32,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -40,7 +30,8 @@ import trio
 
 from . import control, kernels
 from .aio import first_error
-from .blocks import block_layout, block_views, blocks
+from .blocks import blocks
+from .config import format_address
 from .control import Op
 from .data import batch_indices, steps_per_run
 from .errors import (
@@ -51,7 +42,7 @@ from .errors import (
     RemoteError,
     RequestError,
 )
-from .model import LayerStack, Loss, ModelSpec
+from .partition_core import PartitionCore
 from .placement import plan_shards
 from .ps.client import ParameterClient
 from .ps.shard import ParameterShard
@@ -90,151 +81,6 @@ def _shard_moved(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionClosedError)
 
 
-class PartitionCore:
-    """Layers ``[first, last)`` of one replica, without I/O.
-
-    ``flat`` is this partition's parameter block (see
-    :func:`~dbnode.blocks.block_views`): used in place, later replaced by
-    :meth:`install`. Gradients, their accumulation for the next push and
-    the local updates all work on flat blocks of the same layout, one pass
-    each.
-
-    Args:
-        spec: the whole model.
-        first, last: the layers this partition holds, ``[first, last)``.
-        flat: the initial parameter block (taken, not copied).
-        learning_rate: of the local plain-SGD updates.
-        n_fetch, n_push: the fetch and push periods, in steps.
-
-    Raises:
-        ValueError: ``n_fetch`` or ``n_push`` is below 1.
-    """
-
-    def __init__(
-        self,
-        spec: ModelSpec,
-        first: int,
-        last: int,
-        flat: np.ndarray,
-        learning_rate: float,
-        n_fetch: int = 1,
-        n_push: int = 1,
-    ):
-        if n_fetch < 1 or n_push < 1:
-            raise ValueError(f"n_fetch and n_push must be >= 1, got {n_fetch} and {n_push}")
-        self.spec, self.first, self.last = spec, first, last
-        self.flat = flat
-        self._grad = self._zeros()
-        self.stack = LayerStack(
-            spec,
-            block_views(spec, flat, first, last),
-            first,
-            last,
-            grads=block_views(spec, self._grad, first, last),
-        )
-        self.is_first = first == 0
-        self.is_last = last == spec.n_layers
-        self.loss = Loss(spec) if self.is_last else None
-        self.learning_rate = float(learning_rate)
-        self.n_fetch, self.n_push = n_fetch, n_push
-        self.step = 0
-        # Gradients since the last push: what the next push sends, and what a
-        # fetched value lacks of this partition's own work (see install).
-        self._acc = self._zeros()
-        self._fetch_pending = False
-        self._free: list[np.ndarray] = []
-        self._delta: np.ndarray | None = None
-
-    def _zeros(self) -> np.ndarray:
-        return kernels.zeros(block_layout(self.spec, self.first, self.last)[1], self.spec.np_dtype)
-
-    @property
-    def params(self) -> dict[str, np.ndarray]:
-        """The local copy's tensors (views into :attr:`flat`)."""
-        return self.stack.params
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """This partition's output for the batch ``x`` (a view of a buffer
-        that the next forward overwrites)."""
-        return self.stack.forward(x)
-
-    def loss_delta(self, out: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-        """The last partition's loss on its output, and the delta that starts backward."""
-        if self.loss is None:
-            raise RuntimeError("only the last partition computes the loss")
-        if self._delta is None or self._delta.shape != out.shape:
-            self._delta = kernels.empty(out.shape, out.dtype)
-        return self.loss(out, targets, self._delta)
-
-    def backward(self, delta: np.ndarray) -> np.ndarray | None:
-        """Backward through the partition, then accumulate its gradients for
-        the next push and apply them to the local copy. Returns the delta for
-        the partition below (``None`` for the first)."""
-        preactivation = self.loss is not None and self.loss.preactivation
-        below = self.stack.backward(
-            delta, need_delta_below=not self.is_first, preactivation=preactivation
-        )
-        kernels.accumulate(self._acc, self._grad)
-        kernels.sgd(self.flat, self._grad, self.learning_rate)
-        self.step += 1
-        return below
-
-    @property
-    def push_due(self) -> bool:
-        """Whether the step just taken ends a push period (every ``n_push`` steps)."""
-        return self.step % self.n_push == 0
-
-    @property
-    def fetch_due(self) -> bool:
-        """Whether the step just taken ends a fetch period (every ``n_fetch`` steps)."""
-        return self.step % self.n_fetch == 0
-
-    def take_gradients(self) -> np.ndarray:
-        """The gradients accumulated since the last push (a flat block). It
-        stays valid until handed back with :meth:`release`; accumulation
-        continues in another buffer meanwhile."""
-        if self._fetch_pending:
-            raise RuntimeError(
-                "install the fetch in flight before taking more gradients: "
-                "its correction is the gradients accumulated since the last push"
-            )
-        taken = self._acc
-        self._acc = self._free.pop() if self._free else self._zeros()
-        return taken
-
-    def release(self, grads: np.ndarray) -> None:
-        """Give back a pushed gradient block for reuse."""
-        grads.fill(0)
-        self._free.append(grads)
-
-    def fetch_issued(self) -> None:
-        """Mark a fetch as sent: until it is installed no gradients may be
-        taken (see :meth:`install`)."""
-        self._fetch_pending = True
-
-    def install(self, fetched: np.ndarray) -> np.ndarray:
-        """Make a fetched parameter block the local copy, after re-applying
-        the local gradients it lacks. No copy: the blocks swap. Returns the
-        previous block, free for the next fetch.
-
-        What it lacks is exactly the gradients accumulated since the last
-        push, provided (as the node guarantees) every push before the fetch
-        was applied by the time the fetch was answered — one push or fetch
-        in flight at a time, a paired PUSH_PULL applies before it answers —
-        and no gradients were taken while the fetch was in flight (refused).
-        """
-        if fetched.shape != self.flat.shape or fetched.dtype != self.flat.dtype:
-            raise ValueError(
-                f"fetched block {fetched.shape} {fetched.dtype} does not match "
-                f"{self.flat.shape} {self.flat.dtype}"
-            )
-        kernels.sgd(fetched, self._acc, self.learning_rate)
-        self._fetch_pending = False
-        previous, self.flat = self.flat, fetched
-        self.stack.params = block_views(self.spec, fetched, self.first, self.last)
-        return previous
-
-
 # ------------------------------------------------------------ the runner
 
 
@@ -256,6 +102,8 @@ class PartitionStatus:
         diverged: it failed because its loss stopped being finite.
         pushes: piece updates the shards acknowledged (a block split over k
             shard pieces counts k per push).
+        sent, received: payload bytes to and from other processes, by their
+            ``host:port``: pushes, fetches, activations and deltas.
     """
 
     step: int = 0
@@ -268,6 +116,16 @@ class PartitionStatus:
     error: str | None = None
     diverged: bool = False
     pushes: int = 0
+    sent: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+
+    def count(self, peer: Address, sent: int, received: int) -> None:
+        """Add payload bytes exchanged with ``peer``."""
+        name = format_address(peer)
+        if sent:
+            self.sent[name] = self.sent.get(name, 0) + sent
+        if received:
+            self.received[name] = self.received.get(name, 0) + received
 
     def report(self) -> control.PartitionReport:
         """The status as the control ops carry it (reading it changes nothing).
@@ -286,6 +144,8 @@ class PartitionStatus:
             error=self.error,
             diverged=self.diverged,
             pushes=self.pushes,
+            sent=dict(self.sent),
+            received=dict(self.received),
         )
 
     @property
@@ -359,6 +219,7 @@ class PartitionRunner:
             run=job.run,
             epoch=job.epoch,
             local=service.local_shard(run),
+            count=self.status.count,
         )
         self._remapped = trio.Event()  # set (and replaced) at every remap
         self._sync_scope: trio.CancelScope | None = None  # the push or fetch in flight
@@ -409,6 +270,12 @@ class PartitionRunner:
         """Cancel the partition; frames still arriving for it are refused."""
         self.cancel_scope.cancel()
         self.inbox_send.close()
+
+    @property
+    def _in_process(self) -> bool:
+        """Whether this partition's shards are all in this process (its pushes
+        and fetches are then calls, over as soon as made)."""
+        return self.client.in_process(self.block)
 
     def remap(self, epoch: int, shards: tuple[tuple[str, int], ...]) -> None:
         """Push to and fetch from ``shards`` at shard map ``epoch`` from now on;
@@ -470,6 +337,19 @@ class PartitionRunner:
             if step < job.start_step:  # done by an earlier incarnation of the replica
                 continue
             self._install_ready()
+            # A step whose fetch comes from this process, at once, needs no
+            # local update: the fetched block replaces it before the next step.
+            local = not ((core.step + 1) % core.n_fetch == 0 and self._in_process)
+            if core.is_first and core.is_last:
+                loss = await self._compute(core.whole_step, self.x[idx], self.y[idx], local)
+                if not math.isfinite(loss):
+                    raise Diverged(f"diverged at step {step} (loss {loss})")
+                status.loss_sum += loss * len(idx)
+                status.loss_count += len(idx)
+                status.step = step + 1
+                status.examples += len(idx)
+                await self._after_step(step)
+                continue
             if core.is_first:
                 h = await self._compute(core.forward, self.x[idx])
             else:
@@ -483,11 +363,13 @@ class PartitionRunner:
                 status.loss_sum += loss * len(idx)
                 status.loss_count += len(idx)
             else:
-                await send(job.next, MessageKind.FORWARD, step, h)
+                status.count(job.next[:2], await send(job.next, MessageKind.FORWARD, step, h), 0)
                 delta = (await self._receive(MessageKind.BACKWARD, step)).array
-            below = await self._compute(core.backward, delta)
+            below = await self._compute(core.backward, delta, local)
             if below is not None:
-                await send(job.prev, MessageKind.BACKWARD, step, below)
+                status.count(
+                    job.prev[:2], await send(job.prev, MessageKind.BACKWARD, step, below), 0
+                )
             status.step = step + 1
             status.examples += len(idx)
             await self._after_step(step)
@@ -523,7 +405,13 @@ class PartitionRunner:
             staging, self._spare = self._spare, None
             core.fetch_issued()
         self._sync_done = trio.Event()
-        self._nursery.start_soon(self._sync, grads, staging, step)
+        if self._in_process:
+            # Shards in this process: a push is a few passes over memory, done
+            # now rather than beside the next step's GEMMs, whose threads it
+            # would only slow (two loads on the cores the step has).
+            await self._sync(grads, staging, step)
+        else:
+            self._nursery.start_soon(self._sync, grads, staging, step)
 
     async def _sync(self, grads, staging, step: int) -> None:
         done = self._sync_done
@@ -651,7 +539,7 @@ class PartitionService:
         kind: MessageKind,
         step: int,
         array: np.ndarray,
-    ) -> None:
+    ) -> int:
         """Send activations or deltas to a partition of ``run``: straight into
         its inbox when it lives on this node, else over TCP.
 
@@ -661,6 +549,9 @@ class PartitionService:
             kind: FORWARD or BACKWARD.
             step: the step they belong to (the frame's ``seq``).
             array: the activations or deltas.
+
+        Returns:
+            The payload bytes sent to another process (0: delivered here).
 
         Raises:
             TransportError: the partition's node cannot be reached.
@@ -674,9 +565,10 @@ class PartitionService:
                 kind=kind, request_id=0, key=uid, seq=step, flags=0, array=array.copy(), meta={}
             )
             await local.inbox_send.send(frame)
-            return
+            return 0
         ch = await self.peers.get((host, int(port)))
         await ch.notify(kind, key=uid, seq=step, array=array, meta={"run": run.id})
+        return array.nbytes
 
     async def _deliver(self, frame: Frame) -> None:
         run = self.runs.get(frame.meta.get("run"))

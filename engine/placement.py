@@ -16,9 +16,9 @@ is a :class:`Slice` with a stable integer key (the wire protocol's u32
 
 Placing roles
 -------------
-:func:`place` assigns parameter shards and the layer partitions of every
-replica to hosts, round-robin, so that hosts carry equal numbers of roles and
-one replica's partitions land on different hosts whenever there are enough.
+:class:`Placement` says which host runs which parameter shard and layer
+partition; :func:`dbnode.traffic.plan_run` decides it from what each role
+computes and moves. :func:`split_layers` cuts a network into partitions.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __all__ = [
     "ShardPlan",
     "plan_shards",
     "Placement",
-    "place",
+    "split_layers",
 ]
 
 # Below this size a tensor is never split: every piece costs a frame and a
@@ -484,44 +484,6 @@ class Placement:
         }
 
 
-def place(n_hosts: int, n_shards: int, replicas: int, partitions: int) -> Placement:
-    """Place ``n_shards`` parameter shards and ``replicas`` x ``partitions``
-    layer partitions on ``n_hosts`` hosts.
-
-    Roles are dealt round-robin in one sequence — shards first, then replica
-    0's partitions 0..P-1, then replica 1's, and so on — so:
-
-    - every host gets ``floor`` or ``ceil`` of (roles / hosts) roles;
-    - one replica's partitions take consecutive turns, hence distinct hosts
-      when ``partitions <= n_hosts``, and at most ``ceil(partitions /
-      n_hosts)`` on any host otherwise (the least possible);
-    - the same arguments always give the same placement.
-
-    Args:
-        n_hosts: hosts.
-        n_shards: parameter shards.
-        replicas: model replicas.
-        partitions: layer partitions per replica.
-
-    Returns:
-        The placement.
-
-    Raises:
-        ConfigError: ``n_hosts``, ``n_shards`` or ``partitions`` below 1, or
-            ``replicas`` below 0.
-    """
-    n_hosts = _check_int("n_hosts", n_hosts, 1)
-    n_shards = _check_int("n_shards", n_shards, 1)
-    replicas = _check_int("replicas", replicas, 0)
-    partitions = _check_int("partitions", partitions, 1)
-    shards = tuple(i % n_hosts for i in range(n_shards))
-    parts = tuple(
-        tuple((n_shards + r * partitions + p) % n_hosts for p in range(partitions))
-        for r in range(replicas)
-    )
-    return Placement(n_hosts, shards, parts)
-
-
 def split_layers(layers: tuple[int, ...], partitions: int) -> tuple[tuple[int, int], ...]:
     """Cut a network's layers into ``partitions`` contiguous blocks
     ``(first, last)`` whose largest parameter count is as small as possible
@@ -530,6 +492,16 @@ def split_layers(layers: tuple[int, ...], partitions: int) -> tuple[tuple[int, i
     ``layers`` are the sizes, input first, so layer ``i`` has
     ``layers[i] * layers[i + 1] + layers[i + 1]`` parameters. Every block has
     at least one layer. Exact, by dynamic programming over the cut points.
+
+    Args:
+        layers: the layer sizes, input first.
+        partitions: how many blocks.
+
+    Returns:
+        ``(first, last)`` of each block, in order.
+
+    Raises:
+        ConfigError: ``partitions`` is below 1 or above the number of layers.
     """
     n = len(layers) - 1
     partitions = _check_int("partitions", partitions, 1)

@@ -215,7 +215,10 @@ def in_meta(codec: Codec, default: Any = REQUIRED, *, omit_default: bool = False
     """A field carried in the frame's meta. With ``omit_default`` it is left
     out of the meta when it has its default value (what the driver always did
     for that field: the bytes on the wire stay the same)."""
-    return field(default=default, metadata={"at": "meta", "codec": codec, "omit": omit_default})
+    metadata = {"at": "meta", "codec": codec, "omit": omit_default}
+    if isinstance(default, dict):  # mutable: each message gets its own copy
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def in_key(doc: str) -> Any:

@@ -13,10 +13,11 @@ DBNODE = [sys.executable, "-m", "dbnode.cli"]
 
 class ServeNode:
     """One node named ``name``; its secret is ``tmp_path/"secret"``, made
-    (owner-only) by the first node of the directory."""
+    (owner-only) by the first node of the directory; ``extra``: more
+    ``dbnode serve`` options."""
 
-    def __init__(self, tmp_path: Path, name: str, port: int = 0):
-        self.tmp_path, self.name = tmp_path, name
+    def __init__(self, tmp_path: Path, name: str, port: int = 0, extra: tuple[str, ...] = ()):
+        self.tmp_path, self.name, self.extra = tmp_path, name, list(extra)
         self.secret = tmp_path / "secret"
         if not self.secret.exists():
             self.secret.write_bytes(os.urandom(32))
@@ -30,7 +31,7 @@ class ServeNode:
         self.log = open(self.tmp_path / f"{self.name}-{self.starts}.log", "w")
         self.proc = subprocess.Popen(
             [*DBNODE, "serve", "--listen", f"127.0.0.1:{port}", "--secret-file", str(self.secret),
-             "--name", self.name],
+             "--name", self.name, *self.extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True,
         )  # fmt: skip
         line = self.proc.stdout.readline()

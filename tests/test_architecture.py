@@ -39,7 +39,7 @@ SURFACES = {
     "dbnode.ps": ["ParameterClient", "ParameterShard", "Pulled"],
     "dbnode.driver": [
         "FailureDetector", "LocalCluster", "Progress", "Summary", "check_data", "load_data",
-        "prepare", "status", "train", "write_outputs", "write_secret",
+        "plan", "prepare", "status", "train", "write_outputs", "write_secret",
     ],
 }  # fmt: skip
 
@@ -148,13 +148,16 @@ ALLOWED = {
     "dbnode.optim": ["dbnode.kernels", "dbnode.errors"],
     "dbnode.placement": ["dbnode.errors"],
     "dbnode.runs": ["dbnode.errors"],
+    "dbnode.traffic": ["dbnode.errors", "dbnode.placement"],
+    "dbnode.threads": ["dbnode.kernels"],
     "dbnode.ps": ["dbnode.errors", "dbnode.kernels", "dbnode.optim", "dbnode.placement",
                   "dbnode.durable", "dbnode.wire", "dbnode.control", "dbnode.runs", "dbnode._lazy",
                   "dbnode.ps"],
 }  # fmt: skip
 LOWER_THAN_SERVICES = ["dbnode.kernels", "dbnode.reference", "dbnode.optim", "dbnode.model",
                        "dbnode.layers", "dbnode.blocks", "dbnode.data", "dbnode.placement",
-                       "dbnode.config", "dbnode.trainer", "dbnode.durable"]  # fmt: skip
+                       "dbnode.config", "dbnode.trainer", "dbnode.durable", "dbnode.traffic",
+                       "dbnode.threads", "dbnode.partition_core"]  # fmt: skip
 UPPER = ["dbnode.wire", "dbnode.ps", "dbnode.runs", "dbnode.node", "dbnode.partition",
          "dbnode.control", "dbnode.driver"]  # fmt: skip
 

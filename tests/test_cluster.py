@@ -14,7 +14,7 @@ import pytest
 
 from dbnode.config import RunConfig
 from dbnode.data import XOR_ROWS, XOR_TARGETS
-from dbnode.driver import load_data, train
+from dbnode.driver import load_data, plan, train
 from dbnode.model import init_params, load_params, predict
 from dbnode.optim import make_optimizer
 from dbnode.trainer import Trainer
@@ -264,6 +264,19 @@ def wait_until_gone(pids: set[int], timeout: float = 10) -> None:
     assert not serve_pids() & pids, "nodes were left running"
 
 
+def node_with(role: str, config: Path, sets: list[str]) -> str:
+    """The embedded node the placement gives parameter shard 0 (``role``
+    "shard"), or the first with partitions and no shard ("partitions")."""
+    config = RunConfig.load(config, sets[1::2])
+    planned = plan(config)
+    roles = [planned.placement.on_host(i) for i in range(len(planned.nodes))]
+    if role == "shard":
+        index = planned.placement.shards[0]
+    else:
+        index = next(i for i, r in enumerate(roles) if r["partitions"] and not r["shards"])
+    return planned.nodes[index].name
+
+
 def embedded_node(driver: subprocess.Popen, name: str) -> tuple[int, set[int]]:
     """The pid of the embedded node called ``name``, and all of them."""
     nodes = wait_for_nodes(driver, 3)
@@ -271,21 +284,14 @@ def embedded_node(driver: subprocess.Popen, name: str) -> tuple[int, set[int]]:
 
 
 def test_killing_the_node_that_holds_the_parameters_with_no_copy_fails_clearly():
+    sets = ["--set", "cluster.nodes=3", "--set", "cluster.backup_interval=0"]
     proc = subprocess.Popen(
-        [
-            *DBNODE,
-            "train",
-            str(EXAMPLES / "xor.toml"),
-            "--set",
-            "cluster.nodes=3",
-            "--set",
-            "cluster.backup_interval=0",
-        ],  # fmt: skip
+        [*DBNODE, "train", str(EXAMPLES / "xor.toml"), *sets],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    victim, nodes = embedded_node(proc, "local-0")  # placement puts shard 0 on the first node
+    victim, nodes = embedded_node(proc, node_with("shard", EXAMPLES / "xor.toml", sets))
     time.sleep(1.5)
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
@@ -317,7 +323,7 @@ def test_a_replica_node_killed_mid_run_is_replaced_and_the_run_completes(tmp_pat
         stderr=subprocess.PIPE,
         text=True,
     )
-    victim, nodes = embedded_node(proc, "local-2")  # replica partitions only
+    victim, nodes = embedded_node(proc, node_with("partitions", EXAMPLES / "digits.toml", common))
     time.sleep(1.0)
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
@@ -381,33 +387,22 @@ def test_status_reports_each_node_and_names_the_unreachable(nodes, tmp_path):
     assert "error" in json.loads(out.stdout.splitlines()[1])
 
 
-@pytest.mark.parametrize("victim_name", ["local-2", "local-0"])
-def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp_path, victim_name):
-    """local-2 hosts replica partitions; local-0 also the parameter shard,
-    which is restored elsewhere: when it thaws, it is fenced off and rejoins empty."""
+@pytest.mark.parametrize("role", ["partitions", "shard"])
+def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp_path, role):
+    """A node with replica partitions only; or one with the parameter shard
+    too, which is restored elsewhere: when it thaws, it is fenced off and
+    rejoins empty."""
     pytest.importorskip("sklearn")
     heartbeat = 0.5
+    sets = ["--set", "cluster.nodes=3", "--set", "cluster.parameter_shards=1",
+            "--set", "train.epochs=150", "--set", f"cluster.heartbeat={heartbeat}"]  # fmt: skip
     proc = subprocess.Popen(
-        [
-            *DBNODE,
-            "train",
-            str(EXAMPLES / "digits.toml"),
-            "--set",
-            "cluster.nodes=3",
-            "--set",
-            "cluster.parameter_shards=1",
-            "--set",
-            "train.epochs=150",
-            "--set",
-            f"cluster.heartbeat={heartbeat}",
-            "--out",
-            str(tmp_path),
-        ],
+        [*DBNODE, "train", str(EXAMPLES / "digits.toml"), *sets, "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    victim, nodes = embedded_node(proc, victim_name)
+    victim, nodes = embedded_node(proc, node_with(role, EXAMPLES / "digits.toml", sets))
     time.sleep(1.0)
     os.kill(victim, signal.SIGSTOP)
     stopped_at = time.time()
@@ -432,7 +427,7 @@ def test_a_frozen_node_is_declared_dead_within_three_heartbeats_and_replaced(tmp
     assert dead[0]["time"] - stopped_at <= 3 * heartbeat + 0.2 + 0.5, (dead[0], stopped_at)
     rejoined = [e for e in summary["events"] if e["event"] == "node rejoined"]
     assert rejoined and rejoined[0]["stale_partitions"] >= 1, summary["events"]
-    if victim_name == "local-0":
+    if role == "shard":
         assert rejoined[0]["stale_keys"] >= 1  # its copy of the shard, dropped
         restored = [e for e in summary["events"] if e["event"] == "shards restored"]
         assert restored and restored[0]["epoch"] == 1
@@ -468,7 +463,7 @@ def test_a_shard_node_killed_mid_run_is_restored_and_the_run_completes(tmp_path,
         stderr=subprocess.PIPE,
         text=True,
     )
-    victim, nodes = embedded_node(proc, "local-0")  # the node with the parameter shard
+    victim, nodes = embedded_node(proc, node_with("shard", EXAMPLES / "digits.toml", common))
     time.sleep(1.5)
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)

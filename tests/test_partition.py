@@ -135,9 +135,21 @@ def test_core_buffers():
     assert core.push_due and not core.fetch_due
     grads = core.take_gradients()
     assert grads.any() and grads.dtype == np.float32
-    assert not core.take_gradients().any()  # a fresh buffer
+    assert not core.take_gradients().any()  # nothing accumulated since: zeros
+    first = grads.copy()
     core.release(grads)
-    assert not grads.any()
+    # A released block's old contents never leak into the next push.
+    before = core.flat.copy()
+    out = core.forward(np.ones((2, 3), np.float32))
+    _, delta = core.loss_delta(out, np.zeros((2, 2), np.float32))
+    core.backward(delta)
+    again = core.take_gradients()
+    reference = PartitionCore(spec, 0, 2, before, 0.1)
+    out = reference.forward(np.ones((2, 3), np.float32))
+    _, delta = reference.loss_delta(out, np.zeros((2, 2), np.float32))
+    reference.backward(delta)
+    np.testing.assert_array_equal(again, reference.take_gradients())
+    assert not np.array_equal(again, first + again)
     with pytest.raises(ValueError, match="fetched block"):
         core.install(flat[:-1].copy())
     other = core.install(flat.copy() + 1)

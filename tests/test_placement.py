@@ -1,6 +1,5 @@
 """Placement as pure functions: tensor pieces over shards, roles over hosts."""
 
-from collections import Counter
 from itertools import combinations
 
 import numpy as np
@@ -10,7 +9,7 @@ from hypothesis import strategies as st
 
 from dbnode.errors import ConfigError
 from dbnode.model import ModelSpec
-from dbnode.placement import DEFAULT_MIN_SPLIT_BYTES, ShardPlan, place, plan_shards, split_layers
+from dbnode.placement import DEFAULT_MIN_SPLIT_BYTES, ShardPlan, plan_shards, split_layers
 
 NAMES = [f"layer{i}.{kind}" for i in range(6) for kind in ("weight", "bias")] + ["emb", "x"]
 
@@ -210,52 +209,6 @@ def test_assemble_checks_everything_before_writing():
         plan.assemble("w", parts, out=np.zeros((5, 2), np.float32))
     with pytest.raises(ValueError, match="shape"):
         plan.cut("w", np.zeros((6, 3), np.float32))
-
-
-# ------------------------------------------------------------ hosts
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.integers(1, 12), st.integers(1, 12), st.integers(0, 12), st.integers(1, 8))
-def test_place_spreads_roles(n_hosts, n_shards, replicas, partitions):
-    p = place(n_hosts, n_shards, replicas, partitions)
-    assert p == place(n_hosts, n_shards, replicas, partitions)
-    assert len(p.shards) == n_shards
-    assert len(p.partitions) == replicas and all(len(r) == partitions for r in p.partitions)
-    hosts = list(p.shards) + [h for r in p.partitions for h in r]
-    assert all(0 <= h < n_hosts for h in hosts)
-    counts = Counter(hosts)
-    per_host = [counts.get(h, 0) for h in range(n_hosts)]
-    assert max(per_host) - min(per_host) <= 1
-    for parts in p.partitions:
-        # No host holds two of one replica's partitions unless unavoidable.
-        assert max(Counter(parts).values()) == -(-partitions // n_hosts)
-    assert p.data == tuple(r[0] for r in p.partitions)
-    # on_host lists every role once.
-    listed = [p.on_host(h) for h in range(n_hosts)]
-    assert sorted(i for d in listed for i in d["shards"]) == list(range(n_shards))
-    assert sorted(rp for d in listed for rp in d["partitions"]) == [
-        (r, q) for r in range(replicas) for q in range(partitions)
-    ]
-    assert sorted(r for d in listed for r in d["data"]) == list(range(replicas))
-
-
-def test_place_small_example():
-    p = place(3, 2, 2, 2)
-    assert p.shards == (0, 1)
-    assert p.partitions == ((2, 0), (1, 2))
-    assert p.on_host(0) == {"shards": [0], "partitions": [(0, 1)], "data": []}
-
-
-@pytest.mark.parametrize(
-    "args, key",
-    [((0, 1, 1, 1), "n_hosts"), ((1, 0, 1, 1), "n_shards"), ((1, 1, -1, 1), "replicas"),
-     ((1, 1, 1, 0), "partitions"), ((1.5, 1, 1, 1), "n_hosts"), ((True, 1, 1, 1), "n_hosts")],
-)  # fmt: skip
-def test_place_rejects_bad_counts(args, key):
-    with pytest.raises(ConfigError) as info:
-        place(*args)
-    assert info.value.key == key
 
 
 # --------------------------------------------------------------- split_layers

@@ -11,6 +11,7 @@ module          holds
 ``checkpoint``  checkpoint directories: atomic, verified, pruned
 ``cluster``     :class:`LocalCluster`: the embedded cluster on loopback
 ``status``      :func:`status`: each node's identity, partitions and shard
+``plan``        :func:`plan`: where a run's roles go, and the traffic predicted
 ==============  ==========================================================
 """
 
@@ -28,6 +29,7 @@ _EXPORTS = {
     "check_data": ".inputs",
     "load_data": ".inputs",
     "prepare": ".inputs",
+    "plan": ".plan",
 }
 
 __all__ = sorted(_EXPORTS)

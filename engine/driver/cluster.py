@@ -1,9 +1,15 @@
 """The embedded local cluster: ``dbnode serve`` processes on loopback.
 
-``dbnode train`` with no hosts starts one node process per core (by
-default) on 127.0.0.1 with a fresh secret, and stops them all when the run
-ends, fails or is interrupted. Each node also exits by itself when its
-standard input closes, so that a driver killed outright leaves no orphans.
+``dbnode train`` with no hosts starts node processes on 127.0.0.1 with a
+fresh secret (one per layer partition of every replica, up to one per core:
+:func:`embedded_nodes`), and stops them all when the run ends, fails or is
+interrupted. Each node also exits by itself when its standard input closes,
+so that a driver killed outright leaves no orphans.
+
+The nodes share the machine's cores: each gets its share as its compute
+threads (``--threads`` and the thread variables of its environment, so its
+BLAS pool is sized before it loads), unless the user's environment already
+sets a thread count, which every node then keeps.
 """
 
 from __future__ import annotations
@@ -19,8 +25,16 @@ from pathlib import Path
 from ..errors import DBNodeError
 from ..node import parse_ready_line
 from ..runs import default_max_memory
+from ..threads import available_cores, environment_threads, shares, thread_environment
 
-__all__ = ["CLI_MODULE", "LocalCluster", "serve_command", "write_secret"]
+__all__ = [
+    "CLI_MODULE",
+    "LocalCluster",
+    "embedded_nodes",
+    "embedded_threads",
+    "serve_command",
+    "write_secret",
+]
 
 Address = tuple[str, int]
 
@@ -60,25 +74,68 @@ def write_secret(path: str | os.PathLike) -> Path:
     return path
 
 
+def embedded_nodes(roles: int, cores: int | None = None) -> int:
+    """How many nodes the embedded cluster starts for a run.
+
+    One per layer partition of every replica (``roles``), so that each
+    computes in its own process with its own share of the cores, but never
+    more than the cores: a lone replica then gets every core in one node,
+    with its parameter shard beside it.
+
+    Args:
+        roles: replicas x partitions.
+        cores: the cores to use (default: :func:`~dbnode.threads.available_cores`).
+
+    Returns:
+        At least 1.
+    """
+    return max(1, min(roles, cores or available_cores()))
+
+
+def embedded_threads(n: int) -> list[int]:
+    """Each embedded node's compute threads.
+
+    Args:
+        n: the embedded cluster's nodes.
+
+    Returns:
+        The environment's thread count for every node when it sets one (the
+        user pinned the pools), else the cores shared out evenly.
+    """
+    pinned = environment_threads()
+    return [pinned] * n if pinned else shares(available_cores(), n)
+
+
 class LocalCluster:
     """``n`` node processes on loopback, as a context manager.
 
     Args:
         n: how many nodes (default: one per core).
         startup_timeout: seconds each node has to start listening.
+        threads: each node's compute threads (default: the environment's
+            thread count if it sets one, else the cores shared out evenly).
 
     Attributes (inside the ``with``):
         addresses: where each node listens.
         secret_file: the secret they share.
+        threads: each node's compute threads.
 
     Raises:
         DBNodeError: on entering, a node exited or did not listen in time
             (every node started so far is stopped).
     """
 
-    def __init__(self, n: int | None = None, startup_timeout: float = 30.0):
-        self.n = n or os.cpu_count() or 1
+    def __init__(
+        self,
+        n: int | None = None,
+        startup_timeout: float = 30.0,
+        threads: list[int] | None = None,
+    ):
+        self.n = n or available_cores()
         self.startup_timeout = startup_timeout
+        self.threads = list(threads or embedded_threads(self.n))
+        if len(self.threads) != self.n:
+            raise ValueError(f"{len(self.threads)} thread counts for {self.n} nodes")
         self.processes: list[subprocess.Popen] = []
         self.addresses: list[Address] = []
 
@@ -86,7 +143,7 @@ class LocalCluster:
         self._dir = tempfile.TemporaryDirectory(prefix="dbnode-cluster-")
         self.secret_file = write_secret(Path(self._dir.name) / "secret")
         try:
-            for i in range(self.n):
+            for i, threads in enumerate(self.threads):
                 self.processes.append(
                     subprocess.Popen(
                         serve_command(
@@ -100,7 +157,10 @@ class LocalCluster:
                             # The machine's RAM is shared by its nodes.
                             "--max-memory",
                             str(default_max_memory(nodes=self.n)),
+                            "--threads",
+                            str(threads),
                         ),
+                        env={**os.environ, **thread_environment(threads)},
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         text=True,

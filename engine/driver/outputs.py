@@ -71,6 +71,13 @@ class Summary:
         refused_not_finite: pushes the shards refused for NaN or infinity.
         warnings: what the user should look at.
         events: what happened to nodes, replicas and shards, when.
+        threads: each node's compute threads, by address.
+        planned_bytes_per_step: what the placement predicts moves between
+            processes per step of every replica (:mod:`dbnode.traffic`).
+        wire_bytes: payload bytes the replicas sent between processes while
+            training (pushes, fetches, activations and deltas; what stays
+            in a process is not counted), as far as the driver heard.
+        links: the same by ``"source -> destination"`` node.
     """
 
     config: dict[str, Any]
@@ -97,6 +104,10 @@ class Summary:
     refused_not_finite: int = 0
     warnings: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    threads: dict[str, int] = field(default_factory=dict)
+    planned_bytes_per_step: int = 0
+    wire_bytes: int = 0
+    links: dict[str, int] = field(default_factory=dict)
 
 
 METRICS = ["seconds", "examples", "train_loss", "test_loss", "test_accuracy"]

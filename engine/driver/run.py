@@ -11,7 +11,7 @@ then:
    the run on each: a random run id that scopes everything the run does
    there, and a lease its heartbeats renew (:mod:`dbnode.runs`);
 3. places parameter shards and every replica's layer partitions on the
-   nodes (:func:`dbnode.placement.place`, :func:`~dbnode.placement.split_layers`),
+   nodes (:mod:`dbnode.traffic`, :func:`~dbnode.placement.split_layers`),
    initializes the shards, ships each replica's data, starts the partitions;
 4. watches progress and health (:mod:`dbnode.driver.health`): restarts
    failed replicas, restores lost shards from its backups or checkpoints
@@ -42,13 +42,14 @@ import trio
 from .. import control
 from ..aio import first_error
 from ..config import RunConfig, format_address, parse_address
-from ..errors import ConfigError, DBNodeError, RunInterrupted, TransportError
+from ..errors import ConfigError, DBNodeError, RunInterrupted
 from ..model import evaluate
 from ..ps.shard import ParameterShard
 from ..wire import Address, Peers, load_secret
-from .cluster import LocalCluster
+from .cluster import LocalCluster, embedded_nodes
 from .inputs import Inputs, find_resume, prepare
 from .outputs import Progress, Summary, write_outputs
+from .plan import distinct_nodes, node_shapes, oversubscribed
 from .state import Replica, RunState
 
 __all__ = ["Progress", "Summary", "train", "write_outputs"]
@@ -113,34 +114,14 @@ def train(
         if secret is None:
             secret = load_secret(config.cluster.secret_file or None)
         return trio.run(_run, config, hosts, secret, inputs, out_dir, progress, name)
-    with LocalCluster(config.cluster.nodes or None) as cluster:
+    roles = len(inputs.shards) * config.model.partitions
+    with LocalCluster(config.cluster.nodes or embedded_nodes(roles)) as cluster:
         secret = cluster.secret_file.read_bytes()
         return trio.run(_run, config, cluster.addresses, secret, inputs, out_dir, progress, name)
 
 
 def _address(text: str) -> Address:
     return parse_address(text, key="cluster.hosts")
-
-
-async def _distinct_nodes(peers: Peers, hosts: list[Address]) -> list[Address]:
-    """``hosts`` with each node once: one node may be named by several
-    addresses (``A,A`` or ``127.0.0.1:P,localhost:P``); its id tells."""
-    seen: dict[str, Address] = {}
-    for host in hosts:
-        try:
-            ch = await peers.get(host)
-            info = await control.call(ch, control.Info(), timeout=30.0)
-        except (OSError, TransportError) as exc:
-            raise DBNodeError(f"node {format_address(host)} is unreachable: {exc}") from None
-        if info.node_id in seen:
-            log.warning(
-                "%s is the node %s again: used once",
-                format_address(host),
-                format_address(seen[info.node_id]),
-            )
-            continue
-        seen[info.node_id] = host
-    return list(seen.values())
 
 
 async def _run(
@@ -165,10 +146,20 @@ async def _run_in_nursery(config, hosts, secret, inputs, out_dir, progress, name
         peers = Peers(nursery, secret, name="driver")
         run: RunState | None = None
         try:
-            distinct = await _distinct_nodes(peers, hosts)
-            run = RunState(config, distinct, peers, inputs, secrets.token_hex(8), name)
+            distinct = await distinct_nodes(peers, hosts)
+            run = RunState(
+                config,
+                list(distinct),
+                peers,
+                inputs,
+                secrets.token_hex(8),
+                name,
+                nodes=node_shapes(distinct),
+            )
             if len(distinct) < len(hosts):
                 run.event("duplicate hosts", given=len(hosts), nodes=len(distinct))
+            for text in oversubscribed(distinct):
+                run.warn(text)
             if config.checkpoint.interval:
                 run.checkpoint_dir = Path(config.checkpoint.dir or Path(out_dir) / "checkpoints")
             summary = await _drive(run, inputs, out_dir, progress, start, nursery)
@@ -521,6 +512,10 @@ async def _finish(
         )
     fenced = sum(f for f, _ in run.counters.values())
     not_finite = sum(n for _, n in run.counters.values())
+    links: dict[str, int] = {}
+    for replica in run.replicas:
+        for link, nbytes in replica.links.items():
+            links[link] = links.get(link, 0) + nbytes
     summary = Summary(
         config=config.to_dict(),
         replicas=len(run.replicas),
@@ -549,6 +544,10 @@ async def _finish(
         refused_not_finite=not_finite,
         warnings=run.warnings,
         events=run.events,
+        threads={node.name: node.threads for node in run.layout.nodes},
+        wire_bytes=sum(links.values()),
+        links=dict(sorted(links.items())),
+        planned_bytes_per_step=round(run.layout.bytes_per_step),
     )
     if out_dir is not None:
         write_outputs(Path(out_dir), final, metrics, summary)

@@ -22,12 +22,14 @@ from .. import control, kernels
 from ..blocks import block_views, blocks, pack_block
 from ..config import RunConfig, format_address
 from ..errors import DBNodeError, NodeUnreachable, RemoteError, TransportError
-from ..placement import DEFAULT_MIN_SPLIT_BYTES, place, plan_shards, split_layers
+from ..placement import DEFAULT_MIN_SPLIT_BYTES
 from ..ps.client import ParameterClient
+from ..traffic import NodeShape
 from ..wire import Address, Peers
 from . import checkpoint
 from .health import FailureDetector
 from .inputs import Inputs, run_identity
+from .plan import layout
 from .recovery import ShardBackups, Source, lost_updates
 
 __all__ = ["MAX_RESTARTS", "Replica", "RunState"]
@@ -56,6 +58,20 @@ class Replica:
     failures: int = 0  # restarts it caused itself (not a node's death)
     acked_before: int = 0  # piece updates acknowledged to earlier incarnations
     acked: dict[int, int] = field(default_factory=dict)  # partition -> to this incarnation
+    # "source -> destination" -> payload bytes: of earlier incarnations, and
+    # of this one's partitions as last reported.
+    links_before: dict[str, int] = field(default_factory=dict)
+    links_now: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def links(self) -> dict[str, int]:
+        """Payload bytes this replica's partitions moved between processes,
+        by ``"source -> destination"``."""
+        out = dict(self.links_before)
+        for partition in self.links_now.values():
+            for link, nbytes in partition.items():
+                out[link] = out.get(link, 0) + nbytes
+        return out
 
     @property
     def acknowledged(self) -> int:
@@ -67,6 +83,11 @@ class Replica:
         for i, report in enumerate(reports):
             if report is not None:
                 self.acked[i] = max(self.acked.get(i, 0), report.pushes)
+                me = format_address(self.hosts[i])
+                links = {f"{me} -> {peer}": n for peer, n in report.sent.items()}
+                for peer, n in report.received.items():
+                    links[f"{peer} -> {me}"] = links.get(f"{peer} -> {me}", 0) + n
+                self.links_now[i] = links
 
     @property
     def n_examples(self) -> int:
@@ -93,19 +114,17 @@ class RunState:
         inputs: Inputs,
         run_id: str,
         name: str,
+        nodes: list[NodeShape] | None = None,
     ):
         self.config, self.hosts, self.peers = config, hosts, peers
         self.id, self.name = run_id, name
         self.spec = config.spec()
         n_replicas = len(inputs.shards)
         self.partitions = config.model.partitions
-        placement = place(len(hosts), config.cluster.parameter_shards, n_replicas, self.partitions)
-        self.bounds = split_layers(self.spec.layers, self.partitions)
-        self.plan = plan_shards(
-            blocks(self.spec, self.bounds),
-            config.cluster.parameter_shards,
-            self.spec.np_dtype.itemsize,
-        )
+        nodes = nodes or [NodeShape(name=format_address(h)) for h in hosts]
+        cut = layout(config, n_replicas, list(nodes))
+        self.bounds, self.plan, self.layout = cut.bounds, cut.shards, cut.plan
+        placement = self.layout.placement
         self.epoch = 0
         self.shard_hosts = [hosts[h] for h in placement.shards]
         self.client = ParameterClient(self.plan, self.shard_hosts, peers, run=run_id)
@@ -261,6 +280,7 @@ class RunState:
         replica.incarnation, replica.last = replica.incarnation + 1, None
         replica.seen_loss = (0.0, 0)
         replica.acked_before, replica.acked = replica.acknowledged, {}
+        replica.links_before, replica.links_now = replica.links, {}
         while True:
             replica.hosts = self._least_loaded(replica, reason)
             log.warning(

@@ -41,6 +41,9 @@ class ParameterClient:
             are then pushed and pulled by direct calls (same arithmetic,
             same dedup, same fencing: it raises STALE_EPOCH as the node
             would), not through the loopback interface.
+        count: ``count(address, sent, received)`` after every request to a
+            shard node: the payload bytes it carried each way (pieces in
+            this process move none and are not counted).
 
     Raises:
         ValueError: ``shards`` does not have one address per plan shard.
@@ -55,12 +58,14 @@ class ParameterClient:
         epoch: int = 0,
         timeout: float | None = 60.0,
         local: Callable[[Address, int], ParameterShard | None] | None = None,
+        count: Callable[[Address, int, int], None] | None = None,
     ):
         self.plan = plan
         self.peers = peers
         self.run = run
         self.timeout = timeout
         self._local = local or (lambda address, epoch: None)
+        self._count = count or (lambda address, sent, received: None)
         self.remap(epoch, shards)
 
     def remap(self, epoch: int, shards: list[Address]) -> None:
@@ -83,6 +88,17 @@ class ParameterClient:
     def _in_process(self, key: int) -> ParameterShard | None:
         return self._local(self._address(key), self.epoch)
 
+    def in_process(self, tensor: str) -> bool:
+        """Whether every piece of ``tensor`` is held by a shard of this process.
+
+        Args:
+            tensor: a tensor name of the plan.
+
+        Returns:
+            True when pushing and pulling it makes no request at all.
+        """
+        return all(self._in_process(s.key) is not None for s in self.plan.pieces(tensor))
+
     async def _each(self, jobs: Iterable[tuple[int, Any]], request) -> None:
         """Run ``request(key, arg)`` for every job, concurrently when there
         are several (one needs no nursery)."""
@@ -97,10 +113,16 @@ class ParameterClient:
     async def _request(self, kind: MessageKind, key: int, meta: dict | None = None, **kwargs):
         """One request for piece ``key``; ``meta`` must name the run and epoch
         (default: just those)."""
-        ch = await self.peers.get(self._address(key))
-        return await ch.request(
+        address = self._address(key)
+        ch = await self.peers.get(address)
+        reply = await ch.request(
             kind, key=key, timeout=self.timeout, meta=self._meta if meta is None else meta, **kwargs
         )
+        array, into = kwargs.get("array"), kwargs.get("into")
+        self._count(
+            address, 0 if array is None else array.nbytes, 0 if into is None else into.nbytes
+        )
+        return reply
 
     def _pieces(self, tensors: dict[str, np.ndarray]) -> list[tuple[int, np.ndarray]]:
         return [

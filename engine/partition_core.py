@@ -1,0 +1,245 @@
+"""A layer partition's arithmetic, without I/O: :class:`PartitionCore`.
+
+A Downpour replica is cut by layer into partitions; each holds a contiguous
+block of layers with a local copy of their parameters, and this class does
+its forward, backward, local updates and fetch correction
+(:mod:`dbnode.partition` drives it over the network).
+
+Between fetches the partition applies its own gradients to its local copy
+with plain SGD at the run's learning rate, as the paper's replicas do, so
+the next step never waits for the network. A fetch is asynchronous too: it
+answers with the shard's parameters as they were when it was issued, and
+the partition may have taken more steps since. :meth:`PartitionCore.install`
+therefore re-applies the local gradients the shards have not seen yet to the
+fetched values, so no step's own update is lost. With the shard's optimizer also
+plain SGD and one replica, the local copy and the shard's copy are then
+bit-for-bit the same, which is why a one-replica run reproduces the
+single-process trainer exactly, however late its fetches land.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import kernels
+from .blocks import block_layout, block_views
+from .model import LayerStack, Loss, ModelSpec
+
+__all__ = ["PartitionCore"]
+
+
+class PartitionCore:
+    """Layers ``[first, last)`` of one replica, without I/O.
+
+    ``flat`` is this partition's parameter block (see
+    :func:`~dbnode.blocks.block_views`): used in place, later replaced by
+    :meth:`install`. Gradients, their accumulation for the next push and
+    the local updates all work on flat blocks of the same layout, one pass
+    each.
+
+    Args:
+        spec: the whole model.
+        first, last: the layers this partition holds, ``[first, last)``.
+        flat: the initial parameter block (taken, not copied).
+        learning_rate: of the local plain-SGD updates.
+        n_fetch, n_push: the fetch and push periods, in steps.
+
+    Raises:
+        ValueError: ``n_fetch`` or ``n_push`` is below 1.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        first: int,
+        last: int,
+        flat: np.ndarray,
+        learning_rate: float,
+        n_fetch: int = 1,
+        n_push: int = 1,
+    ):
+        if n_fetch < 1 or n_push < 1:
+            raise ValueError(f"n_fetch and n_push must be >= 1, got {n_fetch} and {n_push}")
+        self.spec, self.first, self.last = spec, first, last
+        self.flat = flat
+        self._grad = self._zeros()
+        self.stack = LayerStack(
+            spec,
+            block_views(spec, flat, first, last),
+            first,
+            last,
+            grads=block_views(spec, self._grad, first, last),
+        )
+        self.is_first = first == 0
+        self.is_last = last == spec.n_layers
+        self.loss = Loss(spec) if self.is_last else None
+        self.learning_rate = float(learning_rate)
+        self.n_fetch, self.n_push = n_fetch, n_push
+        self.step = 0
+        # Gradients since the last push: what the next push sends, and what a
+        # fetched value lacks of this partition's own work (see install).
+        self._acc = self._zeros()
+        self._acc_empty = True  # nothing accumulated: _acc's contents mean zero
+        self._fetch_pending = False
+        self._free: list[np.ndarray] = []
+        self._delta: np.ndarray | None = None
+
+    def _zeros(self) -> np.ndarray:
+        return kernels.zeros(block_layout(self.spec, self.first, self.last)[1], self.spec.np_dtype)
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """The local copy's tensors (views into :attr:`flat`)."""
+        return self.stack.params
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """This partition's output for a batch.
+
+        Args:
+            x: the batch's inputs to this partition.
+
+        Returns:
+            The output: a view of a buffer that the next forward overwrites.
+        """
+        return self.stack.forward(x)
+
+    def loss_delta(self, out: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
+        """The last partition's loss on its output, and the delta that starts backward.
+
+        Args:
+            out: this partition's output of the batch.
+            targets: the batch's targets.
+
+        Returns:
+            ``(mean loss, delta)``.
+
+        Raises:
+            RuntimeError: this is not the last partition.
+        """
+        if self.loss is None:
+            raise RuntimeError("only the last partition computes the loss")
+        if self._delta is None or self._delta.shape != out.shape:
+            self._delta = kernels.empty(out.shape, out.dtype)
+        return self.loss(out, targets, self._delta)
+
+    def backward(self, delta: np.ndarray, local_update: bool = True) -> np.ndarray | None:
+        """Backward through the partition, then accumulate its gradients for
+        the next push and apply them to the local copy.
+
+        Args:
+            delta: dL/d(this partition's output).
+            local_update: off for a step whose fetch replaces the local copy
+                before the next step (shards in this process): the update
+                would be thrown away.
+
+        Returns:
+            The delta for the partition below (None for the first).
+        """
+        preactivation = self.loss is not None and self.loss.preactivation
+        below = self.stack.backward(
+            delta, need_delta_below=not self.is_first, preactivation=preactivation
+        )
+        if local_update:
+            kernels.sgd(self.flat, self._grad, self.learning_rate)
+        if self._acc_empty:
+            # The first gradients since a push are the accumulation: the
+            # buffers swap instead of a pass over the block.
+            self._acc, self._grad = self._grad, self._acc
+            self.stack.grads = block_views(self.spec, self._grad, self.first, self.last)
+            self._acc_empty = False
+        else:
+            kernels.accumulate(self._acc, self._grad)
+        self.step += 1
+        return below
+
+    def whole_step(self, x: np.ndarray, targets: np.ndarray, local_update: bool = True) -> float:
+        """A step of a partition holding the whole network, in one call (one
+        hop to a worker thread): forward, loss, backward.
+
+        Args:
+            x: the batch's inputs.
+            targets: its targets.
+            local_update: as :meth:`backward`'s.
+
+        Returns:
+            The batch's mean loss; when it is not finite the step stops there
+            (no gradients, no update).
+        """
+        loss, delta = self.loss_delta(self.forward(x), targets)
+        if math.isfinite(loss):
+            self.backward(delta, local_update)
+        return loss
+
+    @property
+    def push_due(self) -> bool:
+        """Whether the step just taken ends a push period (every ``n_push`` steps)."""
+        return self.step % self.n_push == 0
+
+    @property
+    def fetch_due(self) -> bool:
+        """Whether the step just taken ends a fetch period (every ``n_fetch`` steps)."""
+        return self.step % self.n_fetch == 0
+
+    def take_gradients(self) -> np.ndarray:
+        """The gradients accumulated since the last push (a flat block). It
+        stays valid until handed back with :meth:`release`; accumulation
+        continues in another buffer meanwhile."""
+        if self._fetch_pending:
+            raise RuntimeError(
+                "install the fetch in flight before taking more gradients: "
+                "its correction is the gradients accumulated since the last push"
+            )
+        if self._acc_empty:
+            self._acc.fill(0)  # nothing since the last push (not a step's end)
+        taken = self._acc
+        self._acc = self._free.pop() if self._free else self._zeros()
+        self._acc_empty = True
+        return taken
+
+    def release(self, grads: np.ndarray) -> None:
+        """Give back a pushed gradient block for reuse.
+
+        Args:
+            grads: a block :meth:`take_gradients` gave (its contents are never
+                read again: the next backward overwrites it).
+        """
+        self._free.append(grads)
+
+    def fetch_issued(self) -> None:
+        """Mark a fetch as sent: until it is installed no gradients may be
+        taken (see :meth:`install`)."""
+        self._fetch_pending = True
+
+    def install(self, fetched: np.ndarray) -> np.ndarray:
+        """Make a fetched parameter block the local copy, after re-applying
+        the local gradients it lacks. No copy: the blocks swap.
+
+        What it lacks is exactly the gradients accumulated since the last
+        push, provided (as the node guarantees) every push before the fetch
+        was applied by the time the fetch was answered — one push or fetch
+        in flight at a time, a paired PUSH_PULL applies before it answers —
+        and no gradients were taken while the fetch was in flight (refused).
+
+        Args:
+            fetched: the fetched block (taken, not copied).
+
+        Returns:
+            The previous block, free for the next fetch.
+
+        Raises:
+            ValueError: ``fetched`` is not a block of this partition's shape
+                and dtype.
+        """
+        if fetched.shape != self.flat.shape or fetched.dtype != self.flat.dtype:
+            raise ValueError(
+                f"fetched block {fetched.shape} {fetched.dtype} does not match "
+                f"{self.flat.shape} {self.flat.dtype}"
+            )
+        if not self._acc_empty:
+            kernels.sgd(fetched, self._acc, self.learning_rate)
+        self._fetch_pending = False
+        previous, self.flat = self.flat, fetched
+        self.stack.params = block_views(self.spec, fetched, self.first, self.last)
+        return previous
