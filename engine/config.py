@@ -105,7 +105,8 @@ class ClusterConfig:
         hosts: ``"host:port"`` of running nodes; none: an embedded local cluster.
         parameter_shards: parameter server shards, spread over the nodes.
         secret_file: the secret for ``hosts`` ("": ``$DBNODE_SECRET``).
-        nodes: nodes of the embedded local cluster (0: one per core).
+        nodes: nodes of the embedded local cluster (0: one per layer partition
+            of every replica, up to one per core).
         heartbeat: seconds; a node silent for three of them is dead.
         lease: seconds a node keeps the run without hearing from the driver;
             then it frees it (a driver killed outright leaves nothing behind).
@@ -325,7 +326,7 @@ class RunConfig:
                 "cluster.backup_interval", c.backup_interval, "must be >= 0 seconds (0: off)"
             )
         if c.nodes < 0:
-            raise ConfigError("cluster.nodes", c.nodes, "must be >= 0 (0: one per core)")
+            raise ConfigError("cluster.nodes", c.nodes, "must be >= 0 (0: one per partition of every replica, up to one per core)")
         for host in c.hosts:
             parse_address(host, key="cluster.hosts")
 

@@ -21,8 +21,9 @@ ERROR for that request alone: no message, however wrong, ends the node.
 
 Everything runs in one trio event loop; shard requests are synchronous
 calls, so pushes are applied one at a time, exactly. Partitions compute in
-the loop too (heavy steps in a worker thread): one node process per core is
-the unit of parallelism.
+the loop too (heavy steps in a worker thread, with the BLAS and kernel
+threads the process was given: :mod:`dbnode.threads`); the node process is
+the unit of parallelism, sized to its share of the host's cores.
 """
 
 from __future__ import annotations
