@@ -326,7 +326,11 @@ class RunConfig:
                 "cluster.backup_interval", c.backup_interval, "must be >= 0 seconds (0: off)"
             )
         if c.nodes < 0:
-            raise ConfigError("cluster.nodes", c.nodes, "must be >= 0 (0: one per partition of every replica, up to one per core)")
+            raise ConfigError(
+                "cluster.nodes",
+                c.nodes,
+                "must be >= 0 (0: one per partition of every replica, up to one per core)",
+            )
         for host in c.hosts:
             parse_address(host, key="cluster.hosts")
 
