@@ -222,6 +222,8 @@ class PartitionRunner:
             count=self.status.count,
         )
         self._remapped = trio.Event()  # set (and replaced) at every remap
+        self._in_process_at: int | None = None  # the shard map epoch it was asked at
+        self._in_process_cached = False
         self._sync_scope: trio.CancelScope | None = None  # the push or fetch in flight
         self._ready: np.ndarray | None = None
         self._sync_done = trio.Event()
@@ -274,8 +276,12 @@ class PartitionRunner:
     @property
     def _in_process(self) -> bool:
         """Whether this partition's shards are all in this process (its pushes
-        and fetches are then calls, over as soon as made)."""
-        return self.client.in_process(self.block)
+        and fetches are then calls, over as soon as made). Asked once per
+        shard map: a tiny step costs microseconds."""
+        if self._in_process_at != self.client.epoch:
+            self._in_process_cached = self.client.in_process(self.block)
+            self._in_process_at = self.client.epoch
+        return self._in_process_cached
 
     def remap(self, epoch: int, shards: tuple[tuple[str, int], ...]) -> None:
         """Push to and fetch from ``shards`` at shard map ``epoch`` from now on;

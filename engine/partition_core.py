@@ -64,13 +64,14 @@ class PartitionCore:
             raise ValueError(f"n_fetch and n_push must be >= 1, got {n_fetch} and {n_push}")
         self.spec, self.first, self.last = spec, first, last
         self.flat = flat
+        self._view_cache: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
         self._grad = self._zeros()
         self.stack = LayerStack(
             spec,
-            block_views(spec, flat, first, last),
+            self._views(flat),
             first,
             last,
-            grads=block_views(spec, self._grad, first, last),
+            grads=self._views(self._grad),
         )
         self.is_first = first == 0
         self.is_last = last == spec.n_layers
@@ -85,6 +86,18 @@ class PartitionCore:
         self._fetch_pending = False
         self._free: list[np.ndarray] = []
         self._delta: np.ndarray | None = None
+
+    def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """``flat``'s tensor views, made once per buffer: the few blocks a
+        partition cycles through are re-viewed at every step, and making the
+        views costs more than a tiny step."""
+        cached = self._view_cache.get(id(flat))
+        if cached is None or cached[0] is not flat:
+            if len(self._view_cache) > 8:  # buffers come and go only on restarts
+                self._view_cache.clear()
+            cached = (flat, block_views(self.spec, flat, self.first, self.last))
+            self._view_cache[id(flat)] = cached
+        return cached[1]
 
     def _zeros(self) -> np.ndarray:
         return kernels.zeros(block_layout(self.spec, self.first, self.last)[1], self.spec.np_dtype)
@@ -147,7 +160,7 @@ class PartitionCore:
             # The first gradients since a push are the accumulation: the
             # buffers swap instead of a pass over the block.
             self._acc, self._grad = self._grad, self._acc
-            self.stack.grads = block_views(self.spec, self._grad, self.first, self.last)
+            self.stack.grads = self._views(self._grad)
             self._acc_empty = False
         else:
             kernels.accumulate(self._acc, self._grad)
@@ -241,5 +254,5 @@ class PartitionCore:
             kernels.sgd(fetched, self._acc, self.learning_rate)
         self._fetch_pending = False
         previous, self.flat = self.flat, fetched
-        self.stack.params = block_views(self.spec, fetched, self.first, self.last)
+        self.stack.params = self._views(fetched)
         return previous
