@@ -52,6 +52,7 @@ from .schema import (
     in_meta,
     in_payload,
     integer,
+    is_required,
     list_of,
     mapping_of,
     nested,
@@ -191,12 +192,12 @@ class InfoReply(Message):
     version: str = in_meta(string())
     pid: int = in_meta(_COUNT)
     cores: int | None = in_meta(optional(_COUNT))
-    threads: int = in_meta(_COUNT)
-    machine: str = in_meta(string())
     address: tuple[str, int] = in_meta(_ADDRESS)
     max_memory: int = in_meta(_COUNT)
     memory: int = in_meta(_COUNT)
     runs: int = in_meta(_COUNT)
+    threads: int = in_meta(_COUNT, 0)  # 0: a node too old to say
+    machine: str = in_meta(string(), "")
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,8 @@ class PartitionReport(Message):
     diverged: bool = in_meta(boolean(), False)
     pushes: int = in_meta(_COUNT, 0)  # piece updates the shards acknowledged
     # Payload bytes this partition sent to / received from other processes,
-    # by their "host:port" (pushes, fetches, activations and deltas).
+    # by their "host:port": sent, its pushes, activations and deltas;
+    # received, its fetches (what a neighbour sent it, the neighbour counts).
     sent: dict[str, int] = in_meta(mapping_of(_COUNT, keys="peer"), {})
     received: dict[str, int] = in_meta(mapping_of(_COUNT, keys="peer"), {})
 
@@ -600,14 +602,15 @@ def _cells(schema: type[Message] | None) -> tuple[str, str, str]:
             key = f.metadata["doc"]
         elif at == "payload":
             payload = f.metadata["doc"]
-        elif f.default is REQUIRED:
+        elif is_required(f):
             nested = f.metadata["codec"].schema
             by = f.metadata["codec"].keys
             each = f" (by {by}, each: {_cells(nested)[2]})" if nested is not None else ""
             meta.append(f"`{f.name}`{each}")
         else:
-            default = "null" if f.default is None else repr(f.default).lower()
-            default = "[]" if f.default == () else default
+            value = f.default_factory() if f.default is REQUIRED else f.default
+            default = "null" if value is None else repr(value).lower()
+            default = "[]" if value == () else default
             meta.append(f"`{f.name}` = {default}")
     return key, payload, ", ".join(meta) or "—"
 

@@ -103,7 +103,8 @@ class PartitionStatus:
         pushes: piece updates the shards acknowledged (a block split over k
             shard pieces counts k per push).
         sent, received: payload bytes to and from other processes, by their
-            ``host:port``: pushes, fetches, activations and deltas.
+            ``host:port``: sent, its pushes, activations and deltas; received,
+            its fetches (a neighbour counts what it sends).
     """
 
     step: int = 0
@@ -222,6 +223,7 @@ class PartitionRunner:
             count=self.status.count,
         )
         self._remapped = trio.Event()  # set (and replaced) at every remap
+        self._skipped_update = False  # the step just taken left its update to its fetch
         self._in_process_at: int | None = None  # the shard map epoch it was asked at
         self._in_process_cached = False
         self._sync_scope: trio.CancelScope | None = None  # the push or fetch in flight
@@ -316,7 +318,10 @@ class PartitionRunner:
                 self._raise_sync_error()
                 self._install_ready()
                 if self.core.step % job.n_push:  # the last steps' gradients
-                    await self._sync(self.core.take_gradients(), None, self.core.step)
+                    # Numbered on from the loop's pushes (seq = the global step),
+                    # or a restarted replica's last push is dropped as a retry.
+                    last = job.start_step + self.core.step
+                    await self._sync(self.core.take_gradients(), None, last)
                     self._raise_sync_error()
             self.status.seconds = trio.current_time() - start
             self.status.done = True
@@ -346,6 +351,7 @@ class PartitionRunner:
             # A step whose fetch comes from this process, at once, needs no
             # local update: the fetched block replaces it before the next step.
             local = not ((core.step + 1) % core.n_fetch == 0 and self._in_process)
+            self._skipped_update = not local  # then its fetch must land before the next step
             if core.is_first and core.is_last:
                 loss = await self._compute(core.whole_step, self.x[idx], self.y[idx], local)
                 if not math.isfinite(loss):
@@ -411,11 +417,14 @@ class PartitionRunner:
             staging, self._spare = self._spare, None
             core.fetch_issued()
         self._sync_done = trio.Event()
-        if self._in_process:
+        if self._in_process or self._skipped_update:
             # Shards in this process: a push is a few passes over memory, done
             # now rather than beside the next step's GEMMs, whose threads it
-            # would only slow (two loads on the cores the step has).
+            # would only slow (two loads on the cores the step has). A step
+            # that left its update to this fetch waits for it even if a remap
+            # has moved the shards away meanwhile.
             await self._sync(grads, staging, step)
+            self._raise_sync_error()
         else:
             self._nursery.start_soon(self._sync, grads, staging, step)
 

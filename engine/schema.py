@@ -30,6 +30,7 @@ __all__ = [
     "Codec",
     "Message",
     "REQUIRED",
+    "is_required",
     "Request",
     "boolean",
     "in_key",
@@ -211,6 +212,18 @@ def nested(cls: type[Message]) -> Codec:
 REQUIRED = dataclasses.MISSING
 
 
+def is_required(f: dataclasses.Field) -> bool:
+    """Whether a schema field must be present (it has no default of any kind).
+
+    Args:
+        f: a field of a schema.
+
+    Returns:
+        True when a message without it is refused.
+    """
+    return f.default is REQUIRED and f.default_factory is dataclasses.MISSING
+
+
 def in_meta(codec: Codec, default: Any = REQUIRED, *, omit_default: bool = False) -> Any:
     """A field carried in the frame's meta. With ``omit_default`` it is left
     out of the meta when it has its default value (what the driver always did
@@ -323,7 +336,7 @@ class Message:
                 args[f.name] = _decode_payload(cls, f, array)
             elif at == "meta":
                 if f.name not in meta:
-                    if f.default is REQUIRED:
+                    if is_required(f):
                         raise Bad("is missing", f.name)
                     continue
                 try:

@@ -109,7 +109,10 @@ def limit_threads(threads: int) -> None:
         raise ValueError(f"threads must be >= 1, got {threads}")
     from threadpoolctl import threadpool_limits
 
-    # BLAS libraries keep one pool per process: the limit holds in every thread.
+    # A pthreads BLAS (numpy's wheels' OpenBLAS, MKL) keeps one pool per
+    # process, so the limit holds in every thread; an OpenMP-threaded BLAS
+    # takes it per calling thread, which is why the embedded cluster also
+    # sets the thread variables before a node starts.
     threadpool_limits(limits=threads, user_api="blas")
     kernels.set_threads(threads)
 

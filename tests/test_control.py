@@ -551,3 +551,20 @@ def test_the_vocabulary_imports_without_trio():
     code = "import sys, dbnode.control; assert 'trio' not in sys.modules, 'trio'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_fields_added_later_are_optional_when_decoding():
+    """A node of the version before threads and wire bytes were reported:
+    its info and partition reports still decode, with the defaults."""
+    meta = REPORT.to_meta()
+    del meta["sent"], meta["received"]
+    old = control.PartitionReport.from_meta(meta)
+    assert old.sent == {} and old.received == {} and old == REPORT
+    info = next(e for e in EXAMPLES if isinstance(e, control.InfoReply))
+    meta = info.to_meta()
+    del meta["threads"], meta["machine"]
+    old_info = control.InfoReply.from_meta(meta)
+    assert old_info.threads == 0 and old_info.machine == ""
+    # Each decoded report has its own dict: filling one leaves the others empty.
+    old.sent["x:1"] = 5
+    assert control.PartitionReport.from_meta(REPORT.to_meta()).sent == {}

@@ -91,7 +91,11 @@ def node_shapes(nodes: dict[Address, InfoReply]) -> list[NodeShape]:
         One shape per node, in order, named by address.
     """
     return [
-        NodeShape(threads=info.threads, machine=info.machine, name=format_address(address))
+        NodeShape(
+            threads=info.threads or info.cores or 1,
+            machine=info.machine,
+            name=format_address(address),
+        )
         for address, info in nodes.items()
     ]
 
@@ -199,7 +203,7 @@ def oversubscribed(nodes: dict[Address, control.InfoReply]) -> list[str]:
         machines.setdefault(info.machine, []).append((address, info))
     out = []
     for members in machines.values():
-        threads = sum(info.threads for _, info in members)
+        threads = sum(info.threads or info.cores or 1 for _, info in members)
         cores = max(info.cores or 1 for _, info in members)
         if threads > cores:
             names = ", ".join(format_address(a) for a, _ in members)
