@@ -315,8 +315,12 @@ class LayerStack:
     @grads.setter
     def grads(self, grads: dict[str, np.ndarray]) -> None:
         self._grads = grads
-        self._layer_grads = [{n: grads[full] for n, full in names.items()}
-                             for names in self._names]  # fmt: skip
+        self._layer_grads = self._per_layer(grads)
+
+    def _per_layer(self, tensors: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Each layer's own view of ``tensors`` (``weight``, ``bias``), made
+        once when they are swapped in, not at every pass."""
+        return [{n: tensors[full] for n, full in names.items()} for names in self._names]
 
     @property
     def params(self) -> dict[str, np.ndarray]:
@@ -328,8 +332,7 @@ class LayerStack:
         # Swapped in whole by a fetch: each layer's own view is made once here,
         # not at every pass.
         self._params = params
-        self._layer_params = [{n: params[full] for n, full in names.items()}
-                              for names in self._names]  # fmt: skip
+        self._layer_params = self._per_layer(params)
 
     def _buffers(self, batch: int) -> None:
         if batch == self._batch:

@@ -1,11 +1,14 @@
 """Compute threads: sizing a process's pools, the embedded cluster's shares,
 nodes that report theirs, and the warning when one machine is oversubscribed."""
 
-import json
+import dataclasses
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import trio
 from serve_node import ServeNode
 
 from dbnode import control
@@ -17,7 +20,7 @@ from dbnode.threads import (
     machine_id,
     shares,
 )
-from dbnode.wire import open_connection
+from dbnode.wire import Channel, open_connection
 
 
 @pytest.mark.parametrize(
@@ -55,7 +58,7 @@ def test_limit_threads_sizes_blas_and_the_kernels_in_every_thread():
         "t.start(); t.join()\n"
         "print(threads.blas_pools()[0]['threads'], kernels.max_threads(), seen[0])\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k not in THREAD_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "1", "1"]
@@ -64,8 +67,6 @@ def test_limit_threads_sizes_blas_and_the_kernels_in_every_thread():
 async def info_of(address, secret) -> control.InfoReply:
     conn = await open_connection(*address, secret)
     import trio
-
-    from dbnode.wire import Channel
 
     async with trio.open_nursery() as nursery:
         ch = Channel(conn)
@@ -77,8 +78,6 @@ async def info_of(address, secret) -> control.InfoReply:
 
 
 def test_embedded_nodes_report_their_share_and_the_machine():
-    import trio
-
     with LocalCluster(2) as cluster:
         secret = cluster.secret_file.read_bytes()
         infos = [trio.run(info_of, a, secret) for a in cluster.addresses]
@@ -112,18 +111,34 @@ def test_nodes_that_oversubscribe_their_machine_get_a_warning(tmp_path):
         summary.warnings
     )
     assert sorted(summary.threads.values()) == [int(too_many)] * 2
-    json.dumps(summary.threads)
 
 
 def test_train_plan_prints_the_placement_without_training(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "dbnode.cli", "train", "examples/digits.toml", "--plan",
-         "--set", "cluster.nodes=2"],
+         "--set", "cluster.nodes=2", "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=60,
-        cwd=__import__("pathlib").Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("local-0: ") and lines[1].startswith("local-1: ")
     assert "partitions r0.p" in out.stdout and "MB per step" in lines[-1]
-    assert not (tmp_path / "summary.json").exists()
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_oversubscription_is_judged_per_machine():
+    from dbnode.driver.plan import oversubscribed
+
+    base = control.InfoReply(node_id="x", name="n", version="v", pid=1, cores=2,
+                             address=("h", 1), max_memory=1, memory=0, runs=0)  # fmt: skip
+
+    def node(machine: str, threads: int) -> control.InfoReply:
+        return dataclasses.replace(base, machine=machine, threads=threads)
+
+    fits = {("a", 1): node("m1", 1), ("b", 1): node("m1", 1), ("c", 1): node("m2", 2)}
+    assert oversubscribed(fits) == []
+    (warning,) = oversubscribed({**fits, ("d", 1): node("m2", 1)})
+    assert "c:1, d:1" in warning and "3 compute threads on its 2 cores" in warning
+    # Nodes too old to say their machine are not lumped together.
+    assert oversubscribed({("a", 1): node("", 2), ("b", 1): node("", 2)}) == []

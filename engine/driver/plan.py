@@ -13,7 +13,6 @@ import trio
 from .. import control
 from ..blocks import blocks
 from ..config import RunConfig, format_address
-from ..control import InfoReply
 from ..errors import DBNodeError, TransportError
 from ..placement import ShardPlan, plan_shards, split_layers
 from ..threads import machine_id
@@ -81,7 +80,7 @@ def layout(config: RunConfig, replicas: int, nodes: list[NodeShape]) -> Layout:
     return Layout(bounds, shards, plan_run(nodes, work))
 
 
-def node_shapes(nodes: dict[Address, InfoReply]) -> list[NodeShape]:
+def node_shapes(nodes: dict[Address, control.InfoReply]) -> list[NodeShape]:
     """What the placement needs to know of each node, from its ``info``.
 
     Args:
@@ -91,11 +90,7 @@ def node_shapes(nodes: dict[Address, InfoReply]) -> list[NodeShape]:
         One shape per node, in order, named by address.
     """
     return [
-        NodeShape(
-            threads=info.threads or info.cores or 1,
-            machine=info.machine,
-            name=format_address(address),
-        )
+        NodeShape(threads=_threads(info), machine=info.machine, name=format_address(address))
         for address, info in nodes.items()
     ]
 
@@ -142,7 +137,7 @@ def plan(
     if not hosts:
         return layout(config, replicas, embedded_shapes(config, replicas)).plan
 
-    async def ask() -> dict[Address, InfoReply]:
+    async def ask() -> dict[Address, control.InfoReply]:
         async with trio.open_nursery() as nursery:
             peers = Peers(nursery, secret or b"", name="driver")
             try:
@@ -200,10 +195,11 @@ def oversubscribed(nodes: dict[Address, control.InfoReply]) -> list[str]:
     """
     machines: dict[str, list[tuple[Address, control.InfoReply]]] = {}
     for address, info in nodes.items():
-        machines.setdefault(info.machine, []).append((address, info))
+        if info.machine:  # a node too old to say which machine it is on: unknown
+            machines.setdefault(info.machine, []).append((address, info))
     out = []
     for members in machines.values():
-        threads = sum(info.threads or info.cores or 1 for _, info in members)
+        threads = sum(_threads(info) for _, info in members)
         cores = max(info.cores or 1 for _, info in members)
         if threads > cores:
             names = ", ".join(format_address(a) for a, _ in members)
@@ -212,3 +208,8 @@ def oversubscribed(nodes: dict[Address, control.InfoReply]) -> list[str]:
                 f"{cores} cores: start each with `dbnode serve --threads N`, N its share"
             )
     return out
+
+
+def _threads(info: control.InfoReply) -> int:
+    """A node's compute threads (a node too old to report them: its cores)."""
+    return info.threads or info.cores or 1
