@@ -1,6 +1,6 @@
 """Downpour SGD across node processes against a plain numpy loop.
 
-    python benchmarks/train.py [--examples N] [--skip-digits] [--skip-pinned]
+    python benchmarks/train.py [--examples N] [--skip-digits] [--skip-pinned] [--skip-codecs]
 
 1. MLP 784-1024-1024-10, batch 64, float32, relu + softmax cross-entropy, on
    synthetic data, examples/s of ``dbnode.train(config)`` against the numpy
@@ -18,6 +18,11 @@
    embedded cluster's start included).
 2. The digits example: seconds to reach 95% test accuracy with 1, 2 and 4
    replicas (2 layer partitions each), next to the single-process trainer.
+3. Wire codecs: the digits example as 2 replicas x 2 partitions on the
+   embedded cluster, with ``[wire]`` f32 and then bf16 everywhere (fetch,
+   push, activations), over several seeds: held-out accuracy of each and
+   ``wire_bytes`` of bf16 over f32; then the MLP's 2-replica row in bf16
+   next to its f32 run.
 
 Every dbnode rate is the replicas' training-loop time (from the first step
 to the last push applied), as ``summary.json``'s ``train_seconds``.
@@ -205,11 +210,55 @@ def bench_digits() -> list[str]:
     return rows
 
 
+def bench_codecs(x_path: str, seeds: int = 3) -> list[str]:
+    rows = []
+    digits = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.toml")
+    results = {}
+    for codec in ("f32", "bf16"):
+        accuracy, wire = [], []
+        for seed in range(seeds):
+            sets = [f'wire.{k}="{codec}"' for k in ("fetch", "push", "activations")]
+            config = RunConfig.load(digits, ["train.replicas=2", f"train.seed={seed}", *sets])
+            summary = train(config)
+            accuracy.append(summary.test_accuracy)
+            wire.append(summary.wire_bytes)
+        results[codec] = (np.mean(accuracy), np.mean(wire))
+        rows.append(
+            f"digits 2 replicas x 2 partitions, [wire] {codec:<4}: test accuracy "
+            f"{' '.join(f'{a:.4f}' for a in accuracy)} (mean {np.mean(accuracy):.4f})   "
+            f"wire_bytes {np.mean(wire) / 1e6:.1f} MB"
+        )
+        print(rows[-1], flush=True)
+    (a32, w32), (a16, w16) = results["f32"], results["bf16"]
+    drop, ratio = (a32 - a16) * 100, w16 / w32
+    rows.append(
+        f"bf16 vs f32: accuracy {-drop:+.2f} points "
+        f"{'PASS' if drop <= 0.5 else 'MISS'} (target within 0.5)   wire_bytes {ratio:.3f}x "
+        f"{'PASS' if ratio <= 0.55 else 'MISS'} (target <= 0.55x)"
+    )
+    print(rows[-1], flush=True)
+    x = np.load(x_path)
+    for codec in ("f32", "bf16"):
+        config = mlp_config(x_path, 2, 1, 2, 1)
+        config = RunConfig.from_dict(
+            {**config.to_dict(), "wire": {"fetch": codec, "push": codec, "activations": codec}}
+        )
+        ours, _, _ = dbnode_run(config, pinned=False)
+        base = numpy_rate(x["X"], x["y"], None)
+        rows.append(
+            f"default 2 replicas, 2 shards, n=1, [wire] {codec:<4} dbnode {ours:8,.0f} ex/s   "
+            f"numpy all cores {base:8,.0f} ex/s   ratio {ours / base:4.2f}x"
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=25600, help="examples in the MLP runs")
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--skip-pinned", action="store_true")
+    parser.add_argument("--skip-codecs", action="store_true")
     args = parser.parse_args()
     pinned_env = {v: os.environ[v] for v in THREAD_VARIABLES if v in os.environ}
     if pinned_env:
@@ -221,6 +270,13 @@ def main() -> None:
         bench_mlp(args.examples, pinned=True)
     if not args.skip_digits:
         bench_digits()
+    if not args.skip_codecs:
+        with tempfile.TemporaryDirectory() as tmp:
+            rng = np.random.default_rng(0)
+            path = os.path.join(tmp, "mlp.npz")
+            np.savez(path, X=rng.normal(size=(args.examples, LAYERS[0])).astype(np.float32),
+                     y=rng.integers(0, LAYERS[-1], args.examples))  # fmt: skip
+            bench_codecs(path)
 
 
 if __name__ == "__main__":

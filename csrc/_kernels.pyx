@@ -29,6 +29,10 @@ cnp.import_array()
 cdef extern from "dbnode_math.h":
     float dbn_expf(float x) noexcept nogil
     double dbn_exp(double x) noexcept nogil
+    unsigned short dbn_to_bf16(float f) noexcept nogil
+    float dbn_from_bf16(unsigned short h) noexcept nogil
+    unsigned short dbn_to_f16(float f) noexcept nogil
+    float dbn_from_f16(unsigned short h) noexcept nogil
 
 cdef extern from *:
     """
@@ -53,7 +57,7 @@ cdef extern from *:
 
 # Bumped whenever a signature or a semantic of this module changes; the
 # Python wrapper refuses to run against a module built from other sources.
-KERNELS_API = 2
+KERNELS_API = 3
 SOURCE_HASH = DBNODE_SOURCE_HASH.decode()
 OPENMP = bool(DBNODE_OPENMP)
 
@@ -644,6 +648,122 @@ def all_finite(cnp.ndarray a):
         else:
             ok = _finite_f64(<const unsigned long long*>cnp.PyArray_DATA(a), n)
     return ok
+
+
+# ------------------------------------------------------------ wire codecs
+# float32 <-> 16-bit wire formats (dbnode_math.h). Encoding may fold in an
+# error-feedback residual: what rounding loses from one push is added to the
+# next, so over time nothing is lost.
+
+cdef enum:
+    BF16 = 1
+    F16 = 2
+
+
+cdef void _encode(const float* x, unsigned short* q, float* r, Py_ssize_t n,
+                  int codec) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float v
+    if r == NULL:
+        if codec == BF16:
+            for i in range(n):
+                q[i] = dbn_to_bf16(x[i])
+        else:
+            for i in range(n):
+                q[i] = dbn_to_f16(x[i])
+    elif codec == BF16:
+        for i in range(n):
+            v = x[i] + r[i]
+            q[i] = dbn_to_bf16(v)
+            r[i] = v - dbn_from_bf16(q[i])
+    else:
+        for i in range(n):
+            v = x[i] + r[i]
+            q[i] = dbn_to_f16(v)
+            r[i] = v - dbn_from_f16(q[i])
+
+
+cdef void _decode(const unsigned short* q, float* x, Py_ssize_t n, int codec) noexcept nogil:
+    cdef Py_ssize_t i
+    if codec == BF16:
+        for i in range(n):
+            x[i] = dbn_from_bf16(q[i])
+    else:
+        for i in range(n):
+            x[i] = dbn_from_f16(q[i])
+
+
+cdef void _par_encode(const float* x, unsigned short* q, float* r, Py_ssize_t n,
+                      int codec) noexcept nogil:
+    cdef Py_ssize_t k, lo, nk = _threads_for(n * COST_SIMPLE), step = (n + nk - 1) // nk
+    if nk == 1:
+        _encode(x, q, r, n, codec)
+        return
+    for k in prange(nk, schedule="static", num_threads=nk):
+        lo = k * step
+        if lo < n:
+            _encode(x + lo, q + lo, NULL if r == NULL else r + lo, min(step, n - lo), codec)
+
+
+cdef void _par_decode(const unsigned short* q, float* x, Py_ssize_t n, int codec) noexcept nogil:
+    cdef Py_ssize_t k, lo, nk = _threads_for(n * COST_SIMPLE), step = (n + nk - 1) // nk
+    if nk == 1:
+        _decode(q, x, n, codec)
+        return
+    for k in prange(nk, schedule="static", num_threads=nk):
+        lo = k * step
+        if lo < n:
+            _decode(q + lo, x + lo, min(step, n - lo), codec)
+
+
+cdef inline int _codec(int codec) except -1:
+    if codec != BF16 and codec != F16:
+        raise ValueError(f"unknown wire codec {codec}")
+    return codec
+
+
+cdef inline int _bits16(cnp.ndarray a, str name, bint writable) except -1:
+    if cnp.PyArray_ITEMSIZE(a) != 2 or cnp.PyArray_TYPE(a) not in (cnp.NPY_UINT16, cnp.NPY_FLOAT16):
+        raise TypeError(f"{name}: need the 16-bit wire words (uint16), got {a.dtype}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"{name}: array must be C-contiguous")
+    if writable and not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError(f"{name}: output array is read-only")
+    return 0
+
+
+def encode(cnp.ndarray x, cnp.ndarray q, residual, int codec):
+    """``q = codec(x + residual)`` as 16-bit words; then ``residual`` (if
+    not None, updated in place) keeps what the rounding lost."""
+    _codec(codec)
+    _check(x, "x", cnp.NPY_FLOAT32, False)
+    _bits16(q, "q", True)
+    if cnp.PyArray_SIZE(q) != cnp.PyArray_SIZE(x):
+        raise ValueError(f"q: {cnp.PyArray_SIZE(q)} words for {cnp.PyArray_SIZE(x)} values")
+    cdef float* r = NULL
+    cdef cnp.ndarray res
+    if residual is not None:
+        res = residual
+        _check(res, "residual", cnp.NPY_FLOAT32, True)
+        _same_shape(x, res, "residual")
+        r = <float*>cnp.PyArray_DATA(res)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(x)
+    with nogil:
+        _par_encode(<const float*>cnp.PyArray_DATA(x), <unsigned short*>cnp.PyArray_DATA(q),
+                    r, n, codec)
+
+
+def decode(cnp.ndarray q, cnp.ndarray x, int codec):
+    """``x = float32(q)`` from 16-bit words of ``codec``."""
+    _codec(codec)
+    _bits16(q, "q", False)
+    _check(x, "x", cnp.NPY_FLOAT32, True)
+    if cnp.PyArray_SIZE(q) != cnp.PyArray_SIZE(x):
+        raise ValueError(f"x: {cnp.PyArray_SIZE(x)} values for {cnp.PyArray_SIZE(q)} words")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(x)
+    with nogil:
+        _par_decode(<const unsigned short*>cnp.PyArray_DATA(q), <float*>cnp.PyArray_DATA(x),
+                    n, codec)
 
 
 # ---------------------------------------------------------------- losses

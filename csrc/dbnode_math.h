@@ -80,4 +80,52 @@ static inline double dbn_exp(double x) {
     return x != x ? x : y;
 }
 
+/* Wire codecs: float32 <-> bfloat16 and float16, as the bits the frames carry.
+ *
+ * bfloat16 is the top half of a binary32; float16 is IEEE binary16. Both
+ * encoders round to nearest, ties to even, and saturate: a finite value too
+ * large for the format becomes its largest finite value, not infinity (a
+ * sender's error-feedback residual keeps the rest). NaN stays a quiet NaN;
+ * infinity saturates too (a shard refuses it earlier, as not finite).
+ * Written on the bits with selects rather than branches, so the loops that
+ * call them vectorize.
+ */
+static inline uint32_t dbn_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float dbn_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint16_t dbn_to_bf16(float f) {
+    uint32_t u = dbn_bits(f), mag = u & 0x7fffffffu, sign = (u >> 16) & 0x8000u;
+    /* Adding 0x7fff plus the kept part's lowest bit rounds ties to even. */
+    uint32_t r = (mag + 0x7fffu + ((mag >> 16) & 1u)) >> 16;
+    r = r > 0x7f7fu ? 0x7f7fu : r;                 /* saturate, inf too */
+    r = mag > 0x7f800000u ? ((mag >> 16) | 0x40u) : r;  /* NaN: quiet */
+    return (uint16_t)(r | sign);
+}
+
+static inline float dbn_from_bf16(uint16_t h) { return dbn_float((uint32_t)h << 16); }
+
+static inline uint16_t dbn_to_f16(float f) {
+    uint32_t u = dbn_bits(f), mag = u & 0x7fffffffu, sign = (u >> 16) & 0x8000u;
+    /* Normal results: rebias the exponent from 127 to 15 and round the 13
+       dropped mantissa bits to nearest, ties to even. */
+    uint32_t normal = (mag - ((uint32_t)(127 - 15) << 23) + 0xfffu + ((mag >> 13) & 1u)) >> 13;
+    /* Subnormal results (|f| < 2^-14): adding 0.5 aligns the value's bits so
+       that the FPU itself rounds them to the subnormal's 10 bits. */
+    uint32_t sub = dbn_bits(dbn_float(mag) + 0.5f) - dbn_bits(0.5f);
+    uint32_t r = mag < 0x38800000u ? sub : normal;
+    r = mag >= 0x477ff000u ? 0x7bffu : r;          /* >= 65520 would round to inf */
+    r = mag > 0x7f800000u ? (0x7e00u | ((mag >> 13) & 0x3ffu)) : r;  /* NaN: quiet */
+    return (uint16_t)(r | sign);
+}
+
+static inline float dbn_from_f16(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu;
+    /* Normal and subnormal alike: the bits as a binary32 subnormal-scaled
+       value, times 2^112, rescale the exponent exactly. */
+    float v = dbn_float(em << 13) * 5.192296858534828e+33f;  /* 2^112 */
+    uint32_t r = dbn_bits(v);
+    r = em >= 0x7c00u ? (0x7f800000u | (em & 0x3ffu) << 13) : r;  /* inf, NaN */
+    return dbn_float(r | sign);
+}
+
 #endif

@@ -11,6 +11,7 @@ A run config has these sections::
     [cluster]    hosts, parameter_shards, secret_file, nodes, heartbeat, lease,
                  backup_interval
     [checkpoint] interval, keep, dir
+    [wire]       fetch, push, activations
 
 Every key is optional except ``model.layers`` and ``data.train``. An unknown
 section or key, or a value of the wrong type or range, is a
@@ -30,6 +31,7 @@ from typing import Any
 
 from .data import is_builtin
 from .errors import ConfigError
+from .kernels import WIRE_CODECS
 from .model import DTYPES, HIDDEN_ACTIVATIONS, LOSSES, OUTPUTS, ModelSpec
 from .optim import SGD, Optimizer, from_wire
 
@@ -134,6 +136,24 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class WireConfig:
+    """The ``[wire]`` section: the codec of each kind of traffic between
+    processes (:mod:`dbnode.codecs`): ``"f32"`` (as computed, exact),
+    ``"bf16"`` or ``"f16"`` (half the bytes; float32 models only).
+
+    Attributes:
+        fetch: parameters the partitions fetch from the shards.
+        push: gradients they push (with error feedback: nothing is lost
+            over time).
+        activations: activations and deltas between layer partitions.
+    """
+
+    fetch: str = "f32"
+    push: str = "f32"
+    activations: str = "f32"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run config, one field per section (see the module's docstring).
 
@@ -149,6 +169,7 @@ class RunConfig:
     optimizer: Optimizer = field(default_factory=lambda: SGD(learning_rate=0.01))
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], overrides: list[str] = ()) -> RunConfig:
@@ -333,6 +354,12 @@ class RunConfig:
             )
         for host in c.hosts:
             parse_address(host, key="cluster.hosts")
+        for key, codec in dataclasses.asdict(self.wire).items():
+            _choice(f"wire.{key}", codec, ("f32", *WIRE_CODECS))
+            if codec != "f32" and m.dtype != "float32":
+                raise ConfigError(
+                    f"wire.{key}", codec, f"16-bit codecs encode float32 models, not {m.dtype}"
+                )
 
     def replicas_for(self, n_examples: int) -> int:
         """Replica count: given, or ceil(examples / examples_per_replica)

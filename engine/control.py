@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from .codecs import CODECS
 from .errors import DBNodeError, ErrorCode, RequestError
 from .model import ModelSpec
 from .schema import (
@@ -371,6 +372,8 @@ class PartitionJob(Request):
         start_step: where a restarted replica resumes its schedule.
         incarnation: how many times the replica was restarted.
         epoch: the shard map's epoch (see :class:`Remap`).
+        wire_fetch, wire_push, wire_activations: the codecs of its fetches,
+            pushes and the activations or deltas it sends (``[wire]``).
     """
 
     op: ClassVar[Op] = Op.START
@@ -398,6 +401,9 @@ class PartitionJob(Request):
     start_step: int = in_meta(_COUNT, 0)
     incarnation: int = in_meta(_COUNT, 0)
     epoch: int = in_meta(_COUNT, 0)
+    wire_fetch: str = in_meta(string(CODECS), "f32", omit_default=True)
+    wire_push: str = in_meta(string(CODECS), "f32", omit_default=True)
+    wire_activations: str = in_meta(string(CODECS), "f32", omit_default=True)
 
     @property
     def spec(self) -> ModelSpec:

@@ -31,7 +31,7 @@ from ._buildinfo import missing_cpu_flags, source_hash
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Bumped together with KERNELS_API in csrc/_kernels.pyx.
-KERNELS_API = 2
+KERNELS_API = 3
 
 _NOT_BUILT = (
     "dbnode's compiled kernels are missing or fail to load; dbnode never falls "
@@ -269,6 +269,72 @@ def all_finite(a: np.ndarray) -> bool:
     if a.dtype in DTYPES and a.dtype.isnative and a.flags.c_contiguous:
         return bool(_k.all_finite(a))
     return bool(np.isfinite(a).all())
+
+
+# ------------------------------------------------------------ wire codecs
+
+# The 16-bit formats tensors may travel in (float32 stays as it is). Codes
+# shared with csrc/_kernels.pyx.
+WIRE_CODECS = {"bf16": 1, "f16": 2}
+
+
+def _wire_codec(codec: str) -> int:
+    try:
+        return WIRE_CODECS[codec]
+    except KeyError:
+        raise ValueError(
+            f"unknown wire codec {codec!r}; expected one of {sorted(WIRE_CODECS)}"
+        ) from None
+
+
+def encode_wire(
+    x: np.ndarray, codec: str, out: np.ndarray | None = None, residual: np.ndarray | None = None
+) -> np.ndarray:
+    """A float32 array as the 16-bit words of a wire codec, rounded to
+    nearest even, saturating (a finite value never becomes infinite).
+
+    Args:
+        x: the float32 values.
+        codec: ``"bf16"`` or ``"f16"``.
+        out: uint16 array of ``x``'s shape for the words; None allocates it.
+        residual: error feedback: float32 of ``x``'s shape, added to ``x``
+            before rounding and left holding what the rounding lost (in
+            place), so that a stream of encodings loses nothing over time.
+
+    Returns:
+        ``out``: the words.
+
+    Raises:
+        ValueError, TypeError: an unknown codec, or arrays of the wrong dtype,
+            size or layout.
+    """
+    code = _wire_codec(codec)
+    x = _contig(x)
+    out = _out(out, x.shape, np.uint16)
+    _k.encode(x, out, residual, code)
+    return out
+
+
+def decode_wire(q: np.ndarray, codec: str, out: np.ndarray | None = None) -> np.ndarray:
+    """The float32 values of a wire codec's 16-bit words (exact).
+
+    Args:
+        q: uint16 words.
+        codec: ``"bf16"`` or ``"f16"``.
+        out: float32 array of ``q``'s shape for the values; None allocates it.
+
+    Returns:
+        ``out``: the values.
+
+    Raises:
+        ValueError, TypeError: an unknown codec, or arrays of the wrong dtype,
+            size or layout.
+    """
+    code = _wire_codec(codec)
+    q = _contig(q)
+    out = _out(out, q.shape, np.float32)
+    _k.decode(q, out, code)
+    return out
 
 
 # ------------------------------------------------------------ activations

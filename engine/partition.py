@@ -28,7 +28,7 @@ from functools import partial
 import numpy as np
 import trio
 
-from . import control, kernels
+from . import codecs, control, kernels
 from .aio import first_error
 from .blocks import blocks
 from .config import format_address
@@ -221,6 +221,8 @@ class PartitionRunner:
             epoch=job.epoch,
             local=service.local_shard(run),
             count=self.status.count,
+            fetch=job.wire_fetch,
+            push=job.wire_push,
         )
         self._remapped = trio.Event()  # set (and replaced) at every remap
         self._skipped_update = False  # the step just taken left its update to its fetch
@@ -342,7 +344,7 @@ class PartitionRunner:
 
     async def _loop(self) -> None:
         job, core, status = self.job, self.core, self.status
-        send = partial(self.service.send, self.run_state)
+        send = partial(self.service.send, self.run_state, codec=job.wire_activations)
         order = batch_indices(job.n_examples, job.batch_size, job.epochs, job.seed + job.replica)
         for step, idx in enumerate(order):
             if step < job.start_step:  # done by an earlier incarnation of the replica
@@ -365,8 +367,9 @@ class PartitionRunner:
             if core.is_first:
                 h = await self._compute(core.forward, self.x[idx])
             else:
-                received = await self._receive(MessageKind.FORWARD, step)
-                h = await self._compute(core.forward, received.array)
+                h = await self._compute(
+                    core.forward, await self._receive(MessageKind.FORWARD, step)
+                )
             if core.is_last:
                 loss, delta = core.loss_delta(h, self.y[idx])
                 if not math.isfinite(loss):
@@ -376,7 +379,7 @@ class PartitionRunner:
                 status.loss_count += len(idx)
             else:
                 status.count(job.next[:2], await send(job.next, MessageKind.FORWARD, step, h), 0)
-                delta = (await self._receive(MessageKind.BACKWARD, step)).array
+                delta = await self._receive(MessageKind.BACKWARD, step)
             below = await self._compute(core.backward, delta, local)
             if below is not None:
                 status.count(
@@ -391,14 +394,15 @@ class PartitionRunner:
             return await trio.to_thread.run_sync(fn, *args)
         return fn(*args)
 
-    async def _receive(self, kind: MessageKind, step: int) -> Frame:
+    async def _receive(self, kind: MessageKind, step: int) -> np.ndarray:
+        """The activations or deltas of ``step``, decoded from their codec."""
         frame = await self.inbox.receive()
         if frame.kind != kind or frame.seq != step:
             raise DBNodeError(
                 f"partition {self.job.uid}: expected {kind.name} of step {step}, "
                 f"got {MessageKind(frame.kind).name} of step {frame.seq}"
             )
-        return frame
+        return codecs.decode(frame.array)
 
     async def _after_step(self, step: int) -> None:
         core = self.core
@@ -554,9 +558,10 @@ class PartitionService:
         kind: MessageKind,
         step: int,
         array: np.ndarray,
+        codec: str = "f32",
     ) -> int:
         """Send activations or deltas to a partition of ``run``: straight into
-        its inbox when it lives on this node, else over TCP.
+        its inbox when it lives on this node, else over TCP in ``codec``.
 
         Args:
             run: the run both partitions belong to.
@@ -564,6 +569,7 @@ class PartitionService:
             kind: FORWARD or BACKWARD.
             step: the step they belong to (the frame's ``seq``).
             array: the activations or deltas.
+            codec: their wire codec (:mod:`dbnode.codecs`) to another node.
 
         Returns:
             The payload bytes sent to another process (0: delivered here).
@@ -582,8 +588,9 @@ class PartitionService:
             await local.inbox_send.send(frame)
             return 0
         ch = await self.peers.get((host, int(port)))
-        await ch.notify(kind, key=uid, seq=step, array=array, meta={"run": run.id})
-        return array.nbytes
+        wire = codecs.encode(array, codec)
+        await ch.notify(kind, key=uid, seq=step, array=wire, meta={"run": run.id})
+        return wire.nbytes
 
     async def _deliver(self, frame: Frame) -> None:
         run = self.runs.get(frame.meta.get("run"))

@@ -53,6 +53,37 @@ def all_finite(a):
     return bool(np.isfinite(a).all())
 
 
+def encode_wire(x, codec, out=None, residual=None):
+    x = np.asarray(x, np.float32)
+    v = x if residual is None else x + residual
+    if codec == "bf16":
+        u = v.view(np.uint32).astype(np.uint64)
+        mag, sign = u & 0x7FFFFFFF, (u >> 16) & 0x8000
+        r = np.minimum((mag + 0x7FFF + ((mag >> 16) & 1)) >> 16, 0x7F7F)
+        r = np.where(mag > 0x7F800000, (mag >> 16) | 0x40, r)
+        q = (r | sign).astype(np.uint16)
+    elif codec == "f16":
+        big = np.float32(65504)
+        with np.errstate(over="ignore", invalid="ignore"):
+            q = np.where(np.isnan(v), v, np.clip(v, -big, big)).astype(np.float16).view(np.uint16)
+    else:
+        raise ValueError(f"unknown wire codec {codec!r}")
+    if residual is not None:
+        residual[...] = v - decode_wire(q, codec)
+    return _out(out, q.reshape(x.shape))
+
+
+def decode_wire(q, codec, out=None):
+    q = np.asarray(q, np.uint16)
+    if codec == "bf16":
+        x = (q.astype(np.uint32) << 16).view(np.float32)
+    elif codec == "f16":
+        x = q.view(np.float16).astype(np.float32)
+    else:
+        raise ValueError(f"unknown wire codec {codec!r}")
+    return _out(out, x)
+
+
 def _forward(name):
     try:
         return _FORWARD[name]

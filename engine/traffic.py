@@ -61,6 +61,9 @@ class Workload:
         shard_use: ``shard_use[s][k]``: bytes of partition ``k``'s
             parameters that shard ``s`` owns.
         n_fetch, n_push: steps between fetches, between pushes.
+        wire: the bytes that travel per byte computed, for fetched values,
+            pushed gradients and activations (1: as computed; 0.5: a 16-bit
+            codec for float32).
     """
 
     replicas: int
@@ -69,6 +72,7 @@ class Workload:
     shard_use: tuple[tuple[int, ...], ...]
     n_fetch: int = 1
     n_push: int = 1
+    wire: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @classmethod
     def of(
@@ -81,6 +85,7 @@ class Workload:
         batch: int,
         n_fetch: int = 1,
         n_push: int = 1,
+        wire: tuple[float, float, float] = (1.0, 1.0, 1.0),
     ) -> Workload:
         """The workload of a dense network.
 
@@ -93,6 +98,7 @@ class Workload:
             replicas: model replicas.
             batch: examples per step.
             n_fetch, n_push: steps between fetches, between pushes.
+            wire: as the attribute.
 
         Returns:
             The workload.
@@ -106,7 +112,13 @@ class Workload:
         for piece in plan.slices:
             use[piece.shard][int(piece.tensor.removeprefix("block"))] += piece.nbytes
         return cls(
-            replicas, flops, boundary, tuple(map(tuple, use)), max(1, n_fetch), max(1, n_push)
+            replicas,
+            flops,
+            boundary,
+            tuple(map(tuple, use)),
+            max(1, n_fetch),
+            max(1, n_push),
+            wire,
         )
 
     @property
@@ -198,7 +210,8 @@ def plan_run(nodes: list[NodeShape], work: Workload) -> RunPlan:
             hosts.append(best)
         partitions.append(tuple(hosts))
 
-    per_step = (1 / work.n_fetch, 1 / work.n_push)
+    fetch, push, activations = work.wire
+    per_step = (fetch / work.n_fetch, push / work.n_push)
     held = [0] * n
     shard_host = [0] * len(work.shard_use)
     by_size = sorted(range(len(work.shard_use)), key=lambda s: (-sum(work.shard_use[s]), s))
@@ -223,7 +236,7 @@ def plan_run(nodes: list[NodeShape], work: Workload) -> RunPlan:
                 send(i, owner, work.shard_use[s][k] * per_step[1])  # gradients
                 send(owner, i, work.shard_use[s][k] * per_step[0])  # values
             if k + 1 < len(hosts):
-                send(i, hosts[k + 1], work.boundary[k])  # activations
-                send(hosts[k + 1], i, work.boundary[k])  # deltas
+                send(i, hosts[k + 1], work.boundary[k] * activations)
+                send(hosts[k + 1], i, work.boundary[k] * activations)  # deltas
     placement = Placement(n, tuple(shard_host), tuple(partitions))
     return RunPlan(placement, tuple(nodes), links, tuple(flops))

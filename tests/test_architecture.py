@@ -28,7 +28,7 @@ SURFACES = {
         "load_params", "make_optimizer", "predict", "save_params", "to_bias_first", "train",
     ],
     "dbnode.wire": [
-        "Address", "Channel", "Connection", "DEFAULT_LIMITS", "DEFER", "DType", "ErrorCode",
+        "Address", "BFLOAT16", "Channel", "Connection", "DEFAULT_LIMITS", "DEFER", "DType", "ErrorCode",
         "Frame", "FrameDecoder", "HANDSHAKE_LIMITS", "HEADER_SIZE", "Handler", "Header",
         "InlineHandler", "Limits", "MAGIC", "MAX_ERROR_TEXT", "MAX_NDIM", "MIN_SECRET_BYTES",
         "MessageKind", "NONCE_SIZE", "PROTOCOL_VERSION", "Peers", "Reply", "TENSOR_KINDS",
@@ -150,15 +150,16 @@ ALLOWED = {
     "dbnode.runs": ["dbnode.errors"],
     "dbnode.traffic": ["dbnode.errors", "dbnode.placement"],
     "dbnode.threads": ["dbnode.kernels"],
-    "dbnode.ps": ["dbnode.errors", "dbnode.kernels", "dbnode.optim", "dbnode.placement",
-                  "dbnode.durable", "dbnode.wire", "dbnode.control", "dbnode.runs", "dbnode._lazy",
+    "dbnode.codecs": ["dbnode.kernels", "dbnode.wire.frames"],
+    "dbnode.ps": ["dbnode.errors", "dbnode.kernels", "dbnode.codecs", "dbnode.optim",
+                  "dbnode.placement", "dbnode.durable", "dbnode.wire", "dbnode.control", "dbnode.runs", "dbnode._lazy",
                   "dbnode.ps"],
 }  # fmt: skip
 LOWER_THAN_SERVICES = ["dbnode.kernels", "dbnode.reference", "dbnode.optim", "dbnode.model",
                        "dbnode.layers", "dbnode.blocks", "dbnode.data", "dbnode.placement",
                        "dbnode.config", "dbnode.trainer", "dbnode.durable", "dbnode.traffic",
                        "dbnode.threads", "dbnode.partition_core"]  # fmt: skip
-UPPER = ["dbnode.wire", "dbnode.ps", "dbnode.runs", "dbnode.node", "dbnode.partition",
+UPPER = ["dbnode.wire", "dbnode.codecs", "dbnode.ps", "dbnode.runs", "dbnode.node", "dbnode.partition",
          "dbnode.control", "dbnode.driver"]  # fmt: skip
 
 

@@ -1,5 +1,7 @@
 """Run configuration: TOML, overrides, and errors that name the key."""
 
+import dataclasses
+
 import pytest
 
 from dbnode.config import RunConfig, format_address, parse_address, parse_override
@@ -85,6 +87,12 @@ def with_(section, **values):
         (with_("optimizer", name="adam"), "optimizer.name"),
         (with_("cluster", hosts=["localhost"]), "cluster.hosts"),
         (with_("cluster", parameter_shards=0), "cluster.parameter_shards"),
+        (with_("wire", push="int8"), "wire.push"),
+        (with_("wire", fech="bf16"), "wire.fech"),
+        (
+            {**with_("wire", activations="f16"), "model": {"layers": [2, 1], "dtype": "float64"}},
+            "wire.activations",
+        ),
     ],
 )
 def test_bad_values_name_their_key(raw, key):
@@ -124,3 +132,12 @@ def test_addresses():
     assert format_address(("10.0.0.5", 7070)) == "10.0.0.5:7070"
     for address in (("fd13::1", 1), ("h", 2)):
         assert parse_address(format_address(address)) == address
+
+
+def test_wire_codecs_default_to_f32_and_take_16_bit_ones():
+    assert dataclasses.asdict(RunConfig.from_dict(BASE).wire) == {
+        "fetch": "f32", "push": "f32", "activations": "f32"
+    }  # fmt: skip
+    config = RunConfig.from_dict(BASE, ['wire.push="bf16"', 'wire.fetch="f16"'])
+    assert (config.wire.fetch, config.wire.push, config.wire.activations) == ("f16", "bf16", "f32")
+    assert RunConfig.from_dict(config.to_dict()) == config

@@ -34,6 +34,7 @@ MODULES = [
     "dbnode.data",
     "dbnode.placement",
     "dbnode.traffic",
+    "dbnode.codecs",
     "dbnode.threads",
     "dbnode.partition_core",
     "dbnode.kernels",

@@ -173,11 +173,19 @@ def test_xor_example_on_three_hosts(cluster, tmp_path):
     assert summary["test_accuracy"] == 1.0
 
 
-def test_digits_example_on_three_hosts(cluster, tmp_path):
+@pytest.mark.parametrize("codec", ["f32", "bf16"])
+def test_digits_example_on_three_hosts(cluster, tmp_path, codec):
+    """And with every tensor between hosts in bfloat16: the same bar, half
+    the bytes on the wire (the planned bytes per step halve exactly)."""
     pytest.importorskip("sklearn")
-    summary, wall = cluster.train("digits.toml", out=tmp_path, timeout=120)
+    sets = [f'wire.{k}="{codec}"' for k in ("fetch", "push", "activations")]
+    summary, wall = cluster.train("digits.toml", *sets, out=tmp_path, timeout=120)
     assert summary["replicas"] == 4 and summary["partitions"] == 2 and summary["nodes"] == 3
     assert summary["test_accuracy"] >= 0.95
+    planned = layout(RunConfig.load(EXAMPLES / "digits.toml"), 4, [NodeShape(threads=2)] * 3)
+    full = planned.plan.bytes_per_step
+    assert summary["planned_bytes_per_step"] == round(full * (0.5 if codec == "bf16" else 1))
+    assert summary["wire_bytes"] > 0
 
 
 # A slow, lossy link to the host that holds the parameter shard (the

@@ -16,6 +16,7 @@ from hypothesis.extra import numpy as hnp
 
 from dbnode.errors import ConfigError, DBNodeError, LocalProtocolError, RemoteProtocolError
 from dbnode.wire import (
+    BFLOAT16,
     DEFAULT_LIMITS,
     HANDSHAKE_LIMITS,
     HEADER_SIZE,
@@ -41,7 +42,7 @@ from dbnode.wire import (
 )
 from dbnode.wire.frames import _decode_fields  # the general path, against the fast one
 
-DTYPES = [np.float32, np.float64, np.int32, np.int64, np.uint8]
+DTYPES = [np.float32, np.float64, np.int32, np.int64, np.uint8, np.float16, BFLOAT16]
 TENSORLESS_KINDS = sorted(set(MessageKind) - TENSOR_KINDS)
 
 # -- helpers -------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_header_layout_matches_the_documented_offsets():
     assert HEADER_SIZE == 112 and len(head) == HEADER_SIZE + len(b'{"k":1}')
     u = lambda fmt, off: struct.unpack_from("<" + fmt, head, off)[0]  # noqa: E731
     assert head[0:4] == b"DBN1"
-    assert u("H", 4) == PROTOCOL_VERSION == 1
+    assert u("H", 4) == PROTOCOL_VERSION == 2
     assert u("H", 6) == MessageKind.PUSH_PULL == 19
     assert u("H", 8) == 0x0F0E
     assert head[10] == DType.INT32 == 3
@@ -149,6 +150,7 @@ def test_wire_values_are_pinned():
     }  # fmt: skip
     assert [(d.name, int(d)) for d in DType] == [
         ("NONE", 0), ("FLOAT32", 1), ("FLOAT64", 2), ("INT32", 3), ("INT64", 4), ("UINT8", 5),
+        ("FLOAT16", 6), ("BFLOAT16", 7),
     ]  # fmt: skip
     assert ErrorCode.BAD_MAGIC == 1 and ErrorCode.TRUNCATED == 9
     assert ErrorCode.AUTH_FAILED == 16 and ErrorCode.UNKNOWN_KEY == 33
@@ -313,7 +315,7 @@ def test_empty_array_sends_only_the_header():
     [
         (dict(kind=99), ErrorCode.BAD_KIND, "kind"),
         (dict(array=np.ones(2, bool)), ErrorCode.BAD_DTYPE, "array.dtype"),
-        (dict(array=np.ones(2, np.float16)), ErrorCode.BAD_DTYPE, "array.dtype"),
+        (dict(array=np.ones(2, np.uint16)), ErrorCode.BAD_DTYPE, "array.dtype"),
         (dict(array=[1.0, 2.0]), ErrorCode.BAD_DTYPE, "array"),
         (dict(kind=MessageKind.PULL, array=np.ones(2)), ErrorCode.BAD_DTYPE, "dtype"),
         (dict(array=np.ones((1,) * 9)), ErrorCode.BAD_SHAPE, "ndim"),
@@ -349,12 +351,12 @@ def test_encoder_refuses_invalid_frames(kwargs, code, field):
     [
         (dict(magic=b"DBN2"), ErrorCode.BAD_MAGIC, "magic"),
         (dict(magic=b"GET "), ErrorCode.BAD_MAGIC, "magic"),
-        (dict(version=2), ErrorCode.BAD_VERSION, "version"),
+        (dict(version=1), ErrorCode.BAD_VERSION, "version"),
         (dict(version=0), ErrorCode.BAD_VERSION, "version"),
         (dict(kind=0), ErrorCode.BAD_KIND, "kind"),
         (dict(kind=10), ErrorCode.BAD_KIND, "kind"),
         (dict(kind=0xFFFF), ErrorCode.BAD_KIND, "kind"),
-        (dict(dtype=6), ErrorCode.BAD_DTYPE, "dtype"),
+        (dict(dtype=8), ErrorCode.BAD_DTYPE, "dtype"),
         (dict(dtype=255), ErrorCode.BAD_DTYPE, "dtype"),
         (dict(kind=int(MessageKind.PULL)), ErrorCode.BAD_DTYPE, "dtype"),
         (dict(ndim=9, shape=(1,) * 8), ErrorCode.BAD_SHAPE, "ndim"),
@@ -583,7 +585,7 @@ def test_error_hierarchy():
 def test_auth_mac_binds_role_and_both_nonces():
     secret, nc, ns = b"k" * 32, bytes(range(32)), bytes(range(32, 64))
     server = auth_mac(secret, "server", nc, ns)
-    expected = hmac.new(secret, b"DBN1\x01\x00server" + nc + ns, hashlib.sha256).digest()
+    expected = hmac.new(secret, b"DBN1\x02\x00server" + nc + ns, hashlib.sha256).digest()
     assert server == expected and len(server) == 32
     assert auth_mac(secret, "client", nc, ns) != server  # a reflected MAC is useless
     assert auth_mac(secret, "server", ns, nc) != server

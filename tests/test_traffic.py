@@ -117,15 +117,19 @@ def test_every_role_is_placed_and_shards_go_where_they_are_used_most(
     assert sum(run.flops) == pytest.approx(replicas * sum(work.flops))
 
 
-@pytest.mark.parametrize("replicas, partitions", [(1, 1), (2, 1), (1, 2)])
-def test_a_real_run_moves_the_bytes_the_plan_predicts(tmp_path, replicas, partitions):
+@pytest.mark.parametrize(
+    "replicas, partitions, codec",
+    [(1, 1, "f32"), (2, 1, "f32"), (1, 2, "f32"), (2, 1, "bf16"), (1, 2, "f16")],
+)
+def test_a_real_run_moves_the_bytes_the_plan_predicts(tmp_path, replicas, partitions, codec):
     """Real node processes on the embedded cluster: summary.wire_bytes counts
     the payload bytes that crossed between them, which is the plan's bytes
-    per step times the steps, plus each partition's first pull at most."""
+    per step times the steps, plus each partition's first pull at most; a
+    16-bit [wire] codec for everything halves both."""
     import numpy as np
 
     from dbnode.config import RunConfig
-    from dbnode.driver import train
+    from dbnode.driver import plan, train
 
     rng = np.random.default_rng(0)
     rows, batch = 640, 32
@@ -144,9 +148,12 @@ def test_a_real_run_moves_the_bytes_the_plan_predicts(tmp_path, replicas, partit
             "train": {"replicas": replicas, "batch_size": batch, "epochs": 1},
             "optimizer": {"name": "sgd", "learning_rate": 0.01},
             "cluster": {"parameter_shards": 2, "nodes": replicas * partitions},
+            "wire": {"fetch": codec, "push": codec, "activations": codec},
         }
     )
     summary = train(config)
+    f32_plan = plan(RunConfig.from_dict({**config.to_dict(), "wire": {}})).bytes_per_step
+    assert summary.planned_bytes_per_step == round(f32_plan * (0.5 if codec != "f32" else 1))
     steps = -(-rows // replicas // batch)
     planned = summary.planned_bytes_per_step
     assert summary.wire_bytes == sum(summary.links.values())

@@ -28,6 +28,7 @@ from dbnode.wire import (
     HEADER_SIZE,
     MAGIC,
     NONCE_SIZE,
+    PROTOCOL_VERSION,
     Channel,
     Connection,
     ErrorCode,
@@ -71,7 +72,7 @@ async def raw_connection(port):
     return Connection(await trio.open_tcp_stream("127.0.0.1", port))
 
 
-def header(kind=K.PULL, *, magic=MAGIC, version=1, dtype=0, shape=(), rid=1,
+def header(kind=K.PULL, *, magic=MAGIC, version=PROTOCOL_VERSION, dtype=0, shape=(), rid=1,
            meta_length=0, reserved=0, payload_length=0):  # fmt: skip
     """Hand-made header bytes, valid or not."""
     dims = list(shape) + [0] * (8 - len(shape))
@@ -302,7 +303,7 @@ async def test_other_protocol_version_is_refused(nursery):
     host, port = await start_server(nursery)
     conn = await raw_connection(port)
     hello = bytearray(b"".join(encode_frame(K.HELLO, meta={"nonce": "11" * 32})))
-    hello[4:6] = struct.pack("<H", 2)
+    hello[4:6] = struct.pack("<H", 1)  # the version before bfloat16 and float16
     await conn.send_parts([bytes(hello)])
     await expect_error_then_close(conn, ErrorCode.BAD_VERSION)
 

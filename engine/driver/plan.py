@@ -12,6 +12,7 @@ import trio
 
 from .. import control
 from ..blocks import blocks
+from ..codecs import wire_ratio
 from ..config import RunConfig, format_address
 from ..errors import DBNodeError, TransportError
 from ..placement import ShardPlan, plan_shards, split_layers
@@ -76,6 +77,10 @@ def layout(config: RunConfig, replicas: int, nodes: list[NodeShape]) -> Layout:
         batch=config.train.batch_size,
         n_fetch=config.train.n_fetch,
         n_push=config.train.n_push,
+        wire=tuple(
+            wire_ratio(codec, spec.np_dtype.itemsize)
+            for codec in (config.wire.fetch, config.wire.push, config.wire.activations)
+        ),
     )
     return Layout(bounds, shards, plan_run(nodes, work))
 

@@ -231,6 +231,9 @@ class RunState:
             start_step=replica.start_step,
             incarnation=replica.incarnation,
             epoch=self.epoch,
+            wire_fetch=c.wire.fetch,
+            wire_push=c.wire.push,
+            wire_activations=c.wire.activations,
         )
 
     async def launch(self, replica: Replica, inputs: Inputs, run: bool) -> None:

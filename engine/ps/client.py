@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from .. import codecs
 from ..placement import ShardPlan
 from ..wire import Address, MessageKind, Peers
 from .shard import ParameterShard
@@ -44,6 +45,9 @@ class ParameterClient:
         count: ``count(address, sent, received)`` after every request to a
             shard node: the payload bytes it carried each way (pieces in
             this process move none and are not counted).
+        fetch, push: the wire codecs (:mod:`dbnode.codecs`) of fetched
+            parameters and of pushed gradients, between processes; pushes
+            keep an error-feedback residual per piece.
 
     Raises:
         ValueError: ``shards`` does not have one address per plan shard.
@@ -59,8 +63,13 @@ class ParameterClient:
         timeout: float | None = 60.0,
         local: Callable[[Address, int], ParameterShard | None] | None = None,
         count: Callable[[Address, int, int], None] | None = None,
+        fetch: str = "f32",
+        push: str = "f32",
     ):
         self.plan = plan
+        self.fetch_codec = fetch
+        self._encoder = codecs.Encoder(push)
+        self._landing: dict[int, np.ndarray] = {}  # where encoded fetches arrive
         self.peers = peers
         self.run = run
         self.timeout = timeout
@@ -81,6 +90,10 @@ class ParameterClient:
         self.epoch = epoch
         self.shards = [(h, int(p)) for h, p in shards]
         self._meta = {"run": self.run, "epoch": epoch}
+        # A fetch names the codec its answer is to come in.
+        self._fetch_meta = (
+            self._meta if self.fetch_codec == "f32" else {**self._meta, "codec": self.fetch_codec}
+        )
 
     def _address(self, key: int) -> Address:
         return self.shards[self.plan.slice(key).shard]
@@ -172,7 +185,12 @@ class ParameterClient:
             if shard is not None:
                 versions[key] = shard.pull(key, out=view).version
             else:
-                versions[key] = (await self._request(MessageKind.PULL, key, into=view)).seq
+                landing = self._land(key, view)
+                reply = await self._request(
+                    MessageKind.PULL, key, into=landing, meta=self._fetch_meta
+                )
+                versions[key] = reply.seq
+                self._landed(landing, view)
 
         await self._each(self._pieces(into), one)
         return versions
@@ -203,25 +221,46 @@ class ParameterClient:
             TransportError: a shard could not be reached in time.
         """
         targets = self.plan_views(fetch_into) if fetch_into is not None else {}
-        meta = {**self._meta, "pusher": pusher}
+        meta = {**(self._fetch_meta if targets else self._meta), "pusher": pusher}
+        tag = (pusher, seq)  # a retried push sends what it sent before
 
         async def one(key, view):
             shard = self._in_process(key)
             if shard is not None:
+                grad = self._encoder.sent(key, view, tag)
                 if targets:
-                    shard.push_pull(key, view, pusher=pusher, seq=seq, out=targets[key])
+                    shard.push_pull(key, grad, pusher=pusher, seq=seq, out=targets[key])
                 else:
-                    shard.push(key, view, pusher=pusher, seq=seq)
-            elif targets:
+                    shard.push(key, grad, pusher=pusher, seq=seq)
+                return
+            wire = self._encoder.encode(key, view, tag)
+            if targets:
+                landing = self._land(key, targets[key])
                 await self._request(
-                    MessageKind.PUSH_PULL, key, array=view, seq=seq, meta=meta, into=targets[key]
+                    MessageKind.PUSH_PULL, key, array=wire, seq=seq, meta=meta, into=landing
                 )
+                self._landed(landing, targets[key])
             else:
-                await self._request(MessageKind.PUSH, key, array=view, seq=seq, meta=meta)
+                await self._request(MessageKind.PUSH, key, array=wire, seq=seq, meta=meta)
 
         pieces = self._pieces(grads)
         await self._each(pieces, one)
         return len(pieces)
+
+    def _land(self, key: int, view: np.ndarray) -> np.ndarray:
+        """Where a fetched piece arrives: ``view`` itself, or a buffer of the
+        fetch codec (kept per piece) to decode into ``view``."""
+        if self.fetch_codec == "f32":
+            return view
+        landing = self._landing.get(key)
+        if landing is None or landing.shape != view.shape:
+            landing = self._landing[key] = codecs.empty(view.shape, self.fetch_codec)
+        return landing
+
+    @staticmethod
+    def _landed(landing: np.ndarray, view: np.ndarray) -> None:
+        if landing is not view:
+            codecs.decode(landing, out=view)
 
     def plan_views(self, tensors: dict[str, np.ndarray]) -> dict[int, np.ndarray]:
         """The plan's pieces of ``tensors``.

@@ -12,6 +12,10 @@ whatever plan shard it belongs to; see :mod:`dbnode.runs`):
 - the control ops ``restore``, ``export`` and ``import``
   (:mod:`dbnode.control`).
 
+Tensors may come and go in a 16-bit wire codec (:mod:`dbnode.codecs`): a
+pushed gradient in one is decoded to float32 before it is applied; a PULL
+or PUSH_PULL whose meta names a ``codec`` gets its answer in that codec.
+
 A :class:`~dbnode.errors.ShardError` (the shard refused: unknown key,
 wrong shape, ...) becomes a :class:`~dbnode.errors.RequestError` of the
 same code here, for every handler: the requester gets an ERROR frame,
@@ -28,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import control
+from .. import codecs, control, kernels
 from ..control import Op
 from ..errors import ErrorCode, NotFiniteError, RequestError, ShardError, SnapshotError
 from ..runs import NodeRun, RunTable
@@ -89,6 +93,7 @@ class ShardService:
     def __init__(self, runs: RunTable, snapshot_dir: str | Path | None = None) -> None:
         self.runs = runs
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self._scratch = np.empty(0, np.float32)
         m = _answering_shard_errors
         self.inline: dict[MessageKind, InlineHandler] = {
             MessageKind.INIT: m(self._init),
@@ -118,21 +123,49 @@ class ShardService:
         )
         return Reply(seq=version)
 
-    def _pinned(self, run: NodeRun, key: int) -> Reply:
+    def _value(self, run: NodeRun, frame: Frame) -> Reply:
+        codec = frame.meta.get("codec", "f32")
+        if codec not in codecs.CODECS:
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, f"codec {codec!r} is not one of {codecs.CODECS}"
+            )
         # The reply goes out from the live buffer, zero-copy; a push that
         # comes meanwhile updates a copy, until the send releases the pin.
-        (value, version), unpin = run.shard.pin(key)
-        return Reply(array=value, seq=version, release=unpin)
+        (value, version), unpin = run.shard.pin(frame.key)
+        if codec == "f32":
+            return Reply(array=value, seq=version, release=unpin)
+        try:  # encoded at once, into a buffer of the reply's own
+            if value.dtype != np.float32:
+                raise RequestError(
+                    ErrorCode.DTYPE_MISMATCH,
+                    f"codec {codec} needs a float32 tensor; key {frame.key} is {value.dtype}",
+                )
+            return Reply(array=codecs.encode(value, codec), seq=version)
+        finally:
+            unpin()
 
     def _pull(self, frame: Frame) -> Reply:
-        return self._pinned(self.runs.for_request(frame.meta), frame.key)
+        return self._value(self.runs.for_request(frame.meta), frame)
+
+    def _gradient(self, array: np.ndarray | None) -> np.ndarray | None:
+        """A pushed gradient as float32, decoded into the service's scratch
+        buffer if it came in a 16-bit codec (handlers run one at a time, and
+        the shard is done with it when its push returns)."""
+        if array is None or codecs.codec_of(array.dtype) == "f32":
+            return array
+        if self._scratch.size < array.size:
+            self._scratch = kernels.empty(array.size, np.float32)
+        return codecs.decode(array, out=self._scratch[: array.size].reshape(array.shape))
 
     def _apply(self, run: NodeRun, frame: Frame) -> int:
         pusher = frame.meta.get("pusher")
         try:
             # Without a pusher a push is not deduplicated: its seq means nothing.
             return run.shard.push(
-                frame.key, frame.array, pusher=pusher, seq=frame.seq if pusher is not None else None
+                frame.key,
+                self._gradient(frame.array),
+                pusher=pusher,
+                seq=frame.seq if pusher is not None else None,
             )
         except NotFiniteError:
             run.not_finite += 1
@@ -145,7 +178,7 @@ class ShardService:
     def _push_pull(self, frame: Frame) -> Reply:
         run = self.runs.for_request(frame.meta)
         self._apply(run, frame)
-        return self._pinned(run, frame.key)
+        return self._value(run, frame)
 
     def _stats(self, frame: Frame) -> Reply:
         return Reply(meta=self.runs.for_request(frame.meta).shard.stats())

@@ -39,6 +39,7 @@ _EXPORTS = {
             "MessageKind",
             "TENSOR_KINDS",
             "DType",
+            "BFLOAT16",
             "ErrorCode",
             "Limits",
             "DEFAULT_LIMITS",

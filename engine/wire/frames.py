@@ -63,6 +63,7 @@ __all__ = [
     "MessageKind",
     "TENSOR_KINDS",
     "DType",
+    "BFLOAT16",
     "ErrorCode",
     "Limits",
     "DEFAULT_LIMITS",
@@ -78,7 +79,7 @@ __all__ = [
 ]
 
 MAGIC = b"DBN1"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the FLOAT16 and BFLOAT16 dtypes
 MAX_NDIM = 8
 NONCE_SIZE = 32  # bytes of each handshake nonce
 MAX_ERROR_TEXT = 1024  # characters of text kept by error_frame
@@ -143,7 +144,13 @@ class DType(enum.IntEnum):
     INT32 = 3
     INT64 = 4
     UINT8 = 5
+    FLOAT16 = 6  # IEEE binary16
+    BFLOAT16 = 7  # the upper half of a binary32
 
+
+# numpy has no bfloat16: its 16-bit words travel as this one-field record
+# dtype, which no other dtype equals (``.view(np.uint16)`` gives the words).
+BFLOAT16 = np.dtype([("bf16", "<u2")])
 
 _WIRE_DTYPES = {
     DType.FLOAT32: np.dtype("<f4"),
@@ -151,9 +158,9 @@ _WIRE_DTYPES = {
     DType.INT32: np.dtype("<i4"),
     DType.INT64: np.dtype("<i8"),
     DType.UINT8: np.dtype("u1"),
+    DType.FLOAT16: np.dtype("<f2"),
+    DType.BFLOAT16: BFLOAT16,
 }
-# Keyed by dtype.str ("<f4", "|u1"), which spells out the byte order.
-_DTYPE_CODES = {dt.str: code for code, dt in _WIRE_DTYPES.items()}
 
 # Lookups for the fast paths of encode_frame and decode_header. A small frame
 # must encode and decode in a microsecond or two, and building an enum member
@@ -240,7 +247,7 @@ class Header:
         Returns:
             The packed header.
         """
-        code = DType.NONE if self.dtype is None else _DTYPE_CODES[self.dtype.str]
+        code = DType.NONE if self.dtype is None else _CODE_OF_DTYPE[self.dtype]
         dims = self.shape + (0,) * (MAX_NDIM - len(self.shape))
         return _HEADER.pack(
             MAGIC, PROTOCOL_VERSION, self.kind, self.flags, code, len(self.shape),
@@ -626,9 +633,9 @@ def _wire_array(array: Any) -> np.ndarray:
         raise LocalProtocolError(
             ErrorCode.BAD_DTYPE, "array", type(array).__name__, "need a numpy.ndarray"
         )
-    code = _DTYPE_CODES.get(array.dtype.newbyteorder("<").str)
+    code = _CODE_OF_DTYPE.get(array.dtype.newbyteorder("<"))
     if code is None:
-        names = [dt.name for dt in _WIRE_DTYPES.values()]
+        names = [code.name.lower() for code in _WIRE_DTYPES]
         raise LocalProtocolError(
             ErrorCode.BAD_DTYPE, "array.dtype", str(array.dtype), f"not one of {names}"
         )

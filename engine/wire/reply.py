@@ -32,7 +32,7 @@ class Reply:
         meta: control information (a JSON-able dict), or None.
         seq: the reply's ``seq`` (e.g. the tensor's version).
         key: the reply's ``key``; None echoes the request's.
-        flags: the reply's flags (version 1 defines none).
+        flags: the reply's flags (this version defines none).
         release: called once the reply has left or failed to, e.g. to give
             a pooled buffer back or release a lock that kept ``array``
             from being updated while it was on its way out.

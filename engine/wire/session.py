@@ -12,7 +12,7 @@ state objects that the trio side (:mod:`dbnode.wire.handshake`,
   proof (:func:`auth_mac`);
 * the CLOSE exchange (:class:`CloseExchange`): no request after either side's
   CLOSE, and when the exchange is complete;
-* which request flags are understood (:func:`check_flags`; version 1: none).
+* which request flags are understood (:func:`check_flags`; this version: none).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ HANDSHAKE_ERROR_TEXT = (HANDSHAKE_LIMITS.max_meta - 64) // 6
 
 
 def check_flags(frame: Frame) -> None:
-    """A request's flags must be ones its kind defines; version 1 defines none.
+    """A request's flags must be ones its kind defines; this version defines none.
 
     Args:
         frame: the received request.
@@ -85,7 +85,7 @@ def check_flags(frame: Frame) -> None:
     if frame.flags:
         raise RequestError(
             ErrorCode.BAD_REQUEST,
-            f"{frame.kind.name} with flags {frame.flags:#06x}: protocol version 1 defines none",
+            f"{frame.kind.name} with flags {frame.flags:#06x}: protocol version {PROTOCOL_VERSION} defines none",
         )
 
 
