@@ -26,6 +26,7 @@ MODULES = [
     "dbnode.wire.channel",
     "dbnode.wire.endpoints",
     "dbnode.wire.peers",
+    "dbnode.wire.shm",
     "dbnode.optim",
     "dbnode.config",
     "dbnode.model",

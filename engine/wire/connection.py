@@ -35,6 +35,7 @@ from .frames import (
     parse_meta,
 )
 from .session import HANDSHAKE_ERROR_TEXT, check_received
+from .shm import FLAG_SHM, FLAG_SHM_RESTART, SharedRings
 from .sockio import make_wire, socket_errors
 
 __all__ = ["Connection"]
@@ -101,7 +102,10 @@ class Outgoing:
     def __init__(self, views: list[memoryview], left: int, sent: int) -> None:
         self.views = views  # byte views not sent yet
         self.left = left  # bytes not sent yet
-        self.sent = sent  # bytes already sent: > 0 means the frame is half out
+        # Bytes already sent: > 0 means the frame is half out. A frame whose
+        # payload went to the shared ring counts as half out from the start:
+        # dropping it would leave the peer's ring positions behind ours.
+        self.sent = sent
         self.task: Any = None  # the task waiting for this frame
         self.done = False
         self.error: BaseException | None = None
@@ -160,6 +164,8 @@ class Connection:
         self.authenticated = False
         self.peer_name = ""  # the peer's "name" from the handshake, for logs
         self.peer = self._wire.peer()
+        # Shared rings with a peer on this host, set up by the handshake.
+        self.rings: SharedRings | None = None
         # Frames that wait for another task's send to finish, in order; the
         # front one's task is sending (see Outgoing).
         self._queue: deque[Outgoing] = deque()
@@ -213,6 +219,7 @@ class Connection:
             self._closed = ConnectionClosedError(reason, code)
         self._wire.abort()
         self._fail_queue()
+        self._drop_rings()
 
     async def aclose(self) -> None:
         """Close the connection (no CLOSE frame: see :meth:`Channel.aclose`)."""
@@ -220,6 +227,12 @@ class Connection:
             self._closed = ConnectionClosedError("connection closed")
         with trio.CancelScope(shield=True), self._io:
             await self._wire.aclose()
+        self._drop_rings()
+
+    def _drop_rings(self) -> None:
+        if self.rings is not None:
+            self.rings.close()
+            self.rings = None
 
     async def __aenter__(self) -> Connection:
         return self
@@ -301,9 +314,17 @@ class Connection:
             ConnectionClosedError: the connection is closed or was lost.
         """
         self._check_open()
+        shared = 0
+        if self.rings is not None and len(parts) == 2:  # [header + meta, payload]
+            flags = self.rings.put(memoryview(parts[1]).cast("B"))
+            if flags is not None:
+                head = bytearray(parts[0])
+                head[8] |= flags & 0xFF
+                head[9] |= flags >> 8  # the header's u16 flags, little-endian
+                parts, shared = [head], 1
         if self._queue:  # another task is sending: queue up behind it
             views = _byte_views(parts)
-            item = Outgoing(views, sum(len(v) for v in views), 0)
+            item = Outgoing(views, sum(len(v) for v in views), shared)
             self._queue.append(item)
             return item
         with self._io:
@@ -313,7 +334,7 @@ class Connection:
             total += len(p) if type(p) is bytes else memoryview(p).nbytes
         if sent == total:
             return None
-        item = Outgoing(_advance(_byte_views(parts), sent), total - sent, sent)
+        item = Outgoing(_advance(_byte_views(parts), sent), total - sent, sent or shared)
         item.sender = True
         self._queue.append(item)
         return item
@@ -580,7 +601,18 @@ class Connection:
                     meta = parse_meta(meta_buf, header.kind)
                 array = None if header.dtype is None else self._destination(header, into)
                 n = header.payload_length
-                if n:
+                flags = header.flags
+                if flags & FLAG_SHM:
+                    if self.rings is None or not n:
+                        raise RemoteProtocolError(
+                            ErrorCode.BAD_HEADER,
+                            "flags",
+                            flags,
+                            "no shared payload on this connection",
+                        )
+                    self.rings.take(memoryview(array).cast("B"), flags)
+                    flags &= ~(FLAG_SHM | FLAG_SHM_RESTART)
+                elif n:
                     dest = memoryview(array).cast("B")
                     pos = self._rpos
                     if self._rend - pos >= n:
@@ -589,7 +621,7 @@ class Connection:
                     else:
                         await self._read_into(dest, "payload")
             frame = Frame(
-                header.kind, header.request_id, header.key, header.seq, header.flags, array, meta
+                header.kind, header.request_id, header.key, header.seq, flags, array, meta
             )
         except BaseException as exc:
             # Bytes read ahead but not consumed stay for the next call, so

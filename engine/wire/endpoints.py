@@ -17,6 +17,8 @@ from .frames import DEFAULT_LIMITS, ErrorCode, Limits, error_frame
 from .handshake import SERVER_HANDSHAKE_TIMEOUT, client_handshake, server_handshake
 from .reply import Handler, InlineHandler
 from .secret import check_secret
+from .shm import enabled as shm_enabled
+from .shm import is_loopback
 from .sockio import connect_tcp, listen_tcp
 
 __all__ = ["connect", "open_connection", "serve"]
@@ -51,6 +53,9 @@ async def open_connection(
         limits: the Connection's limits.
         stall_timeout: the Connection's (None: wait forever inside a frame).
 
+    A server on the loopback interface is offered shared memory for big
+    payloads (:mod:`dbnode.wire.shm`; ``DBNODE_SHM=0`` turns that off).
+
     Returns:
         The authenticated connection; the caller owns it.
 
@@ -62,7 +67,8 @@ async def open_connection(
     secret = check_secret(secret)
     stream = await connect_tcp(host, port)
     conn = Connection(stream, limits=limits, stall_timeout=stall_timeout)
-    await client_handshake(conn, secret, name=name, timeout=handshake_timeout)
+    shm = shm_enabled() and is_loopback(host)
+    await client_handshake(conn, secret, name=name, timeout=handshake_timeout, shm=shm)
     return conn
 
 
@@ -247,7 +253,7 @@ async def serve(
             try:
                 await server_handshake(
                     conn, secret, name=name, timeout=handshake_timeout,
-                    on_hello=lambda: gate.spoke(conn), admit=admit,
+                    on_hello=lambda: gate.spoke(conn), admit=admit, shm=shm_enabled(),
                 )  # fmt: skip
             except ConnectionClosedError as exc:
                 if conn in shed and exc.code in (None, ErrorCode.UNAVAILABLE):

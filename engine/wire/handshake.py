@@ -7,6 +7,7 @@ place, what the peer is told and what our caller sees when it fails.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,9 @@ from ..errors import AuthenticationError, ConnectionClosedError, RemoteProtocolE
 from .connection import Connection
 from .frames import ErrorCode, MessageKind
 from .session import BadProof, ClientHandshake, PeerError, ServerHandshake
+from .shm import SharedRings
+
+log = logging.getLogger("dbnode.wire")
 
 __all__ = ["SERVER_HANDSHAKE_TIMEOUT", "client_handshake", "server_handshake"]
 
@@ -86,7 +90,12 @@ async def _run_handshake(
 
 
 async def client_handshake(
-    conn: Connection, secret: bytes, *, name: str | None = None, timeout: float = 10.0
+    conn: Connection,
+    secret: bytes,
+    *,
+    name: str | None = None,
+    timeout: float = 10.0,
+    shm: bool = False,
 ) -> dict[str, Any]:
     """Authenticate a fresh connection as the client (docs/protocol.md section 10).
 
@@ -101,6 +110,9 @@ async def client_handshake(
         secret: the shared secret.
         name: our name, sent in HELLO for the server's logs.
         timeout: seconds for the whole handshake.
+        shm: offer the server shared memory for big payloads (for a server
+            on this host: :mod:`dbnode.wire.shm`); ``conn.rings`` is set if
+            it accepts.
 
     Returns:
         The server's AUTH_OK meta.
@@ -112,14 +124,34 @@ async def client_handshake(
         ConfigError: the secret is too short (the connection stays open).
     """
     shake = ClientHandshake(secret, name)
+    rings = None
+    if shm:
+        try:
+            rings = SharedRings.offer()
+        except OSError as exc:
+            log.debug("no shared memory for %s: %s", conn.peer, exc)
 
     async def steps() -> dict[str, Any]:
         await conn.send_frame(MessageKind.HELLO, meta=shake.hello())
         auth = shake.on_challenge(await conn.receive_frame())
+        if rings is not None:  # only a server that proved it knows the secret learns it
+            auth = {**auth, "shm": {"path": rings.path, "size": rings.size}}
         await conn.send_frame(MessageKind.AUTH, meta=auth)
         return shake.on_auth_ok(await conn.receive_frame())
 
-    return await _run_handshake(conn, steps, "client", timeout)
+    try:
+        meta = await _run_handshake(conn, steps, "client", timeout)
+    except BaseException:
+        if rings is not None:
+            rings.close()
+        raise
+    if rings is not None:
+        rings.unlink()  # mapped by both ends now (or refused): the name has served
+        if meta.get("shm") is True:
+            conn.rings = rings
+        else:
+            rings.close()
+    return meta
 
 
 async def server_handshake(
@@ -130,6 +162,7 @@ async def server_handshake(
     timeout: float = SERVER_HANDSHAKE_TIMEOUT,
     on_hello: Callable[[], None] | None = None,
     admit: Callable[[], str | None] | None = None,
+    shm: bool = True,
 ) -> dict[str, Any]:
     """Authenticate a fresh connection as the server; the mirror of client_handshake.
 
@@ -148,6 +181,8 @@ async def server_handshake(
             (synchronously): None lets the client in; a reason answers it
             ERROR UNAVAILABLE with that reason instead, and the handshake
             fails with ConnectionClosedError (code UNAVAILABLE).
+        shm: map the shared memory a client offers, if it can
+            (:mod:`dbnode.wire.shm`); ``conn.rings`` is set then.
 
     Returns:
         The client's HELLO meta.
@@ -157,16 +192,34 @@ async def server_handshake(
             :func:`client_handshake`.
     """
     shake = ServerHandshake(secret, name)
+    attached: list[SharedRings] = []  # the segment mapped, if any
 
     async def steps() -> dict[str, Any]:
         challenge = shake.on_hello(await conn.receive_frame())
         if on_hello is not None:
             on_hello()
         await conn.send_frame(MessageKind.CHALLENGE, meta=challenge)
-        auth_ok = shake.on_auth(await conn.receive_frame())
+        auth = await conn.receive_frame()
+        auth_ok = shake.on_auth(auth)
         if admit is not None and (reason := admit()) is not None:
             raise _Refused(reason)
+        offer = auth.meta.get("shm")
+        if offer is not None:  # the client proved it knows the secret
+            if shm:
+                try:
+                    attached.append(SharedRings.attach(offer))
+                except (ValueError, OSError) as exc:
+                    log.debug("shared memory offered by %s not taken: %s", conn.peer, exc)
+            auth_ok = {**auth_ok, "shm": bool(attached)}
         await conn.send_frame(MessageKind.AUTH_OK, meta=auth_ok)
         return shake.hello_meta
 
-    return await _run_handshake(conn, steps, "server", timeout)
+    try:
+        meta = await _run_handshake(conn, steps, "server", timeout)
+    except BaseException:
+        for rings in attached:
+            rings.close()
+        raise
+    if attached:
+        conn.rings = attached[0]
+    return meta
