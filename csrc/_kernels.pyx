@@ -663,7 +663,7 @@ cdef enum:
 cdef void _encode(const float* x, unsigned short* q, float* r, Py_ssize_t n,
                   int codec) noexcept nogil:
     cdef Py_ssize_t i
-    cdef float v
+    cdef float v, d
     if r == NULL:
         if codec == BF16:
             for i in range(n):
@@ -675,12 +675,14 @@ cdef void _encode(const float* x, unsigned short* q, float* r, Py_ssize_t n,
         for i in range(n):
             v = x[i] + r[i]
             q[i] = dbn_to_bf16(v)
-            r[i] = v - dbn_from_bf16(q[i])
+            d = v - dbn_from_bf16(q[i])
+            r[i] = d if d == d else 0  # nothing carried from an inf or NaN
     else:
         for i in range(n):
             v = x[i] + r[i]
             q[i] = dbn_to_f16(v)
-            r[i] = v - dbn_from_f16(q[i])
+            d = v - dbn_from_f16(q[i])
+            r[i] = d if d == d else 0
 
 
 cdef void _decode(const unsigned short* q, float* x, Py_ssize_t n, int codec) noexcept nogil:

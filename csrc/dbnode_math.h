@@ -85,8 +85,8 @@ static inline double dbn_exp(double x) {
  * bfloat16 is the top half of a binary32; float16 is IEEE binary16. Both
  * encoders round to nearest, ties to even, and saturate: a finite value too
  * large for the format becomes its largest finite value, not infinity (a
- * sender's error-feedback residual keeps the rest). NaN stays a quiet NaN;
- * infinity saturates too (a shard refuses it earlier, as not finite).
+ * sender's error-feedback residual keeps the rest). Infinity stays infinity
+ * and NaN a quiet NaN, so that a shard still refuses them as not finite.
  * Written on the bits with selects rather than branches, so the loops that
  * call them vectorize.
  */
@@ -97,7 +97,8 @@ static inline uint16_t dbn_to_bf16(float f) {
     uint32_t u = dbn_bits(f), mag = u & 0x7fffffffu, sign = (u >> 16) & 0x8000u;
     /* Adding 0x7fff plus the kept part's lowest bit rounds ties to even. */
     uint32_t r = (mag + 0x7fffu + ((mag >> 16) & 1u)) >> 16;
-    r = r > 0x7f7fu ? 0x7f7fu : r;                 /* saturate, inf too */
+    r = r > 0x7f7fu ? 0x7f7fu : r;                 /* saturate a finite value */
+    r = mag == 0x7f800000u ? 0x7f80u : r;          /* inf stays inf */
     r = mag > 0x7f800000u ? ((mag >> 16) | 0x40u) : r;  /* NaN: quiet */
     return (uint16_t)(r | sign);
 }
@@ -114,6 +115,7 @@ static inline uint16_t dbn_to_f16(float f) {
     uint32_t sub = dbn_bits(dbn_float(mag) + 0.5f) - dbn_bits(0.5f);
     uint32_t r = mag < 0x38800000u ? sub : normal;
     r = mag >= 0x477ff000u ? 0x7bffu : r;          /* >= 65520 would round to inf */
+    r = mag == 0x7f800000u ? 0x7c00u : r;          /* inf stays inf */
     r = mag > 0x7f800000u ? (0x7e00u | ((mag >> 13) & 0x3ffu)) : r;  /* NaN: quiet */
     return (uint16_t)(r | sign);
 }

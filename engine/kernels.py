@@ -291,7 +291,8 @@ def encode_wire(
     x: np.ndarray, codec: str, out: np.ndarray | None = None, residual: np.ndarray | None = None
 ) -> np.ndarray:
     """A float32 array as the 16-bit words of a wire codec, rounded to
-    nearest even, saturating (a finite value never becomes infinite).
+    nearest even, saturating (a finite value never becomes infinite;
+    infinity and NaN stay what they are).
 
     Args:
         x: the float32 values.

@@ -60,16 +60,20 @@ def encode_wire(x, codec, out=None, residual=None):
         u = v.view(np.uint32).astype(np.uint64)
         mag, sign = u & 0x7FFFFFFF, (u >> 16) & 0x8000
         r = np.minimum((mag + 0x7FFF + ((mag >> 16) & 1)) >> 16, 0x7F7F)
+        r = np.where(mag == 0x7F800000, 0x7F80, r)
         r = np.where(mag > 0x7F800000, (mag >> 16) | 0x40, r)
         q = (r | sign).astype(np.uint16)
     elif codec == "f16":
         big = np.float32(65504)
         with np.errstate(over="ignore", invalid="ignore"):
-            q = np.where(np.isnan(v), v, np.clip(v, -big, big)).astype(np.float16).view(np.uint16)
+            kept = np.isnan(v) | np.isinf(v)
+            q = np.where(kept, v, np.clip(v, -big, big)).astype(np.float16).view(np.uint16)
     else:
         raise ValueError(f"unknown wire codec {codec!r}")
     if residual is not None:
-        residual[...] = v - decode_wire(q, codec)
+        with np.errstate(invalid="ignore"):
+            d = v - decode_wire(q, codec)
+        residual[...] = np.where(np.isnan(d), 0, d)
     return _out(out, q.reshape(x.shape))
 
 

@@ -59,8 +59,9 @@ def test_encoding_matches_numpy_on_any_array(codec, x):
         ("bf16", 1.0 + 2**-8, 1.0),  # a tie: to the even neighbour
         ("bf16", 1.0 + 3 * 2**-8, 1.0 + 2**-6),  # the other tie: up, to even
         ("bf16", np.finfo(np.float32).max, 3.3895313892515355e38),  # saturates
-        ("bf16", np.inf, 3.3895313892515355e38),
-        ("bf16", -np.inf, -3.3895313892515355e38),
+        ("bf16", np.inf, np.inf),  # stays: a shard refuses it
+        ("bf16", -np.inf, -np.inf),
+        ("f16", np.inf, np.inf),
         ("f16", 65519.0, 65504.0),
         ("f16", 65520.0, 65504.0),  # IEEE would round to inf: saturates
         ("f16", 1e9, 65504.0),
@@ -224,3 +225,16 @@ async def test_a_node_refuses_an_unknown_codec_and_keeps_serving(tmp_path):
             await peers.aclose()
     finally:
         assert node.stop() == 0
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_non_finite_gradient_is_sent_as_such_and_not_carried(codec):
+    """An infinity or NaN goes out as what it is (the shard refuses it as
+    not finite) and leaves nothing in the residual to poison later pushes."""
+    enc = codecs.Encoder(codec)
+    bad = np.array([np.inf, -np.inf, np.nan, 1.0 + 2**-12], np.float32)
+    sent = codecs.decode(enc.encode(0, bad))
+    assert np.isposinf(sent[0]) and np.isneginf(sent[1]) and np.isnan(sent[2])
+    assert np.isfinite(enc.residual(0)).all() and (enc.residual(0)[:3] == 0).all()
+    good = codecs.decode(enc.encode(0, np.ones(4, np.float32)))
+    assert np.isfinite(good).all()

@@ -179,7 +179,7 @@ def tensor_frames(draw):
     return Frame(
         kind=draw(st.sampled_from(sorted(TENSOR_KINDS))),
         request_id=draw(u64), key=draw(st.integers(0, 2**32 - 1)), seq=draw(u64),
-        flags=draw(st.integers(0, 2**16 - 1)), array=draw(hnp.arrays(dtype, shape)),
+        flags=draw(st.integers(0, 2**14 - 1)), array=draw(hnp.arrays(dtype, shape)),
         meta=draw(metas),
     )  # fmt: skip
 
@@ -323,6 +323,8 @@ def test_empty_array_sends_only_the_header():
         (dict(request_id=-1), ErrorCode.BAD_HEADER, "request_id"),
         (dict(seq=1.5), ErrorCode.BAD_HEADER, "seq"),
         (dict(flags=2**16), ErrorCode.BAD_HEADER, "flags"),
+        (dict(flags=0x8000), ErrorCode.BAD_HEADER, "flags"),  # the transport's bits
+        (dict(flags=0x4001), ErrorCode.BAD_HEADER, "flags"),
         (dict(meta=[1, 2]), ErrorCode.BAD_META, "meta"),
         (dict(meta={1: "x"}), ErrorCode.BAD_META, "meta key"),
         (dict(meta={"x": float("nan")}), ErrorCode.BAD_META, "meta"),

@@ -13,10 +13,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbnode.errors import RemoteProtocolError
+from dbnode.errors import LocalProtocolError, RemoteProtocolError
 from dbnode.wire import Channel, MessageKind, Reply, open_connection, serve
 from dbnode.wire import shm as shm_mod
-from dbnode.wire.shm import FLAG_SHM, FLAG_SHM_RESTART, MIN_PAYLOAD, SharedRings
+from dbnode.wire.frames import FLAG_SHM, FLAG_SHM_RESTART
+from dbnode.wire.shm import MIN_PAYLOAD, SharedRings
 
 SECRET = bytes(range(32))
 SIZE = 1 << 20  # a small ring: wrap-arounds and full rings come quickly
@@ -230,7 +231,9 @@ async def test_a_shared_flag_without_rings_is_a_protocol_error(nursery):
     parts = encode_frame(MessageKind.PUSH, request_id=1, array=np.ones(4, np.float32))
     head = bytearray(parts[0])
     head[9] |= FLAG_SHM >> 8
-    await conn.send_parts([head])
+    with pytest.raises(LocalProtocolError, match="belong to the transport"):
+        encode_frame(MessageKind.PUSH, array=np.ones(4, np.float32), flags=FLAG_SHM)
+    await conn.send_parts([head])  # a peer that sets it anyway
     answer = await conn.receive_frame()
     assert answer.kind == MessageKind.ERROR and answer.meta["code"] == ErrorCode.BAD_HEADER
     await conn.aclose()
@@ -268,3 +271,39 @@ def test_a_segment_with_holes_is_refused():
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+async def test_a_shared_frame_given_up_in_the_queue_still_goes_out_in_order():
+    """A task that stops waiting for its frame (a timeout) while another
+    task's big send holds the socket: its payload is in the ring already, so
+    the frame still goes out, in its place; the rings stay in step and the
+    connection usable."""
+    from dbnode.wire import Connection
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    a = Connection(await trio.open_tcp_stream("127.0.0.1", port))
+    b = Connection(await listeners[0].accept())
+    await listeners[0].aclose()
+    a.authenticated = b.authenticated = True
+    a.rings = SharedRings.offer(SIZE)
+    b.rings = SharedRings.attach({"path": a.rings.path, "size": SIZE})
+    a.rings.unlink()
+    big = np.arange(8_000_000, dtype=np.float32)  # 32 MB, inline: fills the socket
+    mid = np.arange(100_000, dtype=np.float32)  # 400 KB, through the ring
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: a.send_frame(MessageKind.PUSH, key=1, array=big))
+        await trio.sleep(0.1)
+        with trio.move_on_after(0.1) as timer:
+            await a.send_frame(MessageKind.PUSH, key=2, array=mid)
+        assert timer.cancelled_caught and not a.closed
+        got = [await b.receive_frame() for _ in range(2)]
+    assert [f.key for f in got] == [1, 2] and b.rings._in.pos > 0  # mid took the ring
+    np.testing.assert_array_equal(got[0].array, big)
+    np.testing.assert_array_equal(got[1].array, mid)
+    await a.send_frame(MessageKind.PUSH, key=3, array=mid + 1)
+    again = await b.receive_frame()
+    assert again.key == 3 and again.flags == 0
+    np.testing.assert_array_equal(again.array, mid + 1)
+    await a.aclose()
+    await b.aclose()

@@ -20,9 +20,11 @@ import trio
 from ..errors import ConnectionClosedError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .frames import (
     DEFAULT_LIMITS,
+    FLAG_SHM,
     HANDSHAKE_LIMITS,
     HEADER_SIZE,
     MAGIC,
+    TRANSPORT_FLAGS,
     ErrorCode,
     Frame,
     Header,
@@ -35,7 +37,7 @@ from .frames import (
     parse_meta,
 )
 from .session import HANDSHAKE_ERROR_TEXT, check_received
-from .shm import FLAG_SHM, FLAG_SHM_RESTART, SharedRings
+from .shm import SharedRings
 from .sockio import make_wire, socket_errors
 
 __all__ = ["Connection"]
@@ -97,15 +99,15 @@ class Outgoing:
     task of the next frame (see :meth:`Connection.finish_send`).
     """
 
-    __slots__ = ("views", "left", "sent", "task", "done", "error", "sender")
+    __slots__ = ("views", "left", "sent", "task", "done", "error", "sender", "shared")
 
-    def __init__(self, views: list[memoryview], left: int, sent: int) -> None:
+    def __init__(self, views: list[memoryview], left: int, sent: int, shared: bool) -> None:
         self.views = views  # byte views not sent yet
         self.left = left  # bytes not sent yet
-        # Bytes already sent: > 0 means the frame is half out. A frame whose
-        # payload went to the shared ring counts as half out from the start:
-        # dropping it would leave the peer's ring positions behind ours.
-        self.sent = sent
+        self.sent = sent  # bytes already sent: > 0 means the frame is half out
+        # Its payload is in the shared ring already: it must go out even if
+        # its task gives up, or the peer's ring positions fall behind ours.
+        self.shared = shared
         self.task: Any = None  # the task waiting for this frame
         self.done = False
         self.error: BaseException | None = None
@@ -314,27 +316,31 @@ class Connection:
             ConnectionClosedError: the connection is closed or was lost.
         """
         self._check_open()
-        shared = 0
+        shared = False
         if self.rings is not None and len(parts) == 2:  # [header + meta, payload]
             flags = self.rings.put(memoryview(parts[1]).cast("B"))
             if flags is not None:
                 head = bytearray(parts[0])
-                head[8] |= flags & 0xFF
                 head[9] |= flags >> 8  # the header's u16 flags, little-endian
-                parts, shared = [head], 1
+                parts, shared = [head], True
         if self._queue:  # another task is sending: queue up behind it
             views = _byte_views(parts)
-            item = Outgoing(views, sum(len(v) for v in views), shared)
+            item = Outgoing(views, sum(len(v) for v in views), 0, shared)
             self._queue.append(item)
             return item
-        with self._io:
-            sent = self._wire.send_now(parts)  # a failed sendmsg moved no byte
+        try:
+            with self._io:
+                sent = self._wire.send_now(parts)  # a failed sendmsg moved no byte
+        except BaseException:
+            if shared:  # the peer will never hear of the payload in the ring
+                self.abort("a send failed after its payload went to the shared ring")
+            raise
         total = 0
         for p in parts:
             total += len(p) if type(p) is bytes else memoryview(p).nbytes
         if sent == total:
             return None
-        item = Outgoing(_advance(_byte_views(parts), sent), total - sent, sent or shared)
+        item = Outgoing(_advance(_byte_views(parts), sent), total - sent, sent, shared)
         item.sender = True
         self._queue.append(item)
         return item
@@ -361,6 +367,8 @@ class Connection:
                     item.task = None
                     if item.sent:  # half out, sent by another task: cannot stop it
                         self.abort("a send was interrupted inside a frame; connection poisoned")
+                    elif item.shared:
+                        pass  # stays queued: the sender sends it without us (see _pump)
                     elif item in self._queue:
                         self._queue.remove(item)
                     return trio.lowlevel.Abort.SUCCEEDED
@@ -380,7 +388,11 @@ class Connection:
         queue = self._queue
         try:
             with self._io:
-                while not own.done:
+                # Our frame, then those at the front that no task waits on:
+                # abandoned ones whose payloads are in the shared ring must
+                # still go out (and sending one whose task has yet to wait
+                # for it only saves that task the trouble).
+                while not own.done or (queue and queue[0].task is None):
                     views: list[memoryview] = []
                     for item in queue:  # combine: several frames per sendmsg
                         views.extend(item.views)
@@ -404,7 +416,7 @@ class Connection:
         except BaseException as exc:
             front = queue[0] if queue else None
             if (
-                (front is not None and front.sent)
+                (front is not None and (front.sent or front.shared))
                 or not self._wire.clean_cancel
                 or (not isinstance(exc, trio.Cancelled))
             ):
@@ -602,8 +614,8 @@ class Connection:
                 array = None if header.dtype is None else self._destination(header, into)
                 n = header.payload_length
                 flags = header.flags
-                if flags & FLAG_SHM:
-                    if self.rings is None or not n:
+                if flags & TRANSPORT_FLAGS:
+                    if self.rings is None or not n or not flags & FLAG_SHM:
                         raise RemoteProtocolError(
                             ErrorCode.BAD_HEADER,
                             "flags",
@@ -611,7 +623,7 @@ class Connection:
                             "no shared payload on this connection",
                         )
                     self.rings.take(memoryview(array).cast("B"), flags)
-                    flags &= ~(FLAG_SHM | FLAG_SHM_RESTART)
+                    flags &= ~TRANSPORT_FLAGS
                 elif n:
                     dest = memoryview(array).cast("B")
                     pos = self._rpos

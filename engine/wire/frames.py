@@ -148,6 +148,13 @@ class DType(enum.IntEnum):
     BFLOAT16 = 7  # the upper half of a binary32
 
 
+# Header flag bits of the transport on every kind (docs/protocol.md section
+# 18): the payload is in the sender's shared ring, not on the stream; and it
+# is at the ring's start. Set by the connection itself, never by a caller.
+FLAG_SHM = 0x8000
+FLAG_SHM_RESTART = 0x4000
+TRANSPORT_FLAGS = FLAG_SHM | FLAG_SHM_RESTART
+
 # numpy has no bfloat16: its 16-bit words travel as this one-field record
 # dtype, which no other dtype equals (``.view(np.uint16)`` gives the words).
 BFLOAT16 = np.dtype([("bf16", "<u2")])
@@ -374,6 +381,14 @@ def _check_error_meta(meta: dict[str, Any], err: type[ProtocolError]) -> None:
     message = meta.get("message")
     if not isinstance(message, str):
         raise err(ErrorCode.BAD_META, "meta.message", message, "an ERROR frame needs a text")
+
+
+def _transport_free(flags: int) -> int:
+    if flags & TRANSPORT_FLAGS:
+        raise LocalProtocolError(
+            ErrorCode.BAD_HEADER, "flags", flags, "bits 14 and 15 belong to the transport"
+        )
+    return flags
 
 
 def _uint(name: str, value: Any, bits: int) -> int:
@@ -693,7 +708,7 @@ def encode_frame(
         and type(request_id) is int and 0 <= request_id <= _U64
         and type(key) is int and 0 <= key <= _U32
         and type(seq) is int and 0 <= seq <= _U64
-        and type(flags) is int and 0 <= flags <= _U16
+        and type(flags) is int and 0 <= flags <= _U16 and not flags & TRANSPORT_FLAGS
     ):  # fmt: skip
         meta_bytes = _dump_meta(meta) if meta else b""
         meta_length = len(meta_bytes)
@@ -732,7 +747,7 @@ def encode_frame(
         request_id=_uint("request_id", request_id, 64),
         key=_uint("key", key, 32),
         seq=_uint("seq", seq, 64),
-        flags=_uint("flags", flags, 16),
+        flags=_transport_free(_uint("flags", flags, 16)),
         dtype=None if array is None else array.dtype,
         shape=() if array is None else array.shape,
         meta_length=len(meta_bytes),

@@ -43,10 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ErrorCode, RemoteProtocolError
+from .frames import FLAG_SHM, FLAG_SHM_RESTART
 
 __all__ = [
-    "FLAG_SHM",
-    "FLAG_SHM_RESTART",
     "MIN_PAYLOAD",
     "RING_BYTES",
     "SharedRings",
@@ -54,12 +53,6 @@ __all__ = [
     "is_loopback",
 ]
 
-#: Header flag (any tensor kind): the payload is in the sender's ring, not
-#: on the stream.
-FLAG_SHM = 0x8000
-#: With FLAG_SHM: the sender found its ring empty and wrote this payload at
-#: the ring's start.
-FLAG_SHM_RESTART = 0x4000
 #: Payloads of fewer bytes go over the socket: copying them is nothing.
 MIN_PAYLOAD = 64 << 10
 #: Bytes of each ring; a payload of more than half a ring goes inline.
@@ -68,7 +61,7 @@ RING_BYTES = 16 << 20
 _ALIGN = 64
 _CONTROL = 128
 _DIR = "/dev/shm"
-_NAME = re.compile(r"^dbnode-[0-9]+-[0-9a-f]{32}$")
+_NAME = re.compile(r"dbnode-[0-9]{1,7}-[0-9a-f]{32}")
 
 
 def enabled() -> bool:
@@ -102,9 +95,11 @@ def _sweep() -> None:
         return
     _swept = True
     for name in os.listdir(_DIR):
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             continue
-        pid = int(name.split("-")[1])
+        pid = int(name.split("-")[1])  # anyone can name a file here: check it
+        if not 0 < pid < 2**22:  # Linux's pid_max is at most 2^22
+            continue
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -226,7 +221,7 @@ class SharedRings:
         path, size = offer.get("path"), offer.get("size")
         if not isinstance(path, str) or os.path.dirname(path) != _DIR:
             raise ValueError(f"shm path {path!r} is not in {_DIR}")
-        if not _NAME.match(os.path.basename(path)):
+        if not _NAME.fullmatch(os.path.basename(path)):
             raise ValueError(f"shm path {path!r} is not a dbnode segment")
         if type(size) is not int or not 2 * MIN_PAYLOAD <= size <= 4 * RING_BYTES:
             raise ValueError(f"shm size {size!r} out of range")
