@@ -561,7 +561,8 @@ class PartitionService:
         codec: str = "f32",
     ) -> int:
         """Send activations or deltas to a partition of ``run``: straight into
-        its inbox when it lives on this node, else over TCP in ``codec``.
+        its inbox when it lives on this node, else over its connection (TCP, or
+        shared memory on this host) in ``codec``.
 
         Args:
             run: the run both partitions belong to.
