@@ -45,7 +45,8 @@ from dbnode import kernels
 from dbnode.config import RunConfig
 from dbnode.data import load, split
 from dbnode.driver import LocalCluster, train
-from dbnode.model import ModelSpec, evaluate, init_params
+from dbnode.metrics import evaluate
+from dbnode.model import ModelSpec, init_params
 from dbnode.optim import make_optimizer
 from dbnode.threads import THREAD_VARIABLES
 from dbnode.trainer import Trainer

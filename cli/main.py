@@ -10,6 +10,7 @@ Exit codes: 0 success, 1 the run failed, 2 bad usage or configuration,
 from __future__ import annotations
 
 import argparse
+import csv
 import ipaddress
 import json
 import logging
@@ -22,17 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import trio
 
 import dbnode
 from dbnode.aio import first_error
 from dbnode.config import RunConfig, parse_address
-from dbnode.data import load
-from dbnode.driver import check_data, plan, status, train, write_secret
+from dbnode.data import load_inputs
+from dbnode.driver import load_data, new_run_dir, plan, status, train, write_secret
 from dbnode.errors import ConfigError, DBNodeError, RunInterrupted
-from dbnode.model import evaluate, load_params
+from dbnode.metrics import CLASSIFICATION, per_class
 from dbnode.node import ready_line, run_node
 from dbnode.runs import parse_bytes
+from dbnode.saved import load as load_model
 from dbnode.threads import available_cores, environment_threads, limit_threads
 from dbnode.wire import load_secret
 
@@ -43,7 +46,8 @@ DEFAULT_PORT = 7070
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dbnode`` command's arguments: ``serve``, ``train``, ``status``, ``eval``.
+    """The ``dbnode`` command's arguments: ``serve``, ``train``, ``status``,
+    ``eval``, ``predict``.
 
     Returns:
         The parser; ``args.command`` is None when no command was given.
@@ -52,16 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dbnode", description="Downpour SGD on a cluster of plain CPU machines."
     )
     parser.add_argument("--version", action="version", version=f"dbnode {dbnode.__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # -v works before the command and after it: the same flag on every level.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", default=False, help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser(
-        "serve", help="run a node that hosts parameter shards and layer partitions"
-    )
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbose], **kwargs)
+
+    serve = command("serve", help="run a node that hosts parameter shards and layer partitions")
     serve.add_argument(
         "--listen",
         default=f"127.0.0.1:{DEFAULT_PORT}",
-        help="HOST:PORT to listen on (default 127.0.0.1:%(default)s; port 0 picks one)",
+        help="HOST:PORT to listen on (default %(default)s; port 0 picks one)",
     )
     serve.add_argument("--secret-file", help="shared cluster secret (default: $DBNODE_SECRET)")
     serve.add_argument("--name", default="", help="the node's name in logs")
@@ -97,14 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit when standard input closes (used by the embedded cluster)",
     )
 
-    train = sub.add_parser("train", help="run a training job (the driver)")
+    train = command("train", help="run a training job (the driver)")
     train.add_argument("config", help="run config (TOML)")
     train.add_argument(
         "--hosts",
         help="comma-separated HOST:PORT of running nodes "
         "(default: [cluster] hosts, else an embedded local cluster)",
     )
-    train.add_argument("--out", help="directory for model.npz, metrics.csv, summary.json")
+    train.add_argument(
+        "--out",
+        help="directory for model.npz, metrics.csv, summary.json (default: a new "
+        "runs/CONFIG-TIME/); one that already holds files is refused",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's outputs in --out",
+    )
     train.add_argument(
         "--set",
         action="append",
@@ -128,16 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the newest checkpoint of an earlier run (its --out directory)",
     )
 
-    st = sub.add_parser("status", help="what running nodes host and how far their partitions are")
+    st = command("status", help="what running nodes host and how far their partitions are")
     st.add_argument("--hosts", required=True, help="comma-separated HOST:PORT of nodes")
     st.add_argument("--secret-file", help="cluster secret (default: $DBNODE_SECRET)")
 
-    ev = sub.add_parser("eval", help="loss and accuracy of a saved model on a data set")
-    ev.add_argument("model", help="model.npz written by dbnode train")
-    ev.add_argument("--data", required=True, help="data source (built-in name or path)")
+    ev = command("eval", help="score a trained model: its run's held-out set, or a data set")
+    ev.add_argument("model", metavar="RUN", help="a run directory, or its model.npz")
+    ev.add_argument(
+        "--data",
+        help="data source to score on (built-in name or path; default: the run's held-out set)",
+    )
     ev.add_argument(
         "--config",
-        help="the run config the model was trained with (default: summary.json beside the model)",
+        help="the run config, for a model.npz written before models carried theirs",
+    )
+
+    pr = command("predict", help="a trained model's predictions for a data set, as CSV")
+    pr.add_argument("model", metavar="RUN", help="a run directory, or its model.npz")
+    pr.add_argument(
+        "--data",
+        required=True,
+        help="inputs (built-in name or path; a .csv may have just the feature columns)",
+    )
+    pr.add_argument("--out", help="CSV file to write (default: standard output)")
+    pr.add_argument(
+        "--config",
+        help="the run config, for a model.npz written before models carried theirs",
     )
     return parser
 
@@ -161,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    command = {"serve": cmd_serve, "train": cmd_train, "eval": cmd_eval, "status": cmd_status}[
-        args.command
-    ]
+    command = {
+        "serve": cmd_serve,
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "predict": cmd_predict,
+        "status": cmd_status,
+    }[args.command]
     try:
         try:
             return command(args)
@@ -300,6 +339,11 @@ def cmd_train(args) -> int:
         return 0
     show = _progress_printer(sys.stderr)
     name = f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.out is None and args.resume:
+        args.out = args.resume  # go on in the same directory
+    elif args.out is None:  # every run keeps its outputs, in a directory of its own
+        args.out = str(new_run_dir(Path(args.config).stem))
+        print(f"dbnode train: writing to {args.out}", file=sys.stderr)
     try:
         summary = train(
             config,
@@ -309,6 +353,7 @@ def cmd_train(args) -> int:
             progress=show,
             resume=args.resume,
             name=name,
+            overwrite=args.overwrite,
         )
     except RunInterrupted as stop:
         show.close()
@@ -323,7 +368,9 @@ def cmd_train(args) -> int:
             )
         return 130
     show.close()
-    print(json.dumps({k: v for k, v in summary.__dict__.items() if k != "config"}, indent=2))
+    # The config and the curve are in the run directory (summary.json, metrics.csv).
+    shown = {k: v for k, v in summary.__dict__.items() if k not in ("config", "history")}
+    print(json.dumps(shown, indent=2))
     return 0
 
 
@@ -336,9 +383,11 @@ def _resume_command(args, stop: RunInterrupted) -> str:
         words += ["--hosts", args.hosts]
     if args.secret_file:
         words += ["--secret-file", args.secret_file]
-    words += ["--resume", str(stop.checkpoint.parent)]
-    if args.out:
-        words += ["--out", args.out]
+    checkpoints = stop.checkpoint.parent
+    if args.out and checkpoints.resolve().parent == Path(args.out).resolve():
+        words += ["--resume", args.out]  # on in the same directory
+    else:  # checkpoints kept elsewhere (checkpoint.dir): the run goes on in a new one
+        words += ["--resume", str(checkpoints)]
     return shlex.join(words)
 
 
@@ -403,31 +452,85 @@ def cmd_status(args) -> int:
 # -------------------------------------------------------------------- eval
 
 
+def _model_for(args):
+    """The model ``eval`` and ``predict`` name: a run directory or a file."""
+    config = RunConfig.load(args.config) if args.config else None
+    return load_model(args.model, config)
+
+
 def cmd_eval(args) -> int:
-    """``dbnode eval``: print a saved model's loss and accuracy on a data set.
+    """``dbnode eval``: print a trained model's figures as JSON: on ``--data``,
+    or on its run's held-out set (the same split the run made).
 
     Returns:
         0.
 
     Raises:
-        ConfigError: the run config cannot be found or read, or the data
-            does not fit the model.
+        ConfigError: no model or config, a run without a held-out set and
+            no ``--data``, or data that does not fit the model.
     """
-    config_path = Path(args.config) if args.config else Path(args.model).with_name("summary.json")
-    if config_path.suffix == ".json":
-        try:
-            config = RunConfig.from_dict(json.loads(config_path.read_text())["config"])
-        except FileNotFoundError:
-            raise ConfigError(
-                "--config", str(config_path), "not found: pass the run config"
-            ) from None
+    model = _model_for(args)
+    if args.data:
+        x, y = load_inputs(args.data, model.spec.layers[0], seed=model.config.train.seed)
+        if y is None:
+            raise ConfigError("--data", args.data, "holds inputs only: eval needs their targets")
+        where = args.data
     else:
-        config = RunConfig.load(config_path)
-    spec = config.spec()
-    params = load_params(args.model, spec)
-    x, y = load(args.data, seed=config.train.seed)
-    check_data(spec, x, y, args.data)
-    print(json.dumps(evaluate(spec, params, x, y)))
+        _, _, x, y = load_data(model.config)
+        if x is None:
+            raise ConfigError(
+                "--data", "", "the run held nothing out (data.test_fraction = 0): give --data"
+            )
+        where = model.config.data.test or f"{model.config.data.train} (held out)"
+    try:
+        figures = model.evaluate(x, y)
+    except ValueError as exc:
+        raise ConfigError("--data", where, str(exc)) from None
+    report = {"data": where, "examples": len(x), "task": model.task, **figures}
+    if model.task == CLASSIFICATION:
+        report["per_class"] = per_class(model.spec, model.outputs(x), y)
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """``dbnode predict``: write a ``prediction`` column per example (the
+    class, or the value; ``prediction0``... for several outputs) and, for a
+    classifier, its class probabilities ``p0``, ``p1``...
+
+    Returns:
+        0.
+
+    Raises:
+        ConfigError: no model or config, or inputs that do not fit it.
+    """
+    model = _model_for(args)
+    x, _ = load_inputs(args.data, model.spec.layers[0], seed=model.config.train.seed)
+    predicted = model.predict(x)
+    if predicted.ndim == 1:
+        columns, table = ["prediction"], [predicted[:, None]]
+    else:
+        columns = [f"prediction{k}" for k in range(predicted.shape[1])]
+        table = [predicted]
+    if model.classes:
+        columns += [f"p{k}" for k in range(model.classes)]
+        table.append(model.predict_proba(x))
+    rows = np.hstack([np.asarray(t, dtype=np.float64) for t in table])
+    out = open(args.out, "w", newline="") if args.out else sys.stdout
+    try:
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        integer = model.classes > 0  # a class is written as an integer
+        for row in rows:
+            cells = [f"{v:.9g}" for v in row]
+            if integer:
+                cells[0] = str(int(row[0]))
+            writer.writerow(cells)
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        print(f"dbnode predict: {len(rows)} predictions written to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -20,6 +20,7 @@ _EXPORTS = {
             "LocalProtocolError",
             "ProtocolError",
             "RemoteProtocolError",
+            "StopTraining",
         ],
         ".errors",
     ),
@@ -27,7 +28,6 @@ _EXPORTS = {
         [
             "LayerStack",
             "ModelSpec",
-            "evaluate",
             "from_bias_first",
             "init_params",
             "load_params",
@@ -37,6 +37,9 @@ _EXPORTS = {
         ],
         ".model",
     ),
+    "evaluate": ".metrics",
+    "load": ".saved",
+    "TrainedModel": ".saved",
     **dict.fromkeys(["SGD", "Adagrad", "Momentum", "make_optimizer"], ".optim"),
     **dict.fromkeys(["Trainer", "TrainResult"], ".trainer"),
 }

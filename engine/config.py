@@ -66,12 +66,13 @@ class DataConfig:
     Attributes:
         train: a data source (see :func:`dbnode.data.load`; required).
         test: a held-out source; "" holds out ``test_fraction`` of ``train``.
-        test_fraction: the part of ``train`` held out when there is no ``test``.
+        test_fraction: the part of ``train`` held out when there is no
+            ``test`` (0: none, and no held-out figures).
     """
 
     train: str = ""
     test: str = ""
-    test_fraction: float = 0.0
+    test_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,9 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
-        """Read a TOML run config; relative data paths are taken from the
-        config file's directory.
+        """Read a TOML run config; relative paths written in the file are
+        taken from the file's directory, those given as overrides from the
+        working directory (where whoever typed them stands).
 
         Args:
             path: the TOML file.
@@ -239,14 +241,13 @@ class RunConfig:
             raise ConfigError("config", str(path), f"cannot be read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", str(path), f"is not valid TOML: {exc}") from None
-        config = cls.from_dict(raw, overrides)
-        return config.relative_to(path.parent)
+        return cls.from_dict(_resolved(raw, path.parent), overrides)
 
     def relative_to(self, base: Path) -> RunConfig:
-        """Resolve data and secret paths that are relative to ``base``.
+        """Resolve the paths (:data:`PATH_KEYS`) that are relative to ``base``.
 
         Built-in data names, absolute and empty paths are kept; so is a
-        ``model.init`` that is not an ``.npz``. The checkpoint dir is resolved too.
+        ``model.init`` that is not an ``.npz``.
 
         Args:
             base: the directory relative paths are taken from.
@@ -254,28 +255,7 @@ class RunConfig:
         Returns:
             A new config.
         """
-
-        def resolve(value: str) -> str:
-            if not value or is_builtin(value) or Path(value).is_absolute():
-                return value
-            return str(base / value)
-
-        return dataclasses.replace(
-            self,
-            data=dataclasses.replace(
-                self.data, train=resolve(self.data.train), test=resolve(self.data.test)
-            ),
-            model=dataclasses.replace(
-                self.model,
-                init=resolve(self.model.init)
-                if self.model.init.endswith(".npz")
-                else self.model.init,
-            ),
-            cluster=dataclasses.replace(
-                self.cluster, secret_file=resolve(self.cluster.secret_file)
-            ),
-            checkpoint=dataclasses.replace(self.checkpoint, dir=resolve(self.checkpoint.dir)),
-        )
+        return type(self).from_dict(_resolved(self.to_dict(), base))
 
     def spec(self) -> ModelSpec:
         """The network ``[model]`` describes.
@@ -393,6 +373,25 @@ class RunConfig:
         }
         out["optimizer"] = self.optimizer.to_wire()
         return out
+
+
+#: The keys that hold paths: relative ones in a config file are taken from
+#: the file's directory.
+PATH_KEYS = (("data", "train"), ("data", "test"), ("model", "init"),
+             ("cluster", "secret_file"), ("checkpoint", "dir"))  # fmt: skip
+
+
+def _resolved(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``raw`` (nested dicts) with its relative paths taken from ``base``."""
+    out = {section: dict(v) if isinstance(v, dict) else v for section, v in raw.items()}
+    for section, key in PATH_KEYS:
+        value = out[section].get(key) if isinstance(out.get(section), dict) else None
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            continue
+        if is_builtin(value) or (key == "init" and not value.endswith(".npz")):
+            continue
+        out[section][key] = str(Path(base) / value)
+    return out
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:

@@ -272,20 +272,67 @@ def _npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path) as f:
-        first = f.readline()
+    table = _csv_table(path)
+    if table.shape[1] < 2:
+        raise ConfigError("data", str(path), "needs at least one feature column and the label")
+    return _checked(table[:, :-1], table[:, -1], str(path))
+
+
+def _csv_table(path: Path) -> np.ndarray:
+    """A numeric CSV as a 2-d float array, its header line (if any) skipped."""
+    try:
+        with open(path) as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("data", str(path), f"cannot be read: {exc}") from None
     try:
         float(first.split(",")[0])
         skip = 0
     except ValueError:
         skip = 1  # a header line
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
+        return np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2)
     except ValueError as exc:
         raise ConfigError("data", str(path), f"not a numeric CSV: {exc}") from None
-    if table.shape[1] < 2:
-        raise ConfigError("data", str(path), "needs at least one feature column and the label")
-    return _checked(table[:, :-1], table[:, -1], str(path))
+
+
+def load_inputs(source: str, features: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Inputs to predict from, with their targets when the source has them.
+
+    As :func:`load`, except that a ``.csv`` of exactly ``features`` columns
+    is all inputs (no label column), and an ``.npz`` may lack ``y``.
+
+    Args:
+        source: the data source (see :func:`load`).
+        features: the model's inputs per example.
+        seed: seeds the synthetic sets.
+
+    Returns:
+        ``(X, y)``; ``y`` is None when the source holds inputs only.
+
+    Raises:
+        ConfigError: as :func:`load`; or inputs that are not ``features`` wide.
+    """
+    path = Path(source)
+    name = path.name.lower()
+    if path.is_file() and name.endswith(".csv"):
+        table = _csv_table(path)
+        if table.shape[1] == features:
+            return _checked(table, np.zeros(len(table)), str(path))[0], None
+    elif path.is_file() and name.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if "X" in npz.files and "y" not in npz.files:
+                    x = npz["X"]
+                    return _checked(x, np.zeros(len(x)), str(path))[0], None
+        except (OSError, ValueError) as exc:
+            raise ConfigError("data", str(path), f"cannot be read as .npz: {exc}") from None
+    x, y = load(source, seed=seed)
+    if x.shape[1] != features:
+        raise ConfigError(
+            "data", source, f"examples have {x.shape[1]} features, the model takes {features}"
+        )
+    return x, y
 
 
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -260,7 +260,7 @@ class CheckpointError(DBNodeError):
 
 # -- runs (dbnode.partition, dbnode.driver) -----------------------------------------
 
-__all__ += ["Diverged", "NodeUnreachable", "RunInterrupted"]
+__all__ += ["Diverged", "NodeUnreachable", "RunInterrupted", "StopTraining"]
 
 
 class NodeUnreachable(DBNodeError):
@@ -299,3 +299,9 @@ class RunInterrupted(DBNodeError):
         self.summary = summary
         where = f"; outputs written to {out_dir}" if out_dir else ""
         super().__init__(f"stopped by {signal}{where}")
+
+
+class StopTraining(Exception):
+    """Raise it from a run's progress callback to end the run early and
+    keep what it has: the replicas stop, the model and metrics are written,
+    and :func:`dbnode.train` returns the summary (``stopped`` says why)."""

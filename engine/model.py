@@ -7,6 +7,7 @@ Parameters are a flat dict of named arrays, ``layer{i}.weight`` of shape
 parameter shards and the ``.npz`` files use.
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,17 +180,60 @@ def check_params(spec: ModelSpec, params: dict[str, np.ndarray], where: str = "p
             )
 
 
-def save_params(path: str | Path, params: dict[str, np.ndarray]) -> None:
+#: The ``.npz`` member that holds a saved model's description (JSON text):
+#: what :func:`save_params` writes beside the arrays when given one, and
+#: what :func:`load_params` leaves out of the parameters.
+DESCRIPTION = "dbnode.json"
+
+
+def save_params(
+    path: str | Path, params: dict[str, np.ndarray], description: dict | None = None
+) -> None:
     """Write ``layer{i}.weight`` / ``layer{i}.bias`` arrays to an ``.npz``.
 
     Args:
         path: the file (numpy adds ``.npz`` when it lacks the suffix).
         params: name -> array.
+        description: JSON-able facts stored beside the arrays (as a text
+            array, readable without pickle) -- what makes the file stand
+            alone; :func:`read_description` reads it back.
 
     Raises:
         OSError: the file cannot be written.
     """
-    np.savez(path, **params)
+    extra = {}
+    if description is not None:
+        extra[DESCRIPTION] = np.array(json.dumps(description, sort_keys=True))
+    np.savez(path, **params, **extra)
+
+
+def read_description(path: str | Path) -> dict | None:
+    """The description :func:`save_params` stored in an ``.npz``, if any.
+
+    Args:
+        path: the ``.npz`` file.
+
+    Returns:
+        The description, or None for a file of arrays alone.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the file is not an ``.npz``, or its description is not JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if DESCRIPTION not in npz.files:
+                return None
+            text = str(npz[DESCRIPTION])
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not an .npz model file ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: its {DESCRIPTION} is not JSON ({exc})") from None
 
 
 def load_params(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
@@ -209,8 +253,15 @@ def load_params(path: str | Path, spec: ModelSpec) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"parameters file not found: {path}")
-    with np.load(path, allow_pickle=False) as npz:
-        params = {name: kernels.aligned_copy(npz[name], spec.np_dtype) for name in npz.files}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            params = {
+                name: kernels.aligned_copy(npz[name], spec.np_dtype)
+                for name in npz.files
+                if name != DESCRIPTION
+            }
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not an .npz of parameters ({exc})") from None
     check_params(spec, params, where=str(path))
     return params
 
@@ -476,35 +527,3 @@ def predict(
         for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(outs) if outs else np.empty((0, spec.layers[-1]), spec.np_dtype)
-
-
-def evaluate(
-    spec: ModelSpec, params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
-) -> dict[str, float]:
-    """Mean loss over ``(x, y)`` and, for a classifier, accuracy.
-
-    Args:
-        spec: the network.
-        params: its parameters.
-        x: the inputs, ``(examples, features)``.
-        y: their targets.
-
-    Returns:
-        ``{"loss": ...}``, plus ``"accuracy"`` for cross-entropy or a single
-        output (thresholded at 0.5).
-
-    Raises:
-        ValueError: no examples, or shapes that do not fit the network.
-    """
-    if len(x) == 0:
-        raise ValueError("evaluate: empty data set")
-    out = predict(spec, params, x)
-    loss = Loss(spec)
-    targets = loss.targets(y)
-    value, _ = loss(out, targets)
-    result = {"loss": value}
-    if spec.loss == "cross_entropy":
-        result["accuracy"] = float(np.mean(out.argmax(axis=1) == targets))
-    elif spec.layers[-1] == 1:
-        result["accuracy"] = float(np.mean((out[:, 0] > 0.5) == (targets[:, 0] > 0.5)))
-    return result

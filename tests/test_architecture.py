@@ -23,9 +23,10 @@ ENGINE = ROOT / "engine"
 SURFACES = {
     "dbnode": [
         "Adagrad", "ConfigError", "DBNodeError", "LayerStack", "LocalProtocolError", "ModelSpec",
-        "Momentum", "ProtocolError", "RemoteProtocolError", "RunConfig", "SGD", "Summary",
-        "TrainResult", "Trainer", "__version__", "evaluate", "from_bias_first", "init_params",
-        "load_params", "make_optimizer", "predict", "save_params", "to_bias_first", "train",
+        "Momentum", "ProtocolError", "RemoteProtocolError", "RunConfig", "SGD", "StopTraining",
+        "Summary", "TrainResult", "TrainedModel", "Trainer", "__version__", "evaluate",
+        "from_bias_first", "init_params", "load", "load_params", "make_optimizer", "predict",
+        "save_params", "to_bias_first", "train",
     ],
     "dbnode.wire": [
         "Address", "BFLOAT16", "Channel", "Connection", "DEFAULT_LIMITS", "DEFER", "DType", "ErrorCode",
@@ -39,7 +40,7 @@ SURFACES = {
     "dbnode.ps": ["ParameterClient", "ParameterShard", "Pulled"],
     "dbnode.driver": [
         "FailureDetector", "LocalCluster", "Progress", "Summary", "check_data", "load_data",
-        "plan", "prepare", "status", "train", "write_outputs", "write_secret",
+        "new_run_dir", "plan", "prepare", "status", "train", "write_outputs", "write_secret",
     ],
 }  # fmt: skip
 
@@ -145,6 +146,7 @@ ALLOWED = {
     "dbnode.layers": ["dbnode.kernels"],
     "dbnode.model": ["dbnode.kernels", "dbnode.layers"],
     "dbnode.blocks": ["dbnode.kernels", "dbnode.model"],
+    "dbnode.metrics": ["dbnode.kernels", "dbnode.model"],
     "dbnode.optim": ["dbnode.kernels", "dbnode.errors"],
     "dbnode.placement": ["dbnode.errors"],
     "dbnode.runs": ["dbnode.errors"],
@@ -158,7 +160,8 @@ ALLOWED = {
 LOWER_THAN_SERVICES = ["dbnode.kernels", "dbnode.reference", "dbnode.optim", "dbnode.model",
                        "dbnode.layers", "dbnode.blocks", "dbnode.data", "dbnode.placement",
                        "dbnode.config", "dbnode.trainer", "dbnode.durable", "dbnode.traffic",
-                       "dbnode.threads", "dbnode.partition_core"]  # fmt: skip
+                       "dbnode.threads", "dbnode.partition_core", "dbnode.metrics",
+                       "dbnode.saved"]  # fmt: skip
 UPPER = ["dbnode.wire", "dbnode.codecs", "dbnode.ps", "dbnode.runs", "dbnode.node", "dbnode.partition",
          "dbnode.control", "dbnode.driver"]  # fmt: skip
 

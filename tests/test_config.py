@@ -57,6 +57,20 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
 BASE = {"model": {"layers": [2, 1]}, "data": {"train": "xor:10"}}
 
 
+def test_overridden_paths_are_taken_from_the_working_directory(tmp_path, monkeypatch):
+    """A path typed on the command line means what it means where it was typed."""
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "run.toml"
+    path.write_text('[model]\nlayers = [2, 1]\n[data]\ntrain = "in_file.csv"\n')
+    monkeypatch.chdir(tmp_path)
+    config = RunConfig.load(path, ["data.test=typed.csv"])
+    assert config.data.train == str(tmp_path / "configs" / "in_file.csv")
+    assert config.data.test == "typed.csv"
+    # A file that leaves a required key to the command line still loads.
+    path.write_text("[model]\nlayers = [2, 1]\n")
+    assert RunConfig.load(path, ["data.train=x.csv"]).data.train == "x.csv"
+
+
 def with_(section, **values):
     """BASE with keys of one section replaced (_drop=True empties it first)."""
     raw = {name: dict(keys) for name, keys in BASE.items()}

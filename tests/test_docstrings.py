@@ -30,6 +30,8 @@ MODULES = [
     "dbnode.optim",
     "dbnode.config",
     "dbnode.model",
+    "dbnode.metrics",
+    "dbnode.saved",
     "dbnode.layers",
     "dbnode.blocks",
     "dbnode.data",

@@ -7,12 +7,12 @@ import pytest
 
 from dbnode import reference
 from dbnode.data import XOR_ROWS, XOR_TARGETS, blobs, epoch_order, minibatches, xor
+from dbnode.metrics import evaluate
 from dbnode.model import (
     LayerStack,
     Loss,
     ModelSpec,
     check_params,
-    evaluate,
     from_bias_first,
     init_params,
     load_params,
@@ -289,13 +289,3 @@ def test_epoch_order_is_a_reproducible_permutation():
         next(minibatches(np.zeros((2, 1)), np.zeros(2), 0))
     with pytest.raises(ValueError, match="2 inputs but 3 targets"):
         next(minibatches(np.zeros((2, 1)), np.zeros(3), 1))
-
-
-def test_evaluate_reports_accuracy_for_classifiers_only():
-    spec = ModelSpec((2, 2, 1), dtype="float64")
-    params = init_params(spec, seed=0)
-    assert set(evaluate(spec, params, XOR_ROWS, XOR_TARGETS)) == {"loss", "accuracy"}
-    reg = ModelSpec((2, 3, 2), output="linear", dtype="float64")
-    assert set(evaluate(reg, init_params(reg), XOR_ROWS, np.zeros((4, 2)))) == {"loss"}
-    with pytest.raises(ValueError, match="empty"):
-        evaluate(spec, params, XOR_ROWS[:0], XOR_TARGETS[:0])

@@ -38,13 +38,16 @@ def test_public_api_is_pinned():
         "RemoteProtocolError",
         "RunConfig",
         "SGD",
+        "StopTraining",
         "Summary",
         "TrainResult",
+        "TrainedModel",
         "Trainer",
         "__version__",
         "evaluate",
         "from_bias_first",
         "init_params",
+        "load",
         "load_params",
         "make_optimizer",
         "predict",
@@ -158,3 +161,14 @@ def test_sdist_ships_the_kernel_sources_and_builds_a_wheel(tmp_path):
     for package in ("wire", "ps", "driver"):
         assert f"dbnode/{package}/__init__.py" in files, files
     assert not any(f.endswith(".pyx") for f in files)
+
+
+def test_verbose_goes_before_or_after_the_command_and_serve_help_shows_its_default():
+    from cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-v", "status", "--hosts", "h:1"]).verbose
+    assert parser.parse_args(["status", "--hosts", "h:1", "-v"]).verbose
+    assert not parser.parse_args(["status", "--hosts", "h:1"]).verbose
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    assert "default 127.0.0.1:7070;" in " ".join(serve.format_help().split())

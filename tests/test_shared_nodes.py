@@ -83,11 +83,12 @@ def test_one_node_named_twice_is_used_once(two, tmp_path, form):
         "two names": f"127.0.0.1:{a.port},localhost:{a.port}",
     }[form]
     out = subprocess.run(
-        train_cmd(two, "xor.toml", "--set", "train.epochs=1", "--out", str(tmp_path), hosts=hosts),
+        train_cmd(two, "xor.toml", "--set", "train.epochs=1", "--out", str(tmp_path / "run"),
+                  hosts=hosts),
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["nodes"] == (2 if form == "twice" else 1)
     assert [e for e in summary["events"] if e["event"] == "duplicate hosts"]
     assert all(n.alive() for n in two)

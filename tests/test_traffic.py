@@ -144,7 +144,7 @@ def test_a_real_run_moves_the_bytes_the_plan_predicts(tmp_path, replicas, partit
                 "dtype": "float32",
                 "partitions": partitions,
             },
-            "data": {"train": str(tmp_path / "d.npz")},
+            "data": {"train": str(tmp_path / "d.npz"), "test_fraction": 0},  # every row trains
             "train": {"replicas": replicas, "batch_size": batch, "epochs": 1},
             "optimizer": {"name": "sgd", "learning_rate": 0.01},
             "cluster": {"parameter_shards": 2, "nodes": replicas * partitions},

@@ -193,7 +193,7 @@ async def test_handshake_ok_names_and_ping(nursery):
 
 async def test_client_rejects_server_with_another_secret(nursery):
     host, port = await start_server(nursery, secret=OTHER)
-    with pytest.raises(AuthenticationError, match="failed to prove") as info:
+    with pytest.raises(AuthenticationError, match="does not share our secret") as info:
         async with connect(host, port, SECRET):
             pass  # pragma: no cover
     assert info.value.code == ErrorCode.AUTH_FAILED

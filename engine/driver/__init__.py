@@ -22,6 +22,7 @@ _EXPORTS = {
     "Summary": ".outputs",
     "Progress": ".outputs",
     "write_outputs": ".outputs",
+    "new_run_dir": ".outputs",
     "status": ".status",
     "FailureDetector": ".health",
     "LocalCluster": ".cluster",

@@ -14,6 +14,7 @@ import numpy as np
 from .. import data as datasets
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..metrics import data_warnings, task_of
 from ..model import ModelSpec, init_params, load_params
 from . import checkpoint
 
@@ -37,8 +38,10 @@ def load_data(
     x, y = datasets.load(config.data.train, seed=seed)
     if config.data.test:
         x_test, y_test = datasets.load(config.data.test, seed=seed + 1)
-    elif config.data.test_fraction:
+    elif config.data.test_fraction and len(x) > 1:
         x, y, x_test, y_test = datasets.split(x, y, config.data.test_fraction, seed)
+        if len(x_test) == 0:  # too few examples to hold any out
+            x_test = y_test = None
     else:
         x_test = y_test = None
     check_data(spec, x, y, config.data.train)
@@ -105,15 +108,31 @@ class Inputs:
     y_test: np.ndarray | None
     params: dict[str, np.ndarray]
     shards: list[slice]  # each replica's rows of (x, y)
+    task: str = "regression"  # what the model solves: dbnode.metrics.task_of
+    sample: tuple[np.ndarray, np.ndarray] | None = None  # training rows for the train_* figures
+    warnings: tuple[str, ...] = ()  # what about the data will likely make training go badly
     resume: checkpoint.Checkpoint | None = None
+    resume_dir: Path | None = None  # the directory resumed from (its metrics.csv goes on)
+
+
+# The train_* figures of metrics.csv are taken on this many training rows
+# (a fixed random sample): enough for a curve, cheap beside the held-out set.
+TRAIN_SAMPLE = 2000
 
 
 def prepare(config: RunConfig) -> Inputs:
     """Load and check the data and the initial model: every mistake in the
     config shows up here, before a node is started or contacted."""
     x, y, x_test, y_test = load_data(config)
-    params = initial_params(config, config.spec())
-    return Inputs(x, y, x_test, y_test, params, shard_data(len(x), config.replicas_for(len(x))))
+    spec = config.spec()
+    params = initial_params(config, spec)
+    shards = shard_data(len(x), config.replicas_for(len(x)))
+    rows = np.sort(
+        np.random.default_rng([config.train.seed, 0x5A]).permutation(len(x))[:TRAIN_SAMPLE]
+    )
+    sample = (x[rows], y[rows])
+    return Inputs(x, y, x_test, y_test, params, shards, task=task_of(spec, y), sample=sample,
+                  warnings=tuple(data_warnings(spec, x, y, config.data.train)))  # fmt: skip
 
 
 def run_identity(config: RunConfig) -> str:

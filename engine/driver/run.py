@@ -42,13 +42,13 @@ import trio
 from .. import control
 from ..aio import first_error
 from ..config import RunConfig, format_address, parse_address
-from ..errors import ConfigError, DBNodeError, RunInterrupted
-from ..model import evaluate
+from ..errors import ConfigError, DBNodeError, RunInterrupted, StopTraining
+from ..metrics import evaluate
 from ..ps.shard import ParameterShard
 from ..wire import Address, Peers, load_secret
 from .cluster import LocalCluster, embedded_nodes
 from .inputs import Inputs, find_resume, prepare
-from .outputs import Progress, Summary, write_outputs
+from .outputs import MetricsLog, Progress, Summary, metric_columns, prepare_out_dir, write_outputs
 from .plan import distinct_nodes, node_shapes, oversubscribed
 from .state import Replica, RunState
 
@@ -69,6 +69,7 @@ def train(
     progress: Callable[[Progress], None] | None = None,
     resume: str | Path | None = None,
     name: str | None = None,
+    overwrite: bool = False,
 ) -> Summary:
     """Run ``config`` on a cluster; blocks until the run ends.
 
@@ -83,27 +84,36 @@ def train(
             embedded local cluster when there are none).
         out_dir: where ``model.npz``, ``metrics.csv`` and ``summary.json``
             go (and checkpoints, unless ``checkpoint.dir`` says otherwise);
-            None writes nothing.
+            None writes nothing. Made if need be; one that already holds
+            files is refused (unless ``overwrite``, or it is ``resume``).
         secret: the cluster's secret for ``hosts`` (default: from
             ``cluster.secret_file`` or ``$DBNODE_SECRET``).
-        progress: called with a :class:`Progress` at every poll.
+        progress: called with a :class:`Progress` at every poll; it may
+            raise :class:`~dbnode.errors.StopTraining` to end the run there
+            (outputs written, the summary returned).
         resume: an earlier run's output directory: continue from its newest
-            checkpoint.
+            checkpoint (and its ``metrics.csv``).
         name: the run's name on the nodes (``dbnode status``, logs).
+        overwrite: replace an earlier run's outputs in ``out_dir``.
 
     Returns:
         The run's :class:`Summary`.
 
     Raises:
-        ConfigError: the config, data or initial model is unusable.
+        ConfigError: the config, data, initial model or ``out_dir`` is
+            unusable (found before anything starts).
         RunInterrupted: a signal stopped the run (outputs written).
         DBNodeError: the run failed (a node refused or stayed unreachable,
             a replica failed too often, a shard was lost with no copy to
-            restore it from, every replica diverged, ...).
+            restore it from, every replica diverged, ...); the outputs are
+            written as far as the model could still be read.
     """
     inputs = prepare(config)
     if resume is not None:
         inputs.resume = find_resume(config, resume)
+        inputs.resume_dir = Path(resume)
+    if out_dir is not None:
+        out_dir = prepare_out_dir(out_dir, overwrite, resume)
     if config.checkpoint.interval and not (config.checkpoint.dir or out_dir):
         raise ConfigError(
             "checkpoint.dir", "", "checkpoints need a directory: set it or give --out"
@@ -145,6 +155,12 @@ async def _run_in_nursery(config, hosts, secret, inputs, out_dir, progress, name
     async with trio.open_nursery() as nursery:
         peers = Peers(nursery, secret, name="driver")
         run: RunState | None = None
+        earlier = inputs.resume_dir and inputs.resume_dir / "metrics.csv"
+        history = MetricsLog(
+            Path(out_dir) / "metrics.csv" if out_dir else None,
+            metric_columns(inputs.task),
+            resume=earlier,
+        )
         try:
             distinct = await distinct_nodes(peers, hosts)
             run = RunState(
@@ -155,15 +171,17 @@ async def _run_in_nursery(config, hosts, secret, inputs, out_dir, progress, name
                 secrets.token_hex(8),
                 name,
                 nodes=node_shapes(distinct),
+                history=history,
             )
             if len(distinct) < len(hosts):
                 run.event("duplicate hosts", given=len(hosts), nodes=len(distinct))
-            for text in oversubscribed(distinct):
+            for text in (*oversubscribed(distinct), *inputs.warnings):
                 run.warn(text)
             if config.checkpoint.interval:
                 run.checkpoint_dir = Path(config.checkpoint.dir or Path(out_dir) / "checkpoints")
             summary = await _drive(run, inputs, out_dir, progress, start, nursery)
         finally:
+            history.close()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 if run is not None:
                     await _close_everywhere(run)
@@ -237,31 +255,82 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
     for host in run.hosts:
         await run.control(host, control.Run(run=run.id))
 
-    interrupted: list[str] = []
-    watching = True
+    ended = _Ending()
     with trio.CancelScope() as loop_scope:
+        ended.scope = loop_scope
         if threading.current_thread() is threading.main_thread():
-
-            def stop(signame: str) -> None:
-                if watching:  # once the run has ended, its outputs are on their way
-                    interrupted.append(signame)
-                    loop_scope.cancel()
-
-            nursery.start_soon(_watch_signals, stop)
-        metrics, last_loss, train_seconds = await _watch(run, inputs, progress, start)
-    watching = False
-    if interrupted:
-        metrics, last_loss, train_seconds = run.metrics, run.last_loss, None
-        log.warning("stopped by %s: writing the outputs as of now", interrupted[0])
+            nursery.start_soon(_watch_signals, ended.by_signal)
+        try:
+            train_seconds = await _watch(run, inputs, _reporting(progress, ended), start)
+        except (DBNodeError, BaseExceptionGroup) as exc:
+            failure = first_error(exc)
+            if not isinstance(failure, DBNodeError):
+                raise
+            # The run failed: stop it, keep what can still be kept, then raise.
+            ended.error, ended.failure = str(failure), failure
+            train_seconds = None
+            log.error("the run failed (%s): writing what can be kept", failure)
+    ended.scope = None
+    if ended.early:
+        train_seconds = None
+        log.warning("%s: writing the outputs as of now", ended.why)
+    if ended.early or ended.error:
         for replica in run.replicas:
             for host, uid in zip(replica.hosts, replica.uids):
                 if host not in run.dead:
                     stop_request = control.Stop(run=run.id, uids=(uid,))
                     with trio.move_on_after(5):
-                        await run.control(host, stop_request, timeout=5.0)
-    return await _finish(
-        run, inputs, out_dir, start, metrics, last_loss, train_seconds, interrupted
-    )
+                        try:
+                            await run.control(host, stop_request, timeout=5.0)
+                        except DBNodeError:
+                            pass
+    return await _finish(run, inputs, out_dir, start, train_seconds, ended)
+
+
+class _Ending:
+    """How the run's main loop ended: by itself, by a signal, by a callback's
+    StopTraining, or by a failure. The first early end wins; once the loop
+    is over (``scope`` None) a signal changes nothing, the outputs are on
+    their way."""
+
+    def __init__(self) -> None:
+        self.scope: trio.CancelScope | None = None
+        self.signal: str | None = None  # SIGINT, SIGTERM, SIGHUP
+        self.stopped: str | None = None  # a callback's reason
+        self.error: str | None = None  # the failure's message
+        self.failure: DBNodeError | None = None  # raised once the outputs are written
+
+    @property
+    def early(self) -> bool:
+        return bool(self.signal or self.stopped)
+
+    @property
+    def why(self) -> str:
+        return f"stopped by {self.signal}" if self.signal else f"stopped: {self.stopped}"
+
+    def by_signal(self, signame: str) -> None:
+        if self.scope is not None and not self.early:
+            self.signal = signame
+            self.scope.cancel()
+
+    def by_callback(self, reason: str) -> None:
+        if self.scope is not None and not self.early:
+            self.stopped = reason or "StopTraining"
+            self.scope.cancel()
+
+
+def _reporting(progress, ended: _Ending):
+    """``progress`` with its StopTraining turned into the end of the run."""
+    if progress is None:
+        return None
+
+    def report(p: Progress) -> None:
+        try:
+            progress(p)
+        except StopTraining as stop:
+            ended.by_callback(str(stop))
+
+    return report
 
 
 class _SideJobs:
@@ -321,28 +390,30 @@ async def _renew_leases(run: RunState) -> None:
         await trio.sleep(run.config.cluster.heartbeat)
 
 
-async def _watch(
-    run: RunState, inputs: Inputs, progress, start
-) -> tuple[list, float | None, float]:
+async def _watch(run: RunState, inputs: Inputs, progress, start) -> float:
     async with trio.open_nursery() as side:
         return await _watch_in(run, inputs, progress, start, _SideJobs(side))
 
 
-async def _watch_in(
-    run: RunState, inputs: Inputs, progress, start, jobs: _SideJobs
-) -> tuple[list, float | None, float]:
+async def _watch_in(run: RunState, inputs: Inputs, progress, start, jobs: _SideJobs) -> float:
     """Poll until every replica is over: restart failed replicas, restore
     lost shards, and have backups, checkpoints and evaluations made; report
-    progress."""
-    config = run.config
-    total = config.train.epochs * len(inputs.x)
-    metrics = run.metrics
-    tests: list[tuple[float, int, dict[str, float]]] = []  # evaluations done, in order
+    progress. Returns the replicas' training time.
 
-    async def evaluation(at: float, examples: int) -> None:
-        tests.append((at, examples, await _evaluate(run, inputs)))
+    Evaluations (a row of ``metrics.csv`` each) come at the end of every
+    epoch -- each time the replicas together have trained another
+    training set's worth of examples -- and every ``train.eval_interval``
+    seconds between them."""
+    config = run.config
+    n = len(inputs.x)
+    total = config.train.epochs * n
+    rows: list[dict[str, Any]] = []  # evaluations done, in order
+
+    async def evaluation(at: float, examples: int, loss: float | None) -> None:
+        rows.append(_row(run, inputs, at, examples, loss, await _evaluate(run, inputs)))
 
     next_eval = time.monotonic() + config.train.eval_interval
+    next_epoch = sum(r.examples for r in run.replicas) // n + 1  # a resumed run's too
     every = config.checkpoint.interval
     next_checkpoint = time.monotonic() + every
     seen_dead: set[Address] = set()
@@ -389,15 +460,19 @@ async def _watch_in(
             if every and now >= next_checkpoint:
                 jobs.start("checkpoint", run.checkpoint)
                 next_checkpoint = now + every
-            if inputs.x_test is not None and now >= next_eval:
-                jobs.start("evaluation", partial(evaluation, now - start, examples))
-                next_eval = now + config.train.eval_interval
+            if now >= next_eval or examples >= next_epoch * n:
+                if "evaluation" not in jobs.busy:
+                    jobs.start("evaluation", partial(evaluation, now - start, examples,
+                                                     run.last_loss))  # fmt: skip
+                    next_eval = now + config.train.eval_interval
+                    next_epoch = examples // n + 1
         else:
             await jobs.wait()
         test = None
-        while tests:  # what the evaluations found, each at the time it was asked
-            at, seen, test = tests.pop(0)
-            metrics.append(_row(at, seen, run.last_loss, test))
+        while rows:  # what the evaluations found, each as of when it was asked
+            row = rows.pop(0)
+            run.history.append(row)
+            test = _figures(row, "test_") or None
         if progress:
             progress(
                 Progress(
@@ -409,11 +484,12 @@ async def _watch_in(
                     len(run.replicas),
                     [r.last.step / max(1, r.last.steps) if r.last else 0.0 for r in run.replicas],
                     test,
+                    config.train.epochs,
                 )
             )
         if finished:
             seconds = [r.last.seconds for r in run.replicas if r.done and r.last]
-            return metrics, run.last_loss, max(seconds, default=now - start)
+            return max(seconds, default=now - start)
 
 
 async def _renew_leases_in(run: RunState, scope: trio.CancelScope) -> None:
@@ -421,14 +497,22 @@ async def _renew_leases_in(run: RunState, scope: trio.CancelScope) -> None:
         await _renew_leases(run)
 
 
-def _row(at: float, examples: int, loss: float | None, test: dict | None) -> dict[str, Any]:
+def _row(
+    run: RunState, inputs: Inputs, at: float, examples: int, loss: float | None, figures: dict
+) -> dict[str, Any]:
+    """One row of ``metrics.csv`` (:func:`~dbnode.driver.outputs.metric_columns`)."""
     return {
-        "seconds": round(at, 3),
+        "epoch": round(examples / len(inputs.x), 4),
         "examples": examples,
+        "seconds": round(run.history.offset + at, 3),
         "train_loss": loss,
-        "test_loss": test and test["loss"],
-        "test_accuracy": test and test.get("accuracy"),
+        **figures,
     }
+
+
+def _figures(row: dict[str, Any], prefix: str) -> dict[str, float]:
+    """A row's figures of one kind (``test_``, ``train_``), without the prefix."""
+    return {k.removeprefix(prefix): v for k, v in row.items() if k.startswith(prefix)}
 
 
 # A partition's failures of these kinds come from a node's, not its own.
@@ -470,37 +554,56 @@ async def _stop_replica(run: RunState, replica: Replica) -> None:
                 pass
 
 
-async def _evaluate(run: RunState, inputs: Inputs) -> dict[str, float]:
-    params = await run.model()
+async def _evaluate(
+    run: RunState, inputs: Inputs, params: dict[str, np.ndarray] | None = None
+) -> dict[str, float]:
+    """The current model's figures: ``train_*`` on the training sample
+    (loss aside: the replicas report it), ``test_*`` on the held-out set."""
+    if params is None:
+        params = await run.model()
 
     def score() -> dict[str, float]:
+        figures = {}
         with np.errstate(all="ignore"):  # a diverging model's overflows are reported, not warned
-            return evaluate(run.spec, params, inputs.x_test, inputs.y_test)
+            x, y = inputs.sample
+            train = evaluate(run.spec, params, x, y, inputs.task)
+            figures.update({f"train_{k}": v for k, v in train.items() if k != "loss"})
+            if inputs.x_test is not None:
+                test = evaluate(run.spec, params, inputs.x_test, inputs.y_test, inputs.task)
+                figures.update({f"test_{k}": v for k, v in test.items()})
+        return figures
 
     # In a worker thread: the event loop keeps the heartbeats going meanwhile.
     return await trio.to_thread.run_sync(score)
 
 
-async def _finish(
-    run: RunState, inputs, out_dir, start, metrics, last_loss, train_seconds, interrupted
-) -> Summary:
-    """The final model, checkpoint, summary and outputs; the verdict on divergence."""
+async def _finish(run: RunState, inputs, out_dir, start, train_seconds, ended: _Ending) -> Summary:
+    """The final model, checkpoint, summary and outputs; the verdict on
+    divergence. A failed run keeps what can still be read, then raises."""
     config = run.config
-    if not interrupted:
-        await run.poll()  # the shards' final versions
-    final = await run.model()
-    if run.checkpoint_dir is not None:
-        await run.checkpoint()
-    test = await _evaluate(run, inputs) if inputs.x_test is not None else None
+    final: dict[str, np.ndarray] | None = None
+    try:
+        if not (ended.early or ended.error):
+            await run.poll()  # the shards' final versions
+        final = await run.model()
+        if run.checkpoint_dir is not None:
+            await run.checkpoint()
+    except (DBNodeError, trio.TooSlowError, BaseExceptionGroup) as exc:
+        if ended.failure is None:
+            raise
+        log.warning("the final model could not be read: %s", first_error(exc))
     seconds = time.monotonic() - start
-    metrics.append(_row(seconds, sum(r.examples for r in run.replicas), last_loss, test))
-    total = config.train.epochs * len(inputs.x)
     trained = sum(r.examples for r in run.replicas)
+    figures = await _evaluate(run, inputs, final) if final is not None else {}
+    run.history.append(_row(run, inputs, seconds, trained, run.last_loss, figures))
+    test = _figures(figures, "test_")
+    total = config.train.epochs * len(inputs.x)
+    early = ended.early or ended.error is not None
     train_seconds = train_seconds or seconds
     diverged = [
         {"replica": r.index, "reason": r.diverged} for r in run.replicas if r.diverged is not None
     ]
-    biggest = max((float(np.max(np.abs(p))) for p in final.values() if p.size), default=0.0)
+    biggest = max((float(np.max(np.abs(p))) for p in (final or {}).values() if p.size), default=0)
     if biggest > HUGE_WEIGHT:
         run.warn(
             f"the model's largest weight is {biggest:.3g}: the learning rate "
@@ -521,17 +624,22 @@ async def _finish(
         replicas=len(run.replicas),
         partitions=run.partitions,
         nodes=len(run.hosts),
-        examples=trained if interrupted else total,
+        examples=trained if early else total,
         seconds=round(seconds, 3),
         train_seconds=round(train_seconds, 4),
-        examples_per_second=round((trained if interrupted else total) / train_seconds, 1),
-        final_train_loss=last_loss,
-        test_loss=test and test["loss"],
-        test_accuracy=test and test.get("accuracy"),
+        examples_per_second=round((trained if early else total) / train_seconds, 1),
+        final_train_loss=run.last_loss,
+        task=inputs.task,
+        test=test,
+        test_loss=test.get("loss"),
+        test_accuracy=test.get("accuracy"),
+        history=run.history.rows,
         out_dir=str(out_dir) if out_dir else None,
         run_id=run.id,
         run_name=run.name,
-        interrupted=interrupted[0] if interrupted else None,
+        interrupted=ended.signal,
+        stopped=ended.stopped,
+        error=ended.error,
         dead_nodes=run.health.ever_dead,
         restarts=run.restarts,
         diverged=diverged,
@@ -550,10 +658,12 @@ async def _finish(
         planned_bytes_per_step=round(run.layout.bytes_per_step),
     )
     if out_dir is not None:
-        write_outputs(Path(out_dir), final, metrics, summary)
-    if interrupted:
+        write_outputs(Path(out_dir), final, summary, config)
+    if ended.failure is not None:
+        raise ended.failure
+    if ended.signal:
         last = run.last_checkpoint.path if run.last_checkpoint else None
-        raise RunInterrupted(interrupted[0], out_dir, last, summary)
+        raise RunInterrupted(ended.signal, out_dir, last, summary)
     if diverged and len(diverged) == len(run.replicas):
         raise DBNodeError(
             f"{diverged[0]['reason']}: lower optimizer.learning_rate "

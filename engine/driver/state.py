@@ -29,6 +29,7 @@ from ..wire import Address, Peers
 from . import checkpoint
 from .health import FailureDetector
 from .inputs import Inputs, run_identity
+from .outputs import MetricsLog, metric_columns
 from .plan import layout
 from .recovery import ShardBackups, Source, lost_updates
 
@@ -115,6 +116,7 @@ class RunState:
         run_id: str,
         name: str,
         nodes: list[NodeShape] | None = None,
+        history: MetricsLog | None = None,
     ):
         self.config, self.hosts, self.peers = config, hosts, peers
         self.id, self.name = run_id, name
@@ -145,7 +147,8 @@ class RunState:
         self.restarts: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []  # what happened to nodes and replicas, when
         self.warnings: list[str] = []
-        self.metrics: list[dict[str, Any]] = []  # one row per evaluation
+        # The learning curve: one row per evaluation (metrics.csv).
+        self.history = history or MetricsLog(None, metric_columns(inputs.task))
         # Ops a live node answers at once: waiting longer for one stalls the run.
         self.op_timeout = max(5.0, 3 * config.cluster.heartbeat)
         self.last_loss: float | None = None  # the mean training loss of the last window

@@ -54,7 +54,8 @@ async def _run_handshake(
     except BadProof:
         tell = (ErrorCode.AUTH_FAILED, f"the {other}'s proof does not verify")
         error = AuthenticationError(
-            f"the {other} at {conn.peer} failed to prove it knows the shared secret",
+            f"the {other} at {conn.peer} does not share our secret (its proof does not "
+            "verify): one of the two sides has another --secret-file or $DBNODE_SECRET",
             ErrorCode.AUTH_FAILED,
         )
     except PeerError as exc:

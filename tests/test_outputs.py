@@ -1,0 +1,239 @@
+"""What a run leaves behind, tried as a user would: real `dbnode train` runs
+on the embedded cluster, then `dbnode eval`, `dbnode predict` and
+`dbnode.load` on what they wrote."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dbnode
+from dbnode import RunConfig, StopTraining
+from dbnode.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DBNODE = [sys.executable, "-m", "dbnode.cli"]
+# A short XOR run that converges: 4 replicas of 3 000 examples.
+SHORT = ["--set", 'data.train="xor:12000"', "--set", "train.examples_per_replica=3000"]
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([*DBNODE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_without_out_keeps_its_outputs_in_a_new_runs_directory():
+    first = run_cli("train", str(EXAMPLES / "xor.toml"), *SHORT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    [run] = Path("runs").iterdir()
+    assert run.name.startswith("xor-") and f"writing to {run}" in first.stderr
+    assert {p.name for p in run.iterdir()} >= {"model.npz", "metrics.csv", "summary.json"}
+    second = run_cli("train", str(EXAMPLES / "xor.toml"), *SHORT)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(list(Path("runs").iterdir())) == 2  # never the same directory twice
+
+
+def test_an_out_that_holds_files_or_cannot_be_made_is_refused_before_anything_starts(tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    out = run_cli("train", str(EXAMPLES / "xor.toml"), *SHORT, "--out", str(taken), timeout=60)
+    assert (
+        out.returncode == 2 and "already holds files" in out.stderr and "--overwrite" in out.stderr
+    )
+    assert "Traceback" not in out.stderr and "examples/s" not in out.stderr
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "file", tmp_path / "file" / "below"):
+        out = run_cli("train", str(EXAMPLES / "xor.toml"), "--out", str(bad), timeout=60)
+        assert out.returncode == 2 and "--out" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    # --overwrite replaces a run's outputs and nothing else.
+    run = run_cli("train", str(EXAMPLES / "xor.toml"), *SHORT, "--out", str(taken), "--overwrite")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (taken / "notes.txt").read_text() == "mine" and (taken / "model.npz").is_file()
+
+
+def test_metrics_are_a_curve_with_a_row_per_epoch_flushed_as_the_run_goes(tmp_path):
+    """Three epochs and an interval longer than the run: one row per epoch
+    (the last is the final model's), written while the run still trains."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*DBNODE, "train", str(EXAMPLES / "xor.toml"), *SHORT, "--set", "train.epochs=40",
+         "--set", "train.eval_interval=1000", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    seen_early = []
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (out / "metrics.csv").is_file() and not (out / "summary.json").exists():
+            seen_early = rows(out / "metrics.csv")
+            if len(seen_early) >= 2:
+                break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert len(seen_early) >= 2  # rows were on disk before the end
+    curve = rows(out / "metrics.csv")
+    assert list(curve[0]) == ["epoch", "examples", "seconds", "train_loss", "train_accuracy",
+                              "test_loss", "test_accuracy"]  # fmt: skip
+    epochs = [float(r["epoch"]) for r in curve]
+    assert epochs[-1] == 40.0 and len(curve) >= 30  # about one per epoch, never skipped much
+    assert all(b > a for a, b in zip(epochs, epochs[1:]))
+    assert all(float(r["seconds"]) >= 0 and r["test_accuracy"] for r in curve)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "classification" and summary["test"]["accuracy"] == 1.0
+    assert len(summary["history"]) == len(curve)
+
+
+def regression_csv(path: Path, n: int = 600, seed: int = 0) -> None:
+    """y = 2 x0 - x1 + 3: every target above 0.5, as the old accuracy rule
+    would have scored at 100%."""
+    x = np.random.default_rng(seed).uniform(-1, 1, (n, 2))
+    y = 2 * x[:, 0] - x[:, 1] + 3
+    np.savetxt(path, np.column_stack([x, y]), delimiter=",", header="a,b,y", comments="")
+
+
+def test_a_regression_run_reports_regression_figures_and_predicts_values(tmp_path):
+    regression_csv(tmp_path / "line.csv")
+    out = tmp_path / "run"
+    config = tmp_path / "line.toml"
+    config.write_text(
+        '[model]\nlayers = [2, 8, 1]\nactivation = "tanh"\noutput = "linear"\ninit = "xavier"\n'
+        '[data]\ntrain = "line.csv"\n[train]\nepochs = 30\nbatch_size = 8\n'
+        "[optimizer]\nlearning_rate = 0.05\n"
+    )
+    run = run_cli("train", str(config), "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "regression" and summary["test_accuracy"] is None
+    assert set(summary["test"]) == {"loss", "mse", "rmse", "mae", "r2"}
+    assert summary["test"]["r2"] > 0.95, summary["test"]
+    assert (
+        "test_r2" in rows(out / "metrics.csv")[0]
+        and "test_accuracy" not in rows(out / "metrics.csv")[0]
+    )
+    # The held-out split is 10% by default, and eval scores that same split.
+    assert len(np.loadtxt(tmp_path / "line.csv", delimiter=",", skiprows=1)) == 600
+    scored = run_cli("eval", str(out))
+    assert scored.returncode == 0, scored.stderr
+    report = json.loads(scored.stdout)
+    assert report["examples"] == 60 and report["r2"] == pytest.approx(summary["test"]["r2"])
+    # predict takes inputs alone (two columns) and writes a value per row.
+    np.savetxt(tmp_path / "new.csv", [[0.5, 0.0], [0.0, 0.5]], delimiter=",")
+    predicted = run_cli("predict", str(out / "model.npz"), "--data", str(tmp_path / "new.csv"))
+    assert predicted.returncode == 0, predicted.stderr
+    lines = predicted.stdout.splitlines()
+    assert lines[0] == "prediction"
+    np.testing.assert_allclose([float(v) for v in lines[1:]], [4.0, 2.5], atol=0.3)
+    model = dbnode.load(out)
+    assert model.score(*_line(200)) > 0.95
+    with pytest.raises(ValueError, match="regression"):
+        model.predict_proba([[0.0, 0.0]])
+
+
+def _line(n):
+    x = np.random.default_rng(5).uniform(-1, 1, (n, 2))
+    return x, 2 * x[:, 0] - x[:, 1] + 3
+
+
+def test_a_saved_model_stands_alone_and_predicts_classes_and_probabilities(tmp_path):
+    out = tmp_path / "run"
+    run = run_cli("train", str(EXAMPLES / "xor.toml"), *SHORT, "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    alone = tmp_path / "elsewhere" / "xor-model.npz"
+    alone.parent.mkdir()
+    alone.write_bytes((out / "model.npz").read_bytes())  # no summary.json beside it
+    written = tmp_path / "preds.csv"
+    predicted = run_cli("predict", str(alone), "--data", "xor:8", "--out", str(written))
+    assert predicted.returncode == 0, predicted.stderr
+    table = rows(written)
+    assert list(table[0]) == ["prediction", "p0", "p1"] and len(table) == 8
+    for row in table:
+        p0, p1 = float(row["p0"]), float(row["p1"])
+        assert p0 + p1 == pytest.approx(1.0) and row["prediction"] == str(int(p1 > 0.5))
+    scored = run_cli("eval", str(alone), "--data", "xor:500")
+    assert scored.returncode == 0, scored.stderr
+    report = json.loads(scored.stdout)
+    assert report["accuracy"] == 1.0 and [c["class"] for c in report["per_class"]] == [0, 1]
+    model = dbnode.load(alone)
+    assert list(model.predict([[0, 0], [0, 1], [1, 0], [1, 1]])) == [0, 1, 1, 0]
+
+
+def test_eval_and_predict_refuse_what_does_not_fit_without_a_traceback(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", str(EXAMPLES / "xor.toml"), *SHORT, "--out", str(out)).returncode == 0
+    np.savetxt(tmp_path / "three.csv", np.zeros((4, 4)), delimiter=",")  # 3 features, a label
+    np.savez(tmp_path / "weights.npz", **{"layer0.weight": np.zeros((3, 3))})
+    for args, message in [
+        (("eval", str(out), "--data", "blobs:20"), "8 features, the model takes 2"),
+        (("predict", str(out), "--data", str(tmp_path / "three.csv")), "features"),
+        (("eval", str(tmp_path / "nothing")), "no such file or run directory"),
+        (("eval", str(tmp_path / "weights.npz")), "holds weights only"),
+        (("eval", str(tmp_path)), "without model.npz"),
+    ]:
+        done = run_cli(*args, timeout=60)
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+
+
+def test_sigterm_keeps_the_model_and_the_curve_so_far(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*DBNODE, "train", str(EXAMPLES / "xor.toml"), "--set", "train.epochs=50",
+         "--set", "train.eval_interval=0.5", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(rows_if(out / "metrics.csv")) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    curve = rows(out / "metrics.csv")
+    assert summary["interrupted"] == "SIGTERM" and len(curve) >= 3  # two, then the final one
+    assert int(curve[-1]["examples"]) == summary["examples"]
+    assert dbnode.load(out).predict([[0, 1]]).shape == (1,)
+
+
+def rows_if(path: Path) -> list[dict[str, str]]:
+    return rows(path) if path.is_file() else []
+
+
+def test_a_callback_that_raises_stop_training_ends_the_run_and_keeps_everything(tmp_path):
+    config = RunConfig.load(EXAMPLES / "xor.toml", ["train.epochs=50", "train.eval_interval=0.3"])
+    seen = []
+
+    def progress(p):
+        seen.append(p)
+        if p.test is not None:
+            raise StopTraining("good enough")
+
+    summary = dbnode.train(config, out_dir=tmp_path / "run", progress=progress)
+    assert summary.stopped == "good enough" and summary.interrupted is None
+    assert 0 < summary.examples < 50 * 50_000
+    assert (tmp_path / "run" / "model.npz").is_file()
+    assert summary.history and summary.history[-1]["examples"] == summary.examples
+    assert seen[-1].epochs == 50
+
+
+def test_the_python_api_refuses_a_used_directory_unless_told(tmp_path):
+    config = RunConfig.load(EXAMPLES / "xor.toml", SHORT[1::2])
+    (tmp_path / "keep.txt").write_text("")
+    with pytest.raises(ConfigError, match="already holds files"):
+        dbnode.train(config, out_dir=tmp_path)
+    summary = dbnode.train(config, out_dir=tmp_path, overwrite=True)
+    assert summary.out_dir == str(tmp_path) and (tmp_path / "keep.txt").exists()
+    assert os.path.exists(tmp_path / "summary.json")
