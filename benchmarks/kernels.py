@@ -59,6 +59,18 @@ def bench_optimizers() -> list[str]:
         lambda: kernels.adagrad(w, g, h, LR, EPS), numpy_adagrad_prealloc, rounds=25
     )
     out.append(row("adagrad 10M f32 vs numpy preallocated", ours, base, "numpy"))
+    m, v = np.zeros_like(w), np.zeros_like(w)
+
+    def numpy_adam():  # as written in numpy, bias correction and all (step 10)
+        nonlocal m, v, w
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        w -= LR * (m / (1 - 0.9**10)) / (np.sqrt(v / (1 - 0.999**10)) + EPS)
+
+    ours, base = compare(
+        lambda: kernels.adam(w, g, m, v, LR, 0.9, 0.999, EPS, 10), numpy_adam, rounds=25
+    )
+    out.append(row("adam 10M f32 vs numpy as written", ours, base, "numpy"))
     return out
 
 

@@ -57,7 +57,7 @@ cdef extern from *:
 
 # Bumped whenever a signature or a semantic of this module changes; the
 # Python wrapper refuses to run against a module built from other sources.
-KERNELS_API = 3
+KERNELS_API = 4
 SOURCE_HASH = DBNODE_SOURCE_HASH.decode()
 OPENMP = bool(DBNODE_OPENMP)
 
@@ -218,6 +218,22 @@ cdef inline void _adagrad(floating* w, const floating* g, floating* h,
         w[i] -= lr * gi / _sqrt(hi + eps)
 
 
+cdef inline void _adam(floating* w, const floating* g, floating* m, floating* v,
+                       floating lr_t, floating b1, floating b2, floating eps_t,
+                       Py_ssize_t n) noexcept nogil:
+    # Bias correction is folded into lr_t and eps_t by the caller (one scalar
+    # each per step), so this is one pass with no per-element division by it.
+    cdef Py_ssize_t i
+    cdef floating gi, mi, vi
+    for i in range(n):
+        gi = g[i]
+        mi = b1 * m[i] + (1 - b1) * gi
+        vi = b2 * v[i] + (1 - b2) * gi * gi
+        m[i] = mi
+        v[i] = vi
+        w[i] -= lr_t * mi / (_sqrt(vi) + eps_t)
+
+
 # Parallel drivers: split [0, n) into one contiguous span per thread and run
 # the serial core on each, so every span is a plain vectorizable loop.
 
@@ -267,6 +283,19 @@ cdef void _par_adagrad(floating* w, const floating* g, floating* h,
         lo = k * step
         if lo < n:
             _adagrad(w + lo, g + lo, h + lo, lr, eps, min(step, n - lo))
+
+
+cdef void _par_adam(floating* w, const floating* g, floating* m, floating* v,
+                    floating lr_t, floating b1, floating b2, floating eps_t,
+                    Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k, lo, nk = _threads_for(n * COST_ADAGRAD), step = (n + nk - 1) // nk
+    if nk == 1:
+        _adam(w, g, m, v, lr_t, b1, b2, eps_t, n)
+        return
+    for k in prange(nk, schedule="static", num_threads=nk):
+        lo = k * step
+        if lo < n:
+            _adam(w + lo, g + lo, m + lo, v + lo, lr_t, b1, b2, eps_t, min(step, n - lo))
 
 
 def sgd(cnp.ndarray w, cnp.ndarray g, double lr):
@@ -336,6 +365,30 @@ def adagrad(cnp.ndarray w, cnp.ndarray g, cnp.ndarray h, double lr, double eps):
         else:
             _par_adagrad(<double*>cnp.PyArray_DATA(w), <const double*>cnp.PyArray_DATA(g),
                          <double*>cnp.PyArray_DATA(h), lr, eps, n)
+
+
+def adam(cnp.ndarray w, cnp.ndarray g, cnp.ndarray m, cnp.ndarray v, double lr_t,
+         double b1, double b2, double eps_t):
+    """In place: ``m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+    w -= lr_t * m / (sqrt(v) + eps_t)``."""
+    cdef int t = _dtype_of(w, "w")
+    _check(w, "w", t, True)
+    _check(g, "g", t, False)
+    _check(m, "m", t, True)
+    _check(v, "v", t, True)
+    _same_shape(w, g, "g")
+    _same_shape(w, m, "m")
+    _same_shape(w, v, "v")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(w)
+    with nogil:
+        if t == cnp.NPY_FLOAT32:
+            _par_adam(<float*>cnp.PyArray_DATA(w), <const float*>cnp.PyArray_DATA(g),
+                      <float*>cnp.PyArray_DATA(m), <float*>cnp.PyArray_DATA(v),
+                      <float>lr_t, <float>b1, <float>b2, <float>eps_t, n)
+        else:
+            _par_adam(<double*>cnp.PyArray_DATA(w), <const double*>cnp.PyArray_DATA(g),
+                      <double*>cnp.PyArray_DATA(m), <double*>cnp.PyArray_DATA(v),
+                      lr_t, b1, b2, eps_t, n)
 
 
 # ------------------------------------------------------ activation cores

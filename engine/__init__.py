@@ -39,8 +39,10 @@ _EXPORTS = {
     ),
     "evaluate": ".metrics",
     "load": ".saved",
+    "Classifier": ".estimator",
+    "Regressor": ".estimator",
     "TrainedModel": ".saved",
-    **dict.fromkeys(["SGD", "Adagrad", "Momentum", "make_optimizer"], ".optim"),
+    **dict.fromkeys(["SGD", "Adagrad", "Adam", "Momentum", "make_optimizer"], ".optim"),
     **dict.fromkeys(["Trainer", "TrainResult"], ".trainer"),
 }
 

@@ -7,13 +7,14 @@ A run config has these sections::
     [train]      replicas | examples_per_replica, batch_size, epochs,
                  n_fetch, n_push, seed, eval_interval
     [optimizer]  name, learning_rate, and the named optimizer's own settings
-                 (momentum: momentum; adagrad: eps) -- see dbnode.optim
+                 (momentum: momentum; adagrad: eps; adam: beta1, beta2, eps) -- see dbnode.optim
     [cluster]    hosts, parameter_shards, secret_file, nodes, heartbeat, lease,
                  backup_interval
     [checkpoint] interval, keep, dir
     [wire]       fetch, push, activations
 
-Every key is optional except ``model.layers`` and ``data.train``. An unknown
+Every key is optional except ``model.layers`` and ``data.train`` (which
+in-memory arrays given to :func:`dbnode.train` stand in for). An unknown
 section or key, or a value of the wrong type or range, is a
 :class:`~dbnode.errors.ConfigError` naming ``section.key``. The same object
 is what the Python API takes: ``RunConfig.from_dict({...})``.
@@ -293,8 +294,6 @@ class RunConfig:
                 m.partitions,
                 f"must be between 1 and the number of layers ({len(m.layers) - 1})",
             )
-        if not d.train:
-            raise ConfigError("data.train", d.train, "is required (a built-in name or a path)")
         if not 0 <= d.test_fraction < 1:
             raise ConfigError("data.test_fraction", d.test_fraction, "must be in [0, 1)")
         if t.replicas and t.examples_per_replica:

@@ -237,6 +237,23 @@ def split(
     return x[train], y[train], x[test], y[test]
 
 
+def from_arrays(x, y, where: str = "arrays") -> tuple[np.ndarray, np.ndarray]:
+    """In-memory data, checked as a file's would be.
+
+    Args:
+        x: inputs, ``(examples, features)`` (a 1-d array is one feature).
+        y: their targets, as long as ``x``.
+        where: what the messages call the data.
+
+    Returns:
+        ``(X, y)``: float64 ``X`` and ``y`` as a numpy array.
+
+    Raises:
+        ConfigError: not numeric, empty, of different lengths, or not finite.
+    """
+    return _checked(x, y, where)
+
+
 def _checked(x: np.ndarray, y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x)
     y = np.asarray(y)

@@ -17,6 +17,7 @@ Conventions (shared by both):
   ``softmax`` (row-wise).
 """
 
+import math
 import os
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from ._buildinfo import missing_cpu_flags, source_hash
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Bumped together with KERNELS_API in csrc/_kernels.pyx.
-KERNELS_API = 3
+KERNELS_API = 4
 
 _NOT_BUILT = (
     "dbnode's compiled kernels are missing or fail to load; dbnode never falls "
@@ -220,6 +221,64 @@ def momentum(w: np.ndarray, g: np.ndarray, velocity: np.ndarray, lr: float, mu: 
             (see the module's conventions).
     """
     _k.momentum(w, _contig(g), velocity, lr, mu)
+
+
+def adam(
+    w: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+) -> None:
+    """In place, Adam's update number ``step`` (Kingma & Ba 2015, as PyTorch
+    computes it): ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g**2``,
+    ``w -= lr * m_hat / (sqrt(v_hat) + eps)`` with the bias-corrected
+    ``m_hat = m / (1 - b1**step)`` and ``v_hat = v / (1 - b2**step)``.
+
+    Args:
+        w: the parameters, updated in place.
+        g: the gradient, of ``w``'s shape and dtype.
+        m: the first moment, updated in place.
+        v: the second moment, updated in place.
+        lr: the learning rate.
+        beta1: the first moment's decay.
+        beta2: the second moment's decay.
+        eps: added to the root of the second moment.
+        step: which update this is, from 1.
+
+    Raises:
+        ValueError, TypeError: arrays of mismatched shape, dtype or layout
+            (see the module's conventions), or ``step`` < 1.
+    """
+    lr_t, eps_t = adam_scalars(lr, beta1, beta2, eps, step)
+    _k.adam(w, _contig(g), m, v, lr_t, beta1, beta2, eps_t)
+
+
+def adam_scalars(
+    lr: float, beta1: float, beta2: float, eps: float, step: int
+) -> tuple[float, float]:
+    """Adam's bias correction folded into two scalars (in float64):
+    ``lr * sqrt(1 - b2**t) / (1 - b1**t)`` and ``eps * sqrt(1 - b2**t)``, so
+    that ``lr_t * m / (sqrt(v) + eps_t)`` equals ``lr * m_hat / (sqrt(v_hat) + eps)``.
+
+    Args:
+        lr, beta1, beta2, eps: the optimizer's settings.
+        step: which update this is, from 1.
+
+    Returns:
+        ``(lr_t, eps_t)``.
+
+    Raises:
+        ValueError: ``step`` < 1.
+    """
+    if step < 1:
+        raise ValueError(f"adam: step must be >= 1, got {step}")
+    root = math.sqrt(1.0 - beta2**step)
+    return lr * root / (1.0 - beta1**step), eps * root
 
 
 def adagrad(w: np.ndarray, g: np.ndarray, sum_sq: np.ndarray, lr: float, eps: float = 1e-8) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "per_class",
     "predicted_labels",
     "probabilities",
+    "r2",
     "scores",
     "task_of",
 ]
@@ -190,20 +191,33 @@ def scores(spec: ModelSpec, out: np.ndarray, y: np.ndarray, task: str) -> dict[s
         error = p - t
         mse = float(np.mean(error**2))
         result.update(mse=mse, rmse=float(np.sqrt(mse)), mae=float(np.mean(np.abs(error))),
-                      r2=_r2(t, p))  # fmt: skip
+                      r2=r2(t, p))  # fmt: skip
     return {name: result[name] for name in names}
 
 
-def _r2(t: np.ndarray, p: np.ndarray) -> float:
-    """1 - SS_res / SS_tot per output, averaged; an output whose targets are
-    all equal scores 1 if predicted exactly, else 0 (as scikit-learn does)."""
-    residual = ((t - p) ** 2).sum(axis=0)
-    total = ((t - t.mean(axis=0)) ** 2).sum(axis=0)
+def r2(t: np.ndarray, p: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The coefficient of determination, 1 - SS_res / SS_tot per output,
+    averaged over outputs; an output whose targets are all equal scores 1
+    if predicted exactly, else 0 (as scikit-learn's ``r2_score`` does).
+
+    Args:
+        t: targets, ``(examples, outputs)``.
+        p: predictions, the same shape.
+        weights: one per example (None: equal).
+
+    Returns:
+        R²; 1 is perfect, 0 is no better than the targets' mean.
+    """
+    t, p = np.asarray(t, np.float64), np.asarray(p, np.float64)
+    w = np.ones(len(t)) if weights is None else np.asarray(weights, np.float64)
+    w = w.reshape(-1, *([1] * (t.ndim - 1)))
+    residual = (w * (t - p) ** 2).sum(axis=0)
+    total = (w * (t - np.average(t, axis=0, weights=w.reshape(-1))) ** 2).sum(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         per_output = np.where(
             total > 0, 1.0 - residual / np.where(total > 0, total, 1.0), (residual == 0) * 1.0
         )
-    return float(per_output.mean())
+    return float(np.mean(per_output))
 
 
 def evaluate(

@@ -29,6 +29,7 @@ from .errors import ConfigError
 __all__ = [
     "OPTIMIZERS",
     "Adagrad",
+    "Adam",
     "Momentum",
     "Optimizer",
     "SGD",
@@ -54,13 +55,17 @@ class Optimizer(Protocol):
             State name -> array; ``{}`` for a stateless optimizer.
         """
 
-    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray]) -> None:
+    def apply(
+        self, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], step: int
+    ) -> None:
         """Update ``param`` (and ``state``) in place with ``grad``.
 
         Args:
             param: the tensor, updated in place (C-contiguous, writable).
             grad: its gradient, of the same shape and dtype.
             state: its state, from :meth:`state` (updated in place).
+            step: which update of this tensor this is, from 1 (a shard's
+                version after it; what Adam's bias correction needs).
 
         Raises:
             ValueError, TypeError: arrays of mismatched shape, dtype or layout.
@@ -125,13 +130,14 @@ class SGD(_Base):
         """
         return {}
 
-    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
+    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1) -> None:
         """``param -= lr * grad``, in place.
 
         Args:
             param: the tensor, updated in place (C-contiguous, writable).
             grad: its gradient, of the same shape and dtype.
             state: its state, from :meth:`state` (unused).
+            step: which update this is (unused).
 
         Raises:
             ValueError, TypeError: arrays of mismatched shape, dtype or layout.
@@ -170,13 +176,14 @@ class Momentum(_Base):
         """
         return {"velocity": kernels.zeros(param.shape, param.dtype)}
 
-    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
+    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1) -> None:
         """One momentum step, in place.
 
         Args:
             param: the tensor, updated in place (C-contiguous, writable).
             grad: its gradient, of the same shape and dtype.
             state: its state, from :meth:`state` (its ``velocity`` is updated in place).
+            step: which update this is (unused).
 
         Raises:
             ValueError, TypeError: arrays of mismatched shape, dtype or layout.
@@ -214,13 +221,14 @@ class Adagrad(_Base):
         """
         return {"sum_sq": kernels.zeros(param.shape, param.dtype)}
 
-    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict) -> None:
+    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1) -> None:
         """One Adagrad step, in place.
 
         Args:
             param: the tensor, updated in place (C-contiguous, writable).
             grad: its gradient, of the same shape and dtype.
             state: its state, from :meth:`state` (its ``sum_sq`` is updated in place).
+            step: which update this is (unused).
 
         Raises:
             ValueError, TypeError: arrays of mismatched shape, dtype or layout.
@@ -228,8 +236,66 @@ class Adagrad(_Base):
         kernels.adagrad(param, grad, state["sum_sq"], self.learning_rate, self.eps)
 
 
+@dataclass(frozen=True)
+class Adam(_Base):
+    """Adam (Kingma & Ba 2015), as PyTorch computes it: moving averages of
+    the gradient and its square, bias-corrected by the tensor's update count.
+
+    Applied on the shards, each tensor piece counts its own updates (its
+    version), so every piece's correction is exact however the pushes of
+    several replicas interleave.
+
+    Args:
+        learning_rate: the step size (finite, > 0).
+        beta1: the first moment's decay, in [0, 1).
+        beta2: the second moment's decay, in [0, 1).
+        eps: added to the root of the second moment (finite, > 0).
+
+    Raises:
+        ConfigError: a setting out of range.
+    """
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    name: ClassVar[str] = "adam"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"optimizer.{key}", getattr(self, key), "must be in [0, 1)")
+        _positive("eps", self.eps)
+
+    def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
+        """``m`` and ``v``, zeros like ``param``.
+
+        Args:
+            param: the tensor the state is for.
+
+        Returns:
+            ``{"m": zeros, "v": zeros}``, aligned.
+        """
+        return {name: kernels.zeros(param.shape, param.dtype) for name in ("m", "v")}
+
+    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1) -> None:
+        """One Adam step, in place.
+
+        Args:
+            param: the tensor, updated in place (C-contiguous, writable).
+            grad: its gradient, of the same shape and dtype.
+            state: its state, from :meth:`state` (``m`` and ``v`` updated in place).
+            step: which update of this tensor this is, from 1.
+
+        Raises:
+            ValueError, TypeError: arrays of mismatched shape, dtype or layout.
+        """
+        kernels.adam(param, grad, state["m"], state["v"], self.learning_rate, self.beta1,
+                     self.beta2, self.eps, step)  # fmt: skip
+
+
 #: Every optimizer by wire name.
-OPTIMIZERS: dict[str, type] = {cls.name: cls for cls in (SGD, Momentum, Adagrad)}
+OPTIMIZERS: dict[str, type] = {cls.name: cls for cls in (SGD, Momentum, Adagrad, Adam)}
 
 
 def settings_of(name: str) -> dict[str, Any]:
@@ -249,7 +315,7 @@ def settings_of(name: str) -> dict[str, Any]:
 
 
 def make_optimizer(name: str, learning_rate: float, **settings: Any) -> Optimizer:
-    """Build an optimizer by name (``sgd``, ``momentum``, ``adagrad``).
+    """Build an optimizer by name (``sgd``, ``momentum``, ``adagrad``, ``adam``).
 
     Args:
         name: the optimizer's wire name.

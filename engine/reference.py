@@ -45,6 +45,17 @@ def adagrad(w, g, sum_sq, lr, eps=1e-8):
     w -= w.dtype.type(lr) * g / np.sqrt(sum_sq + w.dtype.type(eps))
 
 
+def adam(w, g, m, v, lr, beta1, beta2, eps, step):
+    t = w.dtype.type
+    m *= t(beta1)
+    m += t(1 - beta1) * g
+    v *= t(beta2)
+    v += t(1 - beta2) * g * g
+    m_hat = m / t(1 - beta1**step)
+    v_hat = v / t(1 - beta2**step)
+    w -= t(lr) * m_hat / (np.sqrt(v_hat) + t(eps))
+
+
 def accumulate(acc, g, scale=1.0):
     acc += acc.dtype.type(scale) * g
 

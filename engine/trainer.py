@@ -48,6 +48,7 @@ class Trainer:
         self.stack = LayerStack(spec, params)
         self.loss = Loss(spec)
         self.state = {name: optimizer.state(p) for name, p in params.items()}
+        self.steps = 0  # updates applied (every tensor gets one per step)
         self._delta = None
 
     def step(self, x: np.ndarray, targets: np.ndarray) -> float:
@@ -68,8 +69,9 @@ class Trainer:
             self._delta = kernels.empty(out.shape, out.dtype)
         value, delta = self.loss(out, targets, self._delta)
         self.stack.backward(delta, need_delta_below=False, preactivation=self.loss.preactivation)
+        self.steps += 1
         for name, grad in self.stack.grads.items():
-            self.optimizer.apply(self.params[name], grad, self.state[name])
+            self.optimizer.apply(self.params[name], grad, self.state[name], self.steps)
         return value
 
     def fit(

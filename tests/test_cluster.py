@@ -211,7 +211,7 @@ def test_digits_example_on_hosts_given_by_the_command_line(nodes, tmp_path):
     [
         ("model.layers=[3, 2, 1]", "examples have 2 features, model.layers[0] is 3"),
         ("train.batch_size=0", "train.batch_size"),
-        ("optimizer.name=adam", "optimizer.name"),
+        ("optimizer.name=nadam", "optimizer.name"),
         ("model.colour=1", "model.colour"),
         ("data.train=missing.csv", "missing.csv"),
     ],

@@ -233,6 +233,27 @@ def test_optimizer_matches_reference(name, shape, dtype, g_layout, g_readonly, h
     np.testing.assert_array_equal(g, g0)  # the gradient is an input: untouched
 
 
+@SETTINGS
+@given(shape=any_shape, dtype=dtypes, g_layout=layouts, hp=hyperparameters, seed=seeds,
+       step=st.integers(1, 10_000), b1=st.floats(0.0, 0.99), b2=st.floats(0.9, 0.9999))  # fmt: skip
+def test_adam_matches_reference(shape, dtype, g_layout, hp, seed, step, b1, b2):
+    rng = np.random.default_rng(seed)
+    w0, g0 = normal(rng, shape, dtype), normal(rng, shape, dtype)
+    m0 = normal(rng, shape, dtype, 0.1)
+    v0 = np.asarray(rng.random(shape) * 0.1, dtype=dtype)  # a mean of squares: never negative
+    refs = [a.copy() for a in (w0, m0, v0)]
+    R.adam(*refs[:1], g0.copy(), *refs[1:], hp["lr"], b1, b2, hp["eps"], step)
+    w, m, v = (Guarded.of(a) for a in (w0, m0, v0))
+    assert K.adam(w.arr, inp(g0, g_layout, True), m.arr, v.arr, hp["lr"], b1, b2, hp["eps"],
+                  step) is None  # fmt: skip
+    for got, want in zip((w, m, v), refs):
+        assert got.arr.dtype == dtype
+        assert_close(got.arr, want, dtype)
+        got.assert_intact()
+    with pytest.raises(ValueError, match="step must be >= 1"):
+        K.adam(w.arr, g0, m.arr, v.arr, 0.1, 0.9, 0.999, 1e-8, 0)
+
+
 def test_in_place_kernels_update_the_callers_arrays():
     # Exact small cases worked by hand, through aliases of the caller's
     # arrays: an update applied to a copy would leave the aliases stale.

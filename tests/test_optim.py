@@ -44,7 +44,9 @@ def test_the_config_section_is_the_optimizer():
 @pytest.mark.parametrize(
     ("optimizer", "key", "words"),
     [
-        ({"name": "adam"}, "optimizer.name", "adagrad, momentum, sgd"),
+        ({"name": "nadam"}, "optimizer.name", "adagrad, adam, momentum, sgd"),
+        ({"name": "adam", "beta2": 1.0}, "optimizer.beta2", "[0, 1)"),
+        ({"name": "adam", "eps": -1}, "optimizer.eps", "> 0"),
         ({"learning_rate": -1}, "optimizer.learning_rate", "> 0"),
         ({"learning_rate": float("nan")}, "optimizer.learning_rate", "finite"),
         ({"learning_rate": "fast"}, "optimizer.learning_rate", "number"),
@@ -82,7 +84,7 @@ class HalfStep(optim.SGD):
     scale: float = 0.5
     name: ClassVar[str] = "half_step"
 
-    def apply(self, param, grad, state):
+    def apply(self, param, grad, state, step=1):
         param -= (self.learning_rate * self.scale) * grad
 
 
@@ -94,3 +96,38 @@ def test_a_new_optimizer_is_one_class(monkeypatch):
     shard.push(1, np.ones(4, np.float32))
     assert np.allclose(shard.pull(1).value, 1 - 0.5 * 0.25)
     assert shard.stats()["tensors"][0]["optimizer"] == config.optimizer.to_wire()
+
+
+def textbook_adam(w, grads, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """Algorithm 1 of Kingma & Ba, in float64, one step per gradient."""
+    m = v = np.zeros_like(w)
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        w = w - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    return w
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_on_a_shard_counts_each_pieces_updates_as_the_textbook_does(dtype):
+    rng = np.random.default_rng(3)
+    w0 = rng.normal(size=(6, 5))
+    grads = [rng.normal(size=(6, 5)) * 10.0**k for k in (-3, 0, 2, 0, -1)]
+    want = textbook_adam(w0, grads, lr=0.01)
+    shard = ParameterShard()
+    opt = optim.Adam(0.01)
+    shard.init(1, "w", w0.astype(dtype), optimizer=opt.to_wire())
+    for g in grads:
+        shard.push(1, g.astype(dtype))
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(shard.pull(1).value, want, rtol=rtol, atol=rtol * 1e-2)
+    # The first step moves every weight by lr, whatever the gradient's scale.
+    first = shard_after_one(w0.astype(dtype), grads[2].astype(dtype), opt)
+    np.testing.assert_allclose(np.abs(first - w0), 0.01, rtol=1e-3)
+
+
+def shard_after_one(w, g, opt):
+    shard = ParameterShard()
+    shard.init(1, "w", w, optimizer=opt.to_wire())
+    shard.push(1, g)
+    return shard.pull(1).value

@@ -28,6 +28,8 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_public_api_is_pinned():
     assert sorted(dbnode.__all__) == [
         "Adagrad",
+        "Adam",
+        "Classifier",
         "ConfigError",
         "DBNodeError",
         "LayerStack",
@@ -35,6 +37,7 @@ def test_public_api_is_pinned():
         "ModelSpec",
         "Momentum",
         "ProtocolError",
+        "Regressor",
         "RemoteProtocolError",
         "RunConfig",
         "SGD",

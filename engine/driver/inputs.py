@@ -19,6 +19,7 @@ from ..model import ModelSpec, init_params, load_params
 from . import checkpoint
 
 __all__ = [
+    "Arrays",
     "Inputs",
     "check_data",
     "find_resume",
@@ -30,13 +31,40 @@ __all__ = [
 
 
 def load_data(
-    config: RunConfig,
+    config: RunConfig, arrays: Arrays | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Training and test sets, checked against the model."""
+    """Training and test sets, checked against the model.
+
+    Args:
+        config: the run; ``[data]`` says where the examples come from.
+        arrays: in-memory data instead of ``data.train`` (and of
+            ``data.test`` when it has a test set).
+
+    Returns:
+        ``(x, y, x_test, y_test)``; the test set is None when nothing is
+        held out.
+
+    Raises:
+        ConfigError: no data, or data that is unreadable or does not fit.
+    """
     spec = config.spec()
     seed = config.train.seed
-    x, y = datasets.load(config.data.train, seed=seed)
-    if config.data.test:
+    if arrays is not None:
+        x, y = datasets.from_arrays(arrays.x, arrays.y, "x, y")
+        train_source = "x, y"
+    elif config.data.train:
+        x, y = datasets.load(config.data.train, seed=seed)
+        train_source = config.data.train
+    else:
+        raise ConfigError(
+            "data.train", "", "is required (a built-in name or a path), or pass arrays: "
+            "dbnode.train(config, x=..., y=...)",
+        )  # fmt: skip
+    test_source = config.data.test
+    if arrays is not None and arrays.x_test is not None:
+        x_test, y_test = datasets.from_arrays(arrays.x_test, arrays.y_test, "x_test, y_test")
+        test_source = "x_test, y_test"
+    elif config.data.test:
         x_test, y_test = datasets.load(config.data.test, seed=seed + 1)
     elif config.data.test_fraction and len(x) > 1:
         x, y, x_test, y_test = datasets.split(x, y, config.data.test_fraction, seed)
@@ -44,10 +72,21 @@ def load_data(
             x_test = y_test = None
     else:
         x_test = y_test = None
-    check_data(spec, x, y, config.data.train)
+    check_data(spec, x, y, train_source)
     if x_test is not None:
-        check_data(spec, x_test, y_test, config.data.test or config.data.train)
+        check_data(spec, x_test, y_test, test_source or train_source)
     return x, y, x_test, y_test
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """In-memory data for a run: training inputs and targets, and optionally
+    a test set (else ``data.test_fraction`` of the training set is held out)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
 
 
 def check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray, where: str) -> None:
@@ -120,10 +159,10 @@ class Inputs:
 TRAIN_SAMPLE = 2000
 
 
-def prepare(config: RunConfig) -> Inputs:
+def prepare(config: RunConfig, arrays: Arrays | None = None) -> Inputs:
     """Load and check the data and the initial model: every mistake in the
     config shows up here, before a node is started or contacted."""
-    x, y, x_test, y_test = load_data(config)
+    x, y, x_test, y_test = load_data(config, arrays)
     spec = config.spec()
     params = initial_params(config, spec)
     shards = shard_data(len(x), config.replicas_for(len(x)))
@@ -132,7 +171,7 @@ def prepare(config: RunConfig) -> Inputs:
     )
     sample = (x[rows], y[rows])
     return Inputs(x, y, x_test, y_test, params, shards, task=task_of(spec, y), sample=sample,
-                  warnings=tuple(data_warnings(spec, x, y, config.data.train)))  # fmt: skip
+                  warnings=tuple(data_warnings(spec, x, y, config.data.train or "x")))  # fmt: skip
 
 
 def run_identity(config: RunConfig) -> str:

@@ -47,7 +47,7 @@ from ..metrics import evaluate
 from ..ps.shard import ParameterShard
 from ..wire import Address, Peers, load_secret
 from .cluster import LocalCluster, embedded_nodes
-from .inputs import Inputs, find_resume, prepare
+from .inputs import Arrays, Inputs, find_resume, prepare
 from .outputs import MetricsLog, Progress, Summary, metric_columns, prepare_out_dir, write_outputs
 from .plan import distinct_nodes, node_shapes, oversubscribed
 from .state import Replica, RunState
@@ -70,6 +70,11 @@ def train(
     resume: str | Path | None = None,
     name: str | None = None,
     overwrite: bool = False,
+    *,
+    x=None,
+    y=None,
+    x_test=None,
+    y_test=None,
 ) -> Summary:
     """Run ``config`` on a cluster; blocks until the run ends.
 
@@ -95,6 +100,10 @@ def train(
             checkpoint (and its ``metrics.csv``).
         name: the run's name on the nodes (``dbnode status``, logs).
         overwrite: replace an earlier run's outputs in ``out_dir``.
+        x, y: in-memory training data, instead of ``data.train``
+            (``(examples, features)`` inputs; labels or target rows).
+        x_test, y_test: an in-memory test set, instead of ``data.test``
+            (without one, ``data.test_fraction`` of ``x`` is held out).
 
     Returns:
         The run's :class:`Summary`.
@@ -108,7 +117,15 @@ def train(
             restore it from, every replica diverged, ...); the outputs are
             written as far as the model could still be read.
     """
-    inputs = prepare(config)
+    arrays = None
+    if x is not None or y is not None:
+        if x is None or y is None or (x_test is None) != (y_test is None):
+            raise ConfigError("x, y", "", "give inputs and targets together (x with y, "
+                              "x_test with y_test)")  # fmt: skip
+        arrays = Arrays(x, y, x_test, y_test)
+    elif x_test is not None or y_test is not None:
+        raise ConfigError("x_test", "", "a test set in memory needs training arrays too (x, y)")
+    inputs = prepare(config, arrays)
     if resume is not None:
         inputs.resume = find_resume(config, resume)
         inputs.resume_dir = Path(resume)

@@ -233,7 +233,7 @@ class ParameterShard:
         ``dtype`` may still be given and must then match it. The dtype must
         be float32 or float64 (what the kernels update).
 
-        ``optimizer`` is a mapping ``{"name": "sgd" | "momentum" | "adagrad",
+        ``optimizer`` is a mapping ``{"name": "sgd" | "momentum" | "adagrad" | "adam",
         "learning_rate": lr, **options}`` (JSON-friendly, as INIT's meta
         carries it) or an optimizer object from :mod:`dbnode.optim`.
 
@@ -390,7 +390,7 @@ class ParameterShard:
             t.pins = 0
         # Checked above, so the kernel cannot fail half-way: it validates its
         # operands before it writes, and they are now known to be valid.
-        t.optimizer.apply(t.value, grad, t.state)
+        t.optimizer.apply(t.value, grad, t.state, t.version + 1)
         t.version += 1
         t.pushes += 1
         if pusher is not None:
