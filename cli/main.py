@@ -39,6 +39,8 @@ from dbnode.saved import load as load_model
 from dbnode.threads import available_cores, environment_threads, limit_threads
 from dbnode.wire import load_secret
 
+from .progress import ProgressPrinter
+
 log = logging.getLogger("dbnode")
 
 #: The port ``dbnode serve --listen HOST`` takes when none is given.
@@ -140,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print where the run's shards and partitions would go and the bytes per "
         "step the placement predicts between processes, then exit without training",
+    )
+    train.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress (events and errors only)"
+    )
+    train.add_argument(
+        "--log-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="off a terminal, seconds between progress lines (default %(default)s)",
+    )
+    train.add_argument(
+        "--log-format",
+        choices=("text", "jsonl"),
+        default="text",
+        help="progress as text, or one JSON object per line (default %(default)s)",
     )
     train.add_argument(
         "--resume",
@@ -337,7 +355,9 @@ def cmd_train(args) -> int:
             secret = load_secret(config.cluster.secret_file or None)
         print(plan(config, hosts, secret).describe())
         return 0
-    show = _progress_printer(sys.stderr)
+    if not args.log_interval > 0:
+        raise ConfigError("--log-interval", args.log_interval, "must be > 0 seconds")
+    show = ProgressPrinter(sys.stderr, args.log_interval, args.log_format, args.quiet)
     name = f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.out is None and args.resume:
         args.out = args.resume  # go on in the same directory
@@ -389,45 +409,6 @@ def _resume_command(args, stop: RunInterrupted) -> str:
     else:  # checkpoints kept elsewhere (checkpoint.dir): the run goes on in a new one
         words += ["--resume", str(checkpoints)]
     return shlex.join(words)
-
-
-#: One replica's progress in one character, from none to done.
-BARS = " ▁▂▃▄▅▆▇█"
-
-
-class _progress_printer:
-    """One updating line on a terminal; a plain log line per second otherwise."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.last = -1.0
-
-    def __call__(self, p) -> None:
-        loss = "-" if p.train_loss is None else f"{p.train_loss:.4f}"
-        test = ""
-        if p.test:
-            test = f"  test loss {p.test['loss']:.4f}" + (
-                f" acc {p.test['accuracy']:.3f}" if "accuracy" in p.test else ""
-            )
-        rate = p.examples / p.seconds if p.seconds else 0.0
-        line = (
-            f"{p.seconds:7.1f}s  {p.examples}/{p.total_examples} examples  {rate:,.0f}/s  "
-            f"loss {loss}{test}  replicas done {p.replicas_done}/{p.replicas}"
-        )
-        if self.tty and p.per_replica:
-            # One character per replica (up to 64), filling up as it progresses.
-            line += "  " + "".join(BARS[min(8, int(f * 8))] for f in p.per_replica[:64])
-        if self.tty:
-            self.stream.write("\r" + line + "\x1b[K")
-            self.stream.flush()
-        elif p.seconds - self.last >= 1.0 or p.test:
-            self.stream.write(line + "\n")
-            self.last = p.seconds
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
 
 
 # ------------------------------------------------------------------ status

@@ -5,7 +5,8 @@ A run config has these sections::
     [model]      layers, activation, output, loss, dtype, init, partitions
     [data]       train, test, test_fraction
     [train]      replicas | examples_per_replica, batch_size, epochs,
-                 n_fetch, n_push, seed, eval_interval
+                 n_fetch, n_push, seed, eval_interval,
+                 early_stopping = {patience, metric, min_delta}
     [optimizer]  name, learning_rate, and the named optimizer's own settings
                  (momentum: momentum; adagrad: eps; adam: beta1, beta2, eps) -- see dbnode.optim
     [cluster]    hosts, parameter_shards, secret_file, nodes, heartbeat, lease,
@@ -77,6 +78,23 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """``train.early_stopping``: end the run when a figure stops improving,
+    and keep the best model.
+
+    Attributes:
+        patience: epochs without improvement before the run ends (0: off).
+        metric: the figure watched, a ``metrics.csv`` column (default:
+            ``test_loss``, or ``train_loss`` when nothing is held out).
+        min_delta: how much better counts as an improvement.
+    """
+
+    patience: int = 0
+    metric: str = ""
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The ``[train]`` section: replicas, minibatches and their pace.
 
@@ -88,7 +106,9 @@ class TrainConfig:
         n_fetch: fetch parameters every this many steps.
         n_push: push accumulated gradients every this many steps.
         seed: for initialisation, data order and the held-out split.
-        eval_interval: seconds between held-out evaluations.
+        eval_interval: seconds between evaluations (besides one at the end
+            of every epoch).
+        early_stopping: when to end the run early (:class:`EarlyStoppingConfig`).
     """
 
     replicas: int = 0
@@ -99,6 +119,7 @@ class TrainConfig:
     n_push: int = 1
     seed: int = 0
     eval_interval: float = 2.0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass(frozen=True)
@@ -308,6 +329,14 @@ class RunConfig:
                 raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 1")
         if not t.eval_interval > 0:
             raise ConfigError("train.eval_interval", t.eval_interval, "must be > 0 seconds")
+        if t.early_stopping.patience < 0:
+            raise ConfigError(
+                "train.early_stopping.patience", t.early_stopping.patience, "must be >= 0 (0: off)"
+            )
+        if t.early_stopping.min_delta < 0:
+            raise ConfigError(
+                "train.early_stopping.min_delta", t.early_stopping.min_delta, "must be >= 0"
+            )
         if c.parameter_shards < 1:
             raise ConfigError("cluster.parameter_shards", c.parameter_shards, "must be >= 1")
         k = self.checkpoint
@@ -487,6 +516,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, value, f"must be a list of {item.__name__}")
         return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):  # a nested table, e.g. train.early_stopping
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, "must be a table, e.g. {patience = 5}")
+        return _section(hint, key, value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, value, "must be a number")

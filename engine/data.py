@@ -119,6 +119,23 @@ def steps_per_run(n: int, batch_size: int, epochs: int) -> int:
     return epochs * -(-n // batch_size)
 
 
+def examples_after(n: int, batch_size: int, steps: int) -> int:
+    """How many examples the first ``steps`` minibatches of
+    :func:`batch_indices` hold (an epoch's last batch may be short).
+
+    Args:
+        n: examples.
+        batch_size: examples per batch.
+        steps: minibatches taken.
+
+    Returns:
+        The examples they hold.
+    """
+    per_epoch = -(-n // batch_size)
+    epochs, rest = divmod(steps, per_epoch)
+    return epochs * n + min(rest * batch_size, n)
+
+
 def minibatches(
     x: np.ndarray,
     y: np.ndarray,

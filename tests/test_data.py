@@ -5,6 +5,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dbnode import data
 from dbnode.errors import ConfigError
@@ -112,3 +114,10 @@ def test_digits_when_scikit_learn_is_installed():
     x, y = data.load("digits")
     assert x.shape == (1797, 64) and 0 <= x.min() and x.max() <= 1
     assert set(np.unique(y)) == set(range(10))
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 60), batch=st.integers(1, 70), steps=st.integers(0, 300))
+def test_examples_after_counts_what_the_batches_hold(n, batch, steps):
+    batches = list(data.batch_indices(n, batch, epochs=steps // max(1, -(-n // batch)) + 1))
+    assert data.examples_after(n, batch, steps) == sum(len(b) for b in batches[:steps])

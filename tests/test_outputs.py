@@ -237,3 +237,53 @@ def test_the_python_api_refuses_a_used_directory_unless_told(tmp_path):
     summary = dbnode.train(config, out_dir=tmp_path, overwrite=True)
     assert summary.out_dir == str(tmp_path) and (tmp_path / "keep.txt").exists()
     assert os.path.exists(tmp_path / "summary.json")
+
+
+def test_early_stopping_ends_a_run_that_stopped_improving_and_keeps_its_best_model(tmp_path):
+    """XOR's held-out accuracy reaches 1.0 within a few epochs and cannot
+    improve on it: with patience 3 of 30 epochs the run ends early, and the
+    model kept is the first one that scored 1.0."""
+    config = RunConfig.load(EXAMPLES / "xor.toml", [*SHORT[1::2], "train.epochs=30",
+                            "train.eval_interval=1000",
+                            'train.early_stopping={patience = 3, metric = "test_accuracy"}'])  # fmt: skip
+    summary = dbnode.train(config, out_dir=tmp_path / "run")
+    assert summary.stopped.startswith("early stopping: test_accuracy has not improved for")
+    assert summary.examples < 30 * 12_000
+    best = summary.best
+    assert best["metric"] == "test_accuracy" and best["value"] == 1.0
+    first = next(r for r in summary.history if r["test_accuracy"] == 1.0)
+    assert best["epoch"] == first["epoch"] and summary.history[-1]["epoch"] - best["epoch"] >= 3
+    kept = dbnode.load(tmp_path / "run")
+    assert summary.test["accuracy"] == 1.0 and kept.score(*XOR_SET) == 1.0
+    with pytest.raises(ConfigError, match="train.early_stopping.metric.*test_accuracy"):
+        dbnode.train(RunConfig.load(EXAMPLES / "xor.toml", [
+            'train.early_stopping={patience = 3, metric = "test_r2"}']))  # fmt: skip
+
+
+XOR_SET = ([[0, 0], [0, 1], [1, 0], [1, 1]], [0, 1, 1, 0])
+
+
+def test_resume_goes_on_in_the_same_directory_with_more_epochs_and_names_what_differs(tmp_path):
+    pytest.importorskip("sklearn")
+    run, digits = tmp_path / "run", str(EXAMPLES / "digits.toml")
+    common = ["--set", "checkpoint.interval=60", "--set", "train.epochs=10", "-q"]
+    first = run_cli("train", digits, *common, "--out", str(run))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = rows(run / "metrics.csv")
+    # More epochs: the run goes on from its final checkpoint, in place.
+    more = run_cli("train", digits, *common, "--set", "train.epochs=20", "--resume", str(run))
+    assert more.returncode == 0, more.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    after = rows(run / "metrics.csv")
+    assert after[: len(before)] == before and len(after) > len(before)  # the curve goes on
+    assert float(after[-1]["epoch"]) == 20.0 and summary["examples"] == 20 * 1438
+    assert int(after[-1]["examples"]) == summary["examples"]
+    seconds = [float(r["seconds"]) for r in after]
+    assert seconds == sorted(seconds)
+    assert [e["event"] for e in summary["events"]][0] == "resumed"
+    assert summary["test_accuracy"] >= 0.9
+    # A change that is not a longer schedule is refused, naming the key and both values.
+    other = run_cli("train", digits, *common, "--set", "train.batch_size=8", "--resume", str(run),
+                    timeout=60)  # fmt: skip
+    assert other.returncode == 2
+    assert "train.batch_size=8: differs from the checkpoint's (16" in other.stderr

@@ -167,7 +167,7 @@ def test_sdist_ships_the_kernel_sources_and_builds_a_wheel(tmp_path):
 
 
 def test_verbose_goes_before_or_after_the_command_and_serve_help_shows_its_default():
-    from cli.main import build_parser
+    from dbnode.cli.main import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["-v", "status", "--hosts", "h:1"]).verbose

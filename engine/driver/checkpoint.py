@@ -46,6 +46,8 @@ class Checkpoint:
         replica_steps: replica -> the step it had reached.
         files: file name -> its SHA-256.
         run_id: the run that wrote it.
+        identity: what :attr:`config_hash` hashes, section -> key -> value
+            (None in checkpoints written before they carried it).
     """
 
     path: Path
@@ -55,6 +57,7 @@ class Checkpoint:
     replica_steps: dict[int, int]
     files: dict[str, str]
     run_id: str = ""
+    identity: dict[str, Any] | None = None
 
     def read_shard(self, index: int) -> bytes:
         """The snapshot bytes of plan shard ``index``, checked against the manifest."""
@@ -94,6 +97,7 @@ def write(
     replica_steps: dict[int, int],
     keep: int,
     run_id: str,
+    identity: dict[str, Any] | None = None,
 ) -> Checkpoint:
     """Write the next checkpoint atomically, then keep only the run's newest ``keep``.
 
@@ -104,6 +108,8 @@ def write(
         replica_steps: replica -> the step it had reached.
         keep: how many of this run's checkpoints to keep.
         run_id: the run writing it.
+        identity: what ``config_hash`` hashes (so a refusal to resume can
+            name the key that differs).
 
     Returns:
         The checkpoint written, verified.
@@ -131,6 +137,8 @@ def write(
             "replica_steps": {str(r): s for r, s in replica_steps.items()},
             "files": files,
         }
+        if identity is not None:
+            manifest["identity"] = identity
         manifest["checksum"] = _digest(manifest)
         text = json.dumps(manifest, indent=1).encode()
         write_synced(tmp / MANIFEST, lambda f: f.write(text))
@@ -161,6 +169,7 @@ def load(path: Path) -> Checkpoint:
             dict(manifest["files"]),
             # Checkpoints written before runs had ids carry neither of these.
             str(manifest.get("run_id", "")),
+            manifest.get("identity"),
         )
         checksum = manifest.get("checksum")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

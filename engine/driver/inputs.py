@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,7 @@ __all__ = [
     "find_resume",
     "load_data",
     "prepare",
+    "identity_hash",
     "run_identity",
     "shard_data",
 ]
@@ -174,29 +176,77 @@ def prepare(config: RunConfig, arrays: Arrays | None = None) -> Inputs:
                   warnings=tuple(data_warnings(spec, x, y, config.data.train or "x")))  # fmt: skip
 
 
-def run_identity(config: RunConfig) -> str:
-    """The hash of what a checkpoint must agree with to be resumed: the
-    model, data, optimizer and training schedule (not hosts or intervals)."""
-    train_keys = {k: v for k, v in config.to_dict()["train"].items() if k != "eval_interval"}
+# Keys of [train] that may change when a run is resumed: how it is watched,
+# when it may end early, and how long it goes on (more epochs extend it).
+RESUMABLE_CHANGES = ("eval_interval", "early_stopping", "epochs")
+
+
+def run_identity(config: RunConfig) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: the model, data,
+    optimizer and training schedule -- not hosts, intervals, or
+    :data:`RESUMABLE_CHANGES`.
+
+    Args:
+        config: the run.
+
+    Returns:
+        Section -> key -> value.
+    """
     d = config.to_dict()
-    return checkpoint.config_hash(
-        {"model": d["model"], "data": d["data"], "optimizer": d["optimizer"], "train": train_keys}
-    )
+    train = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
+    return {"model": d["model"], "data": d["data"], "optimizer": d["optimizer"], "train": train}
+
+
+def identity_hash(config: RunConfig) -> str:
+    """The hash of :func:`run_identity`, as checkpoints carry it.
+
+    Args:
+        config: the run.
+
+    Returns:
+        The hash.
+    """
+    return checkpoint.config_hash(run_identity(config))
 
 
 def find_resume(config: RunConfig, directory: str | Path) -> checkpoint.Checkpoint:
     """The newest checkpoint under ``directory`` (a run's --out or its
-    checkpoints directory) that verifies and belongs to this config."""
+    checkpoints directory) that verifies and belongs to this config.
+
+    Raises:
+        ConfigError: none there, or one written with another model, data,
+            optimizer or schedule (the message names the first key that
+            differs and both values).
+    """
     directory = Path(directory)
     newest = checkpoint.newest(directory / "checkpoints") or checkpoint.newest(directory)
     if newest is None:
         raise ConfigError("--resume", str(directory), "holds no complete checkpoint")
-    if newest.config_hash != run_identity(config):
-        raise ConfigError(
-            "--resume",
-            str(newest.path),
-            "was written by a run with another model, data, optimizer or schedule",
-        )
+    if newest.identity is not None:
+        ours = run_identity(config)
+        for section in sorted(set(ours) | set(newest.identity)):
+            theirs, mine = newest.identity.get(section, {}), ours.get(section, {})
+            for key in sorted(set(theirs) | set(mine)):
+                if theirs.get(key) != mine.get(key):
+                    raise ConfigError(
+                        f"{section}.{key}", mine.get(key),
+                        f"differs from the checkpoint's ({theirs.get(key)!r}, in "
+                        f"{newest.path}): a resumed run may change only "
+                        f"{', '.join('train.' + k for k in RESUMABLE_CHANGES)}",
+                    )  # fmt: skip
+    else:  # written before checkpoints carried their identity: the hash, epochs and all
+        d = config.to_dict()
+        legacy = {
+            **run_identity(config),
+            "train": {
+                k: v for k, v in d["train"].items() if k not in ("eval_interval", "early_stopping")
+            },
+        }
+        if newest.config_hash != checkpoint.config_hash(legacy):
+            raise ConfigError(
+                "--resume", str(newest.path),
+                "was written by a run with another model, data, optimizer or schedule",
+            )  # fmt: skip
     return newest
 
 

@@ -55,6 +55,8 @@ class Progress:
         test: the latest held-out evaluation (the task's figures:
             :func:`dbnode.metrics.metric_names`), if any.
         epochs: the run's passes over the training set.
+        events: what happened since the previous report (see
+            :attr:`Summary.events`), in order.
     """
 
     seconds: float
@@ -66,6 +68,7 @@ class Progress:
     per_replica: list[float] = field(default_factory=list)
     test: dict[str, float] | None = None
     epochs: int = 1
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -88,6 +91,9 @@ class Summary:
         test_loss, test_accuracy: of the final model on the held-out set
             (accuracy: classifiers only).
         history: the rows of ``metrics.csv``, one per evaluation.
+        best: with ``train.early_stopping``, the best evaluation
+            (``metric``, ``value``, ``epoch``, ``examples``): the model
+            written and ``test`` are that one's.
         out_dir: where the outputs went.
         run_id, run_name: the run's identity on the nodes.
         interrupted: the signal that stopped the run early, or None.
@@ -107,7 +113,8 @@ class Summary:
         fenced_requests: shard requests refused for a stale shard map.
         refused_not_finite: pushes the shards refused for NaN or infinity.
         warnings: what the user should look at.
-        events: what happened to nodes, replicas and shards, when.
+        events: what happened to nodes, replicas and shards, when: ``time``
+            (wall clock) and ``seconds`` (since the run started).
         threads: each node's compute threads, by address.
         planned_bytes_per_step: what the placement predicts moves between
             processes per step of every replica (:mod:`dbnode.traffic`).
@@ -132,6 +139,7 @@ class Summary:
     task: str = ""
     test: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
     run_id: str = ""
     run_name: str = ""
     interrupted: str | None = None

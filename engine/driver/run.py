@@ -42,6 +42,7 @@ import trio
 from .. import control
 from ..aio import first_error
 from ..config import RunConfig, format_address, parse_address
+from ..data import examples_after
 from ..errors import ConfigError, DBNodeError, RunInterrupted, StopTraining
 from ..metrics import evaluate
 from ..ps.shard import ParameterShard
@@ -51,6 +52,7 @@ from .inputs import Arrays, Inputs, find_resume, prepare
 from .outputs import MetricsLog, Progress, Summary, metric_columns, prepare_out_dir, write_outputs
 from .plan import distinct_nodes, node_shapes, oversubscribed
 from .state import Replica, RunState
+from .stopping import EarlyStopper
 
 __all__ = ["Progress", "Summary", "train", "write_outputs"]
 
@@ -129,6 +131,9 @@ def train(
     if resume is not None:
         inputs.resume = find_resume(config, resume)
         inputs.resume_dir = Path(resume)
+    # Checked now, before anything starts: the figure it watches must exist.
+    stopper = EarlyStopper(config.train.early_stopping, metric_columns(inputs.task),
+                           inputs.x_test is not None)  # fmt: skip
     if out_dir is not None:
         out_dir = prepare_out_dir(out_dir, overwrite, resume)
     if config.checkpoint.interval and not (config.checkpoint.dir or out_dir):
@@ -140,11 +145,13 @@ def train(
     if hosts:
         if secret is None:
             secret = load_secret(config.cluster.secret_file or None)
-        return trio.run(_run, config, hosts, secret, inputs, out_dir, progress, name)
+        return trio.run(_run, config, hosts, secret, inputs, out_dir, progress, name, stopper)
     roles = len(inputs.shards) * config.model.partitions
     with LocalCluster(config.cluster.nodes or embedded_nodes(roles)) as cluster:
         secret = cluster.secret_file.read_bytes()
-        return trio.run(_run, config, cluster.addresses, secret, inputs, out_dir, progress, name)
+        return trio.run(
+            _run, config, cluster.addresses, secret, inputs, out_dir, progress, name, stopper
+        )
 
 
 def _address(text: str) -> Address:
@@ -159,14 +166,19 @@ async def _run(
     out_dir,
     progress,
     name: str,
+    stopper: EarlyStopper,
 ) -> Summary:
     try:
-        return await _run_in_nursery(config, hosts, secret, inputs, out_dir, progress, name)
+        return await _run_in_nursery(
+            config, hosts, secret, inputs, out_dir, progress, name, stopper
+        )
     except BaseExceptionGroup as group:  # what a user meets is the error inside
         raise first_error(group) from None
 
 
-async def _run_in_nursery(config, hosts, secret, inputs, out_dir, progress, name) -> Summary:
+async def _run_in_nursery(
+    config, hosts, secret, inputs, out_dir, progress, name, stopper
+) -> Summary:
     """:func:`_run`'s body: the run's nursery (its channels, its side tasks)."""
     start = time.monotonic()
     async with trio.open_nursery() as nursery:
@@ -189,6 +201,7 @@ async def _run_in_nursery(config, hosts, secret, inputs, out_dir, progress, name
                 name,
                 nodes=node_shapes(distinct),
                 history=history,
+                stopper=stopper,
             )
             if len(distinct) < len(hosts):
                 run.event("duplicate hosts", given=len(hosts), nodes=len(distinct))
@@ -261,9 +274,8 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
                 )
         for replica in run.replicas:
             replica.start_step = inputs.resume.replica_steps.get(replica.index, 0)
-            replica.base_examples = min(
-                replica.start_step * config.train.batch_size,
-                replica.n_examples * config.train.epochs,
+            replica.base_examples = examples_after(
+                replica.n_examples, config.train.batch_size, replica.start_step
             )
         run.lineage.add(inputs.resume.run_id)
         run.event("resumed", checkpoint=str(inputs.resume.path))
@@ -278,7 +290,8 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
         if threading.current_thread() is threading.main_thread():
             nursery.start_soon(_watch_signals, ended.by_signal)
         try:
-            train_seconds = await _watch(run, inputs, _reporting(progress, ended), start)
+            report = _reporting(progress, ended)
+            train_seconds = await _watch(run, inputs, report, start, ended.by_request)
         except (DBNodeError, BaseExceptionGroup) as exc:
             failure = first_error(exc)
             if not isinstance(failure, DBNodeError):
@@ -330,7 +343,7 @@ class _Ending:
             self.signal = signame
             self.scope.cancel()
 
-    def by_callback(self, reason: str) -> None:
+    def by_request(self, reason: str) -> None:
         if self.scope is not None and not self.early:
             self.stopped = reason or "StopTraining"
             self.scope.cancel()
@@ -345,7 +358,7 @@ def _reporting(progress, ended: _Ending):
         try:
             progress(p)
         except StopTraining as stop:
-            ended.by_callback(str(stop))
+            ended.by_request(str(stop))
 
     return report
 
@@ -407,12 +420,14 @@ async def _renew_leases(run: RunState) -> None:
         await trio.sleep(run.config.cluster.heartbeat)
 
 
-async def _watch(run: RunState, inputs: Inputs, progress, start) -> float:
+async def _watch(run: RunState, inputs: Inputs, progress, start, stop) -> float:
     async with trio.open_nursery() as side:
-        return await _watch_in(run, inputs, progress, start, _SideJobs(side))
+        return await _watch_in(run, inputs, progress, start, stop, _SideJobs(side))
 
 
-async def _watch_in(run: RunState, inputs: Inputs, progress, start, jobs: _SideJobs) -> float:
+async def _watch_in(
+    run: RunState, inputs: Inputs, progress, start, stop: Callable[[str], None], jobs: _SideJobs
+) -> float:
     """Poll until every replica is over: restart failed replicas, restore
     lost shards, and have backups, checkpoints and evaluations made; report
     progress. Returns the replicas' training time.
@@ -420,15 +435,18 @@ async def _watch_in(run: RunState, inputs: Inputs, progress, start, jobs: _SideJ
     Evaluations (a row of ``metrics.csv`` each) come at the end of every
     epoch -- each time the replicas together have trained another
     training set's worth of examples -- and every ``train.eval_interval``
-    seconds between them."""
+    seconds between them; early stopping (``stop``) looks at each."""
     config = run.config
     n = len(inputs.x)
     total = config.train.epochs * n
-    rows: list[dict[str, Any]] = []  # evaluations done, in order
+    rows: list[tuple[dict[str, Any], dict]] = []  # evaluations done, in order, with their model
 
     async def evaluation(at: float, examples: int, loss: float | None) -> None:
-        rows.append(_row(run, inputs, at, examples, loss, await _evaluate(run, inputs)))
+        params = await run.model()
+        figures = await _evaluate(run, inputs, params)
+        rows.append((_row(run, inputs, at, examples, loss, figures), params))
 
+    reported_events = 0
     next_eval = time.monotonic() + config.train.eval_interval
     next_epoch = sum(r.examples for r in run.replicas) // n + 1  # a resumed run's too
     every = config.checkpoint.interval
@@ -487,9 +505,11 @@ async def _watch_in(run: RunState, inputs: Inputs, progress, start, jobs: _SideJ
             await jobs.wait()
         test = None
         while rows:  # what the evaluations found, each as of when it was asked
-            row = rows.pop(0)
+            row, params = rows.pop(0)
             run.history.append(row)
             test = _figures(row, "test_") or None
+            if run.stopper.on and (why := run.stopper.update(row, params)):
+                stop(why)
         if progress:
             progress(
                 Progress(
@@ -502,8 +522,10 @@ async def _watch_in(run: RunState, inputs: Inputs, progress, start, jobs: _SideJ
                     [r.last.step / max(1, r.last.steps) if r.last else 0.0 for r in run.replicas],
                     test,
                     config.train.epochs,
+                    run.events[reported_events:],
                 )
             )
+            reported_events = len(run.events)
         if finished:
             seconds = [r.last.seconds for r in run.replicas if r.done and r.last]
             return max(seconds, default=now - start)
@@ -613,6 +635,11 @@ async def _finish(run: RunState, inputs, out_dir, start, train_seconds, ended: _
     trained = sum(r.examples for r in run.replicas)
     figures = await _evaluate(run, inputs, final) if final is not None else {}
     run.history.append(_row(run, inputs, seconds, trained, run.last_loss, figures))
+    if run.stopper.on and final is not None:
+        run.stopper.update(run.history.rows[-1], final)
+        if run.stopper.best_params is not None:  # the model kept is the best one seen
+            final = run.stopper.best_params
+            figures = await _evaluate(run, inputs, final)
     test = _figures(figures, "test_")
     total = config.train.epochs * len(inputs.x)
     early = ended.early or ended.error is not None
@@ -651,6 +678,7 @@ async def _finish(run: RunState, inputs, out_dir, start, train_seconds, ended: _
         test_loss=test.get("loss"),
         test_accuracy=test.get("accuracy"),
         history=run.history.rows,
+        best=run.stopper.summary() if run.stopper.on else None,
         out_dir=str(out_dir) if out_dir else None,
         run_id=run.id,
         run_name=run.name,

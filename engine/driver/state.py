@@ -28,10 +28,11 @@ from ..traffic import NodeShape
 from ..wire import Address, Peers
 from . import checkpoint
 from .health import FailureDetector
-from .inputs import Inputs, run_identity
+from .inputs import Inputs, identity_hash, run_identity
 from .outputs import MetricsLog, metric_columns
 from .plan import layout
 from .recovery import ShardBackups, Source, lost_updates
+from .stopping import EarlyStopper
 
 __all__ = ["MAX_RESTARTS", "Replica", "RunState"]
 
@@ -117,8 +118,10 @@ class RunState:
         name: str,
         nodes: list[NodeShape] | None = None,
         history: MetricsLog | None = None,
+        stopper: EarlyStopper | None = None,
     ):
         self.config, self.hosts, self.peers = config, hosts, peers
+        self.started = time.monotonic()
         self.id, self.name = run_id, name
         self.spec = config.spec()
         n_replicas = len(inputs.shards)
@@ -149,6 +152,10 @@ class RunState:
         self.warnings: list[str] = []
         # The learning curve: one row per evaluation (metrics.csv).
         self.history = history or MetricsLog(None, metric_columns(inputs.task))
+        # train.early_stopping: the best model so far and when to end.
+        self.stopper = stopper or EarlyStopper(
+            config.train.early_stopping, self.history.columns, inputs.x_test is not None
+        )
         # Ops a live node answers at once: waiting longer for one stalls the run.
         self.op_timeout = max(5.0, 3 * config.cluster.heartbeat)
         self.last_loss: float | None = None  # the mean training loss of the last window
@@ -158,7 +165,10 @@ class RunState:
         return self.health.dead
 
     def event(self, what: str, **details) -> None:
-        self.events.append({"time": round(time.time(), 3), "event": what, **details})
+        # Wall time to line up with other logs, run time to read the run by.
+        self.events.append({"time": round(time.time(), 3),
+                            "seconds": round(time.monotonic() - self.started, 3),
+                            "event": what, **details})  # fmt: skip
 
     def warn(self, text: str) -> None:
         log.warning("%s", text)
@@ -386,10 +396,11 @@ class RunState:
                 lambda: checkpoint.write(
                     self.checkpoint_dir,
                     snapshots,
-                    run_identity(self.config),
+                    identity_hash(self.config),
                     steps,
                     self.config.checkpoint.keep,
                     self.id,
+                    run_identity(self.config),
                 )
             )
         except OSError as exc:

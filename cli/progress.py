@@ -1,0 +1,138 @@
+"""How ``dbnode train`` shows a run going: one line that updates in place
+on a terminal, a line every ``--log-interval`` seconds elsewhere (plain
+text or JSON lines), and the run's events as they happen."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import deque
+
+#: One replica's progress in one character, from none to done.
+BARS = " ▁▂▃▄▅▆▇█"
+
+# The current rate is measured over this many seconds of reports.
+RATE_WINDOW = 5.0
+
+
+def duration(seconds: float) -> str:
+    """``75`` -> ``1:15``, ``4000`` -> ``1:06:40``: what an ETA reads like."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def held_out(test: dict[str, float]) -> str:
+    """The held-out figures worth a glance: loss, and accuracy or R²."""
+    text = f"test loss {test['loss']:.4f}"
+    if "accuracy" in test:
+        text += f" acc {test['accuracy']:.3f}"
+    elif "r2" in test:
+        text += f" r2 {test['r2']:.3f} rmse {test['rmse']:.4g}"
+    return text
+
+
+def event_text(event: dict) -> str:
+    """One event, in run time: ``12.3s  node dead  node=...``."""
+    details = "  ".join(f"{k}={v}" for k, v in event.items()
+                        if k not in ("time", "seconds", "event"))  # fmt: skip
+    return f"{event.get('seconds', 0.0):7.1f}s  {event['event']}" + (
+        f"  {details}" if details else ""
+    )
+
+
+class ProgressPrinter:
+    """Called with each :class:`dbnode.driver.Progress`; writes to ``stream``.
+
+    Args:
+        stream: where to write (standard error).
+        log_interval: seconds between lines off a terminal.
+        log_format: ``text`` or ``jsonl`` (one JSON object per line; the
+            terminal line then gives way to it too).
+        quiet: write nothing but events.
+    """
+
+    def __init__(self, stream, log_interval: float = 10.0, log_format: str = "text",
+                 quiet: bool = False):  # fmt: skip
+        self.stream = stream
+        self.live = stream.isatty() and log_format == "text" and not quiet
+        self.log_interval = log_interval
+        self.jsonl = log_format == "jsonl"
+        self.quiet = quiet
+        self.last_line = -float("inf")
+        self.window: deque[tuple[float, int]] = deque()
+        self.test: dict[str, float] | None = None  # the last held-out figures, kept
+        self.drawn = False  # a live line is on screen
+
+    def rates(self, p) -> tuple[float, float]:
+        """The mean rate since the start, and the rate of the last few seconds."""
+        self.window.append((p.seconds, p.examples))
+        while len(self.window) > 2 and p.seconds - self.window[1][0] >= RATE_WINDOW:
+            self.window.popleft()
+        mean = p.examples / p.seconds if p.seconds > 0 else 0.0
+        (t0, e0), (t1, e1) = self.window[0], self.window[-1]
+        current = (e1 - e0) / (t1 - t0) if t1 > t0 else mean
+        return mean, current
+
+    def line(self, p, mean: float, current: float) -> str:
+        """The progress line (untruncated)."""
+        per_epoch = p.total_examples / max(1, p.epochs)
+        epoch = p.examples / per_epoch if per_epoch else 0.0
+        left = p.total_examples - p.examples
+        eta = duration(left / current) if current > 0 and left > 0 else "-"
+        loss = "-" if p.train_loss is None else f"{p.train_loss:.4f}"
+        text = (
+            f"{p.seconds:7.1f}s  epoch {epoch:.2f}/{p.epochs}  {current:,.0f}/s "
+            f"(mean {mean:,.0f})  ETA {eta}  loss {loss}"
+        )
+        if self.test:
+            text += "  " + held_out(self.test)
+        return text + f"  replicas done {p.replicas_done}/{p.replicas}"
+
+    def __call__(self, p) -> None:
+        if p.test:
+            self.test = p.test
+        mean, current = self.rates(p)
+        for event in p.events:
+            self._above(event)
+        if self.quiet:
+            return
+        if self.live:
+            width = shutil.get_terminal_size((80, 24)).columns
+            text = self.line(p, mean, current)
+            if p.per_replica:  # one character per replica (up to 64), filling up
+                text += "  " + "".join(BARS[min(8, int(f * 8))] for f in p.per_replica[:64])
+            # One character short of the width: writing the last column would
+            # wrap on some terminals and leave a line behind at every refresh.
+            self.stream.write("\r" + text[: width - 1] + "\x1b[K")
+            self.stream.flush()
+            self.drawn = True
+        elif p.seconds - self.last_line >= self.log_interval or p.replicas_done == p.replicas:
+            if self.jsonl:
+                record = {"seconds": round(p.seconds, 3), "examples": p.examples,
+                          "total_examples": p.total_examples,
+                          "epoch": round(p.examples / max(1, p.total_examples) * p.epochs, 4),
+                          "rate": round(current, 1), "mean_rate": round(mean, 1),
+                          "train_loss": p.train_loss, "test": self.test,
+                          "replicas_done": p.replicas_done, "replicas": p.replicas}  # fmt: skip
+                self.stream.write(json.dumps(record) + "\n")
+            else:
+                self.stream.write(self.line(p, mean, current) + "\n")
+            self.stream.flush()
+            self.last_line = p.seconds
+
+    def _above(self, event: dict) -> None:
+        """An event on a line of its own, above the live line (which the
+        next report redraws)."""
+        if self.drawn:
+            self.stream.write("\r\x1b[K")
+            self.drawn = False
+        self.stream.write((json.dumps(event) if self.jsonl else event_text(event)) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the live line, so what follows starts on a line of its own."""
+        if self.drawn:
+            self.stream.write("\n")
+            self.drawn = False
