@@ -34,6 +34,7 @@ from dbnode.driver import load_data, new_run_dir, plan, status, train, write_sec
 from dbnode.errors import ConfigError, DBNodeError, RunInterrupted
 from dbnode.metrics import CLASSIFICATION, per_class
 from dbnode.node import ready_line, run_node
+from dbnode.plot import plot as plot_runs
 from dbnode.runs import parse_bytes
 from dbnode.saved import load as load_model
 from dbnode.threads import available_cores, environment_threads, limit_threads
@@ -180,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="the run config, for a model.npz written before models carried theirs",
     )
 
+    pl = command("plot", help="draw runs' learning curves (needs dbnode[plot])")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    pl.add_argument(
+        "--out",
+        help="image file (default: RUN/run.png for one run, runs.png for several)",
+    )
+    pl.add_argument(
+        "--metric",
+        help="metrics.csv column of the upper panels (default: test_accuracy, "
+        "else test_r2, else test_loss)",
+    )
+
     pr = command("predict", help="a trained model's predictions for a data set, as CSV")
     pr.add_argument("model", metavar="RUN", help="a run directory, or its model.npz")
     pr.add_argument(
@@ -219,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": cmd_train,
         "eval": cmd_eval,
         "predict": cmd_predict,
+        "plot": cmd_plot,
         "status": cmd_status,
     }[args.command]
     try:
@@ -512,6 +526,19 @@ def cmd_predict(args) -> int:
             out.close()
     if args.out:
         print(f"dbnode predict: {len(rows)} predictions written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    """``dbnode plot``: draw runs' curves into an image file; print its path.
+
+    Returns:
+        0.
+
+    Raises:
+        ConfigError: a run without metrics, a metric no run has, or no matplotlib.
+    """
+    print(plot_runs(args.runs, args.out, args.metric))
     return 0
 
 

@@ -40,6 +40,7 @@ _EXPORTS = {
     "evaluate": ".metrics",
     "load": ".saved",
     "Classifier": ".estimator",
+    "plot": ".plot",
     "Regressor": ".estimator",
     "TrainedModel": ".saved",
     **dict.fromkeys(["SGD", "Adagrad", "Adam", "Momentum", "make_optimizer"], ".optim"),

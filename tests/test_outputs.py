@@ -287,3 +287,29 @@ def test_resume_goes_on_in_the_same_directory_with_more_epochs_and_names_what_di
                     timeout=60)  # fmt: skip
     assert other.returncode == 2
     assert "train.batch_size=8: differs from the checkpoint's (16" in other.stderr
+
+
+def test_plot_draws_one_run_or_several_and_refuses_what_it_cannot_draw(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dbnode.driver.outputs import MetricsLog, metric_columns
+
+    for name, rate in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        log = MetricsLog(tmp_path / name / "metrics.csv", metric_columns("classification"))
+        for k in range(1, 6):
+            log.append({"epoch": k, "examples": 100 * k, "seconds": k / rate,
+                        "train_loss": 1 / k, "test_loss": 1.2 / k, "test_accuracy": 1 - 0.5 / k})  # fmt: skip
+        log.close()
+    one = run_cli("plot", str(tmp_path / "a"), timeout=120)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.strip() == str(tmp_path / "a" / "run.png")
+    both = tmp_path / "both.png"
+    two = run_cli("plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(both))
+    assert two.returncode == 0, two.stderr
+    for png in (tmp_path / "a" / "run.png", both):
+        head = png.read_bytes()
+        assert head.startswith(b"\x89PNG") and len(head) > 20_000
+    bad = run_cli("plot", str(tmp_path / "a"), "--metric", "test_r2", timeout=120)
+    assert bad.returncode == 2 and "test_r2" in bad.stderr and "Traceback" not in bad.stderr
+    missing = run_cli("plot", str(tmp_path / "none"), timeout=120)
+    assert missing.returncode == 2 and "no readable metrics.csv" in missing.stderr

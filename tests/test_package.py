@@ -53,6 +53,7 @@ def test_public_api_is_pinned():
         "load",
         "load_params",
         "make_optimizer",
+        "plot",
         "predict",
         "save_params",
         "to_bias_first",

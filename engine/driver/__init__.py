@@ -23,6 +23,7 @@ _EXPORTS = {
     "Progress": ".outputs",
     "write_outputs": ".outputs",
     "new_run_dir": ".outputs",
+    "read_metrics": ".outputs",
     "status": ".status",
     "FailureDetector": ".health",
     "LocalCluster": ".cluster",

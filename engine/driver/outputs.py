@@ -33,6 +33,7 @@ __all__ = [
     "metric_columns",
     "new_run_dir",
     "prepare_out_dir",
+    "read_metrics",
     "write_outputs",
 ]
 
@@ -201,8 +202,7 @@ class MetricsLog:
         self.columns = columns
         self.rows: list[dict[str, Any]] = []
         if resume is not None and resume.is_file():
-            with open(resume, newline="") as f:
-                self.rows = [{c: _number(row.get(c)) for c in columns} for row in csv.DictReader(f)]
+            self.rows = [{c: row.get(c) for c in columns} for row in read_metrics(resume)]
         self.offset = float(self.rows[-1]["seconds"] or 0.0) if self.rows else 0.0
         self._file = None
         if path is not None:
@@ -229,6 +229,23 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.csv``, numbers as numbers.
+
+    Args:
+        path: the file.
+
+    Returns:
+        One dict per row, column -> int, float or None (an empty cell).
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: a cell is not a number.
+    """
+    with open(path, newline="") as f:
+        return [{c: _number(v) for c, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _number(text: str | None) -> float | int | None:
