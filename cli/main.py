@@ -41,6 +41,7 @@ from dbnode.threads import available_cores, environment_threads, limit_threads
 from dbnode.wire import load_secret
 
 from .progress import ProgressPrinter
+from .status_view import render as render_status
 
 log = logging.getLogger("dbnode")
 
@@ -169,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     st = command("status", help="what running nodes host and how far their partitions are")
     st.add_argument("--hosts", required=True, help="comma-separated HOST:PORT of nodes")
     st.add_argument("--secret-file", help="cluster secret (default: $DBNODE_SECRET)")
+    st.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per node, as the nodes answer (no rates)",
+    )
+    st.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="the table's rates are measured over this long (default %(default)s)",
+    )
 
     ev = command("eval", help="score a trained model: its run's held-out set, or a data set")
     ev.add_argument("model", metavar="RUN", help="a run directory, or its model.npz")
@@ -433,14 +446,24 @@ def _hosts(text: str, key: str) -> list[tuple[str, int]]:
 
 
 def cmd_status(args) -> int:
-    """``dbnode status``: print one JSON line per node.
+    """``dbnode status``: a table of every node, its runs, their partitions
+    and shards with their rates; or, with ``--json``, one JSON line per node.
 
     Returns:
         0, or 1 when a node could not be reached.
     """
-    report = status(_hosts(args.hosts, "--hosts"), load_secret(args.secret_file))
-    for entry in report:
-        print(json.dumps(entry))
+    hosts, secret = _hosts(args.hosts, "--hosts"), load_secret(args.secret_file)
+    report = status(hosts, secret)
+    if args.json:
+        for entry in report:
+            print(json.dumps(entry))
+    else:
+        if not args.interval > 0:
+            raise ConfigError("--interval", args.interval, "must be > 0 seconds")
+        time.sleep(args.interval)
+        later = status(hosts, secret)
+        print(render_status(report, later, args.interval))
+        report = later
     return 1 if any("error" in entry for entry in report) else 0
 
 

@@ -7,6 +7,7 @@ A run config has these sections::
     [train]      replicas | examples_per_replica, batch_size, epochs,
                  n_fetch, n_push, seed, eval_interval,
                  early_stopping = {patience, metric, min_delta}
+    [schedule]   name, every, factor, min_factor, patience, metric
     [optimizer]  name, learning_rate, and the named optimizer's own settings
                  (momentum: momentum; adagrad: eps; adam: beta1, beta2, eps) -- see dbnode.optim
     [cluster]    hosts, parameter_shards, secret_file, nodes, heartbeat, lease,
@@ -35,7 +36,7 @@ from .data import is_builtin
 from .errors import ConfigError
 from .kernels import WIRE_CODECS
 from .model import DTYPES, HIDDEN_ACTIVATIONS, LOSSES, OUTPUTS, ModelSpec
-from .optim import SGD, Optimizer, from_wire
+from .optim import SCHEDULES, SGD, Optimizer, from_wire
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,32 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """The ``[schedule]`` section: how the learning rate changes, applied on
+    the parameter shards (:class:`dbnode.optim.Schedule`).
+
+    Attributes:
+        name: ``constant``; ``step`` (times ``factor`` every ``every``
+            epochs); ``cosine`` (down to ``min_factor`` of the rate over
+            ``train.epochs``); ``plateau`` (times ``factor`` when ``metric``
+            has not improved for ``patience`` epochs, down to ``min_factor``).
+        every: ``step``: epochs between reductions.
+        factor: ``step``, ``plateau``: each reduction's factor, in (0, 1].
+        min_factor: ``cosine``, ``plateau``: the lowest factor, in [0, 1].
+        patience: ``plateau``: epochs without improvement before a reduction.
+        metric: ``plateau``: the figure watched (default ``test_loss``, or
+            ``train_loss`` without a held-out set).
+    """
+
+    name: str = "constant"
+    every: float = 10.0
+    factor: float = 0.1
+    min_factor: float = 0.0
+    patience: float = 5.0
+    metric: str = ""
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """The ``[cluster]`` section: where the run runs.
 
@@ -190,6 +217,7 @@ class RunConfig:
     # The [optimizer] section is the optimizer itself: dbnode.optim checks its
     # keys, so a new optimizer needs nothing here.
     optimizer: Optimizer = field(default_factory=lambda: SGD(learning_rate=0.01))
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wire: WireConfig = field(default_factory=WireConfig)
@@ -337,6 +365,16 @@ class RunConfig:
             raise ConfigError(
                 "train.early_stopping.min_delta", t.early_stopping.min_delta, "must be >= 0"
             )
+        sc = self.schedule
+        _choice("schedule.name", sc.name, SCHEDULES)
+        if not sc.every > 0:
+            raise ConfigError("schedule.every", sc.every, "must be > 0 epochs")
+        if not 0 < sc.factor <= 1:
+            raise ConfigError("schedule.factor", sc.factor, "must be in (0, 1]")
+        if not 0 <= sc.min_factor <= 1:
+            raise ConfigError("schedule.min_factor", sc.min_factor, "must be in [0, 1]")
+        if not sc.patience > 0:
+            raise ConfigError("schedule.patience", sc.patience, "must be > 0 epochs")
         if c.parameter_shards < 1:
             raise ConfigError("cluster.parameter_shards", c.parameter_shards, "must be >= 1")
         k = self.checkpoint

@@ -115,6 +115,7 @@ class Op(enum.StrEnum):
     RESTORE = "restore"
     EXPORT = "export"
     IMPORT = "import"
+    SCALE = "scale"
 
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -511,6 +512,26 @@ class Import(Request):
     data: np.ndarray = in_payload("an exported snapshot's bytes (uint8)", np.uint8)
 
 
+@dataclass(frozen=True)
+class ScaleReply(Message):
+    """How many tensors now learn at the new rate."""
+
+    label: ClassVar[str] = "scale reply"
+    keys: int = in_meta(_COUNT)
+
+
+@dataclass(frozen=True)
+class Scale(Request):
+    """Sets the factor on the learning rate of every tensor of the run's
+    shard on the node (reduce-on-plateau: the driver lowers it when the
+    held-out figure stalls); the schedule's own factor applies on top."""
+
+    op: ClassVar[Op] = Op.SCALE
+    reply: ClassVar[type[Message]] = ScaleReply
+    run: str = _run()
+    scale: float = in_meta(positive())
+
+
 #: Every op's request schema.
 REQUESTS: dict[Op, type[Request]] = {
     cls.op: cls
@@ -528,6 +549,7 @@ REQUESTS: dict[Op, type[Request]] = {
         Restore,
         Export,
         Import,
+        Scale,
     )
 }
 assert set(REQUESTS) == set(Op), "every op needs exactly one request schema"

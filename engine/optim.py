@@ -28,6 +28,9 @@ from .errors import ConfigError
 
 __all__ = [
     "OPTIMIZERS",
+    "SCHEDULES",
+    "Schedule",
+    "Scheduled",
     "Adagrad",
     "Adam",
     "Momentum",
@@ -56,7 +59,12 @@ class Optimizer(Protocol):
         """
 
     def apply(
-        self, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], step: int
+        self,
+        param: np.ndarray,
+        grad: np.ndarray,
+        state: dict[str, np.ndarray],
+        step: int,
+        scale: float = 1.0,
     ) -> None:
         """Update ``param`` (and ``state``) in place with ``grad``.
 
@@ -65,7 +73,9 @@ class Optimizer(Protocol):
             grad: its gradient, of the same shape and dtype.
             state: its state, from :meth:`state` (updated in place).
             step: which update of this tensor this is, from 1 (a shard's
-                version after it; what Adam's bias correction needs).
+                version after it; what Adam's bias correction and the
+                learning-rate schedules need).
+            scale: a factor on the learning rate (reduce-on-plateau's).
 
         Raises:
             ValueError, TypeError: arrays of mismatched shape, dtype or layout.
@@ -130,7 +140,9 @@ class SGD(_Base):
         """
         return {}
 
-    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1) -> None:
+    def apply(
+        self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1, scale: float = 1.0
+    ) -> None:
         """``param -= lr * grad``, in place.
 
         Args:
@@ -138,11 +150,12 @@ class SGD(_Base):
             grad: its gradient, of the same shape and dtype.
             state: its state, from :meth:`state` (unused).
             step: which update this is (unused).
+            scale: a factor on the learning rate.
 
         Raises:
             ValueError, TypeError: arrays of mismatched shape, dtype or layout.
         """
-        kernels.sgd(param, grad, self.learning_rate)
+        kernels.sgd(param, grad, self.learning_rate * scale)
 
 
 @dataclass(frozen=True)
@@ -176,7 +189,9 @@ class Momentum(_Base):
         """
         return {"velocity": kernels.zeros(param.shape, param.dtype)}
 
-    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1) -> None:
+    def apply(
+        self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1, scale: float = 1.0
+    ) -> None:
         """One momentum step, in place.
 
         Args:
@@ -184,11 +199,12 @@ class Momentum(_Base):
             grad: its gradient, of the same shape and dtype.
             state: its state, from :meth:`state` (its ``velocity`` is updated in place).
             step: which update this is (unused).
+            scale: a factor on the learning rate.
 
         Raises:
             ValueError, TypeError: arrays of mismatched shape, dtype or layout.
         """
-        kernels.momentum(param, grad, state["velocity"], self.learning_rate, self.momentum)
+        kernels.momentum(param, grad, state["velocity"], self.learning_rate * scale, self.momentum)
 
 
 @dataclass(frozen=True)
@@ -221,7 +237,9 @@ class Adagrad(_Base):
         """
         return {"sum_sq": kernels.zeros(param.shape, param.dtype)}
 
-    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1) -> None:
+    def apply(
+        self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1, scale: float = 1.0
+    ) -> None:
         """One Adagrad step, in place.
 
         Args:
@@ -229,11 +247,12 @@ class Adagrad(_Base):
             grad: its gradient, of the same shape and dtype.
             state: its state, from :meth:`state` (its ``sum_sq`` is updated in place).
             step: which update this is (unused).
+            scale: a factor on the learning rate.
 
         Raises:
             ValueError, TypeError: arrays of mismatched shape, dtype or layout.
         """
-        kernels.adagrad(param, grad, state["sum_sq"], self.learning_rate, self.eps)
+        kernels.adagrad(param, grad, state["sum_sq"], self.learning_rate * scale, self.eps)
 
 
 @dataclass(frozen=True)
@@ -278,7 +297,9 @@ class Adam(_Base):
         """
         return {name: kernels.zeros(param.shape, param.dtype) for name in ("m", "v")}
 
-    def apply(self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1) -> None:
+    def apply(
+        self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1, scale: float = 1.0
+    ) -> None:
         """One Adam step, in place.
 
         Args:
@@ -286,12 +307,144 @@ class Adam(_Base):
             grad: its gradient, of the same shape and dtype.
             state: its state, from :meth:`state` (``m`` and ``v`` updated in place).
             step: which update of this tensor this is, from 1.
+            scale: a factor on the learning rate.
 
         Raises:
             ValueError, TypeError: arrays of mismatched shape, dtype or layout.
         """
-        kernels.adam(param, grad, state["m"], state["v"], self.learning_rate, self.beta1,
-                     self.beta2, self.eps, step)  # fmt: skip
+        kernels.adam(param, grad, state["m"], state["v"], self.learning_rate * scale,
+                     self.beta1, self.beta2, self.eps, step)  # fmt: skip
+
+
+#: Learning-rate schedules by name: ``constant``; ``step`` (times ``factor``
+#: every ``every`` updates); ``cosine`` (from 1 down to ``min_factor`` over
+#: ``total`` updates, then flat); ``plateau`` (constant here: the driver
+#: lowers the shards' scale when the held-out figure stalls).
+SCHEDULES = ("constant", "step", "cosine", "plateau")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A learning-rate schedule as the shards apply it: a factor on the
+    rate that is a function of the tensor's update count alone, so it is
+    exact and the same on every shard whatever the timing.
+
+    Args:
+        name: one of :data:`SCHEDULES`.
+        every: ``step``: updates between two reductions.
+        factor: ``step``: the factor of each reduction.
+        total: ``cosine``: updates over which the rate falls.
+        min_factor: ``cosine``: where it falls to.
+
+    Raises:
+        ConfigError: an unknown name or a setting out of range.
+    """
+
+    name: str = "constant"
+    every: float = 0.0
+    factor: float = 0.1
+    total: float = 0.0
+    min_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("every", "factor", "total", "min_factor"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"schedule.{key}", value, "must be a number")
+            object.__setattr__(self, key, float(value))
+        if self.name not in SCHEDULES:
+            raise ConfigError("schedule.name", self.name, f"must be one of {', '.join(SCHEDULES)}")
+        if self.name == "step" and not self.every > 0:
+            raise ConfigError("schedule.every", self.every, "must be > 0")
+        if not 0 < self.factor <= 1:
+            raise ConfigError("schedule.factor", self.factor, "must be in (0, 1]")
+        if not 0 <= self.min_factor <= 1:
+            raise ConfigError("schedule.min_factor", self.min_factor, "must be in [0, 1]")
+
+    def factor_at(self, step: int) -> float:
+        """The factor on the learning rate at update ``step`` (from 1).
+
+        Args:
+            step: the update's number.
+
+        Returns:
+            The factor, in (0, 1] (or ``min_factor`` for cosine's end).
+        """
+        done = step - 1  # updates before this one
+        if self.name == "step":
+            return self.factor ** int(done // self.every)
+        if self.name == "cosine" and self.total > 0:
+            t = min(1.0, done / self.total)
+            return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON form, as the optimizer's ``schedule``.
+
+        Returns:
+            The fields, as a dict.
+        """
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """An optimizer whose learning rate follows a :class:`Schedule`: its
+    wire form is the optimizer's with a ``schedule`` entry.
+
+    Args:
+        inner: the optimizer.
+        schedule: the schedule.
+    """
+
+    inner: Any
+    schedule: Schedule
+
+    @property
+    def name(self) -> str:
+        """The inner optimizer's name."""
+        return self.inner.name
+
+    @property
+    def learning_rate(self) -> float:
+        """The base learning rate (before the schedule's factor)."""
+        return self.inner.learning_rate
+
+    def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
+        """The inner optimizer's state.
+
+        Args:
+            param: the tensor the state is for.
+
+        Returns:
+            As the inner optimizer's :meth:`state`.
+        """
+        return self.inner.state(param)
+
+    def apply(
+        self, param: np.ndarray, grad: np.ndarray, state: dict, step: int = 1, scale: float = 1.0
+    ) -> None:
+        """The inner optimizer's step at the scheduled rate.
+
+        Args:
+            param: the tensor, updated in place.
+            grad: its gradient.
+            state: its state.
+            step: which update of this tensor this is, from 1.
+            scale: a further factor on the learning rate.
+
+        Raises:
+            ValueError, TypeError: arrays of mismatched shape, dtype or layout.
+        """
+        self.inner.apply(param, grad, state, step, scale * self.schedule.factor_at(step))
+
+    def to_wire(self) -> dict[str, Any]:
+        """The inner optimizer's wire form with ``schedule``.
+
+        Returns:
+            A new dict that :func:`from_wire` takes back.
+        """
+        return {**self.inner.to_wire(), "schedule": self.schedule.to_wire()}
 
 
 #: Every optimizer by wire name.
@@ -354,7 +507,9 @@ def from_wire(wire: Mapping[str, Any]) -> Optimizer:
     """An optimizer from its wire form (see :meth:`Optimizer.to_wire`).
 
     Args:
-        wire: ``{"name": ..., "learning_rate": ..., **settings}``.
+        wire: ``{"name": ..., "learning_rate": ..., **settings}``, and
+            optionally ``"schedule"``: a :class:`Schedule`'s fields (then a
+            :class:`Scheduled` optimizer).
 
     Returns:
         The optimizer.
@@ -365,5 +520,12 @@ def from_wire(wire: Mapping[str, Any]) -> Optimizer:
     """
     if not isinstance(wire, Mapping) or "name" not in wire or "learning_rate" not in wire:
         raise ConfigError("optimizer", wire, "must be a mapping with 'name' and 'learning_rate'")
-    settings = {k: v for k, v in wire.items() if k not in ("name", "learning_rate")}
-    return make_optimizer(wire["name"], wire["learning_rate"], **settings)
+    settings = {k: v for k, v in wire.items() if k not in ("name", "learning_rate", "schedule")}
+    optimizer = make_optimizer(wire["name"], wire["learning_rate"], **settings)
+    schedule = wire.get("schedule")
+    if schedule is None:
+        return optimizer
+    fields = {f.name for f in dataclasses.fields(Schedule)}
+    if not isinstance(schedule, Mapping) or not set(schedule) <= fields:
+        raise ConfigError("optimizer.schedule", schedule, f"must be a mapping of {sorted(fields)}")
+    return Scheduled(optimizer, Schedule(**schedule))

@@ -16,8 +16,9 @@ import dbnode
 from dbnode.config import RunConfig
 from dbnode.data import XOR_ROWS, XOR_TARGETS
 from dbnode.driver import load_data, plan, train
+from dbnode.driver.inputs import shard_optimizer
 from dbnode.model import init_params, load_params, predict
-from dbnode.optim import make_optimizer
+from dbnode.optim import from_wire, make_optimizer
 from dbnode.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +119,42 @@ def test_one_replica_reproduces_the_single_process_trainer(nodes, tmp_path, part
     got = load_params(tmp_path / "model.npz", spec)
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "optimizer,schedule",
+    [({"name": "sgd", "learning_rate": 0.2}, {"name": "step", "every": 1, "factor": 0.5}),
+     ({"name": "adam", "learning_rate": 0.02}, {"name": "cosine", "min_factor": 0.1})],
+)  # fmt: skip
+def test_schedules_and_adam_on_the_shards_reproduce_the_single_process_trainer(
+    nodes, tmp_path, optimizer, schedule
+):
+    """The shards apply the schedule by each piece's update count: one
+    replica matches the trainer stepping the same scheduled optimizer."""
+    config = RunConfig.from_dict({
+        "model": {"layers": [8, 6, 3], "activation": "tanh", "output": "softmax",
+                  "loss": "cross_entropy", "dtype": "float64", "init": "xavier",
+                  "partitions": 2},
+        "data": {"train": "blobs:120"},
+        "train": {"replicas": 1, "batch_size": 4, "epochs": 3, "seed": 4},
+        "optimizer": optimizer, "schedule": schedule, "cluster": {"parameter_shards": 2},
+    })  # fmt: skip
+    hosts, secret = hosts_of(nodes)
+    train(config, hosts=hosts, out_dir=tmp_path, secret=secret)
+    x, y, _, _ = load_data(config)
+    wire = shard_optimizer(config, [slice(0, len(x))])
+    assert wire["schedule"]["name"] == schedule["name"]
+    spec = config.spec()
+    ref = init_params(spec, "xavier", seed=4)
+    Trainer(spec, ref, from_wire(wire)).fit(x, y, batch_size=4, epochs=3, seed=4)
+    got = load_params(tmp_path / "model.npz", spec)
+    constant = init_params(spec, "xavier", seed=4)
+    Trainer(spec, constant, from_wire(config.optimizer.to_wire())).fit(
+        x, y, batch_size=4, epochs=3, seed=4
+    )
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=0, atol=1e-9)
+    assert any(not np.allclose(ref[n], constant[n]) for n in ref)  # the schedule mattered
 
 
 def run_cli(*args, timeout=300):
@@ -378,18 +415,46 @@ def test_a_signal_stops_the_run_writes_its_outputs_and_says_how_to_resume(tmp_pa
 def test_status_reports_each_node_and_names_the_unreachable(nodes, tmp_path):
     addresses, secret = nodes
     out = run_cli(
-        "status", "--hosts", ",".join(addresses), "--secret-file", str(secret), timeout=60
-    )
+        "status", "--hosts", ",".join(addresses), "--secret-file", str(secret), "--json",
+        timeout=60,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr
     entries = [json.loads(line) for line in out.stdout.splitlines()]
     assert [e["address"] for e in entries] == addresses
     assert {e["node"]["name"] for e in entries} == {"test-0", "test-1"}
     assert all("runs" in e and "node_id" in e["node"] for e in entries)
     out = run_cli(
-        "status", "--hosts", f"{addresses[0]},127.0.0.1:1", "--secret-file", str(secret), timeout=60
-    )
+        "status", "--hosts", f"{addresses[0]},127.0.0.1:1", "--secret-file", str(secret),
+        "--json", timeout=60,
+    )  # fmt: skip
     assert out.returncode == 1
     assert "error" in json.loads(out.stdout.splitlines()[1])
+    table = run_cli("status", "--hosts", f"{addresses[0]},127.0.0.1:1", "--secret-file",
+                    str(secret), "--interval", "0.2", timeout=60)  # fmt: skip
+    assert table.returncode == 1 and "127.0.0.1:1  UNREACHABLE" in table.stdout
+
+
+def test_status_shows_a_running_run_with_its_rates(nodes, tmp_path):
+    addresses, secret = nodes
+    proc = subprocess.Popen(
+        [*DBNODE, "train", str(EXAMPLES / "xor.toml"), "--hosts", ",".join(addresses),
+         "--secret-file", str(secret), "--set", "train.epochs=20", "--set", "model.partitions=2",
+         "--set", "train.examples_per_replica=50000", "--out", str(tmp_path / "run"), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline, table = time.monotonic() + 60, ""
+        while time.monotonic() < deadline and "partition" not in table:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            table = run_cli("status", "--hosts", ",".join(addresses), "--secret-file",
+                            str(secret), "--interval", "0.5", timeout=60).stdout  # fmt: skip
+        assert "  run xor-" in table and "shard " in table and "pushes" in table, table
+        parts = [line for line in table.splitlines() if "partition" in line]
+        assert len(parts) == 2 and all("/s steps" in line for line in parts), table
+        assert any("-> 127.0.0.1:" in line for line in parts), table  # activations cross nodes
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
 
 
 @pytest.mark.parametrize("role", ["partitions", "shard"])

@@ -98,6 +98,8 @@ EXAMPLES = [
     control.ExportReply(keys=2, data=np.frombuffer(b"snapshot", np.uint8)),
     control.Import(run=RUN, data=np.frombuffer(b"snapshot", np.uint8)),
     control.ImportReply(keys=2),
+    control.Scale(run=RUN, scale=0.5),
+    control.ScaleReply(keys=2),
 ]
 
 

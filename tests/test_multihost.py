@@ -148,7 +148,15 @@ def test_each_node_is_reached_over_the_bridge_only(cluster):
     assert probe.returncode != 0 and "ConnectionRefusedError" in probe.stderr
     done = cluster.net.run(
         "driver",
-        [*DBNODE, "status", "--hosts", cluster.hosts, "--secret-file", str(cluster.secret)],
+        [
+            *DBNODE,
+            "status",
+            "--hosts",
+            cluster.hosts,
+            "--secret-file",
+            str(cluster.secret),
+            "--json",
+        ],
         timeout=60,
         cwd=ROOT,
     )

@@ -84,8 +84,8 @@ class HalfStep(optim.SGD):
     scale: float = 0.5
     name: ClassVar[str] = "half_step"
 
-    def apply(self, param, grad, state, step=1):
-        param -= (self.learning_rate * self.scale) * grad
+    def apply(self, param, grad, state, step=1, scale=1.0):
+        param -= (self.learning_rate * self.scale * scale) * grad
 
 
 def test_a_new_optimizer_is_one_class(monkeypatch):
@@ -131,3 +131,37 @@ def shard_after_one(w, g, opt):
     shard.init(1, "w", w, optimizer=opt.to_wire())
     shard.push(1, g)
     return shard.pull(1).value
+
+
+def test_schedules_are_functions_of_the_update_count():
+    step = optim.Schedule("step", every=3, factor=0.5)
+    assert [step.factor_at(t) for t in range(1, 8)] == [1, 1, 1, 0.5, 0.5, 0.5, 0.25]
+    cosine = optim.Schedule("cosine", total=4, min_factor=0.2)
+    got = [cosine.factor_at(t) for t in (1, 3, 5, 9)]
+    np.testing.assert_allclose(got, [1.0, 0.6, 0.2, 0.2])
+    assert optim.Schedule("plateau").factor_at(100) == 1.0
+    for bad, key in [({"name": "warm"}, "schedule.name"), ({"name": "step"}, "schedule.every"),
+                     ({"factor": 0}, "schedule.factor"), ({"min_factor": 2}, "schedule.min_factor"),
+                     ({"total": "x"}, "schedule.total")]:  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            optim.Schedule(**bad)
+        assert err.value.key == key
+
+
+def test_a_scheduled_optimizer_round_trips_and_a_shard_keeps_its_schedule_and_scale(tmp_path):
+    wire = {"name": "sgd", "learning_rate": 1.0, "schedule": {"name": "step", "every": 2}}
+    opt = optim.from_wire(wire)
+    assert isinstance(opt, optim.Scheduled) and optim.from_wire(opt.to_wire()) == opt
+    shard = ParameterShard()
+    shard.init(1, "w", np.zeros(1), optimizer=wire)
+    for _ in range(4):  # rates 1, 1, 0.1, 0.1
+        shard.push(1, np.ones(1))
+    assert shard.pull(1).value[0] == pytest.approx(-2.2)
+    shard.set_scale(0.5)  # reduce-on-plateau, on top of the schedule: 0.01 * 0.5
+    shard.push(1, np.ones(1))
+    assert shard.pull(1).value[0] == pytest.approx(-2.205)
+    back = ParameterShard.restore(shard.snapshot(tmp_path / "s.npz"))
+    assert back.stats()["tensors"][0]["scale"] == 0.5
+    assert back.stats()["tensors"][0]["optimizer"] == opt.to_wire()
+    with pytest.raises(ShardError, match="scale"):
+        shard.set_scale(0.0)

@@ -66,11 +66,13 @@ def test_an_out_that_holds_files_or_cannot_be_made_is_refused_before_anything_st
 
 
 def test_metrics_are_a_curve_with_a_row_per_epoch_flushed_as_the_run_goes(tmp_path):
-    """Three epochs and an interval longer than the run: one row per epoch
-    (the last is the final model's), written while the run still trains."""
+    """100 short epochs and an interval longer than the run: rows come at
+    the epochs' ends (those shorter than the driver's 0.2 s poll share one;
+    the last row is the final model's), written while the run still trains."""
+    pytest.importorskip("sklearn")
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [*DBNODE, "train", str(EXAMPLES / "xor.toml"), *SHORT, "--set", "train.epochs=40",
+        [*DBNODE, "train", str(EXAMPLES / "digits.toml"), "--set", "train.epochs=100",
          "--set", "train.eval_interval=1000", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -81,7 +83,7 @@ def test_metrics_are_a_curve_with_a_row_per_epoch_flushed_as_the_run_goes(tmp_pa
             seen_early = rows(out / "metrics.csv")
             if len(seen_early) >= 2:
                 break
-        time.sleep(0.05)
+        time.sleep(0.02)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert len(seen_early) >= 2  # rows were on disk before the end
@@ -89,11 +91,11 @@ def test_metrics_are_a_curve_with_a_row_per_epoch_flushed_as_the_run_goes(tmp_pa
     assert list(curve[0]) == ["epoch", "examples", "seconds", "train_loss", "train_accuracy",
                               "test_loss", "test_accuracy"]  # fmt: skip
     epochs = [float(r["epoch"]) for r in curve]
-    assert epochs[-1] == 40.0 and len(curve) >= 30  # about one per epoch, never skipped much
+    assert epochs[-1] == 100.0 and len(curve) >= 10
     assert all(b > a for a, b in zip(epochs, epochs[1:]))
     assert all(float(r["seconds"]) >= 0 and r["test_accuracy"] for r in curve)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["task"] == "classification" and summary["test"]["accuracy"] == 1.0
+    assert summary["task"] == "classification" and summary["test"]["accuracy"] >= 0.95
     assert len(summary["history"]) == len(curve)
 
 
@@ -313,3 +315,24 @@ def test_plot_draws_one_run_or_several_and_refuses_what_it_cannot_draw(tmp_path)
     assert bad.returncode == 2 and "test_r2" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_cli("plot", str(tmp_path / "none"), timeout=120)
     assert missing.returncode == 2 and "no readable metrics.csv" in missing.stderr
+
+
+def test_reduce_on_plateau_lowers_the_shards_learning_rate(tmp_path):
+    pytest.importorskip("sklearn")
+    from dbnode.driver import checkpoint
+    from dbnode.ps import ParameterShard
+
+    config = RunConfig.load(EXAMPLES / "digits.toml", [
+        "train.epochs=40", "train.eval_interval=1000", "checkpoint.interval=600",
+        'schedule.name="plateau"', "schedule.patience=1", "schedule.factor=0.5",
+        'schedule.metric="test_accuracy"'])  # fmt: skip
+    summary = dbnode.train(config, out_dir=tmp_path / "run")
+    lowered = [e for e in summary.events if e["event"] == "learning rate lowered"]
+    assert lowered and [e["scale"] for e in lowered] == [0.5**k for k in range(1, len(lowered) + 1)]
+    final = checkpoint.newest(tmp_path / "run" / "checkpoints")
+    scales = {t["scale"] for i in range(2)
+              for t in ParameterShard.from_bytes(final.read_shard(i)).stats()["tensors"]}  # fmt: skip
+    assert scales == {lowered[-1]["scale"]}  # every piece on every shard node got it
+    with pytest.raises(ConfigError, match="schedule.metric"):
+        dbnode.train(RunConfig.load(EXAMPLES / "digits.toml", [
+            'schedule.name="plateau"', 'schedule.metric="test_r2"']))  # fmt: skip

@@ -39,7 +39,7 @@ def runs_on(nodes) -> list[dict]:
     """What ``dbnode status`` says of each node's runs."""
     out = subprocess.run(
         [*DBNODE, "status", "--hosts", ",".join(n.address for n in nodes),
-         "--secret-file", str(nodes[0].secret)],
+         "--secret-file", str(nodes[0].secret), "--json"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -17,6 +17,7 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..metrics import data_warnings, task_of
 from ..model import ModelSpec, init_params, load_params
+from ..optim import Schedule
 from . import checkpoint
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "identity_hash",
     "run_identity",
     "shard_data",
+    "shard_optimizer",
 ]
 
 
@@ -248,6 +250,29 @@ def find_resume(config: RunConfig, directory: str | Path) -> checkpoint.Checkpoi
                 "was written by a run with another model, data, optimizer or schedule",
             )  # fmt: skip
     return newest
+
+
+def shard_optimizer(config: RunConfig, shards: list[slice]) -> dict[str, Any]:
+    """The optimizer's wire form as the shards take it: with the schedule,
+    its epochs turned into updates of each tensor piece (every replica
+    pushes every piece once per ``n_push`` steps).
+
+    Args:
+        config: the run.
+        shards: each replica's rows.
+
+    Returns:
+        The wire form (:func:`dbnode.optim.from_wire`).
+    """
+    wire = config.optimizer.to_wire()
+    s, t = config.schedule, config.train
+    if s.name not in ("step", "cosine"):
+        return wire  # constant; plateau is the driver's (a scale op)
+    steps = sum(-(-(rows.stop - rows.start) // t.batch_size) for rows in shards)
+    per_epoch = steps / t.n_push
+    return {**wire, "schedule": Schedule(s.name, every=s.every * per_epoch, factor=s.factor,
+                                         total=t.epochs * per_epoch,
+                                         min_factor=s.min_factor).to_wire()}  # fmt: skip
 
 
 def initial_params(config: RunConfig, spec: ModelSpec) -> dict[str, np.ndarray]:

@@ -48,11 +48,11 @@ from ..metrics import evaluate
 from ..ps.shard import ParameterShard
 from ..wire import Address, Peers, load_secret
 from .cluster import LocalCluster, embedded_nodes
-from .inputs import Arrays, Inputs, find_resume, prepare
+from .inputs import Arrays, Inputs, find_resume, prepare, shard_optimizer
 from .outputs import MetricsLog, Progress, Summary, metric_columns, prepare_out_dir, write_outputs
 from .plan import distinct_nodes, node_shapes, oversubscribed
 from .state import Replica, RunState
-from .stopping import EarlyStopper
+from .stopping import EarlyStopper, Plateau
 
 __all__ = ["Progress", "Summary", "train", "write_outputs"]
 
@@ -132,8 +132,11 @@ def train(
         inputs.resume = find_resume(config, resume)
         inputs.resume_dir = Path(resume)
     # Checked now, before anything starts: the figure it watches must exist.
-    stopper = EarlyStopper(config.train.early_stopping, metric_columns(inputs.task),
-                           inputs.x_test is not None)  # fmt: skip
+    columns, held_out = metric_columns(inputs.task), inputs.x_test is not None
+    watchers = (
+        EarlyStopper(config.train.early_stopping, columns, held_out),
+        Plateau(config.schedule, columns, held_out) if config.schedule.name == "plateau" else None,
+    )
     if out_dir is not None:
         out_dir = prepare_out_dir(out_dir, overwrite, resume)
     if config.checkpoint.interval and not (config.checkpoint.dir or out_dir):
@@ -145,12 +148,12 @@ def train(
     if hosts:
         if secret is None:
             secret = load_secret(config.cluster.secret_file or None)
-        return trio.run(_run, config, hosts, secret, inputs, out_dir, progress, name, stopper)
+        return trio.run(_run, config, hosts, secret, inputs, out_dir, progress, name, watchers)
     roles = len(inputs.shards) * config.model.partitions
     with LocalCluster(config.cluster.nodes or embedded_nodes(roles)) as cluster:
         secret = cluster.secret_file.read_bytes()
         return trio.run(
-            _run, config, cluster.addresses, secret, inputs, out_dir, progress, name, stopper
+            _run, config, cluster.addresses, secret, inputs, out_dir, progress, name, watchers
         )
 
 
@@ -166,18 +169,18 @@ async def _run(
     out_dir,
     progress,
     name: str,
-    stopper: EarlyStopper,
+    watchers: tuple[EarlyStopper, Plateau | None],
 ) -> Summary:
     try:
         return await _run_in_nursery(
-            config, hosts, secret, inputs, out_dir, progress, name, stopper
+            config, hosts, secret, inputs, out_dir, progress, name, watchers
         )
     except BaseExceptionGroup as group:  # what a user meets is the error inside
         raise first_error(group) from None
 
 
 async def _run_in_nursery(
-    config, hosts, secret, inputs, out_dir, progress, name, stopper
+    config, hosts, secret, inputs, out_dir, progress, name, watchers
 ) -> Summary:
     """:func:`_run`'s body: the run's nursery (its channels, its side tasks)."""
     start = time.monotonic()
@@ -201,7 +204,8 @@ async def _run_in_nursery(
                 name,
                 nodes=node_shapes(distinct),
                 history=history,
-                stopper=stopper,
+                stopper=watchers[0],
+                plateau=watchers[1],
             )
             if len(distinct) < len(hosts):
                 run.event("duplicate hosts", given=len(hosts), nodes=len(distinct))
@@ -261,7 +265,7 @@ async def _drive(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
 async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nursery) -> Summary:
     config = run.config
     if inputs.resume is None:
-        await run.client.init(run.pack(inputs.params), config.optimizer.to_wire())
+        await run.client.init(run.pack(inputs.params), shard_optimizer(config, inputs.shards))
     else:
         # The shards as they were checkpointed, placed on this run's nodes;
         # each replica goes on from the step it had reached.
@@ -510,6 +514,9 @@ async def _watch_in(
             test = _figures(row, "test_") or None
             if run.stopper.on and (why := run.stopper.update(row, params)):
                 stop(why)
+            if run.plateau is not None and (scale := run.plateau.update(row)) is not None:
+                run.event("learning rate lowered", scale=scale, epoch=row["epoch"])
+                jobs.start("scale", partial(_send_scale, run))
         if progress:
             progress(
                 Progress(
@@ -529,6 +536,17 @@ async def _watch_in(
         if finished:
             seconds = [r.last.seconds for r in run.replicas if r.done and r.last]
             return max(seconds, default=now - start)
+
+
+async def _send_scale(run: RunState) -> None:
+    """Tell every live shard node the plateau's current learning-rate scale
+    (again, if it was lowered once more meanwhile)."""
+    sent = None
+    while sent != run.plateau.scale:
+        sent = run.plateau.scale
+        for host in dict.fromkeys(run.shard_hosts):
+            if host not in run.dead:
+                await run.control(host, control.Scale(run=run.id, scale=sent), timeout=5.0)
 
 
 async def _renew_leases_in(run: RunState, scope: trio.CancelScope) -> None:

@@ -32,7 +32,7 @@ from .inputs import Inputs, identity_hash, run_identity
 from .outputs import MetricsLog, metric_columns
 from .plan import layout
 from .recovery import ShardBackups, Source, lost_updates
-from .stopping import EarlyStopper
+from .stopping import EarlyStopper, Plateau
 
 __all__ = ["MAX_RESTARTS", "Replica", "RunState"]
 
@@ -119,6 +119,7 @@ class RunState:
         nodes: list[NodeShape] | None = None,
         history: MetricsLog | None = None,
         stopper: EarlyStopper | None = None,
+        plateau: Plateau | None = None,
     ):
         self.config, self.hosts, self.peers = config, hosts, peers
         self.started = time.monotonic()
@@ -156,6 +157,7 @@ class RunState:
         self.stopper = stopper or EarlyStopper(
             config.train.early_stopping, self.history.columns, inputs.x_test is not None
         )
+        self.plateau = plateau  # schedule.name = "plateau": the shards' learning-rate scale
         # Ops a live node answers at once: waiting longer for one stalls the run.
         self.op_timeout = max(5.0, 3 * config.cluster.heartbeat)
         self.last_loss: float | None = None  # the mean training loss of the last window

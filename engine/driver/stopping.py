@@ -93,3 +93,46 @@ class EarlyStopper:
             return None
         return {"metric": self.metric, "value": self.best[self.metric],
                 "epoch": self.best["epoch"], "examples": self.best["examples"]}  # fmt: skip
+
+
+class Plateau:
+    """Reduce-on-plateau: lowers the learning rate's scale when a figure
+    has not improved for ``schedule.patience`` epochs.
+
+    Args:
+        settings: the ``[schedule]`` section (name ``plateau``).
+        columns: ``metrics.csv``'s columns for the run.
+        held_out: whether the run has a held-out set.
+
+    Raises:
+        ConfigError: the metric is not a figure the run reports.
+    """
+
+    def __init__(self, settings, columns: list[str], held_out: bool):
+        watch = EarlyStoppingConfig(patience=1, metric=settings.metric)
+        try:
+            self.watch = EarlyStopper(watch, columns, held_out)
+        except ConfigError as exc:
+            raise ConfigError("schedule.metric", exc.value, exc.reason) from None
+        self.watch.patience = settings.patience
+        self.factor, self.floor = settings.factor, settings.min_factor
+        self.scale = 1.0
+
+    def update(self, row: dict[str, Any]) -> float | None:
+        """Take one evaluation into account.
+
+        Args:
+            row: the evaluation's ``metrics.csv`` row.
+
+        Returns:
+            The new scale when it is time to lower it, else None.
+        """
+        if self.watch.update(row, None) is None:
+            return None
+        # Wait another patience from here before the next reduction.
+        self.watch.best = {**self.watch.best, "epoch": row["epoch"]}
+        lower = max(self.floor, self.scale * self.factor)
+        if lower >= self.scale:
+            return None  # at the floor already
+        self.scale = lower
+        return lower

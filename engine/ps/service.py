@@ -107,6 +107,7 @@ class ShardService:
             Op.RESTORE: m(self._restore),
             Op.EXPORT: m(self._export),
             Op.IMPORT: m(self._import),
+            Op.SCALE: m(self._scale),
         }
 
     # -- requests answered inline -------------------------------------------------
@@ -249,3 +250,8 @@ class ShardService:
             raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
         run.shard.merge(pieces)
         return control.ImportReply(keys=len(pieces))
+
+    async def _scale(self, request: control.Scale) -> control.ScaleReply:
+        run = self.runs.get(request.run)
+        run.shard.set_scale(request.scale)
+        return control.ScaleReply(keys=len(run.shard))

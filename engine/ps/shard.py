@@ -19,6 +19,7 @@ shard from ``trio.to_thread`` while the loop may call it too.
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from ..errors import (
     SnapshotError,
     UnknownKeyError,
 )
-from ..optim import OPTIMIZERS, Optimizer, from_wire
+from ..optim import OPTIMIZERS, Optimizer, Scheduled, from_wire
 from . import snapshot
 
 __all__ = [
@@ -71,6 +72,7 @@ class _Tensor:
     duplicates: int = 0
     rejected: int = 0
     last_seq: dict[str, int] = field(default_factory=dict)
+    scale: float = 1.0  # on the learning rate: what reduce-on-plateau has lowered it to
     pins: int = 0  # zero-copy sends of ``value`` still in flight (see pin)
 
     def describe(self) -> dict[str, Any]:
@@ -80,7 +82,7 @@ class _Tensor:
 
 def _make_optimizer(key: int, spec) -> Optimizer:
     """An optimizer object, or one from its wire form (:func:`dbnode.optim.from_wire`)."""
-    if isinstance(spec, tuple(OPTIMIZERS.values())):
+    if isinstance(spec, (*OPTIMIZERS.values(), Scheduled)):
         return spec
     try:
         return from_wire(spec)
@@ -189,6 +191,25 @@ class ParameterShard:
     def name(self, key: int) -> str:
         """The name of tensor ``key``."""
         return self._get(key).name
+
+    def set_scale(self, scale: float) -> None:
+        """Set the factor on every tensor's learning rate (what
+        reduce-on-plateau lowers; the schedule's own factor applies on top).
+
+        Args:
+            scale: the factor, finite and > 0.
+
+        Raises:
+            ShardError: ``scale`` is not a finite number > 0.
+        """
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not (math.isfinite(scale) and scale > 0)
+        ):
+            raise ShardError(0, f"learning-rate scale must be a finite number > 0, got {scale!r}")
+        for t in self._tensors.values():
+            t.scale = float(scale)
 
     def version(self, key: int) -> int:
         """The version of tensor ``key`` (pushes applied so far)."""
@@ -390,7 +411,7 @@ class ParameterShard:
             t.pins = 0
         # Checked above, so the kernel cannot fail half-way: it validates its
         # operands before it writes, and they are now known to be valid.
-        t.optimizer.apply(t.value, grad, t.state, t.version + 1)
+        t.optimizer.apply(t.value, grad, t.state, t.version + 1, t.scale)
         t.version += 1
         t.pushes += 1
         if pusher is not None:
@@ -471,6 +492,7 @@ class ParameterShard:
                 "bytes": t.value.nbytes,
                 "state_bytes": sum(a.nbytes for a in t.state.values()),
                 "optimizer": t.optimizer.to_wire(),
+                "scale": t.scale,
                 "pushers": len(t.last_seq),
             })  # fmt: skip
         counters = ("bytes", "state_bytes", "pushes", "duplicates", "rejected")
@@ -513,6 +535,7 @@ class ParameterShard:
                 "duplicates": t.duplicates,
                 "rejected": t.rejected,
                 "optimizer": t.optimizer.to_wire(),
+                "scale": t.scale,
                 "state": sorted(t.state),
                 "last_seq": dict(sorted(t.last_seq.items())),
             }  # fmt: skip
@@ -566,7 +589,7 @@ class ParameterShard:
             shard._tensors[key] = _Tensor(
                 key, d["name"], value, opt, state,
                 version=int(d["version"]), pushes=int(d["pushes"]), duplicates=int(d["duplicates"]),
-                rejected=int(d["rejected"]),
+                rejected=int(d["rejected"]), scale=float(d.get("scale", 1.0)),
                 last_seq={str(p): int(s) for p, s in d["last_seq"].items()},
             )  # fmt: skip
         return shard
