@@ -28,9 +28,10 @@ import trio
 
 import dbnode
 from dbnode.aio import first_error
-from dbnode.config import RunConfig, parse_address
+from dbnode.config import RunConfig, format_address, parse_address
 from dbnode.data import load_inputs
-from dbnode.driver import load_data, new_run_dir, plan, status, train, write_secret
+from dbnode.driver import dumps, load_data, new_run_dir, plan, status, train, write_secret
+from dbnode.dump import dump_text
 from dbnode.errors import ConfigError, DBNodeError, RunInterrupted
 from dbnode.metrics import CLASSIFICATION, per_class
 from dbnode.node import ready_line, run_node
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "round-trip latency for some CPU (default 0: off; at most 10000)",
     )
     serve.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning"),
+        default="info",
+        help="what the node logs (default %(default)s: runs, partitions, connections)",
+    )
+    serve.add_argument(
         "--exit-on-eof",
         action="store_true",
         help="exit when standard input closes (used by the embedded cluster)",
@@ -171,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--hosts", required=True, help="comma-separated HOST:PORT of nodes")
     st.add_argument("--secret-file", help="cluster secret (default: $DBNODE_SECRET)")
     st.add_argument(
+        "--dump",
+        action="store_true",
+        help="print each node's task tree and thread stacks (what SIGUSR1 logs)",
+    )
+    st.add_argument(
         "--json",
         action="store_true",
         help="one JSON object per node, as the nodes answer (no rates)",
@@ -233,8 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A node logs its runs, partitions and connections (INFO) by default; a
+    # driver only what needs attention, its progress is on its own line.
+    quiet_level = logging.WARNING
+    if args.command == "serve":
+        quiet_level = getattr(logging, args.log_level.upper())
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG if args.verbose else quiet_level,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     if args.command is None:
@@ -341,14 +358,18 @@ def cmd_serve(args) -> int:
             )
             # Catch the signals before saying we are ready: a SIGINT sent as
             # soon as the ready line is read is a clean stop, not a traceback.
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            catch = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+            with trio.open_signal_receiver(*catch) as signals:
                 if made:
                     print(f"dbnode serve: secret written to {made}", flush=True)
                 print(ready_line(bound), flush=True)
                 if args.exit_on_eof:
                     nursery.start_soon(_cancel_on_stdin_eof, nursery.cancel_scope)
-                async for _ in signals:
-                    break
+                async for signum in signals:
+                    if signum != signal.SIGUSR1:
+                        break
+                    # What the node is doing, for an operator: it keeps serving.
+                    print(dump_text(), file=sys.stderr, flush=True)
             nursery.cancel_scope.cancel()
 
     trio.run(serve_until_stopped)
@@ -453,6 +474,12 @@ def cmd_status(args) -> int:
         0, or 1 when a node could not be reached.
     """
     hosts, secret = _hosts(args.hosts, "--hosts"), load_secret(args.secret_file)
+    if args.dump:
+        failed = False
+        for host, text in zip(hosts, dumps(hosts, secret)):
+            print(f"==== {format_address(host)}\n{text}")
+            failed = failed or text.startswith("error: ")
+        return 1 if failed else 0
     report = status(hosts, secret)
     if args.json:
         for entry in report:
@@ -494,6 +521,8 @@ def cmd_eval(args) -> int:
             raise ConfigError("--data", args.data, "holds inputs only: eval needs their targets")
         where = args.data
     else:
+        if not model.config.data.train:
+            raise ConfigError("--data", "", "the run trained on in-memory arrays: give --data")
         _, _, x, y = load_data(model.config)
         if x is None:
             raise ConfigError(

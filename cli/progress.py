@@ -70,7 +70,7 @@ class ProgressPrinter:
         self.window.append((p.seconds, p.examples))
         while len(self.window) > 2 and p.seconds - self.window[1][0] >= RATE_WINDOW:
             self.window.popleft()
-        mean = p.examples / p.seconds if p.seconds > 0 else 0.0
+        mean = (p.examples - p.start_examples) / p.seconds if p.seconds > 0 else 0.0
         (t0, e0), (t1, e1) = self.window[0], self.window[-1]
         current = (e1 - e0) / (t1 - t0) if t1 > t0 else mean
         return mean, current

@@ -61,9 +61,11 @@ def render(first: list[dict[str, Any]], second: list[dict[str, Any]], interval: 
                 was = old_parts.get(uid, {})
                 state = "done" if p["done"] else ("FAILED: " + p["error"] if p["error"] else "")
                 links = "  ".join(
-                    f"-> {peer} {size((sent - was.get('sent', {}).get(peer, sent)) / interval)}/s"
+                    f"-> {peer} " + (
+                        f"{size((sent - was['sent'].get(peer, 0)) / interval)}/s" if was else "-"
+                    )
                     for peer, sent in sorted(p["sent"].items())
-                )
+                )  # fmt: skip
                 lines.append(
                     f"    partition {uid:>3}  step {p['step']}/{p['steps']}  "
                     f"{_rate(p['step'], was.get('step'), interval)} steps  "

@@ -57,7 +57,7 @@ cdef extern from *:
 
 # Bumped whenever a signature or a semantic of this module changes; the
 # Python wrapper refuses to run against a module built from other sources.
-KERNELS_API = 4
+KERNELS_API = 5
 SOURCE_HASH = DBNODE_SOURCE_HASH.decode()
 OPENMP = bool(DBNODE_OPENMP)
 
@@ -855,6 +855,53 @@ cdef double _cross_entropy(const floating* p, const Py_ssize_t* y, floating* d,
         acc -= _log(pi if pi > tiny else tiny)
         d[i * cols + y[i]] -= inv
     return acc / rows
+
+
+cdef double _binary_cross_entropy(const floating* p, const floating* t, floating* d,
+                                  Py_ssize_t rows, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double acc = 0
+    cdef floating inv = <floating>1 / <floating>rows, pi, qi, tiny
+    # As in _cross_entropy: a saturated sigmoid (p rounded to 0 or 1) keeps
+    # its log finite.
+    if floating is float:
+        tiny = FLT_MIN
+    else:
+        tiny = DBL_MIN
+    for i in range(n):
+        pi = p[i]
+        qi = 1 - pi
+        acc -= <double>t[i] * _log(pi if pi > tiny else tiny) + \
+            (1 - <double>t[i]) * _log(qi if qi > tiny else tiny)
+        d[i] = (pi - t[i]) * inv
+    return acc / rows
+
+
+def sigmoid_cross_entropy(cnp.ndarray p, cnp.ndarray t, cnp.ndarray delta):
+    """Loss ``-sum(t log p + (1 - t) log(1 - p)) / batch`` of sigmoid outputs
+    ``p``; ``delta = (p - t) / batch``, the gradient with respect to the
+    sigmoid's *input*."""
+    cdef int ty = _dtype_of(p, "probabilities")
+    cdef Py_ssize_t rows, cols
+    _rows_cols(p, "probabilities", &rows, &cols)
+    _check(p, "probabilities", ty, False)
+    _check(t, "target", ty, False)
+    _check(delta, "delta", ty, True)
+    _same_shape(p, t, "target")
+    _same_shape(p, delta, "delta")
+    if rows == 0:
+        raise ValueError("probabilities: empty batch")
+    cdef double loss
+    with nogil:
+        if ty == cnp.NPY_FLOAT32:
+            loss = _binary_cross_entropy(<const float*>cnp.PyArray_DATA(p),
+                                         <const float*>cnp.PyArray_DATA(t),
+                                         <float*>cnp.PyArray_DATA(delta), rows, rows * cols)
+        else:
+            loss = _binary_cross_entropy(<const double*>cnp.PyArray_DATA(p),
+                                         <const double*>cnp.PyArray_DATA(t),
+                                         <double*>cnp.PyArray_DATA(delta), rows, rows * cols)
+    return loss
 
 
 def squared_error(cnp.ndarray p, cnp.ndarray t, cnp.ndarray delta):

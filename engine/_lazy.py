@@ -24,9 +24,14 @@ def lazy(
             module = exports[name]
         except KeyError:
             raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
-        value = getattr(importlib.import_module(module, package), name)
-        namespace[name] = value  # once imported, a plain attribute
-        return value
+        loaded = importlib.import_module(module, package)
+        # Once imported, plain attributes: every export of that module, so
+        # that a submodule named like one of its exports (driver.status and
+        # its status()) cannot shadow it by being imported.
+        for other, where in exports.items():
+            if where == module:
+                namespace[other] = getattr(loaded, other)
+        return namespace[name]
 
     def __dir__() -> list[str]:
         return sorted(set(namespace) | set(exports))

@@ -47,7 +47,8 @@ class ModelConfig:
         layers: sizes, input first (required).
         activation: of the hidden layers.
         output: of the last layer.
-        loss: ``squared_error`` or ``cross_entropy`` (needs softmax output).
+        loss: ``squared_error`` or ``cross_entropy`` (softmax: class labels;
+            sigmoid: binary log-loss of each output).
         dtype: ``float32`` or ``float64``.
         init: ``normal:STD``, ``xavier``, ``he`` or an ``.npz`` of parameters.
         partitions: layer partitions per replica.

@@ -116,6 +116,7 @@ class Op(enum.StrEnum):
     EXPORT = "export"
     IMPORT = "import"
     SCALE = "scale"
+    DUMP = "dump"
 
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -532,6 +533,23 @@ class Scale(Request):
     scale: float = in_meta(positive())
 
 
+@dataclass(frozen=True)
+class DumpReply(Message):
+    """The node's trio task tree and every thread's stack, as text."""
+
+    label: ClassVar[str] = "dump reply"
+    text: str = in_meta(string())
+
+
+@dataclass(frozen=True)
+class Dump(Request):
+    """Answers what the node is doing: its task tree and thread stacks (what
+    SIGUSR1 writes to its log), for an operator looking at a stuck node."""
+
+    op: ClassVar[Op] = Op.DUMP
+    reply: ClassVar[type[Message]] = DumpReply
+
+
 #: Every op's request schema.
 REQUESTS: dict[Op, type[Request]] = {
     cls.op: cls
@@ -550,6 +568,7 @@ REQUESTS: dict[Op, type[Request]] = {
         Export,
         Import,
         Scale,
+        Dump,
     )
 }
 assert set(REQUESTS) == set(Op), "every op needs exactly one request schema"

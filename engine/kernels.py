@@ -32,7 +32,7 @@ from ._buildinfo import missing_cpu_flags, source_hash
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Bumped together with KERNELS_API in csrc/_kernels.pyx.
-KERNELS_API = 4
+KERNELS_API = 5
 
 _NOT_BUILT = (
     "dbnode's compiled kernels are missing or fail to load; dbnode never falls "
@@ -472,6 +472,33 @@ def squared_error(
         t = t.reshape(p.shape)  # (batch,) targets of a single-output network
     delta = _out(delta, p.shape, p.dtype, "delta")
     return _k.squared_error(p, t, delta), delta
+
+
+def sigmoid_cross_entropy(
+    p: np.ndarray, t: np.ndarray, delta: np.ndarray | None = None
+) -> tuple[float, np.ndarray]:
+    """Binary log-loss of sigmoid outputs ``p`` against targets ``t`` in
+    [0, 1], summed over outputs and averaged over the batch:
+    ``-sum(t log p + (1 - t) log(1 - p)) / batch``. ``delta = (p - t) /
+    batch`` is its gradient with respect to the sigmoid's *input* (the two
+    derivatives cancel to this).
+
+    Args:
+        p: the sigmoid outputs, ``(batch, outputs)``.
+        t: the targets, of ``p``'s shape (or ``(batch,)`` for one output).
+        delta: where to write the gradient; None allocates it.
+
+    Returns:
+        ``(loss, delta)``.
+
+    Raises:
+        ValueError, TypeError: arrays of mismatched shape, dtype or layout.
+    """
+    p, t = _contig(p), _contig(t)
+    if t.ndim == 1 and p.shape == (len(t), 1):
+        t = t.reshape(p.shape)  # (batch,) targets of a single-output network
+    delta = _out(delta, p.shape, p.dtype, "delta")
+    return _k.sigmoid_cross_entropy(p, t, delta), delta
 
 
 def softmax_cross_entropy(

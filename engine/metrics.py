@@ -62,7 +62,7 @@ def task_of(spec: ModelSpec, y: np.ndarray) -> str:
     Returns:
         :data:`CLASSIFICATION` or :data:`REGRESSION`.
     """
-    if spec.loss == "cross_entropy":
+    if spec.takes_labels:
         return CLASSIFICATION
     if spec.output == "linear":
         return REGRESSION
@@ -115,7 +115,7 @@ def labels_of(spec: ModelSpec, y: np.ndarray) -> np.ndarray:
         An ``intp`` label per example.
     """
     y = np.asarray(y)
-    if spec.loss == "cross_entropy":
+    if spec.takes_labels:
         return y.astype(np.intp).reshape(-1)
     rows = y.reshape(len(y), -1)
     if rows.shape[1] == 1:
@@ -291,7 +291,7 @@ def data_warnings(spec: ModelSpec, x: np.ndarray, y: np.ndarray, where: str) -> 
         produce, features far from scaled.
     """
     found = []
-    if spec.loss != "cross_entropy" and spec.output in ("sigmoid", "softmax") and len(y):
+    if not spec.takes_labels and spec.output in ("sigmoid", "softmax") and len(y):
         low, high = float(np.min(y)), float(np.max(y))
         if low < 0 or high > 1:
             found.append(

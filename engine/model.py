@@ -33,7 +33,9 @@ class ModelSpec:
         layers: the sizes, input first; at least two, each a positive int.
         activation: of the hidden layers, one of :data:`HIDDEN_ACTIVATIONS`.
         output: of the last layer, one of :data:`OUTPUTS`.
-        loss: one of :data:`LOSSES`; ``cross_entropy`` needs ``softmax`` output.
+        loss: one of :data:`LOSSES`; ``cross_entropy`` needs a ``softmax``
+            output (class labels) or a ``sigmoid`` one (binary log-loss of
+            each output against a target in [0, 1]).
         dtype: ``float32`` or ``float64``.
 
     Raises:
@@ -58,8 +60,16 @@ class ModelSpec:
         _choice("output", self.output, OUTPUTS)
         _choice("loss", self.loss, LOSSES)
         _choice("dtype", self.dtype, DTYPES)
-        if self.loss == "cross_entropy" and self.output != "softmax":
-            raise ValueError(f"loss: cross_entropy needs output = 'softmax', got {self.output!r}")
+        if self.loss == "cross_entropy" and self.output not in ("softmax", "sigmoid"):
+            raise ValueError(
+                f"loss: cross_entropy needs output = 'softmax' or 'sigmoid', got {self.output!r}"
+            )
+
+    @property
+    def takes_labels(self) -> bool:
+        """Whether the targets are class labels (softmax with cross-entropy)
+        rather than one value per output."""
+        return self.loss == "cross_entropy" and self.output == "softmax"
 
     @property
     def n_layers(self) -> int:
@@ -471,7 +481,8 @@ class Loss:
 
     Call it as ``loss(out, targets, delta=None) -> (value, delta)``: the
     batch's mean loss and dL/d(out) (for cross-entropy, with respect to the
-    softmax's input: :attr:`preactivation`), written into ``delta`` if given.
+    softmax's or sigmoid's input: :attr:`preactivation`), written into
+    ``delta`` if given.
 
     Args:
         spec: the network; its ``loss`` picks the kernel.
@@ -490,7 +501,7 @@ class Loss:
         Returns:
             ``intp`` labels, or ``(examples, outputs)`` rows of the model's dtype.
         """
-        if self.spec.loss == "cross_entropy":
+        if self.spec.takes_labels:
             return np.asarray(y, dtype=np.intp)
         y = np.asarray(y, dtype=self.spec.np_dtype)
         return y.reshape(len(y), -1)
@@ -498,8 +509,10 @@ class Loss:
     def __call__(
         self, out: np.ndarray, targets: np.ndarray, delta: np.ndarray | None = None
     ) -> tuple[float, np.ndarray]:
-        if self.spec.loss == "cross_entropy":
+        if self.spec.takes_labels:
             return kernels.softmax_cross_entropy(out, targets, delta)
+        if self.spec.loss == "cross_entropy":
+            return kernels.sigmoid_cross_entropy(out, targets, delta)
         return kernels.squared_error(out, targets, delta)
 
 

@@ -42,6 +42,7 @@ import trio
 from . import control
 from .config import format_address, parse_address
 from .control import Op
+from .dump import dump_text
 from .errors import ErrorCode, RequestError
 from .partition import PartitionService
 from .ps.service import ShardService
@@ -154,6 +155,7 @@ class Node:
                 Op.HEARTBEAT: self._heartbeat,
                 Op.STATUS: self._status,
                 Op.REMAP: self._remap,
+                Op.DUMP: self._dump,
             },
         )
 
@@ -209,6 +211,9 @@ class Node:
             return Reply()
         _, meta, array = answer.encode()
         return Reply(array=array, meta=meta)
+
+    async def _dump(self, request: control.Dump) -> control.DumpReply:
+        return control.DumpReply(text=dump_text())
 
     async def _info(self, request: control.Info) -> control.InfoReply:
         return control.InfoReply(

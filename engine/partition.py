@@ -327,6 +327,8 @@ class PartitionRunner:
                     self._raise_sync_error()
             self.status.seconds = trio.current_time() - start
             self.status.done = True
+            log.info("partition %s of run %s done: %d steps in %.1f s", job.uid, job.run,
+                     self.core.step, self.status.seconds)  # fmt: skip
         except Exception as exc:  # reported through status; the node keeps serving
             self._failed(exc)
 
@@ -621,6 +623,8 @@ class PartitionService:
         runner.reserved = need
         run.reserved += need
         run.partitions[job.uid] = runner
+        log.info("run %s (%s): partition %s of replica %d, layers [%d, %d), from step %d",
+                 run.id, run.name, job.uid, job.replica, job.first, job.last, job.start_step)  # fmt: skip
 
     async def _data(self, request: control.Data) -> None:
         run = self.runs.get(request.run)
@@ -654,11 +658,17 @@ class PartitionService:
                 ErrorCode.BAD_REQUEST, f"partition {request.uid} is not a last partition"
             )
         y = runner.core.loss.targets(array)
-        if spec.loss == "cross_entropy" and (y.min() < 0 or y.max() >= spec.layers[-1]):
+        if spec.takes_labels and (y.min() < 0 or y.max() >= spec.layers[-1]):
             raise RequestError(
                 ErrorCode.BAD_REQUEST, f"labels must be classes in [0, {spec.layers[-1]})"
             )
-        if spec.loss == "squared_error" and y.shape[1] != spec.layers[-1]:
+        if not spec.takes_labels and (
+            spec.loss == "cross_entropy" and (y.min() < 0 or y.max() > 1)
+        ):
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, "a sigmoid's log-loss takes targets in [0, 1]"
+            )
+        if not spec.takes_labels and y.shape[1] != spec.layers[-1]:
             raise RequestError(
                 ErrorCode.SHAPE_MISMATCH,
                 f"targets of shape {array.shape}, the model has {spec.layers[-1]} outputs",

@@ -146,6 +146,20 @@ def softmax_cross_entropy(p, labels, delta=None):
     return loss, _out(delta, (p - onehot) / p.dtype.type(n))
 
 
+def sigmoid_cross_entropy(p, t, delta=None):
+    if t.ndim == 1 and p.shape == (len(t), 1):
+        t = t.reshape(p.shape)
+    if t.shape != p.shape:
+        raise ValueError(f"target: shape {t.shape} does not match {p.shape}")
+    n = p.shape[0]
+    tiny = np.finfo(p.dtype).tiny
+    t64 = t.astype(np.float64)
+    on = np.log(np.maximum(p, tiny).astype(np.float64))
+    off = np.log(np.maximum(p.dtype.type(1) - p, tiny).astype(np.float64))
+    loss = -float(np.sum(t64 * on + (1 - t64) * off)) / n
+    return loss, _out(delta, (p - t) / p.dtype.type(n))
+
+
 def dense_forward(x, weight, bias, name, out=None, scratch=None):
     return _out(out, _forward(name)(x @ weight.T + bias))
 

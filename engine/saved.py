@@ -110,8 +110,8 @@ class TrainedModel:
 
     def _inputs(self, x) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
-        if x.ndim == 1:
-            x = x[None, :]
+        if x.ndim == 1:  # as training read it: one feature per row, or one example
+            x = x[:, None] if self.spec.layers[0] == 1 else x[None, :]
         if x.ndim != 2 or x.shape[1] != self.spec.layers[0]:
             raise ValueError(
                 f"X has shape {x.shape}: the model takes (examples, {self.spec.layers[0]})"

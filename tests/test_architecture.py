@@ -39,7 +39,7 @@ SURFACES = {
     ],
     "dbnode.ps": ["ParameterClient", "ParameterShard", "Pulled"],
     "dbnode.driver": [
-        "FailureDetector", "LocalCluster", "Progress", "Summary", "check_data", "load_data",
+        "FailureDetector", "LocalCluster", "Progress", "Summary", "check_data", "dumps", "load_data",
         "new_run_dir", "plan", "prepare", "read_metrics", "status", "train", "write_outputs",
         "write_secret",
     ],
@@ -270,3 +270,11 @@ async def test_without_the_private_socket_the_fallback_warns_once_and_works(monk
     assert np.array_equal(back.array, array[:10])
     await slow.aclose()
     await fast.aclose()
+
+
+def test_a_submodule_named_like_its_export_never_shadows_it():
+    """dbnode.driver.status (the module) and its status() (the export): the
+    export wins whichever name is asked for first."""
+    out = fresh("from dbnode.driver import dumps, status\nprint(callable(status))")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"

@@ -444,7 +444,7 @@ def test_status_shows_a_running_run_with_its_rates(nodes, tmp_path):
     )  # fmt: skip
     try:
         deadline, table = time.monotonic() + 60, ""
-        while time.monotonic() < deadline and "partition" not in table:
+        while time.monotonic() < deadline and "/s steps" not in table:  # two looks at it
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             table = run_cli("status", "--hosts", ",".join(addresses), "--secret-file",
                             str(secret), "--interval", "0.5", timeout=60).stdout  # fmt: skip
@@ -642,3 +642,40 @@ def test_non_finite_targets_are_refused_before_anything_starts(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "targets hold NaN or infinity (example 2)" in out.stderr
     assert not nodes
+
+
+def test_a_node_logs_its_runs_and_says_what_it_is_doing_when_asked(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32))
+    log_path = tmp_path / "node.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [*DBNODE, "serve", "--listen", "127.0.0.1:0", "--secret-file", str(secret),
+             "--name", "watched"],
+            stdout=subprocess.PIPE, stderr=log_file, text=True,
+        )  # fmt: skip
+        try:
+            address = proc.stdout.readline().rsplit(" ", 1)[1].strip()
+            done = run_cli("train", str(EXAMPLES / "xor.toml"), "--hosts", address,
+                           "--secret-file", str(secret), "--set", "train.epochs=1",
+                           "--set", 'data.train="xor:4000"', "--out", str(tmp_path / "run"))  # fmt: skip
+            assert done.returncode == 0, done.stderr[-3000:]
+            dumped = run_cli("status", "--hosts", address, "--secret-file", str(secret), "--dump")
+            assert dumped.returncode == 0, dumped.stderr
+            assert f"==== {address}" in dumped.stdout and "== trio tasks" in dumped.stdout
+            assert "== thread MainThread" in dumped.stdout
+            proc.send_signal(signal.SIGUSR1)  # the same, into its log; it keeps serving
+            deadline = time.monotonic() + 10
+            while "== trio tasks" not in log_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            again = run_cli("status", "--hosts", address, "--secret-file", str(secret), "--json")
+            assert again.returncode == 0 and proc.poll() is None
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+    text = log_path.read_text()
+    for seen in (" opened, lease ", "partition 1 of replica 0, layers [0, 2)", "done: ",
+                 " freed: closed by its driver", "connection from 127.0.0.1:", "(driver)",
+                 "== trio tasks"):  # fmt: skip
+        assert seen in text, (seen, text[-3000:])
+    assert "INFO" in text and "Traceback" not in text

@@ -100,6 +100,8 @@ EXAMPLES = [
     control.ImportReply(keys=2),
     control.Scale(run=RUN, scale=0.5),
     control.ScaleReply(keys=2),
+    control.Dump(),
+    control.DumpReply(text="== trio tasks"),
 ]
 
 

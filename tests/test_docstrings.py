@@ -32,6 +32,7 @@ MODULES = [
     "dbnode.model",
     "dbnode.metrics",
     "dbnode.saved",
+    "dbnode.dump",
     "dbnode.layers",
     "dbnode.blocks",
     "dbnode.data",

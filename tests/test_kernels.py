@@ -33,6 +33,8 @@ KERNELS = [
     "activation_grad",
     "squared_error",
     "softmax_cross_entropy",
+    "sigmoid_cross_entropy",
+    "adam",
     "dense_forward",
     "dense_backward",
     "all_finite",
@@ -846,6 +848,42 @@ def test_dense_backward_with_softmax_cross_entropy_matches_finite_differences(mo
     assert_fd(gw, numerical_grad(loss, w))
     assert_fd(gb, numerical_grad(loss, b))
     assert_fd(db, numerical_grad(loss, x))
+
+
+@MODULES
+@WIDTHS
+def test_dense_backward_with_sigmoid_cross_entropy_matches_finite_differences(mod, n_out):
+    rng, x, w, b = dense_problem(23, n_out)
+    t = (rng.random((x.shape[0], n_out)) > 0.5).astype(x.dtype)
+
+    def loss():
+        return mod.sigmoid_cross_entropy(mod.dense_forward(x, w, b, "sigmoid"), t)[0]
+
+    a = mod.dense_forward(x, w, b, "sigmoid")
+    _, delta = mod.sigmoid_cross_entropy(a, t)
+    # delta is already dL/dz (sigmoid and log-loss cancel): "linear".
+    gw, gb, db = mod.dense_backward(x, a, delta, w, "linear")
+    assert_fd(gw, numerical_grad(loss, w))
+    assert_fd(gb, numerical_grad(loss, b))
+    assert_fd(db, numerical_grad(loss, x))
+
+
+@SETTINGS
+@given(shape=any_shape.filter(lambda s: len(s) == 2 and s[0] > 0), dtype=dtypes,
+       soft=st.booleans(), seed=seeds)  # fmt: skip
+def test_sigmoid_cross_entropy_matches_reference(shape, dtype, soft, seed):
+    rng = np.random.default_rng(seed)
+    p = R.activation(normal(rng, shape, dtype, 4.0), "sigmoid")
+    t = np.asarray(rng.random(shape) if soft else rng.random(shape) > 0.5, dtype=dtype)
+    want_loss, want_delta = R.sigmoid_cross_entropy(p.copy(), t.copy())
+    loss, delta = K.sigmoid_cross_entropy(p, t)
+    assert type(loss) is float
+    assert loss == pytest.approx(want_loss, rel=LOSS_RTOL[dtype], abs=1e-6)
+    assert delta.dtype == dtype
+    assert_close(delta, want_delta, dtype)
+    # A saturated output (p rounded to exactly 0 or 1) keeps the loss finite.
+    edge = np.array([[0.0, 1.0]], dtype)
+    assert np.isfinite(K.sigmoid_cross_entropy(edge, np.array([[1.0, 0.0]], dtype))[0])
 
 
 def test_float32_training_step_stays_float32():

@@ -70,8 +70,10 @@ def reference_step(spec, params, x, y, lr):
                 spec.activation_of(i),
             )
         )
-    if spec.loss == "cross_entropy":
+    if spec.takes_labels:
         loss, delta = reference.softmax_cross_entropy(acts[-1], y)
+    elif spec.loss == "cross_entropy":
+        loss, delta = reference.sigmoid_cross_entropy(acts[-1], y)
     else:
         loss, delta = reference.squared_error(acts[-1], y)
     grads = {}
@@ -92,6 +94,7 @@ def reference_step(spec, params, x, y, lr):
         ((5, 7, 3), "relu", "softmax", "cross_entropy"),
         ((4, 6, 5, 2), "tanh", "sigmoid", "squared_error"),
         ((3, 8, 8, 4), "sigmoid", "linear", "squared_error"),
+        ((4, 6, 3), "tanh", "sigmoid", "cross_entropy"),  # binary log-loss, multi-label
     ],
 )
 def test_trainer_matches_numpy_reference_over_many_steps(layers, hidden, output, loss):
@@ -99,7 +102,10 @@ def test_trainer_matches_numpy_reference_over_many_steps(layers, hidden, output,
     ours, ref = init_params(spec, "xavier", 1), init_params(spec, "xavier", 1)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, layers[0]))
-    y = rng.integers(0, layers[-1], 64) if loss == "cross_entropy" else rng.random((64, layers[-1]))
+    if spec.takes_labels:
+        y = rng.integers(0, layers[-1], 64)
+    else:
+        y = rng.random((64, layers[-1]))
     trainer = Trainer(spec, ours, make_optimizer("sgd", 0.1))
     targets = Loss(spec).targets(y)
     for xb, yb in minibatches(x, targets, batch_size=8, epochs=3, seed=5):
@@ -204,7 +210,10 @@ def test_stack_rejects_bad_input():
         ({"layers": (2, 1), "output": "tanh"}, "output: 'tanh'"),
         ({"layers": (2, 1), "loss": "hinge"}, "loss: 'hinge'"),
         ({"layers": (2, 1), "dtype": "float16"}, "dtype: 'float16'"),
-        ({"layers": (2, 3), "loss": "cross_entropy"}, "cross_entropy needs output = 'softmax'"),
+        (
+            {"layers": (2, 3), "output": "linear", "loss": "cross_entropy"},
+            "cross_entropy needs output = 'softmax' or 'sigmoid'",
+        ),
     ],
 )
 def test_spec_rejects_bad_values_naming_the_key(kwargs, message):

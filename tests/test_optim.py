@@ -165,3 +165,18 @@ def test_a_scheduled_optimizer_round_trips_and_a_shard_keeps_its_schedule_and_sc
     assert back.stats()["tensors"][0]["optimizer"] == opt.to_wire()
     with pytest.raises(ShardError, match="scale"):
         shard.set_scale(0.0)
+
+
+def test_a_resumed_shard_takes_the_new_schedule_and_keeps_its_state():
+    shard = ParameterShard()
+    wire = {"name": "adam", "learning_rate": 0.1, "schedule": {"name": "cosine", "total": 2}}
+    shard.init(1, "w", np.ones(3), optimizer=wire)
+    shard.push(1, np.ones(3))
+    shard.push(1, np.ones(3))
+    state = {k: v.copy() for k, v in shard._tensors[1].state.items()}
+    shard.set_schedule({"name": "cosine", "total": 4.0})
+    assert shard.stats()["tensors"][0]["optimizer"]["schedule"]["total"] == 4.0
+    assert all(np.array_equal(state[k], shard._tensors[1].state[k]) for k in state)
+    shard.set_schedule(None)
+    assert "schedule" not in shard.stats()["tensors"][0]["optimizer"]
+    assert shard.scale() == 1.0

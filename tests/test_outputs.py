@@ -93,7 +93,7 @@ def test_metrics_are_a_curve_with_a_row_per_epoch_flushed_as_the_run_goes(tmp_pa
     epochs = [float(r["epoch"]) for r in curve]
     assert epochs[-1] == 100.0 and len(curve) >= 10
     assert all(b > a for a, b in zip(epochs, epochs[1:]))
-    assert all(float(r["seconds"]) >= 0 and r["test_accuracy"] for r in curve)
+    assert all(float(r["seconds"]) >= 0 and r["test_accuracy"] for r in curve), curve
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "classification" and summary["test"]["accuracy"] >= 0.95
     assert len(summary["history"]) == len(curve)
@@ -336,3 +336,66 @@ def test_reduce_on_plateau_lowers_the_shards_learning_rate(tmp_path):
     with pytest.raises(ConfigError, match="schedule.metric"):
         dbnode.train(RunConfig.load(EXAMPLES / "digits.toml", [
             'schedule.name="plateau"', 'schedule.metric="test_r2"']))  # fmt: skip
+
+
+def test_a_sigmoid_with_log_loss_trains_and_is_a_classifier(tmp_path):
+    config = RunConfig.load(
+        EXAMPLES / "xor.toml",
+        [*SHORT[1::2], 'model.loss="cross_entropy"', "model.layers=[2, 4, 1]"],
+    )
+    summary = dbnode.train(config, out_dir=tmp_path / "run")
+    assert summary.task == "classification" and summary.test["accuracy"] == 1.0
+    bad = RunConfig.load(EXAMPLES / "xor.toml", ['model.loss="cross_entropy"',
+                                                 'data.train="blobs:30"', "model.layers=[8, 2, 1]"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"targets in \[0, 1\]"):
+        dbnode.train(bad)
+
+
+def test_ctrl_c_at_a_terminal_reaches_the_driver_alone_and_the_outputs_are_kept(tmp_path):
+    """A terminal's Ctrl-C signals the whole foreground process group: the
+    embedded nodes must not die with it before the driver has the model."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*DBNODE, "train", str(EXAMPLES / "xor.toml"), "--set", "train.epochs=50",
+         "--set", "train.eval_interval=0.5", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(rows_if(out / "metrics.csv")) < 1:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # as the terminal does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert (out / "model.npz").is_file() and (out / "summary.json").is_file(), err[-3000:]
+    assert json.loads((out / "summary.json").read_text())["interrupted"] == "SIGINT"
+
+
+def test_resuming_a_cosine_run_with_more_epochs_goes_on_learning(tmp_path):
+    pytest.importorskip("sklearn")
+    run, digits = tmp_path / "run", str(EXAMPLES / "digits.toml")
+    common = ["--set", "checkpoint.interval=60", "--set", 'schedule.name="cosine"', "-q"]
+    first = run_cli("train", digits, *common, "--set", "train.epochs=4", "--out", str(run))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = dbnode.load(run).params
+    more = run_cli("train", digits, *common, "--set", "train.epochs=8", "--resume", str(run))
+    assert more.returncode == 0, more.stderr[-3000:]
+    after = dbnode.load(run).params
+    # The shards took the longer schedule: the rate is not stuck at cosine's end (0).
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_model_of_one_feature_predicts_from_a_flat_array():
+    config = RunConfig.from_dict({"model": {"layers": [1, 3, 1], "output": "linear"}})
+    model = dbnode.TrainedModel(config, dbnode.init_params(config.spec()), "regression")
+    assert model.predict(np.linspace(-1, 1, 7)).shape == (7,)
+    wide = RunConfig.from_dict({"model": {"layers": [3, 2]}})
+    one = dbnode.TrainedModel(wide, dbnode.init_params(wide.spec()), "classification")
+    assert one.predict([0.1, 0.2, 0.3]).shape == (1,)  # one example
+
+
+def test_a_dump_fits_in_a_control_reply():
+    from dbnode.dump import MAX_DUMP, dump_text
+
+    text = dump_text()
+    assert "== thread MainThread" in text and len(text) <= MAX_DUMP + 20
+    assert len(json.dumps(text)) < 64 * 1024

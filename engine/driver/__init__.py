@@ -25,6 +25,7 @@ _EXPORTS = {
     "new_run_dir": ".outputs",
     "read_metrics": ".outputs",
     "status": ".status",
+    "dumps": ".status",
     "FailureDetector": ".health",
     "LocalCluster": ".cluster",
     "write_secret": ".cluster",

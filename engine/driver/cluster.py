@@ -159,11 +159,19 @@ class LocalCluster:
                             str(default_max_memory(nodes=self.n)),
                             "--threads",
                             str(threads),
+                            # Their runs are the driver's: it reports what matters.
+                            "--log-level",
+                            "warning",
                         ),
                         env={**os.environ, **thread_environment(threads)},
                         stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         text=True,
+                        # A terminal's Ctrl-C goes to its foreground process
+                        # group: only the driver must get it (it stops the run
+                        # cleanly and then the nodes); the nodes end when their
+                        # stdin closes, however the driver ends.
+                        start_new_session=True,
                     )
                 )
             self.addresses = [self._ready(p) for p in self.processes]

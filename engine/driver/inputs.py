@@ -116,7 +116,7 @@ def check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray, where: str) -> Non
             f"examples have {x.shape[1]} features, model.layers[0] is {spec.layers[0]}",
         )
     outputs = spec.layers[-1]
-    if spec.loss == "cross_entropy":
+    if spec.takes_labels:
         if y.ndim != 1 or not np.all(np.mod(y, 1) == 0) or y.min() < 0 or y.max() >= outputs:
             raise ConfigError(
                 "data",
@@ -125,6 +125,11 @@ def check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray, where: str) -> Non
                 f"got values in [{y.min()}, {y.max()}]",
             )
     else:
+        if spec.loss == "cross_entropy" and (y.min() < 0 or y.max() > 1):
+            raise ConfigError(
+                "data", where, f"a sigmoid's cross_entropy needs targets in [0, 1], "
+                f"got values in [{y.min()}, {y.max()}]",
+            )  # fmt: skip
         width = 1 if y.ndim == 1 else y.shape[1]
         if width != outputs:
             raise ConfigError(

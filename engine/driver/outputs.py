@@ -58,6 +58,8 @@ class Progress:
         epochs: the run's passes over the training set.
         events: what happened since the previous report (see
             :attr:`Summary.events`), in order.
+        start_examples: examples trained before this run started (a
+            resumed run's): rates count the others.
     """
 
     seconds: float
@@ -70,6 +72,7 @@ class Progress:
     test: dict[str, float] | None = None
     epochs: int = 1
     events: list[dict[str, Any]] = field(default_factory=list)
+    start_examples: int = 0
 
 
 @dataclass
@@ -295,6 +298,8 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False, resume: str | Path
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", str(out), "is a file, not a directory")
     into_resume = resume is not None and out.is_dir() and out.resolve() == Path(resume).resolve()
+    if overwrite and resume is not None and out.resolve() in Path(resume).resolve().parents:
+        raise ConfigError("--overwrite", str(out), "would remove the checkpoints --resume reads")
     if out.is_dir() and any(out.iterdir()) and not into_resume:
         if not overwrite:
             raise ConfigError(

@@ -271,8 +271,16 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
         # each replica goes on from the step it had reached.
         for i, host in enumerate(run.shard_hosts):
             if run.plan.on_shard(i):
-                data = inputs.resume.read_shard(i)
-                run.initial_versions += sum(ParameterShard.from_bytes(data).versions().values())
+                pieces = ParameterShard.from_bytes(inputs.resume.read_shard(i))
+                run.initial_versions += sum(pieces.versions().values())
+                # This run's schedule (its epochs may have changed) and the
+                # plateau's scale as it was, or none without a plateau.
+                pieces.set_schedule(shard_optimizer(config, inputs.shards).get("schedule"))
+                if run.plateau is not None:
+                    run.plateau.scale = min([pieces.scale(), run.plateau.scale])
+                else:
+                    pieces.set_scale(1.0)
+                data = pieces.snapshot_bytes()
                 await run.control(
                     host, control.Import(run=run.id, data=np.frombuffer(data, np.uint8))
                 )
@@ -281,6 +289,7 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
             replica.base_examples = examples_after(
                 replica.n_examples, config.train.batch_size, replica.start_step
             )
+        run.start_examples = sum(r.base_examples for r in run.replicas)
         run.lineage.add(inputs.resume.run_id)
         run.event("resumed", checkpoint=str(inputs.resume.path))
     for replica in run.replicas:
@@ -451,6 +460,7 @@ async def _watch_in(
         rows.append((_row(run, inputs, at, examples, loss, figures), params))
 
     reported_events = 0
+    start_examples = sum(r.examples for r in run.replicas)  # a resumed run's earlier ones
     next_eval = time.monotonic() + config.train.eval_interval
     next_epoch = sum(r.examples for r in run.replicas) // n + 1  # a resumed run's too
     every = config.checkpoint.interval
@@ -499,7 +509,10 @@ async def _watch_in(
             if every and now >= next_checkpoint:
                 jobs.start("checkpoint", run.checkpoint)
                 next_checkpoint = now + every
-            if now >= next_eval or examples >= next_epoch * n:
+            # Once every example is trained, the final row (the model after
+            # every push) is the last epoch's: no second row at that epoch.
+            due = now >= next_eval or examples >= next_epoch * n
+            if due and examples < total:
                 if "evaluation" not in jobs.busy:
                     jobs.start("evaluation", partial(evaluation, now - start, examples,
                                                      run.last_loss))  # fmt: skip
@@ -516,6 +529,11 @@ async def _watch_in(
                 stop(why)
             if run.plateau is not None and (scale := run.plateau.update(row)) is not None:
                 run.event("learning rate lowered", scale=scale, epoch=row["epoch"])
+                run.plateau.sent_epoch = -1
+        # A restored shard (a new shard map epoch) is told the scale again.
+        if run.plateau is not None and run.plateau.sent_epoch != run.epoch:
+            run.plateau.sent_epoch = run.epoch
+            if run.plateau.scale < 1.0:
                 jobs.start("scale", partial(_send_scale, run))
         if progress:
             progress(
@@ -530,6 +548,7 @@ async def _watch_in(
                     test,
                     config.train.epochs,
                     run.events[reported_events:],
+                    start_examples,
                 )
             )
             reported_events = len(run.events)
@@ -540,13 +559,18 @@ async def _watch_in(
 
 async def _send_scale(run: RunState) -> None:
     """Tell every live shard node the plateau's current learning-rate scale
-    (again, if it was lowered once more meanwhile)."""
+    (again, if it was lowered once more meanwhile); a node that fails to
+    take it is told again at the next shard map epoch."""
     sent = None
     while sent != run.plateau.scale:
         sent = run.plateau.scale
         for host in dict.fromkeys(run.shard_hosts):
             if host not in run.dead:
-                await run.control(host, control.Scale(run=run.id, scale=sent), timeout=5.0)
+                try:
+                    await run.control(host, control.Scale(run=run.id, scale=sent), timeout=5.0)
+                except DBNodeError as exc:
+                    log.info("learning-rate scale not taken by %s: %s", host, exc)
+                    run.plateau.sent_epoch = -1
 
 
 async def _renew_leases_in(run: RunState, scope: trio.CancelScope) -> None:
@@ -646,7 +670,7 @@ async def _finish(run: RunState, inputs, out_dir, start, train_seconds, ended: _
         if run.checkpoint_dir is not None:
             await run.checkpoint()
     except (DBNodeError, trio.TooSlowError, BaseExceptionGroup) as exc:
-        if ended.failure is None:
+        if ended.failure is None and not ended.early:
             raise
         log.warning("the final model could not be read: %s", first_error(exc))
     seconds = time.monotonic() - start
@@ -689,7 +713,9 @@ async def _finish(run: RunState, inputs, out_dir, start, train_seconds, ended: _
         examples=trained if early else total,
         seconds=round(seconds, 3),
         train_seconds=round(train_seconds, 4),
-        examples_per_second=round((trained if early else total) / train_seconds, 1),
+        examples_per_second=round(
+            ((trained if early else total) - run.start_examples) / train_seconds, 1
+        ),
         final_train_loss=run.last_loss,
         task=inputs.task,
         test=test,

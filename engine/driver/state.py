@@ -148,6 +148,7 @@ class RunState:
         self.counters: dict[Address, tuple[int, int]] = {}  # host -> (fenced, not finite)
         self.lost_updates = 0
         self.initial_versions = 0  # the shards' versions at the start (a resumed run's)
+        self.start_examples = 0  # examples trained before this run (a resumed run's)
         self.restarts: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []  # what happened to nodes and replicas, when
         self.warnings: list[str] = []

@@ -11,7 +11,7 @@ from ..config import format_address
 from ..errors import DBNodeError
 from ..wire import Address, Peers
 
-__all__ = ["status"]
+__all__ = ["dumps", "status"]
 
 
 def status(hosts: list[Address], secret: bytes, timeout: float = 5.0) -> list[dict[str, Any]]:
@@ -50,6 +50,37 @@ async def _status(hosts: list[Address], secret: bytes, timeout: float) -> list[d
             except (OSError, DBNodeError, trio.TooSlowError) as exc:
                 entry["error"] = f"{type(exc).__name__}: {exc}"
             out.append(entry)
+        await peers.aclose()
+        nursery.cancel_scope.cancel()
+    return out
+
+
+def dumps(hosts: list[Address], secret: bytes, timeout: float = 10.0) -> list[str]:
+    """Each node's task tree and thread stacks (:mod:`dbnode.dump`).
+
+    Args:
+        hosts: the nodes to ask.
+        secret: the cluster's shared secret.
+        timeout: seconds each node has to answer.
+
+    Returns:
+        One text per host, in order; ``"error: ..."`` for a node that could
+        not be reached.
+    """
+    return trio.run(_dumps, hosts, secret, timeout)
+
+
+async def _dumps(hosts: list[Address], secret: bytes, timeout: float) -> list[str]:
+    out = []
+    async with trio.open_nursery() as nursery:
+        peers = Peers(nursery, secret, name="status", connect_timeout=timeout)
+        for host in hosts:
+            try:
+                with trio.fail_after(timeout):
+                    ch = await peers.get(host)
+                    out.append((await control.call(ch, control.Dump())).text)
+            except (OSError, DBNodeError, trio.TooSlowError) as exc:
+                out.append(f"error: {type(exc).__name__}: {exc}")
         await peers.aclose()
         nursery.cancel_scope.cancel()
     return out

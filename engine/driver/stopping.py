@@ -117,6 +117,7 @@ class Plateau:
         self.watch.patience = settings.patience
         self.factor, self.floor = settings.factor, settings.min_factor
         self.scale = 1.0
+        self.sent_epoch = 0  # the shard map epoch the shards last heard the scale in
 
     def update(self, row: dict[str, Any]) -> float | None:
         """Take one evaluation into account.

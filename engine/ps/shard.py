@@ -39,7 +39,7 @@ from ..errors import (
     SnapshotError,
     UnknownKeyError,
 )
-from ..optim import OPTIMIZERS, Optimizer, Scheduled, from_wire
+from ..optim import OPTIMIZERS, Optimizer, Schedule, Scheduled, from_wire
 from . import snapshot
 
 __all__ = [
@@ -210,6 +210,34 @@ class ParameterShard:
             raise ShardError(0, f"learning-rate scale must be a finite number > 0, got {scale!r}")
         for t in self._tensors.values():
             t.scale = float(scale)
+
+    def scale(self) -> float:
+        """The learning-rate scale (:meth:`set_scale`; 1.0 for an empty shard).
+
+        Returns:
+            The smallest scale of its tensors.
+        """
+        return min((t.scale for t in self._tensors.values()), default=1.0)
+
+    def set_schedule(self, schedule: dict[str, Any] | None) -> None:
+        """Give every tensor's optimizer this learning-rate schedule (a
+        resumed run's, which may be longer); the optimizer and its state
+        stay as they are.
+
+        Args:
+            schedule: a :class:`~dbnode.optim.Schedule`'s wire form, or None
+                for a constant rate.
+
+        Raises:
+            ShardError: the schedule is malformed.
+        """
+        try:
+            made = Schedule(**schedule) if schedule is not None else None
+        except (ConfigError, TypeError) as exc:
+            raise ShardError(0, f"bad schedule {schedule!r}: {exc}") from None
+        for t in self._tensors.values():
+            inner = t.optimizer.inner if isinstance(t.optimizer, Scheduled) else t.optimizer
+            t.optimizer = Scheduled(inner, made) if made is not None else inner
 
     def version(self, key: int) -> int:
         """The version of tensor ``key`` (pushes applied so far)."""

@@ -270,7 +270,11 @@ async def serve(
                 conn, handler, inline=inline, max_concurrent=max_concurrent,
                 idle_timeout=idle_timeout, spin=spin,
             )  # fmt: skip
-            await channel.run()
+            log.info("connection from %s (%s)", conn.peer, conn.peer_name or "unnamed")
+            try:
+                await channel.run()
+            finally:
+                log.info("connection from %s (%s) closed", conn.peer, conn.peer_name or "unnamed")
         except Exception:  # a bug here must not take the other connections down
             log.exception("connection from %s failed", conn.peer)
         finally:
