@@ -6,6 +6,8 @@ module          holds
 ``inputs``      data and initial model, checked before any node is contacted
 ``run``         :func:`train`: placement, launch, monitoring, failover
 ``outputs``     :class:`Progress`, :class:`Summary` and the run's files
+``ending``      how a run ends: why it stopped, its final model and summary
+``stopping``    early stopping and reduce-on-plateau: the figures watched
 ``health``      :class:`FailureDetector`: heartbeats, dead and rejoined nodes
 ``recovery``    the driver's shard backups; what a lost shard comes back from
 ``checkpoint``  checkpoint directories: atomic, verified, pruned

@@ -19,7 +19,8 @@ then:
    the current model on the test set every ``train.eval_interval`` seconds;
 5. when every partition has finished (every push applied), or a signal
    stops the run, pulls the model and writes ``model.npz``, ``metrics.csv``
-   and ``summary.json`` (:mod:`dbnode.driver.outputs`); then closes the run
+   and ``summary.json`` (:mod:`dbnode.driver.ending`,
+   :mod:`dbnode.driver.outputs`); then closes the run
    on every node, whatever happened.
 """
 
@@ -43,11 +44,11 @@ from .. import control
 from ..aio import first_error
 from ..config import RunConfig, format_address, parse_address
 from ..data import examples_after
-from ..errors import ConfigError, DBNodeError, RunInterrupted, StopTraining
-from ..metrics import evaluate
+from ..errors import ConfigError, DBNodeError
 from ..ps.shard import ParameterShard
 from ..wire import Address, Peers, load_secret
 from .cluster import LocalCluster, embedded_nodes
+from .ending import Ending, evaluate_model, figures_of, finish, metrics_row, reporting
 from .inputs import Arrays, Inputs, find_resume, prepare, shard_optimizer
 from .outputs import MetricsLog, Progress, Summary, metric_columns, prepare_out_dir, write_outputs
 from .plan import distinct_nodes, node_shapes, oversubscribed
@@ -57,10 +58,6 @@ from .stopping import EarlyStopper, Plateau
 __all__ = ["Progress", "Summary", "train", "write_outputs"]
 
 log = logging.getLogger("dbnode.driver")
-
-# Weights beyond this size at the end of a run earn a warning: the run did
-# not diverge to NaN, but its learning rate is almost surely too high.
-HUGE_WEIGHT = 1e6
 
 
 def train(
@@ -297,13 +294,13 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
     for host in run.hosts:
         await run.control(host, control.Run(run=run.id))
 
-    ended = _Ending()
+    ended = Ending()
     with trio.CancelScope() as loop_scope:
         ended.scope = loop_scope
         if threading.current_thread() is threading.main_thread():
             nursery.start_soon(_watch_signals, ended.by_signal)
         try:
-            report = _reporting(progress, ended)
+            report = reporting(progress, ended)
             train_seconds = await _watch(run, inputs, report, start, ended.by_request)
         except (DBNodeError, BaseExceptionGroup) as exc:
             failure = first_error(exc)
@@ -327,53 +324,7 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
                             await run.control(host, stop_request, timeout=5.0)
                         except DBNodeError:
                             pass
-    return await _finish(run, inputs, out_dir, start, train_seconds, ended)
-
-
-class _Ending:
-    """How the run's main loop ended: by itself, by a signal, by a callback's
-    StopTraining, or by a failure. The first early end wins; once the loop
-    is over (``scope`` None) a signal changes nothing, the outputs are on
-    their way."""
-
-    def __init__(self) -> None:
-        self.scope: trio.CancelScope | None = None
-        self.signal: str | None = None  # SIGINT, SIGTERM, SIGHUP
-        self.stopped: str | None = None  # a callback's reason
-        self.error: str | None = None  # the failure's message
-        self.failure: DBNodeError | None = None  # raised once the outputs are written
-
-    @property
-    def early(self) -> bool:
-        return bool(self.signal or self.stopped)
-
-    @property
-    def why(self) -> str:
-        return f"stopped by {self.signal}" if self.signal else f"stopped: {self.stopped}"
-
-    def by_signal(self, signame: str) -> None:
-        if self.scope is not None and not self.early:
-            self.signal = signame
-            self.scope.cancel()
-
-    def by_request(self, reason: str) -> None:
-        if self.scope is not None and not self.early:
-            self.stopped = reason or "StopTraining"
-            self.scope.cancel()
-
-
-def _reporting(progress, ended: _Ending):
-    """``progress`` with its StopTraining turned into the end of the run."""
-    if progress is None:
-        return None
-
-    def report(p: Progress) -> None:
-        try:
-            progress(p)
-        except StopTraining as stop:
-            ended.by_request(str(stop))
-
-    return report
+    return await finish(run, inputs, out_dir, start, train_seconds, ended)
 
 
 class _SideJobs:
@@ -456,8 +407,8 @@ async def _watch_in(
 
     async def evaluation(at: float, examples: int, loss: float | None) -> None:
         params = await run.model()
-        figures = await _evaluate(run, inputs, params)
-        rows.append((_row(run, inputs, at, examples, loss, figures), params))
+        figures = await evaluate_model(run, inputs, params)
+        rows.append((metrics_row(run, inputs, at, examples, loss, figures), params))
 
     reported_events = 0
     start_examples = sum(r.examples for r in run.replicas)  # a resumed run's earlier ones
@@ -524,7 +475,7 @@ async def _watch_in(
         while rows:  # what the evaluations found, each as of when it was asked
             row, params = rows.pop(0)
             run.history.append(row)
-            test = _figures(row, "test_") or None
+            test = figures_of(row, "test_") or None
             if run.stopper.on and (why := run.stopper.update(row, params)):
                 stop(why)
             if run.plateau is not None and (scale := run.plateau.update(row)) is not None:
@@ -578,24 +529,6 @@ async def _renew_leases_in(run: RunState, scope: trio.CancelScope) -> None:
         await _renew_leases(run)
 
 
-def _row(
-    run: RunState, inputs: Inputs, at: float, examples: int, loss: float | None, figures: dict
-) -> dict[str, Any]:
-    """One row of ``metrics.csv`` (:func:`~dbnode.driver.outputs.metric_columns`)."""
-    return {
-        "epoch": round(examples / len(inputs.x), 4),
-        "examples": examples,
-        "seconds": round(run.history.offset + at, 3),
-        "train_loss": loss,
-        **figures,
-    }
-
-
-def _figures(row: dict[str, Any], prefix: str) -> dict[str, float]:
-    """A row's figures of one kind (``test_``, ``train_``), without the prefix."""
-    return {k.removeprefix(prefix): v for k, v in row.items() if k.startswith(prefix)}
-
-
 # A partition's failures of these kinds come from a node's, not its own.
 _NODE_FAILURES = ("ConnectionClosedError", "RequestTimeout", "TooSlowError",
                   "AuthenticationError", "NodeUnreachable")  # fmt: skip
@@ -633,129 +566,3 @@ async def _stop_replica(run: RunState, replica: Replica) -> None:
                 await run.control(host, control.Stop(run=run.id, uids=(uid,)), timeout=5.0)
             except DBNodeError:
                 pass
-
-
-async def _evaluate(
-    run: RunState, inputs: Inputs, params: dict[str, np.ndarray] | None = None
-) -> dict[str, float]:
-    """The current model's figures: ``train_*`` on the training sample
-    (loss aside: the replicas report it), ``test_*`` on the held-out set."""
-    if params is None:
-        params = await run.model()
-
-    def score() -> dict[str, float]:
-        figures = {}
-        with np.errstate(all="ignore"):  # a diverging model's overflows are reported, not warned
-            x, y = inputs.sample
-            train = evaluate(run.spec, params, x, y, inputs.task)
-            figures.update({f"train_{k}": v for k, v in train.items() if k != "loss"})
-            if inputs.x_test is not None:
-                test = evaluate(run.spec, params, inputs.x_test, inputs.y_test, inputs.task)
-                figures.update({f"test_{k}": v for k, v in test.items()})
-        return figures
-
-    # In a worker thread: the event loop keeps the heartbeats going meanwhile.
-    return await trio.to_thread.run_sync(score)
-
-
-async def _finish(run: RunState, inputs, out_dir, start, train_seconds, ended: _Ending) -> Summary:
-    """The final model, checkpoint, summary and outputs; the verdict on
-    divergence. A failed run keeps what can still be read, then raises."""
-    config = run.config
-    final: dict[str, np.ndarray] | None = None
-    try:
-        if not (ended.early or ended.error):
-            await run.poll()  # the shards' final versions
-        final = await run.model()
-        if run.checkpoint_dir is not None:
-            await run.checkpoint()
-    except (DBNodeError, trio.TooSlowError, BaseExceptionGroup) as exc:
-        if ended.failure is None and not ended.early:
-            raise
-        log.warning("the final model could not be read: %s", first_error(exc))
-    seconds = time.monotonic() - start
-    trained = sum(r.examples for r in run.replicas)
-    figures = await _evaluate(run, inputs, final) if final is not None else {}
-    run.history.append(_row(run, inputs, seconds, trained, run.last_loss, figures))
-    if run.stopper.on and final is not None:
-        run.stopper.update(run.history.rows[-1], final)
-        if run.stopper.best_params is not None:  # the model kept is the best one seen
-            final = run.stopper.best_params
-            figures = await _evaluate(run, inputs, final)
-    test = _figures(figures, "test_")
-    total = config.train.epochs * len(inputs.x)
-    early = ended.early or ended.error is not None
-    train_seconds = train_seconds or seconds
-    diverged = [
-        {"replica": r.index, "reason": r.diverged} for r in run.replicas if r.diverged is not None
-    ]
-    biggest = max((float(np.max(np.abs(p))) for p in (final or {}).values() if p.size), default=0)
-    if biggest > HUGE_WEIGHT:
-        run.warn(
-            f"the model's largest weight is {biggest:.3g}: the learning rate "
-            f"({config.optimizer.learning_rate:g}) is probably too high"
-        )
-    if diverged and len(diverged) < len(run.replicas):
-        run.warn(
-            f"{len(diverged)} of {len(run.replicas)} replicas diverged: {diverged[0]['reason']}"
-        )
-    fenced = sum(f for f, _ in run.counters.values())
-    not_finite = sum(n for _, n in run.counters.values())
-    links: dict[str, int] = {}
-    for replica in run.replicas:
-        for link, nbytes in replica.links.items():
-            links[link] = links.get(link, 0) + nbytes
-    summary = Summary(
-        config=config.to_dict(),
-        replicas=len(run.replicas),
-        partitions=run.partitions,
-        nodes=len(run.hosts),
-        examples=trained if early else total,
-        seconds=round(seconds, 3),
-        train_seconds=round(train_seconds, 4),
-        examples_per_second=round(
-            ((trained if early else total) - run.start_examples) / train_seconds, 1
-        ),
-        final_train_loss=run.last_loss,
-        task=inputs.task,
-        test=test,
-        test_loss=test.get("loss"),
-        test_accuracy=test.get("accuracy"),
-        history=run.history.rows,
-        best=run.stopper.summary() if run.stopper.on else None,
-        out_dir=str(out_dir) if out_dir else None,
-        run_id=run.id,
-        run_name=run.name,
-        interrupted=ended.signal,
-        stopped=ended.stopped,
-        error=ended.error,
-        dead_nodes=run.health.ever_dead,
-        restarts=run.restarts,
-        diverged=diverged,
-        lost_updates=run.lost_updates,
-        pushes={
-            "acknowledged": sum(r.acknowledged for r in run.replicas),
-            "applied": sum(run.versions.values()) - run.initial_versions,
-        },
-        fenced_requests=fenced,
-        refused_not_finite=not_finite,
-        warnings=run.warnings,
-        events=run.events,
-        threads={node.name: node.threads for node in run.layout.nodes},
-        wire_bytes=sum(links.values()),
-        links=dict(sorted(links.items())),
-        planned_bytes_per_step=round(run.layout.bytes_per_step),
-    )
-    if out_dir is not None:
-        write_outputs(Path(out_dir), final, summary, config)
-    if ended.failure is not None:
-        raise ended.failure
-    if ended.signal:
-        last = run.last_checkpoint.path if run.last_checkpoint else None
-        raise RunInterrupted(ended.signal, out_dir, last, summary)
-    if diverged and len(diverged) == len(run.replicas):
-        raise DBNodeError(
-            f"{diverged[0]['reason']}: lower optimizer.learning_rate "
-            f"(the last finite model was kept{f' in {out_dir}' if out_dir else ''})"
-        )
-    return summary
