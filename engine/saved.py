@@ -37,9 +37,12 @@ def describe(config: RunConfig, task: str) -> dict:
             :data:`~dbnode.metrics.REGRESSION`.
 
     Returns:
-        ``{"format", "task", "config"}``, JSON-able.
+        ``{"format", "task", "config"}``, JSON-able. The config leaves out
+        ``[cluster]`` (host names and the secret's path): a model file may
+        travel where those should not.
     """
-    return {"format": FORMAT, "task": task, "config": config.to_dict()}
+    described = {k: v for k, v in config.to_dict().items() if k != "cluster"}
+    return {"format": FORMAT, "task": task, "config": described}
 
 
 def save(path: str | Path, params: dict[str, np.ndarray], config: RunConfig, task: str) -> None:

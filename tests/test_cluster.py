@@ -443,18 +443,26 @@ def test_status_shows_a_running_run_with_its_rates(nodes, tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline, table = time.monotonic() + 60, ""
-        while time.monotonic() < deadline and "/s steps" not in table:  # two looks at it
+        deadline, table, parts = time.monotonic() + 60, "", []
+
+        def rated(parts):  # both partitions seen in both looks: rates for each
+            return len(parts) == 2 and all("/s steps" in line for line in parts)
+
+        while time.monotonic() < deadline and not rated(parts):
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             table = run_cli("status", "--hosts", ",".join(addresses), "--secret-file",
                             str(secret), "--interval", "0.5", timeout=60).stdout  # fmt: skip
+            parts = [line for line in table.splitlines() if "partition" in line]
         assert "  run xor-" in table and "shard " in table and "pushes" in table, table
-        parts = [line for line in table.splitlines() if "partition" in line]
-        assert len(parts) == 2 and all("/s steps" in line for line in parts), table
+        assert rated(parts), table
         assert any("-> 127.0.0.1:" in line for line in parts), table  # activations cross nodes
     finally:
-        proc.kill()
-        proc.communicate(timeout=30)
+        proc.send_signal(signal.SIGINT)  # a clean stop closes the run on the shared nodes
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=30)
 
 
 @pytest.mark.parametrize("role", ["partitions", "shard"])

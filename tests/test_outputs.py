@@ -17,6 +17,7 @@ import pytest
 import dbnode
 from dbnode import RunConfig, StopTraining
 from dbnode.errors import ConfigError
+from dbnode.model import read_description
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -171,6 +172,8 @@ def test_a_saved_model_stands_alone_and_predicts_classes_and_probabilities(tmp_p
     assert report["accuracy"] == 1.0 and [c["class"] for c in report["per_class"]] == [0, 1]
     model = dbnode.load(alone)
     assert list(model.predict([[0, 0], [0, 1], [1, 0], [1, 1]])) == [0, 1, 1, 0]
+    # The file names no host and no secret file of the cluster it came from.
+    assert "cluster" not in read_description(alone)["config"]
 
 
 def test_eval_and_predict_refuse_what_does_not_fit_without_a_traceback(tmp_path):
