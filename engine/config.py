@@ -5,7 +5,7 @@ A run config has these sections::
     [model]      layers, activation, output, loss, dtype, init, partitions
     [data]       train, test, test_fraction
     [train]      replicas | examples_per_replica, batch_size, epochs,
-                 n_fetch, n_push, seed, eval_interval,
+                 n_fetch, n_push, pipeline, seed, eval_interval,
                  early_stopping = {patience, metric, min_delta}
     [schedule]   name, every, factor, min_factor, patience, metric
     [optimizer]  name, learning_rate, and the named optimizer's own settings
@@ -37,6 +37,7 @@ from .errors import ConfigError
 from .kernels import WIRE_CODECS
 from .model import DTYPES, HIDDEN_ACTIVATIONS, LOSSES, OUTPUTS, ModelSpec
 from .optim import SCHEDULES, SGD, Optimizer, from_wire
+from .pipeline import MAX_PIPELINE
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,9 @@ class TrainConfig:
         epochs: passes over each replica's data shard.
         n_fetch: fetch parameters every this many steps.
         n_push: push accumulated gradients every this many steps.
+        pipeline: minibatches a replica in several layer partitions keeps
+            in flight (:mod:`dbnode.pipeline`); 0: one per partition; 1:
+            one at a time (no pipelining).
         seed: for initialisation, data order and the held-out split.
         eval_interval: seconds between evaluations (besides one at the end
             of every epoch).
@@ -119,6 +123,7 @@ class TrainConfig:
     epochs: int = 1
     n_fetch: int = 1
     n_push: int = 1
+    pipeline: int = 0
     seed: int = 0
     eval_interval: float = 2.0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -156,7 +161,11 @@ class ClusterConfig:
 
     Attributes:
         hosts: ``"host:port"`` of running nodes; none: an embedded local cluster.
-        parameter_shards: parameter server shards, spread over the nodes.
+        parameter_shards: parameter server shards, spread over the nodes;
+            0: one per layer partition, each holding its partition's
+            parameters whole (beside it, for one replica: no parameter
+            traffic between machines), else its share of every partition's
+            bytes.
         secret_file: the secret for ``hosts`` ("": ``$DBNODE_SECRET``).
         nodes: nodes of the embedded local cluster (0: one per layer partition
             of every replica, up to one per core).
@@ -169,7 +178,7 @@ class ClusterConfig:
     """
 
     hosts: tuple[str, ...] = ()
-    parameter_shards: int = 1
+    parameter_shards: int = 0
     secret_file: str = ""
     nodes: int = 0
     heartbeat: float = 1.0
@@ -356,6 +365,11 @@ class RunConfig:
         for key in ("batch_size", "epochs", "n_fetch", "n_push"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 1")
+        if not 0 <= t.pipeline <= MAX_PIPELINE:
+            raise ConfigError(
+                "train.pipeline", t.pipeline,
+                f"must be in [0, {MAX_PIPELINE}] (0: one minibatch in flight per partition)",
+            )  # fmt: skip
         if not t.eval_interval > 0:
             raise ConfigError("train.eval_interval", t.eval_interval, "must be > 0 seconds")
         if t.early_stopping.patience < 0:
@@ -376,8 +390,12 @@ class RunConfig:
             raise ConfigError("schedule.min_factor", sc.min_factor, "must be in [0, 1]")
         if not sc.patience > 0:
             raise ConfigError("schedule.patience", sc.patience, "must be > 0 epochs")
-        if c.parameter_shards < 1:
-            raise ConfigError("cluster.parameter_shards", c.parameter_shards, "must be >= 1")
+        if c.parameter_shards < 0:
+            raise ConfigError(
+                "cluster.parameter_shards",
+                c.parameter_shards,
+                "must be >= 0 (0: one per partition)",
+            )
         k = self.checkpoint
         if k.interval < 0:
             raise ConfigError("checkpoint.interval", k.interval, "must be >= 0 seconds (0: off)")

@@ -275,6 +275,13 @@ class PartitionReport(Message):
     # received, its fetches (what a neighbour sent it, the neighbour counts).
     sent: dict[str, int] = in_meta(mapping_of(_COUNT, keys="peer"), {})
     received: dict[str, int] = in_meta(mapping_of(_COUNT, keys="peer"), {})
+    # Pipelining (dbnode.pipeline): seconds waiting for neighbours, the most
+    # weight versions and bytes kept for minibatches in flight, the most
+    # local updates between its forward's weights and those below.
+    idle: float = in_meta(number(), 0.0)
+    stashed: int = in_meta(_COUNT, 0)
+    held_bytes: int = in_meta(_COUNT, 0)
+    lag: int = in_meta(_COUNT, 0)
 
 
 _REPORTS = mapping_of(nested(PartitionReport))
@@ -376,6 +383,8 @@ class PartitionJob(Request):
         epoch: the shard map's epoch (see :class:`Remap`).
         wire_fetch, wire_push, wire_activations: the codecs of its fetches,
             pushes and the activations or deltas it sends (``[wire]``).
+        pipeline: minibatches its replica keeps in flight
+            (:func:`dbnode.pipeline.depth_of`).
     """
 
     op: ClassVar[Op] = Op.START
@@ -406,6 +415,7 @@ class PartitionJob(Request):
     wire_fetch: str = in_meta(string(CODECS), "f32", omit_default=True)
     wire_push: str = in_meta(string(CODECS), "f32", omit_default=True)
     wire_activations: str = in_meta(string(CODECS), "f32", omit_default=True)
+    pipeline: int = in_meta(integer(1), 1, omit_default=True)
 
     @property
     def spec(self) -> ModelSpec:

@@ -367,6 +367,28 @@ class LayerStack:
             full: kernels.zeros(spec.shapes()[full], self.dtype)
             for names in self._names for full in names.values()}  # fmt: skip
         self._batch = -1
+        self._slots = 1
+        self._kept: list[tuple[np.ndarray, list[dict[str, np.ndarray]]] | None] = [None]
+        self.outputs: list[list[np.ndarray] | None] = [None]
+
+    @property
+    def slots(self) -> int:
+        """Minibatches whose forward is kept for a later backward (default 1).
+
+        A pipelined partition forwards several minibatches before the
+        backward of the first: each forward goes in its own slot, with its
+        own activations and the parameters it read (weight stashing), and
+        each backward names the slot of its forward.
+        """
+        return self._slots
+
+    @slots.setter
+    def slots(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"slots must be >= 1, got {n}")
+        self._slots, self._batch = n, -1
+        self._kept = [None] * n
+        self.outputs = [None] * n
 
     @property
     def grads(self) -> dict[str, np.ndarray]:
@@ -395,15 +417,18 @@ class LayerStack:
         self._params = params
         self._layer_params = self._per_layer(params)
 
-    def _buffers(self, batch: int) -> None:
-        if batch == self._batch:
-            return
+    def _buffers(self, batch: int, slot: int) -> None:
+        # outputs[slot][k] is layer k's activation of the slot's minibatch,
+        # kept for its backward; deltas[k] (dL/d(layer k's input)) and
+        # scratch serve one pass at a time. A batch of another size (an
+        # epoch's last) reallocates only what it uses: other slots keep theirs.
         sizes = self.spec.layers[self.first : self.last + 1]
-        # outputs[k] is layer k's activation; deltas[k] is dL/d(its input).
-        self.outputs = [kernels.empty((batch, n), self.dtype) for n in sizes[1:]]
-        self.deltas = [kernels.empty((batch, n), self.dtype) for n in sizes[:-1]]
-        self.scratch = [kernels.empty((batch, n), self.dtype) for n in sizes[1:]]
-        self._batch = batch
+        if self.outputs[slot] is None or self.outputs[slot][0].shape[0] != batch:
+            self.outputs[slot] = [kernels.empty((batch, n), self.dtype) for n in sizes[1:]]
+        if batch != self._batch:
+            self.deltas = [kernels.empty((batch, n), self.dtype) for n in sizes[:-1]]
+            self.scratch = [kernels.empty((batch, n), self.dtype) for n in sizes[1:]]
+            self._batch = batch
 
     @property
     def in_size(self) -> int:
@@ -415,14 +440,17 @@ class LayerStack:
         """Outputs of the stack's last layer."""
         return self.spec.layers[self.last]
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, slot: int = 0) -> np.ndarray:
         """Activations of the stack's last layer for the batch ``x``.
 
         Args:
-            x: the input batch, ``(batch, in_size)`` of the model's dtype.
+            x: the input batch, ``(batch, in_size)`` of the model's dtype
+                (kept, not copied, until the slot's backward).
+            slot: where the forward is kept for its backward (see :attr:`slots`).
 
         Returns:
-            The last layer's output buffer, reused (overwritten) by the next pass.
+            The last layer's output buffer, reused (overwritten) by the
+            slot's next pass.
 
         Raises:
             ValueError: ``x`` is not ``(batch, in_size)``.
@@ -432,28 +460,34 @@ class LayerStack:
             raise ValueError(f"input: shape {x.shape} does not match (batch, {self.in_size})")
         if x.dtype != self.dtype:
             raise TypeError(f"input: dtype {x.dtype} does not match the model's {self.dtype}")
-        self._buffers(x.shape[0])
-        self.x = x
+        self._buffers(x.shape[0], slot)
+        self._kept[slot] = (x, self._layer_params)
         h = x
         # scratch[k] doubles as the transposed GEMM result here and as dz in
         # backward: the two uses never overlap.
-        for layer, params, out, scratch in zip(self.layers, self._layer_params, self.outputs,
-                                               self.scratch):  # fmt: skip
+        for layer, params, out, scratch in zip(self.layers, self._layer_params,
+                                               self.outputs[slot], self.scratch):  # fmt: skip
             h = layer.forward(h, params, out, scratch)
         return h
 
     def backward(
-        self, delta: np.ndarray, need_delta_below: bool = True, preactivation: bool = False
+        self,
+        delta: np.ndarray,
+        need_delta_below: bool = True,
+        preactivation: bool = False,
+        slot: int = 0,
     ) -> np.ndarray | None:
-        """Gradients of the last :meth:`forward` into :attr:`grads`, given
-        ``delta = dL/d(output)``; returns ``dL/d(input)`` for the stack below
-        (``None`` when ``need_delta_below`` is false).
+        """Gradients of the slot's last :meth:`forward` into :attr:`grads`,
+        given ``delta = dL/d(output)``, at the parameters that forward read;
+        returns ``dL/d(input)`` for the stack below (``None`` when
+        ``need_delta_below`` is false).
 
         Args:
-            delta: dL/d(output), of the last forward's output shape.
+            delta: dL/d(output), of the forward's output shape.
             need_delta_below: whether to compute dL/d(input).
             preactivation: ``delta`` is already taken with respect to the
                 last layer's pre-activation (softmax with cross-entropy).
+            slot: the forward's slot.
 
         Returns:
             dL/d(input), a reused buffer, or None.
@@ -461,13 +495,19 @@ class LayerStack:
         Raises:
             ValueError: ``delta`` has the wrong shape.
         """
-        if delta.shape != self.outputs[-1].shape:
-            raise ValueError(f"delta: shape {delta.shape} does not match {self.outputs[-1].shape}")
+        kept = self._kept[slot]
+        if kept is None:
+            raise ValueError(f"backward of slot {slot} without its forward")
+        x, params = kept
+        outputs = self.outputs[slot]
+        if delta.shape != outputs[-1].shape:
+            raise ValueError(f"delta: shape {delta.shape} does not match {outputs[-1].shape}")
+        self._buffers(x.shape[0], slot)
         n = self.last - self.first
         for k in range(n - 1, -1, -1):
             self.layers[k].backward(
-                self.outputs[k - 1] if k else self.x, self.outputs[k], delta,
-                self._layer_params[k], self._layer_grads[k],
+                outputs[k - 1] if k else x, outputs[k], delta,
+                params[k], self._layer_grads[k],
                 delta_below=self.deltas[k], dz=self.scratch[k],
                 need_delta_below=k > 0 or need_delta_below,
                 preactivation=preactivation and k == n - 1,

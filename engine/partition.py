@@ -19,6 +19,7 @@ all of it, bottom up:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from .errors import (
     RequestError,
 )
 from .partition_core import PartitionCore
+from .pipeline import Pass, ahead, schedule
 from .placement import plan_shards
 from .ps.client import ParameterClient
 from .ps.shard import ParameterShard
@@ -105,6 +107,15 @@ class PartitionStatus:
         sent, received: payload bytes to and from other processes, by their
             ``host:port``: sent, its pushes, activations and deltas; received,
             its fetches (a neighbour counts what it sends).
+        idle: seconds of the training loop spent waiting for a neighbour's
+            activations or deltas.
+        stashed: the most weight versions it kept at once for minibatches in
+            flight (besides the local copy).
+        held_bytes: the most bytes those versions and the in-flight
+            minibatches' activations took at once.
+        lag: the most local updates between the weights a minibatch's
+            forward used here and those it used in the partition below
+            (the version carried on each activation frame).
     """
 
     step: int = 0
@@ -119,6 +130,10 @@ class PartitionStatus:
     pushes: int = 0
     sent: dict[str, int] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
+    idle: float = 0.0
+    stashed: int = 0
+    held_bytes: int = 0
+    lag: int = 0
 
     def count(self, peer: Address, sent: int, received: int) -> None:
         """Add payload bytes exchanged with ``peer``."""
@@ -147,6 +162,10 @@ class PartitionStatus:
             pushes=self.pushes,
             sent=dict(self.sent),
             received=dict(self.received),
+            idle=self.idle,
+            stashed=self.stashed,
+            held_bytes=self.held_bytes,
+            lag=self.lag,
         )
 
     @property
@@ -188,7 +207,10 @@ class PartitionRunner:
         self.started = False
         self.reserved = 0  # bytes of the node's memory budget granted to it
         self.cancel_scope = trio.CancelScope()
-        self.inbox_send, self.inbox = trio.open_memory_channel[Frame](4)
+        # Room for every frame the pipeline may send ahead: a full inbox
+        # would stall the connection that carries it for everyone.
+        self.inbox_send, self.inbox = trio.open_memory_channel[Frame](2 * job.pipeline + 2)
+        self._arrived: dict[tuple[int, int], Frame] = {}  # frames ahead of the schedule
         self.x: np.ndarray | None = None
         self.y: np.ndarray | None = None
         spec = job.spec
@@ -201,8 +223,8 @@ class PartitionRunner:
         )
         self.block = f"block{job.index}"
         size = self.plan.shape(self.block)
-        # Two parameter blocks: the local copy, and the one a fetch lands in;
-        # they swap when the fetch is installed.
+        # The local copy; a fetch lands in another block (core.block()) and
+        # the two swap when it is installed.
         self.core = PartitionCore(
             spec,
             job.first,
@@ -211,8 +233,8 @@ class PartitionRunner:
             job.learning_rate,
             job.n_fetch,
             job.n_push,
+            ahead=ahead(job.index, len(job.bounds), job.pipeline),
         )
-        self._spare: np.ndarray | None = kernels.zeros(size, spec.np_dtype)
         self.client = ParameterClient(
             self.plan,
             list(job.shards),
@@ -251,13 +273,17 @@ class PartitionRunner:
 
         Returns:
             Bytes: five parameter blocks (local copy, fetch landing buffer,
-            gradients, two accumulators) and the activations of a batch.
+            gradients, two accumulators) and the activations of a batch,
+            plus a weight version and a batch's activations and inputs for
+            each further minibatch it keeps in flight.
         """
         spec = job.spec
         layers = spec.layers[job.first : job.last + 1]
         block = sum(a * b + b for a, b in zip(layers, layers[1:])) + 16 * len(layers)
         activations = 4 * job.batch_size * sum(layers)
-        return (5 * block + activations) * spec.np_dtype.itemsize
+        kept = ahead(job.index, len(job.bounds), job.pipeline) - 1
+        per_kept = block + job.batch_size * sum(layers)
+        return (5 * block + activations + kept * per_kept) * spec.np_dtype.itemsize
 
     async def run(self) -> None:
         """Train to the end of the job's schedule, or until stopped.
@@ -346,17 +372,13 @@ class PartitionRunner:
 
     async def _loop(self) -> None:
         job, core, status = self.job, self.core, self.status
-        send = partial(self.service.send, self.run_state, codec=job.wire_activations)
         order = batch_indices(job.n_examples, job.batch_size, job.epochs, job.seed + job.replica)
-        for step, idx in enumerate(order):
-            if step < job.start_step:  # done by an earlier incarnation of the replica
-                continue
-            self._install_ready()
-            # A step whose fetch comes from this process, at once, needs no
-            # local update: the fetched block replaces it before the next step.
-            local = not ((core.step + 1) % core.n_fetch == 0 and self._in_process)
-            self._skipped_update = not local  # then its fetch must land before the next step
-            if core.is_first and core.is_last:
+        # Steps before start_step were done by an earlier incarnation of the replica.
+        batches = itertools.islice(order, job.start_step, None)
+        if core.is_first and core.is_last:
+            for step, idx in enumerate(batches, job.start_step):
+                self._install_ready()
+                local = self._local_update()
                 loss = await self._compute(core.whole_step, self.x[idx], self.y[idx], local)
                 if not math.isfinite(loss):
                     raise Diverged(f"diverged at step {step} (loss {loss})")
@@ -365,46 +387,104 @@ class PartitionRunner:
                 status.step = step + 1
                 status.examples += len(idx)
                 await self._after_step(step)
+            return
+        send = partial(self.service.send, self.run_state, codec=job.wire_activations)
+        sizes: dict[int, int] = {}  # step -> its batch's examples, while in flight
+        delta = None
+        passes = schedule(job.index, len(job.bounds), job.pipeline, job.start_step, status.steps)
+        for kind, step in passes:
+            self._install_ready()
+            slot = step % core.ahead
+            if kind is Pass.FORWARD:
+                idx = next(batches)
+                sizes[step] = len(idx)
+                version = job.start_step + core.step  # the local updates its weights have
+                if core.is_first:
+                    x = self.x[idx]
+                else:
+                    x, below = await self._receive(MessageKind.FORWARD, step)
+                    status.lag = max(status.lag, version - below)
+                h = await self._compute(core.forward, x, slot)
+                self._held(x)
+                if core.is_last:
+                    loss, delta = core.loss_delta(h, self.y[idx])
+                    if not math.isfinite(loss):
+                        # Its gradients would be refused by every shard: stop here.
+                        raise Diverged(f"diverged at step {step} (loss {loss})")
+                    status.loss_sum += loss * len(idx)
+                    status.loss_count += len(idx)
+                else:
+                    sent = await send(job.next, MessageKind.FORWARD, step, h, version=version)
+                    status.count(job.next[:2], sent, 0)
                 continue
-            if core.is_first:
-                h = await self._compute(core.forward, self.x[idx])
-            else:
-                h = await self._compute(
-                    core.forward, await self._receive(MessageKind.FORWARD, step)
-                )
-            if core.is_last:
-                loss, delta = core.loss_delta(h, self.y[idx])
-                if not math.isfinite(loss):
-                    # Its gradients would be refused by every shard: stop here.
-                    raise Diverged(f"diverged at step {step} (loss {loss})")
-                status.loss_sum += loss * len(idx)
-                status.loss_count += len(idx)
-            else:
-                status.count(job.next[:2], await send(job.next, MessageKind.FORWARD, step, h), 0)
-                delta = await self._receive(MessageKind.BACKWARD, step)
-            below = await self._compute(core.backward, delta, local)
+            if not core.is_last:
+                delta, _ = await self._receive(MessageKind.BACKWARD, step)
+            below = await self._compute(core.backward, delta, self._local_update(), slot)
             if below is not None:
                 status.count(
                     job.prev[:2], await send(job.prev, MessageKind.BACKWARD, step, below), 0
                 )
             status.step = step + 1
-            status.examples += len(idx)
+            status.examples += sizes.pop(step)
             await self._after_step(step)
+
+    def _local_update(self) -> bool:
+        """Whether the backward about to run updates the local copy: not when
+        its step's fetch comes from this process at once (the fetched block
+        replaces the copy before the next pass)."""
+        core = self.core
+        local = not ((core.step + 1) % core.n_fetch == 0 and self._in_process)
+        self._skipped_update = not local  # then its fetch must land before the next pass
+        return local
+
+    def _held(self, x: np.ndarray) -> None:
+        """Record the weight versions and bytes kept for minibatches in flight."""
+        core, status = self.core, self.status
+        if core.ahead == 1:
+            return
+        stashed = core.stashed
+        status.stashed = max(status.stashed, stashed)
+        acts = core.stack.out_size + sum(self.job.spec.layers[self.job.first + 1 : self.job.last])
+        per_batch = (acts + x.shape[1]) * x.shape[0] * x.itemsize
+        held = stashed * core.flat.nbytes + min(core.step + 1, core.ahead) * per_batch
+        status.held_bytes = max(status.held_bytes, held)
 
     async def _compute(self, fn, *args):
         if self._offload:
             return await trio.to_thread.run_sync(fn, *args)
         return fn(*args)
 
-    async def _receive(self, kind: MessageKind, step: int) -> np.ndarray:
-        """The activations or deltas of ``step``, decoded from their codec."""
-        frame = await self.inbox.receive()
-        if frame.kind != kind or frame.seq != step:
-            raise DBNodeError(
-                f"partition {self.job.uid}: expected {kind.name} of step {step}, "
-                f"got {MessageKind(frame.kind).name} of step {frame.seq}"
-            )
-        return codecs.decode(frame.array)
+    async def _receive(self, kind: MessageKind, step: int) -> tuple[np.ndarray, int]:
+        """The activations or deltas of ``step``, decoded from their codec, and
+        the version the sender's forward used (activations; else 0).
+
+        Frames of the next steps may arrive first (the neighbours run their
+        own schedules): they wait here, as many as the pipeline can send ahead.
+        """
+        want = (int(kind), step)
+        started = trio.current_time()
+        while want not in self._arrived:
+            frame = await self.inbox.receive()
+            got = (frame.kind, frame.seq)
+            expected = MessageKind.BACKWARD if self.core.is_first else (
+                MessageKind.FORWARD if self.core.is_last else None)  # fmt: skip
+            if (
+                got in self._arrived
+                or (frame.kind == kind and frame.seq < step)
+                or (expected is not None and frame.kind != expected)
+                or len(self._arrived) > 2 * self.job.pipeline
+            ):
+                raise DBNodeError(
+                    f"partition {self.job.uid}: waiting for {kind.name} of step {step}, "
+                    f"got {MessageKind(frame.kind).name} of step {frame.seq}"
+                )
+            self._arrived[got] = frame
+        self.status.idle += trio.current_time() - started
+        frame = self._arrived.pop(want)
+        version = frame.meta.get("version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise DBNodeError(f"partition {self.job.uid}: version {version!r} is not a count")
+        return codecs.decode(frame.array), version
 
     async def _after_step(self, step: int) -> None:
         core = self.core
@@ -420,7 +500,7 @@ class PartitionRunner:
             raise Diverged(f"diverged at step {step} (its gradients hold NaN or infinity)")
         staging = None
         if fetch:
-            staging, self._spare = self._spare, None
+            staging = core.block()
             core.fetch_issued()
         self._sync_done = trio.Event()
         if self._in_process or self._skipped_update:
@@ -464,7 +544,7 @@ class PartitionRunner:
             if grads is not None:
                 self.core.release(grads)
             if staging is not None and self._ready is not staging:
-                self._spare = staging
+                self.core.release(staging)
             done.set()
 
     async def _send(self, grads, staging, step: int) -> None:
@@ -480,7 +560,9 @@ class PartitionRunner:
 
     def _install_ready(self) -> None:
         if self._ready is not None:
-            self._spare = self.core.install(self._ready)
+            previous = self.core.install(self._ready)
+            if previous is not None:  # else a minibatch in flight still reads it
+                self.core.release(previous)
             self._ready = None
 
     def _raise_sync_error(self) -> None:
@@ -561,6 +643,7 @@ class PartitionService:
         step: int,
         array: np.ndarray,
         codec: str = "f32",
+        version: int | None = None,
     ) -> int:
         """Send activations or deltas to a partition of ``run``: straight into
         its inbox when it lives on this node, else over its connection (TCP, or
@@ -573,6 +656,8 @@ class PartitionService:
             step: the step they belong to (the frame's ``seq``).
             array: the activations or deltas.
             codec: their wire codec (:mod:`dbnode.codecs`) to another node.
+            version: of the weights that computed activations (the sender's
+                local updates), carried in the frame's meta as ``version``.
 
         Returns:
             The payload bytes sent to another process (0: delivered here).
@@ -582,17 +667,18 @@ class PartitionService:
             RemoteError: its node refused them (e.g. the partition is gone).
         """
         host, port, uid = target
+        meta = {} if version is None else {"version": version}
         local = run.partitions.get(uid)
         if local is not None and (host, int(port)) == self.address():
             # Copied: the sender reuses its buffer on the next step.
             frame = Frame(
-                kind=kind, request_id=0, key=uid, seq=step, flags=0, array=array.copy(), meta={}
+                kind=kind, request_id=0, key=uid, seq=step, flags=0, array=array.copy(), meta=meta
             )
             await local.inbox_send.send(frame)
             return 0
         ch = await self.peers.get((host, int(port)))
         wire = codecs.encode(array, codec)
-        await ch.notify(kind, key=uid, seq=step, array=wire, meta={"run": run.id})
+        await ch.notify(kind, key=uid, seq=step, array=wire, meta={"run": run.id, **meta})
         return wire.nbytes
 
     async def _deliver(self, frame: Frame) -> None:

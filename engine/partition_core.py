@@ -45,9 +45,12 @@ class PartitionCore:
         flat: the initial parameter block (taken, not copied).
         learning_rate: of the local plain-SGD updates.
         n_fetch, n_push: the fetch and push periods, in steps.
+        ahead: minibatches forwarded before the backward of the first
+            (:func:`dbnode.pipeline.ahead`): each backward then uses the
+            weights its forward used, kept until it is done.
 
     Raises:
-        ValueError: ``n_fetch`` or ``n_push`` is below 1.
+        ValueError: ``n_fetch``, ``n_push`` or ``ahead`` is below 1.
     """
 
     def __init__(
@@ -59,9 +62,12 @@ class PartitionCore:
         learning_rate: float,
         n_fetch: int = 1,
         n_push: int = 1,
+        ahead: int = 1,
     ):
         if n_fetch < 1 or n_push < 1:
             raise ValueError(f"n_fetch and n_push must be >= 1, got {n_fetch} and {n_push}")
+        if ahead < 1:
+            raise ValueError(f"ahead must be >= 1, got {ahead}")
         self.spec, self.first, self.last = spec, first, last
         self.flat = flat
         self._view_cache: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
@@ -84,8 +90,15 @@ class PartitionCore:
         self._acc = self._zeros()
         self._acc_empty = True  # nothing accumulated: _acc's contents mean zero
         self._fetch_pending = False
-        self._free: list[np.ndarray] = []
+        self._free: list[np.ndarray] = []  # blocks nobody holds (gradients or parameters)
         self._delta: np.ndarray | None = None
+        # Weight stashing: the parameter block each kept forward read, and how
+        # many kept forwards read each block (by id): a block still read may
+        # not be updated in place, nor reused.
+        self.ahead = ahead
+        self.stack.slots = ahead
+        self._stashed: list[np.ndarray | None] = [None] * ahead
+        self._readers: dict[int, int] = {}
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """``flat``'s tensor views, made once per buffer: the few blocks a
@@ -107,16 +120,48 @@ class PartitionCore:
         """The local copy's tensors (views into :attr:`flat`)."""
         return self.stack.params
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """This partition's output for a batch.
+    def forward(self, x: np.ndarray, slot: int = 0) -> np.ndarray:
+        """This partition's output for a batch, kept in ``slot`` (with the
+        weights it read) for its backward.
 
         Args:
-            x: the batch's inputs to this partition.
+            x: the batch's inputs to this partition (kept, not copied).
+            slot: in ``[0, ahead)``; free (its backward done).
 
         Returns:
-            The output: a view of a buffer that the next forward overwrites.
+            The output: a view of a buffer that the slot's next forward overwrites.
         """
-        return self.stack.forward(x)
+        if self.ahead > 1:
+            if self._stashed[slot] is not None:
+                raise RuntimeError(f"slot {slot} holds a forward whose backward is not done")
+            self._stashed[slot] = self.flat
+            self._readers[id(self.flat)] = self._readers.get(id(self.flat), 0) + 1
+        return self.stack.forward(x, slot)
+
+    @property
+    def stashed(self) -> int:
+        """Weight versions kept for forwards whose backward is not done, other
+        than the current local copy."""
+        return len({id(b) for b in self._stashed if b is not None and b is not self.flat})
+
+    def _unstash(self, slot: int) -> None:
+        block = self._stashed[slot]
+        if block is None:
+            return
+        self._stashed[slot] = None
+        left = self._readers.pop(id(block)) - 1
+        if left:
+            self._readers[id(block)] = left
+        elif block is not self.flat:
+            self._free.append(block)  # an old version nobody reads any more
+
+    def block(self) -> np.ndarray:
+        """A parameter-sized block nobody holds (e.g. where a fetch lands).
+
+        Returns:
+            A free block (its contents are garbage), or a new one.
+        """
+        return self._free.pop() if self._free else self._zeros()
 
     def loss_delta(self, out: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
         """The last partition's loss on its output, and the delta that starts backward.
@@ -137,25 +182,39 @@ class PartitionCore:
             self._delta = kernels.empty(out.shape, out.dtype)
         return self.loss(out, targets, self._delta)
 
-    def backward(self, delta: np.ndarray, local_update: bool = True) -> np.ndarray | None:
-        """Backward through the partition, then accumulate its gradients for
-        the next push and apply them to the local copy.
+    def backward(
+        self, delta: np.ndarray, local_update: bool = True, slot: int = 0
+    ) -> np.ndarray | None:
+        """Backward through the partition at the weights the slot's forward
+        read, then accumulate its gradients for the next push and apply them
+        to the local copy (the newest weights).
 
         Args:
             delta: dL/d(this partition's output).
             local_update: off for a step whose fetch replaces the local copy
                 before the next step (shards in this process): the update
                 would be thrown away.
+            slot: the forward's slot.
 
         Returns:
             The delta for the partition below (None for the first).
         """
         preactivation = self.loss is not None and self.loss.preactivation
         below = self.stack.backward(
-            delta, need_delta_below=not self.is_first, preactivation=preactivation
+            delta, need_delta_below=not self.is_first, preactivation=preactivation, slot=slot
         )
+        self._unstash(slot)
         if local_update:
-            kernels.sgd(self.flat, self._grad, self.learning_rate)
+            if id(self.flat) in self._readers:
+                # A kept forward still reads these weights: the update makes
+                # a new version (copy, then the same in-place kernel, so the
+                # values are bit for bit those of an in-place update).
+                fresh = self.block()
+                np.copyto(fresh, self.flat)
+                kernels.sgd(fresh, self._grad, self.learning_rate)
+                self._make_current(fresh)
+            else:
+                kernels.sgd(self.flat, self._grad, self.learning_rate)
         if self._acc_empty:
             # The first gradients since a push are the accumulation: the
             # buffers swap instead of a pass over the block.
@@ -239,7 +298,9 @@ class PartitionCore:
             fetched: the fetched block (taken, not copied).
 
         Returns:
-            The previous block, free for the next fetch.
+            The previous block, free for the next fetch; None when a kept
+            forward still reads it (it becomes free after that backward, and
+            :meth:`block` hands it out then).
 
         Raises:
             ValueError: ``fetched`` is not a block of this partition's shape
@@ -253,6 +314,13 @@ class PartitionCore:
         if not self._acc_empty:
             kernels.sgd(fetched, self._acc, self.learning_rate)
         self._fetch_pending = False
-        previous, self.flat = self.flat, fetched
-        self.stack.params = self._views(fetched)
+        return self._make_current(fetched)
+
+    def _make_current(self, block: np.ndarray) -> np.ndarray | None:
+        """Make ``block`` the local copy; the previous one, unless a kept
+        forward still reads it (then None: it is freed by that backward)."""
+        previous, self.flat = self.flat, block
+        self.stack.params = self._views(block)
+        if id(previous) in self._readers:
+            return None
         return previous

@@ -150,6 +150,7 @@ ALLOWED = {
     "dbnode.metrics": ["dbnode.kernels", "dbnode.model"],
     "dbnode.optim": ["dbnode.kernels", "dbnode.errors"],
     "dbnode.placement": ["dbnode.errors"],
+    "dbnode.pipeline": [],
     "dbnode.runs": ["dbnode.errors"],
     "dbnode.traffic": ["dbnode.errors", "dbnode.placement"],
     "dbnode.threads": ["dbnode.kernels"],
@@ -162,7 +163,7 @@ LOWER_THAN_SERVICES = ["dbnode.kernels", "dbnode.reference", "dbnode.optim", "db
                        "dbnode.layers", "dbnode.blocks", "dbnode.data", "dbnode.placement",
                        "dbnode.config", "dbnode.trainer", "dbnode.durable", "dbnode.traffic",
                        "dbnode.threads", "dbnode.partition_core", "dbnode.metrics",
-                       "dbnode.saved"]  # fmt: skip
+                       "dbnode.saved", "dbnode.pipeline"]  # fmt: skip
 UPPER = ["dbnode.wire", "dbnode.codecs", "dbnode.ps", "dbnode.runs", "dbnode.node", "dbnode.partition",
          "dbnode.control", "dbnode.driver"]  # fmt: skip
 

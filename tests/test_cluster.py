@@ -102,7 +102,9 @@ def test_one_replica_reproduces_the_single_process_trainer(nodes, tmp_path, part
             "partitions": partitions,
         },
         "data": {"train": "blobs:150"},
-        "train": {"replicas": 1, "batch_size": 1, "epochs": 2, "seed": 4},
+        # One minibatch in flight: the trainer's step order (pipelined runs
+        # are checked against their replay in test_pipeline.py).
+        "train": {"replicas": 1, "batch_size": 1, "epochs": 2, "seed": 4, "pipeline": 1},
         "optimizer": {"name": "sgd", "learning_rate": 0.1},
         "cluster": {"parameter_shards": shards},
     }
@@ -136,7 +138,7 @@ def test_schedules_and_adam_on_the_shards_reproduce_the_single_process_trainer(
                   "loss": "cross_entropy", "dtype": "float64", "init": "xavier",
                   "partitions": 2},
         "data": {"train": "blobs:120"},
-        "train": {"replicas": 1, "batch_size": 4, "epochs": 3, "seed": 4},
+        "train": {"replicas": 1, "batch_size": 4, "epochs": 3, "seed": 4, "pipeline": 1},
         "optimizer": optimizer, "schedule": schedule, "cluster": {"parameter_shards": 2},
     })  # fmt: skip
     hosts, secret = hosts_of(nodes)

@@ -99,7 +99,7 @@ def with_(section, **values):
         (with_("optimizer", learning_rate="fast"), "optimizer.learning_rate"),
         (with_("optimizer", name="nadam"), "optimizer.name"),
         (with_("cluster", hosts=["localhost"]), "cluster.hosts"),
-        (with_("cluster", parameter_shards=0), "cluster.parameter_shards"),
+        (with_("cluster", parameter_shards=-1), "cluster.parameter_shards"),
         (with_("wire", push="int8"), "wire.push"),
         (with_("wire", fech="bf16"), "wire.fech"),
         (

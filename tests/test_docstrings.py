@@ -41,6 +41,7 @@ MODULES = [
     "dbnode.codecs",
     "dbnode.threads",
     "dbnode.partition_core",
+    "dbnode.pipeline",
     "dbnode.kernels",
     "dbnode.durable",
     "dbnode.trainer",

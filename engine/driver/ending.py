@@ -15,6 +15,7 @@ import trio
 from ..aio import first_error
 from ..errors import DBNodeError, RunInterrupted, StopTraining
 from ..metrics import evaluate
+from ..pipeline import depth_of
 from .inputs import Inputs
 from .outputs import Progress, Summary, write_outputs
 from .state import RunState
@@ -72,6 +73,26 @@ def reporting(progress, ended: Ending):
             ended.by_request(str(stop))
 
     return report
+
+
+def pipeline_figures(run: RunState) -> dict[str, Any]:
+    """``summary.pipeline``: the replicas' depth and, per partition (over the
+    replicas' last incarnations), the fraction of its training loop spent
+    waiting for neighbours, and the most weight versions, bytes and lag it
+    kept for minibatches in flight (:mod:`dbnode.pipeline`)."""
+    depth = depth_of(run.config.train.pipeline, run.partitions)
+    partitions = []
+    for index in range(run.partitions):
+        reports = [r.reports[index] for r in run.replicas if index in r.reports]
+        busy = [r for r in reports if r.seconds > 0]
+        partitions.append({
+            "partition": index,
+            "idle": round(sum(r.idle / r.seconds for r in busy) / len(busy), 4) if busy else None,
+            "stashed": max((r.stashed for r in reports), default=0),
+            "held_bytes": max((r.held_bytes for r in reports), default=0),
+            "lag": max((r.lag for r in reports), default=0),
+        })  # fmt: skip
+    return {"depth": depth, "partitions": partitions}
 
 
 def metrics_row(
@@ -163,6 +184,7 @@ async def finish(run: RunState, inputs, out_dir, start, train_seconds, ended: En
         for link, nbytes in replica.links.items():
             links[link] = links.get(link, 0) + nbytes
     summary = Summary(
+        pipeline=pipeline_figures(run),
         config=config.to_dict(),
         replicas=len(run.replicas),
         partitions=run.partitions,

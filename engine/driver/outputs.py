@@ -126,6 +126,12 @@ class Summary:
             training (pushes, fetches, activations and deltas; what stays
             in a process is not counted), as far as the driver heard.
         links: the same by ``"source -> destination"`` node.
+        pipeline: minibatches each replica kept in flight (``depth``) and,
+            by partition, the share of its training loop it waited for its
+            neighbours (``idle``), the most weight versions (``stashed``)
+            and bytes (``held_bytes``) it kept for minibatches in flight, and
+            the most local updates between its weights and those below
+            (``lag``) (:mod:`dbnode.pipeline`).
     """
 
     config: dict[str, Any]
@@ -162,6 +168,7 @@ class Summary:
     planned_bytes_per_step: int = 0
     wire_bytes: int = 0
     links: dict[str, int] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)
 
 
 def metric_columns(task: str) -> list[str]:

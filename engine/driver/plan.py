@@ -6,6 +6,7 @@ for a run (:class:`~dbnode.driver.state.RunState`) and for
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import trio
@@ -15,7 +16,7 @@ from ..blocks import blocks
 from ..codecs import wire_ratio
 from ..config import RunConfig, format_address
 from ..errors import DBNodeError, TransportError
-from ..placement import ShardPlan, plan_shards, split_layers
+from ..placement import DEFAULT_MIN_SPLIT_BYTES, ShardPlan, plan_shards, split_layers
 from ..threads import machine_id
 from ..traffic import NodeShape, RunPlan, Workload, plan_run
 from ..wire import Address, Peers
@@ -43,11 +44,14 @@ class Layout:
         bounds: each partition's layers ``(first, last)``.
         shards: which parameter shard owns which rows of which block.
         plan: which node runs which shard and partition, and its costs.
+        min_split_bytes: what the shard plan was made with (a partition
+            makes the same plan from it).
     """
 
     bounds: tuple[tuple[int, int], ...]
     shards: ShardPlan
     plan: RunPlan
+    min_split_bytes: int = DEFAULT_MIN_SPLIT_BYTES
 
 
 def layout(config: RunConfig, replicas: int, nodes: list[NodeShape]) -> Layout:
@@ -66,9 +70,16 @@ def layout(config: RunConfig, replicas: int, nodes: list[NodeShape]) -> Layout:
     """
     spec = config.spec()
     bounds = split_layers(spec.layers, config.model.partitions)
-    shards = plan_shards(
-        blocks(spec, bounds), config.cluster.parameter_shards, spec.np_dtype.itemsize
-    )
+    parts = blocks(spec, bounds)
+    n_shards, min_split = config.cluster.parameter_shards, DEFAULT_MIN_SPLIT_BYTES
+    if n_shards == 0:
+        # One shard per partition, none split: each partition's parameters
+        # whole on one shard, which the placement puts beside it. A lone
+        # layer-split replica then fetches and pushes inside each node's own
+        # process, and each node's shard work follows its own compute.
+        n_shards = len(bounds)
+        min_split = sum(math.prod(shape) for shape in parts.values()) * spec.np_dtype.itemsize
+    shards = plan_shards(parts, n_shards, spec.np_dtype.itemsize, min_split_bytes=min_split)
     work = Workload.of(
         spec.layers,
         bounds,
@@ -82,7 +93,7 @@ def layout(config: RunConfig, replicas: int, nodes: list[NodeShape]) -> Layout:
             for codec in (config.wire.fetch, config.wire.push, config.wire.activations)
         ),
     )
-    return Layout(bounds, shards, plan_run(nodes, work))
+    return Layout(bounds, shards, plan_run(nodes, work), min_split)
 
 
 def node_shapes(nodes: dict[Address, control.InfoReply]) -> list[NodeShape]:

@@ -22,7 +22,7 @@ from .. import control, kernels
 from ..blocks import block_views, blocks, pack_block
 from ..config import RunConfig, format_address
 from ..errors import DBNodeError, NodeUnreachable, RemoteError, TransportError
-from ..placement import DEFAULT_MIN_SPLIT_BYTES
+from ..pipeline import depth_of
 from ..ps.client import ParameterClient
 from ..traffic import NodeShape
 from ..wire import Address, Peers
@@ -64,6 +64,7 @@ class Replica:
     # of this one's partitions as last reported.
     links_before: dict[str, int] = field(default_factory=dict)
     links_now: dict[int, dict[str, int]] = field(default_factory=dict)
+    reports: dict[int, control.PartitionReport] = field(default_factory=dict)  # latest, by index
 
     @property
     def links(self) -> dict[str, int]:
@@ -84,6 +85,7 @@ class Replica:
         """Take in its partitions' latest reports (None: not heard)."""
         for i, report in enumerate(reports):
             if report is not None:
+                self.reports[i] = report
                 self.acked[i] = max(self.acked.get(i, 0), report.pushes)
                 me = format_address(self.hosts[i])
                 links = {f"{me} -> {peer}": n for peer, n in report.sent.items()}
@@ -130,6 +132,7 @@ class RunState:
         nodes = nodes or [NodeShape(name=format_address(h)) for h in hosts]
         cut = layout(config, n_replicas, list(nodes))
         self.bounds, self.plan, self.layout = cut.bounds, cut.shards, cut.plan
+        self.min_split_bytes = cut.min_split_bytes
         placement = self.layout.placement
         self.epoch = 0
         self.shard_hosts = [hosts[h] for h in placement.shards]
@@ -240,7 +243,7 @@ class RunState:
             seed=c.train.seed,
             n_examples=replica.n_examples,
             shards=tuple(self.shard_hosts),
-            min_split_bytes=DEFAULT_MIN_SPLIT_BYTES,
+            min_split_bytes=self.min_split_bytes,
             bounds=tuple(self.bounds),
             prev=neighbour(index - 1) if index > 0 else None,
             next=neighbour(index + 1) if index < self.partitions - 1 else None,
@@ -250,6 +253,7 @@ class RunState:
             wire_fetch=c.wire.fetch,
             wire_push=c.wire.push,
             wire_activations=c.wire.activations,
+            pipeline=depth_of(c.train.pipeline, self.partitions),
         )
 
     async def launch(self, replica: Replica, inputs: Inputs, run: bool) -> None:
