@@ -1,6 +1,7 @@
 """Downpour SGD across node processes against a plain numpy loop.
 
     python benchmarks/train.py [--examples N] [--skip-digits] [--skip-pinned] [--skip-codecs]
+                               [--pipeline | --skip-pipeline]
 
 1. MLP 784-1024-1024-10, batch 64, float32, relu + softmax cross-entropy, on
    synthetic data, examples/s of ``dbnode.train(config)`` against the numpy
@@ -23,6 +24,14 @@
    push, activations), over several seeds: held-out accuracy of each and
    ``wire_bytes`` of bf16 over f32; then the MLP's 2-replica row in bf16
    next to its f32 run.
+
+4. Pipelined layer partitions (``--pipeline`` runs this part alone): the
+   MLP 784-1024-1024-1024-10, batch 64, one replica in 2 and in 4 layer
+   partitions on the embedded cluster's 2 nodes with ``train.pipeline`` 1,
+   2 and 4 (and the default), each next to the numpy loop, with every
+   partition's idle fraction (the share of its training loop it waited for
+   a neighbour); then digits as 1 replica x 2 partitions, pipelined and not,
+   over several seeds (held-out accuracy).
 
 Every dbnode rate is the replicas' training-loop time (from the first step
 to the last push applied), as ``summary.json``'s ``train_seconds``.
@@ -254,18 +263,114 @@ def bench_codecs(x_path: str, seeds: int = 3) -> list[str]:
     return rows
 
 
+PIPELINE_LAYERS = [784, 1024, 1024, 1024, 10]
+
+
+def pipeline_config(data: str, partitions: int, depth: int | None) -> RunConfig:
+    raw = mlp_config(data, 1, partitions, 1, 1).to_dict()
+    raw["model"]["layers"] = PIPELINE_LAYERS
+    del raw["cluster"]["parameter_shards"]  # the default: one beside each partition
+    if depth is not None:
+        raw["train"]["pipeline"] = depth
+    return RunConfig.from_dict(raw)
+
+
+def bench_pipeline(n: int, pinned: bool, seeds: int = 3) -> list[str]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, PIPELINE_LAYERS[0])).astype(np.float32)
+    y = rng.integers(0, PIPELINE_LAYERS[-1], n)
+    spec = ModelSpec(tuple(PIPELINE_LAYERS), activation="relu", output="softmax",
+                     loss="cross_entropy")  # fmt: skip
+    mlp = NumpyMLP(spec, init_params(spec, "he", 0), 0.01)
+    rows, rates = [], {}
+    label = "pinned" if pinned else "default"
+    base_name = "numpy 1 thread" if pinned else "numpy all cores"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "mlp.npz")
+        np.savez(path, X=x, y=y)
+        for partitions in (2, 4):
+            for depth in (1, 2, 4, None):
+                config = pipeline_config(path, partitions, depth)
+                if pinned:
+                    with LocalCluster(2, threads=[1, 1]) as cluster:
+                        summary = train(config, hosts=cluster.addresses,
+                                        secret=cluster.secret_file.read_bytes())  # fmt: skip
+                else:
+                    summary = train(config)  # as `dbnode train` runs it
+                with threadpool_limits(1 if pinned else None):
+                    mlp.step(x[:BATCH], y[:BATCH])
+                    t = time.perf_counter()
+                    for i in range(0, n - BATCH + 1, BATCH):
+                        mlp.step(x[i : i + BATCH], y[i : i + BATCH])
+                    base = (n // BATCH * BATCH) / (time.perf_counter() - t)
+                ours = summary.examples_per_second
+                rates[(partitions, depth)] = ours
+                figures = summary.pipeline
+                idle = " ".join(f"{p['idle']:.2f}" for p in figures["partitions"])
+                name = f"depth {figures['depth']}" + (" (default)" if depth is None else "")
+                verdict = ""
+                if depth is None and not pinned and partitions == 2:
+                    vs_one, vs_numpy = ours / rates[(2, 1)], ours / base
+                    verdict = (
+                        f"  vs depth 1 {vs_one:.2f}x {'PASS' if vs_one >= 1.6 else 'MISS'} "
+                        f"(>= 1.6x), vs numpy {'PASS' if vs_numpy >= 0.8 else 'MISS'} (>= 0.8x)"
+                    )
+                if depth is None and partitions == 4:
+                    vs_two = ours / rates[(2, None)]
+                    verdict = (
+                        f"  vs 2 partitions {vs_two:.2f}x {'PASS' if vs_two >= 1.0 else 'MISS'}"
+                    )
+                rows.append(
+                    f"{label} 1 replica x {partitions} partitions, {name:<17} dbnode "
+                    f"{ours:8,.0f} ex/s   {base_name} {base:8,.0f} ex/s   ratio {ours / base:4.2f}x"
+                    f"   idle {idle}   threads {'+'.join(map(str, summary.threads.values()))}"
+                    f"{verdict}"
+                )
+                print(rows[-1], flush=True)
+    if pinned:
+        return rows
+    digits = os.path.join(os.path.dirname(__file__), "..", "examples", "digits.toml")
+    accuracy = {}
+    for depth in (1, 0):
+        accuracy[depth] = []
+        for seed in range(seeds):
+            config = RunConfig.load(
+                digits, ["train.replicas=1", f"train.seed={seed}", f"train.pipeline={depth}"]
+            )
+            accuracy[depth].append(train(config).test_accuracy)
+        rows.append(
+            f"digits 1 replica x 2 partitions, pipeline {depth or 'default (2)'}: test accuracy "
+            f"{' '.join(f'{a:.4f}' for a in accuracy[depth])} (mean {np.mean(accuracy[depth]):.4f})"
+        )
+        print(rows[-1], flush=True)
+    drop = (np.mean(accuracy[1]) - np.mean(accuracy[0])) * 100
+    rows.append(
+        f"digits pipelined vs not: {-drop:+.2f} points {'PASS' if drop <= 1 else 'MISS'} "
+        "(target within 1)"
+    )
+    print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=25600, help="examples in the MLP runs")
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--skip-pinned", action="store_true")
     parser.add_argument("--skip-codecs", action="store_true")
+    parser.add_argument("--pipeline", action="store_true", help="only the pipelined rows")
+    parser.add_argument("--skip-pipeline", action="store_true")
     args = parser.parse_args()
     pinned_env = {v: os.environ[v] for v in THREAD_VARIABLES if v in os.environ}
     if pinned_env:
         print(f"note: {pinned_env} set: the 'default' rows are not the default environment")
     print(environment())
     print(f"dbnode kernels: -march={kernels.MARCH}, OpenMP={kernels.OPENMP}")
+    if args.pipeline:
+        bench_pipeline(args.examples // 2, pinned=False)
+        if not args.skip_pinned:
+            bench_pipeline(args.examples // 2, pinned=True)
+        return
     bench_mlp(args.examples, pinned=False)
     if not args.skip_pinned:
         bench_mlp(args.examples, pinned=True)
@@ -278,6 +383,10 @@ def main() -> None:
             np.savez(path, X=rng.normal(size=(args.examples, LAYERS[0])).astype(np.float32),
                      y=rng.integers(0, LAYERS[-1], args.examples))  # fmt: skip
             bench_codecs(path)
+    if not args.skip_pipeline:
+        bench_pipeline(args.examples // 2, pinned=False)
+        if not args.skip_pinned:
+            bench_pipeline(args.examples // 2, pinned=True)
 
 
 if __name__ == "__main__":

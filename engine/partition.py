@@ -40,6 +40,7 @@ from .errors import (
     DBNodeError,
     Diverged,
     ErrorCode,
+    NotFiniteError,
     RemoteError,
     RequestError,
 )
@@ -495,8 +496,9 @@ class PartitionRunner:
         self._raise_sync_error()
         self._install_ready()
         grads = core.take_gradients() if push else None
-        if grads is not None and not kernels.all_finite(grads):
-            # Every shard would refuse them, and the local copy has them already.
+        # Every shard would refuse them, and the local copy has them already.
+        # (Shards in this process check them anyway: no second pass here.)
+        if grads is not None and not self._in_process and not kernels.all_finite(grads):
             raise Diverged(f"diverged at step {step} (its gradients hold NaN or infinity)")
         staging = None
         if fetch:
@@ -529,6 +531,10 @@ class PartitionRunner:
                     try:
                         await self._send(grads, staging, step)
                         break
+                    except NotFiniteError:  # refused by a shard in this process
+                        raise Diverged(
+                            f"diverged at step {step} (its gradients hold NaN or infinity)"
+                        ) from None
                     except Exception as exc:
                         if not _shard_moved(exc) or trio.current_time() > deadline:
                             raise

@@ -47,6 +47,12 @@ def train(nodes, out: Path) -> subprocess.Popen:
 def chaos(nodes, driver: subprocess.Popen, rng: random.Random) -> list[str]:
     """Disturb one node at a time until the run ends; what was done, in order."""
     done = []
+    # The clock starts once the run's partitions are started (the driver
+    # backs the shards up as it starts watching them): a kill before the
+    # first backup would leave nothing to restore, by design.
+    deadline = time.monotonic() + 60
+    while not any(", from step" in n.logs() for n in nodes) and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(rng.uniform(1.5, 2.5))
     while driver.poll() is None:
         node = rng.choice(nodes)
