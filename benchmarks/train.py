@@ -267,8 +267,8 @@ PIPELINE_LAYERS = [784, 1024, 1024, 1024, 10]
 
 
 def pipeline_config(data: str, partitions: int, depth: int | None) -> RunConfig:
-    raw = mlp_config(data, 1, partitions, 1, 1).to_dict()
-    raw["model"]["layers"] = PIPELINE_LAYERS
+    raw = mlp_config(data, 1, 1, 1, 1).to_dict()
+    raw["model"].update(layers=PIPELINE_LAYERS, partitions=partitions)
     del raw["cluster"]["parameter_shards"]  # the default: one beside each partition
     if depth is not None:
         raw["train"]["pipeline"] = depth
