@@ -406,7 +406,7 @@ class PartitionRunner:
                     x, below = await self._receive(MessageKind.FORWARD, step)
                     status.lag = max(status.lag, version - below)
                 h = await self._compute(core.forward, x, slot)
-                self._held(x)
+                self._held(x, in_flight=len(sizes))
                 if core.is_last:
                     loss, delta = core.loss_delta(h, self.y[idx])
                     if not math.isfinite(loss):
@@ -438,16 +438,16 @@ class PartitionRunner:
         self._skipped_update = not local  # then its fetch must land before the next pass
         return local
 
-    def _held(self, x: np.ndarray) -> None:
-        """Record the weight versions and bytes kept for minibatches in flight."""
-        core, status = self.core, self.status
+    def _held(self, x: np.ndarray, in_flight: int) -> None:
+        """Record the weight versions and bytes kept for the ``in_flight``
+        minibatches (``x`` the newest one's input)."""
+        core, status, job = self.core, self.status, self.job
         if core.ahead == 1:
             return
         stashed = core.stashed
         status.stashed = max(status.stashed, stashed)
-        acts = core.stack.out_size + sum(self.job.spec.layers[self.job.first + 1 : self.job.last])
-        per_batch = (acts + x.shape[1]) * x.shape[0] * x.itemsize
-        held = stashed * core.flat.nbytes + min(core.step + 1, core.ahead) * per_batch
+        features = x.shape[1] + sum(job.spec.layers[job.first + 1 : job.last + 1])
+        held = stashed * core.flat.nbytes + in_flight * features * x.shape[0] * x.itemsize
         status.held_bytes = max(status.held_bytes, held)
 
     async def _compute(self, fn, *args):

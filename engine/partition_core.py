@@ -92,13 +92,11 @@ class PartitionCore:
         self._fetch_pending = False
         self._free: list[np.ndarray] = []  # blocks nobody holds (gradients or parameters)
         self._delta: np.ndarray | None = None
-        # Weight stashing: the parameter block each kept forward read, and how
-        # many kept forwards read each block (by id): a block still read may
-        # not be updated in place, nor reused.
+        # Weight stashing: the parameter block each kept forward read. A block
+        # still read may not be updated in place, nor reused.
         self.ahead = ahead
         self.stack.slots = ahead
         self._stashed: list[np.ndarray | None] = [None] * ahead
-        self._readers: dict[int, int] = {}
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """``flat``'s tensor views, made once per buffer: the few blocks a
@@ -135,7 +133,6 @@ class PartitionCore:
             if self._stashed[slot] is not None:
                 raise RuntimeError(f"slot {slot} holds a forward whose backward is not done")
             self._stashed[slot] = self.flat
-            self._readers[id(self.flat)] = self._readers.get(id(self.flat), 0) + 1
         return self.stack.forward(x, slot)
 
     @property
@@ -144,15 +141,16 @@ class PartitionCore:
         than the current local copy."""
         return len({id(b) for b in self._stashed if b is not None and b is not self.flat})
 
+    def _read(self, block: np.ndarray) -> bool:
+        """Whether a kept forward still reads ``block``."""
+        return any(b is block for b in self._stashed)
+
     def _unstash(self, slot: int) -> None:
         block = self._stashed[slot]
         if block is None:
             return
         self._stashed[slot] = None
-        left = self._readers.pop(id(block)) - 1
-        if left:
-            self._readers[id(block)] = left
-        elif block is not self.flat:
+        if block is not self.flat and not self._read(block):
             self._free.append(block)  # an old version nobody reads any more
 
     def block(self) -> np.ndarray:
@@ -205,7 +203,7 @@ class PartitionCore:
         )
         self._unstash(slot)
         if local_update:
-            if id(self.flat) in self._readers:
+            if self._read(self.flat):
                 # A kept forward still reads these weights: the update makes
                 # a new version (copy, then the same in-place kernel, so the
                 # values are bit for bit those of an in-place update).
@@ -321,6 +319,6 @@ class PartitionCore:
         forward still reads it (then None: it is freed by that backward)."""
         previous, self.flat = self.flat, block
         self.stack.params = self._views(block)
-        if id(previous) in self._readers:
+        if self._read(previous):
             return None
         return previous
