@@ -19,9 +19,18 @@ def _rate(now: float, before: float | None, interval: float) -> str:
     return "-" if before is None or interval <= 0 else f"{max(0.0, now - before) / interval:,.1f}/s"
 
 
+def _staleness(report: dict[str, Any] | None) -> str:
+    """`` staleness mean 2.1 max 7`` (and pushes refused past the bound)."""
+    if not report or not report["histogram"]:
+        return ""
+    pushes = sum(report["histogram"].values())
+    text = f"  staleness mean {report['total'] / pushes:.1f} max {report['max']}"
+    return text + (f" refused {report['refused']}" if report["refused"] else "")
+
+
 def render(first: list[dict[str, Any]], second: list[dict[str, Any]], interval: float) -> str:
     """The table: per node its identity and memory; per run its name, lease
-    and shard (size, pushes/s); per partition its step, steps/s, examples/s
+    and shard (size, pushes/s, how stale they were); per partition its step, steps/s, examples/s
     and bytes/s it sends to each peer.
 
     Args:
@@ -55,6 +64,7 @@ def render(first: list[dict[str, Any]], second: list[dict[str, Any]], interval: 
                 lines.append(
                     f"    shard       {run['keys']} tensors  {size(run['bytes'])}  "
                     f"pushes {run['pushes']}  {_rate(run['pushes'], old.get('pushes'), interval)}"
+                    + _staleness(run.get("staleness"))
                 )
             old_parts = old.get("partitions", {})
             for uid, p in sorted(run["partitions"].items(), key=lambda kv: int(kv[0])):

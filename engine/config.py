@@ -5,7 +5,7 @@ A run config has these sections::
     [model]      layers, activation, output, loss, dtype, init, partitions
     [data]       train, test, test_fraction
     [train]      replicas | examples_per_replica, batch_size, epochs,
-                 n_fetch, n_push, pipeline, seed, eval_interval,
+                 n_fetch, n_push, pipeline, max_staleness, seed, eval_interval,
                  early_stopping = {patience, metric, min_delta}
     [schedule]   name, every, factor, min_factor, patience, metric
     [optimizer]  name, learning_rate, and the named optimizer's own settings
@@ -111,6 +111,9 @@ class TrainConfig:
         pipeline: minibatches a replica in several layer partitions keeps
             in flight (:mod:`dbnode.pipeline`); 0: one per partition; 1:
             one at a time (no pipelining).
+        max_staleness: the shards refuse a push computed from parameters
+            more than this many versions behind theirs, and its replica
+            fetches before pushing again (SSP-style); -1: no bound.
         seed: for initialisation, data order and the held-out split.
         eval_interval: seconds between evaluations (besides one at the end
             of every epoch).
@@ -124,6 +127,7 @@ class TrainConfig:
     n_fetch: int = 1
     n_push: int = 1
     pipeline: int = 0
+    max_staleness: int = -1
     seed: int = 0
     eval_interval: float = 2.0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -370,6 +374,10 @@ class RunConfig:
                 "train.pipeline", t.pipeline,
                 f"must be in [0, {MAX_PIPELINE}] (0: one minibatch in flight per partition)",
             )  # fmt: skip
+        if t.max_staleness < -1:
+            raise ConfigError(
+                "train.max_staleness", t.max_staleness, "must be >= 0, or -1 for no bound"
+            )
         if not t.eval_interval > 0:
             raise ConfigError("train.eval_interval", t.eval_interval, "must be > 0 seconds")
         if t.early_stopping.patience < 0:

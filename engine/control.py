@@ -80,6 +80,7 @@ __all__ = [
     "Status",
     "StatusReply",
     "RunReport",
+    "StalenessReport",
     "Remap",
     "PartitionJob",
     "Data",
@@ -288,6 +289,64 @@ _REPORTS = mapping_of(nested(PartitionReport))
 
 
 @dataclass(frozen=True)
+class StalenessReport(Message):
+    """How stale the pushes the run's shard on a node applied were
+    (:class:`~dbnode.ps.shard.Staleness`): pushes by staleness in versions
+    (the last bucket counts that many or more), their exact total and
+    largest staleness, and pushes refused as staler than ``max_staleness``."""
+
+    histogram: dict[str, int] = in_meta(mapping_of(_COUNT, keys="staleness"), {})
+    total: int = in_meta(_COUNT, 0)
+    max: int = in_meta(_COUNT, 0)
+    refused: int = in_meta(_COUNT, 0)
+
+    @classmethod
+    def of(cls, staleness) -> StalenessReport:
+        """The report of a shard's :class:`~dbnode.ps.shard.Staleness`.
+
+        Args:
+            staleness: what the shard counted.
+
+        Returns:
+            Its report (a copy: reading it changes nothing).
+        """
+        return cls(
+            histogram={str(k): n for k, n in sorted(staleness.histogram.items())},
+            total=staleness.total,
+            max=staleness.max,
+            refused=staleness.refused,
+        )
+
+    @staticmethod
+    def figures(reports) -> dict[str, Any]:
+        """What several nodes' reports say together, as ``summary.json``'s
+        ``staleness`` has it.
+
+        Args:
+            reports: :class:`StalenessReport` objects (one per node).
+
+        Returns:
+            ``{"histogram": {staleness: pushes}, "mean", "max", "refused"}``
+            (``mean`` None when no push said its version).
+        """
+        histogram: dict[int, int] = {}
+        for report in reports:
+            for tau, n in report.histogram.items():
+                histogram[int(tau)] = histogram.get(int(tau), 0) + n
+        pushes = sum(histogram.values())
+        total = sum(r.total for r in reports)
+        return {
+            "histogram": {str(k): histogram[k] for k in sorted(histogram)},
+            "mean": round(total / pushes, 4) if pushes else None,
+            "max": max((r.max for r in reports), default=0),
+            "refused": sum(r.refused for r in reports),
+        }
+
+
+_STALENESS = nested(StalenessReport)
+
+
+@dataclass(frozen=True)
 class HeartbeatReply(Message):
     """The run on this node: every partition's report by uid, the version of
     every shard key it holds, and requests it refused (stale epoch, not finite)."""
@@ -298,6 +357,7 @@ class HeartbeatReply(Message):
     versions: dict[str, int] = in_meta(mapping_of(_COUNT, keys="key"))
     fenced: int = in_meta(_COUNT)
     not_finite: int = in_meta(_COUNT)
+    staleness: StalenessReport = in_meta(_STALENESS, StalenessReport())
 
 
 @dataclass(frozen=True)
@@ -321,6 +381,7 @@ class RunReport(Message):
     keys: int = in_meta(_COUNT)
     bytes: int = in_meta(_COUNT)
     pushes: int = in_meta(_COUNT)
+    staleness: StalenessReport = in_meta(_STALENESS, StalenessReport())
 
 
 @dataclass(frozen=True)
@@ -385,6 +446,8 @@ class PartitionJob(Request):
             pushes and the activations or deltas it sends (``[wire]``).
         pipeline: minibatches its replica keeps in flight
             (:func:`dbnode.pipeline.depth_of`).
+        max_staleness: the shards refuse a push computed from parameters
+            more versions behind theirs than this (None: any).
     """
 
     op: ClassVar[Op] = Op.START
@@ -416,6 +479,7 @@ class PartitionJob(Request):
     wire_push: str = in_meta(string(CODECS), "f32", omit_default=True)
     wire_activations: str = in_meta(string(CODECS), "f32", omit_default=True)
     pipeline: int = in_meta(integer(1), 1, omit_default=True)
+    max_staleness: int | None = in_meta(optional(_COUNT), None, omit_default=True)
 
     @property
     def spec(self) -> ModelSpec:
@@ -666,6 +730,9 @@ def _cells(schema: type[Message] | None) -> tuple[str, str, str]:
             meta.append(f"`{f.name}`{each}")
         else:
             value = f.default_factory() if f.default is REQUIRED else f.default
+            if isinstance(value, Message):  # a nested message: its own fields
+                meta.append(f"`{f.name}` ({_cells(type(value))[2]})")
+                continue
             default = "null" if value is None else repr(value).lower()
             default = "[]" if value == () else default
             meta.append(f"`{f.name}` = {default}")

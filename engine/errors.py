@@ -56,6 +56,7 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_RUN = 36  # no such run on this node (never opened, closed, or its lease expired)
     STALE_EPOCH = 37  # the request's shard map is not the run's current one (fencing)
     NOT_FINITE = 38  # a gradient or value with NaN or infinity; nothing was applied
+    TOO_STALE = 39  # a push computed from parameters older than its max_staleness; not applied
     # 64-: node errors.
     INTERNAL = 64  # a bug or failure on the side that sends the ERROR
     UNAVAILABLE = 65  # shutting down or overloaded; try elsewhere or later
@@ -191,6 +192,7 @@ __all__ += [
     "ShapeMismatchError",
     "DTypeMismatchError",
     "NotFiniteError",
+    "TooStaleError",
     "KeyConflictError",
     "SnapshotError",
     "CheckpointError",
@@ -234,6 +236,14 @@ class NotFiniteError(ShardError):
     """A pushed gradient (or an init value) holds NaN or infinity."""
 
     code = ErrorCode.NOT_FINITE
+
+
+class TooStaleError(ShardError):
+    """A push whose parameters are more versions behind the shard's than its
+    ``max_staleness`` allows: not applied (the pusher fetches, then pushes
+    again)."""
+
+    code = ErrorCode.TOO_STALE
 
 
 class KeyConflictError(ShardError):

@@ -267,6 +267,7 @@ class Node:
             versions={str(k): v for k, v in run.shard.versions().items()},
             fenced=run.fenced,
             not_finite=run.not_finite,
+            staleness=control.StalenessReport.of(run.shard.staleness),
         )
 
     async def _status(self, request: control.Status) -> control.StatusReply:
@@ -281,6 +282,7 @@ class Node:
                     keys=len(run.shard),
                     bytes=run.memory,
                     pushes=run.shard.pushes,
+                    staleness=control.StalenessReport.of(run.shard.staleness),
                 )
                 for run in self.runs.runs.values()
             }

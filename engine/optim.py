@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -29,6 +29,7 @@ from .errors import ConfigError
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
+    "STALENESS_POLICIES",
     "Schedule",
     "Scheduled",
     "Adagrad",
@@ -47,6 +48,17 @@ class Optimizer(Protocol):
 
     name: ClassVar[str]
     learning_rate: float
+    staleness: str  # one of STALENESS_POLICIES
+
+    def staleness_factor(self, tau: int) -> float:
+        """The factor on the learning rate for a push ``tau`` versions stale.
+
+        Args:
+            tau: how many versions the push's parameters are behind (>= 0).
+
+        Returns:
+            The factor (1.0 when the policy is ``none``).
+        """
 
     def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
         """Fresh per-tensor state for ``param`` (aligned arrays of its shape and dtype).
@@ -98,22 +110,53 @@ def _positive(key: str, value: float) -> None:
         raise ConfigError(f"optimizer.{key}", value, "must be a finite number > 0")
 
 
+#: How a shard scales the step of a push computed from parameters ``tau``
+#: versions behind its own (``optimizer.staleness``): ``none`` leaves it,
+#: ``inverse`` multiplies the learning rate by ``1 / max(1, tau)`` (Zhang et
+#: al., "Staleness-aware async-SGD", IJCAI 2016).
+STALENESS_POLICIES = ("none", "inverse")
+
+
 @dataclass(frozen=True)
 class _Base:
     learning_rate: float
+    # Keyword-only: positional settings (``Momentum(0.1, 0.9)``) keep their meaning.
+    staleness: str = field(default="none", kw_only=True)
 
     def __post_init__(self) -> None:
         _positive("learning_rate", self.learning_rate)
+        if self.staleness not in STALENESS_POLICIES:
+            raise ConfigError(
+                "optimizer.staleness", self.staleness,
+                f"must be one of {', '.join(STALENESS_POLICIES)}",
+            )  # fmt: skip
         for f in dataclasses.fields(self):  # numbers as floats: no int in a float kernel call
-            object.__setattr__(self, f.name, float(getattr(self, f.name)))
+            if f.name != "staleness":
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
+
+    def staleness_factor(self, tau: int) -> float:
+        """The factor on the learning rate for a push ``tau`` versions stale.
+
+        Args:
+            tau: the shard's version when it applies the push, minus the
+                version the push's gradient was computed from (>= 0).
+
+        Returns:
+            1.0, or ``1 / max(1, tau)`` under the ``inverse`` policy.
+        """
+        return 1.0 / max(1, tau) if self.staleness == "inverse" else 1.0
 
     def to_wire(self) -> dict[str, Any]:
-        """The JSON form: ``{"name": ..., "learning_rate": ..., **settings}``.
+        """The JSON form: ``{"name": ..., "learning_rate": ..., **settings}``
+        (and ``staleness`` when it is not ``none``).
 
         Returns:
             A new dict that :func:`from_wire` takes back.
         """
-        return {"name": self.name, **dataclasses.asdict(self)}  # type: ignore[attr-defined]
+        wire = {"name": self.name, **dataclasses.asdict(self)}  # type: ignore[attr-defined]
+        if wire["staleness"] == "none":
+            del wire["staleness"]  # the form every earlier peer and snapshot has
+        return wire
 
 
 @dataclass(frozen=True)
@@ -410,6 +453,22 @@ class Scheduled:
         """The base learning rate (before the schedule's factor)."""
         return self.inner.learning_rate
 
+    @property
+    def staleness(self) -> str:
+        """The inner optimizer's staleness policy."""
+        return self.inner.staleness
+
+    def staleness_factor(self, tau: int) -> float:
+        """As the inner optimizer's.
+
+        Args:
+            tau: the push's staleness in versions.
+
+        Returns:
+            The factor on the learning rate.
+        """
+        return self.inner.staleness_factor(tau)
+
     def state(self, param: np.ndarray) -> dict[str, np.ndarray]:
         """The inner optimizer's state.
 
@@ -464,15 +523,18 @@ def settings_of(name: str) -> dict[str, Any]:
         KeyError: ``name`` is not an optimizer.
     """
     return {f.name: f.default for f in dataclasses.fields(OPTIMIZERS[name])
-            if f.name != "learning_rate"}  # fmt: skip
+            if f.name not in ("learning_rate", "staleness")}  # fmt: skip
 
 
-def make_optimizer(name: str, learning_rate: float, **settings: Any) -> Optimizer:
+def make_optimizer(
+    name: str, learning_rate: float, staleness: str = "none", **settings: Any
+) -> Optimizer:
     """Build an optimizer by name (``sgd``, ``momentum``, ``adagrad``, ``adam``).
 
     Args:
         name: the optimizer's wire name.
         learning_rate: the step size (finite, > 0).
+        staleness: one of :data:`STALENESS_POLICIES`.
         **settings: the optimizer's own settings (:func:`settings_of`), as numbers.
 
     Returns:
@@ -495,12 +557,12 @@ def make_optimizer(name: str, learning_rate: float, **settings: Any) -> Optimize
         if key not in allowed:
             raise ConfigError(
                 f"optimizer.{key}", settings[key], f"unknown setting for {name}; expected one of "
-                f"{', '.join(['learning_rate', *allowed])}",
+                f"{', '.join(['learning_rate', *allowed, 'staleness'])}",
             )  # fmt: skip
     for key, value in settings.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"optimizer.{key}", value, "must be a number")
-    return cls(learning_rate, **settings)
+    return cls(learning_rate, staleness=staleness, **settings)
 
 
 def from_wire(wire: Mapping[str, Any]) -> Optimizer:

@@ -36,15 +36,14 @@ from .config import format_address
 from .control import Op
 from .data import batch_indices, steps_per_run
 from .errors import (
-    ConnectionClosedError,
     DBNodeError,
     Diverged,
     ErrorCode,
-    NotFiniteError,
     RemoteError,
     RequestError,
 )
 from .partition_core import PartitionCore
+from .partition_sync import ShardSync
 from .pipeline import Pass, ahead, schedule
 from .placement import plan_shards
 from .ps.client import ParameterClient
@@ -66,23 +65,6 @@ log = logging.getLogger("dbnode.node")
 # Steps of at least this many floating-point operations run in a worker
 # thread (about 50 us of BLAS work; a trio thread hop costs tens of us).
 OFFLOAD_FLOPS = 1 << 22
-
-# Seconds a partition whose shard node is lost or fenced off keeps trying
-# (waiting for the driver's remap) before it gives up and fails (and its
-# replica is restarted); and how long it waits between two tries.
-REMAP_WAIT = 30.0
-RETRY_DELAY = 1.0
-
-
-def _shard_moved(exc: BaseException) -> bool:
-    """Whether ``exc`` (or every error of a group) says a shard is not where
-    this partition's map puts it: refused for a stale epoch, or its node lost."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_shard_moved(e) for e in exc.exceptions)
-    if isinstance(exc, RemoteError):
-        return exc.code in (ErrorCode.STALE_EPOCH, ErrorCode.UNKNOWN_RUN)
-    return isinstance(exc, ConnectionClosedError)
-
 
 # ------------------------------------------------------------ the runner
 
@@ -247,15 +229,7 @@ class PartitionRunner:
             fetch=job.wire_fetch,
             push=job.wire_push,
         )
-        self._remapped = trio.Event()  # set (and replaced) at every remap
-        self._skipped_update = False  # the step just taken left its update to its fetch
-        self._in_process_at: int | None = None  # the shard map epoch it was asked at
-        self._in_process_cached = False
-        self._sync_scope: trio.CancelScope | None = None  # the push or fetch in flight
-        self._ready: np.ndarray | None = None
-        self._sync_done = trio.Event()
-        self._sync_done.set()
-        self._sync_error: BaseException | None = None
+        self.sync = ShardSync(job, self.core, self.client, self.block, self.status)
         # A step that takes long enough to matter computes in a worker thread
         # (the kernels and BLAS release the GIL), so the event loop keeps
         # moving this node's frames — its pushes and fetches among them —
@@ -304,24 +278,10 @@ class PartitionRunner:
         self.cancel_scope.cancel()
         self.inbox_send.close()
 
-    @property
-    def _in_process(self) -> bool:
-        """Whether this partition's shards are all in this process (its pushes
-        and fetches are then calls, over as soon as made). Asked once per
-        shard map: a tiny step costs microseconds."""
-        if self._in_process_at != self.client.epoch:
-            self._in_process_cached = self.client.in_process(self.block)
-            self._in_process_at = self.client.epoch
-        return self._in_process_cached
-
     def remap(self, epoch: int, shards: tuple[tuple[str, int], ...]) -> None:
         """Push to and fetch from ``shards`` at shard map ``epoch`` from now on;
         a push or fetch refused for a stale epoch meanwhile is sent again."""
-        self.client.remap(epoch, list(shards))
-        self._remapped.set()
-        self._remapped = trio.Event()
-        if self._sync_scope is not None:  # waiting on the old map: send again
-            self._sync_scope.cancel()
+        self.sync.remap(epoch, shards)
 
     def _failed(self, exc: BaseException) -> None:
         if self.status.error is not None:
@@ -338,20 +298,12 @@ class PartitionRunner:
         job = self.job
         try:
             self._check_data()
-            await self.client.pull({self.block: self.core.flat})
+            await self.sync.first_fetch()
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await self._loop()
-                await self._sync_done.wait()
-                self._raise_sync_error()
-                self._install_ready()
-                if self.core.step % job.n_push:  # the last steps' gradients
-                    # Numbered on from the loop's pushes (seq = the global step),
-                    # or a restarted replica's last push is dropped as a retry.
-                    last = job.start_step + self.core.step
-                    await self._sync(self.core.take_gradients(), None, last)
-                    self._raise_sync_error()
+                await self.sync.finish()
             self.status.seconds = trio.current_time() - start
             self.status.done = True
             log.info("partition %s of run %s done: %d steps in %.1f s", job.uid, job.run,
@@ -372,29 +324,31 @@ class PartitionRunner:
             )
 
     async def _loop(self) -> None:
-        job, core, status = self.job, self.core, self.status
+        job, core, status, sync = self.job, self.core, self.status, self.sync
         order = batch_indices(job.n_examples, job.batch_size, job.epochs, job.seed + job.replica)
         # Steps before start_step were done by an earlier incarnation of the replica.
         batches = itertools.islice(order, job.start_step, None)
         if core.is_first and core.is_last:
             for step, idx in enumerate(batches, job.start_step):
-                self._install_ready()
-                local = self._local_update()
+                sync.install_ready()
+                local = sync.local_update()
+                sync.forwarded(0)
                 loss = await self._compute(core.whole_step, self.x[idx], self.y[idx], local)
                 if not math.isfinite(loss):
                     raise Diverged(f"diverged at step {step} (loss {loss})")
+                sync.backwarded(0)
                 status.loss_sum += loss * len(idx)
                 status.loss_count += len(idx)
                 status.step = step + 1
                 status.examples += len(idx)
-                await self._after_step(step)
+                await sync.after_step(step, self._nursery)
             return
         send = partial(self.service.send, self.run_state, codec=job.wire_activations)
         sizes: dict[int, int] = {}  # step -> its batch's examples, while in flight
         delta = None
         passes = schedule(job.index, len(job.bounds), job.pipeline, job.start_step, status.steps)
         for kind, step in passes:
-            self._install_ready()
+            sync.install_ready()
             slot = step % core.ahead
             if kind is Pass.FORWARD:
                 idx = next(batches)
@@ -405,6 +359,7 @@ class PartitionRunner:
                 else:
                     x, below = await self._receive(MessageKind.FORWARD, step)
                     status.lag = max(status.lag, version - below)
+                sync.forwarded(slot)
                 h = await self._compute(core.forward, x, slot)
                 self._held(x, in_flight=len(sizes))
                 if core.is_last:
@@ -420,23 +375,15 @@ class PartitionRunner:
                 continue
             if not core.is_last:
                 delta, _ = await self._receive(MessageKind.BACKWARD, step)
-            below = await self._compute(core.backward, delta, self._local_update(), slot)
+            below = await self._compute(core.backward, delta, sync.local_update(), slot)
+            sync.backwarded(slot)
             if below is not None:
                 status.count(
                     job.prev[:2], await send(job.prev, MessageKind.BACKWARD, step, below), 0
                 )
             status.step = step + 1
             status.examples += sizes.pop(step)
-            await self._after_step(step)
-
-    def _local_update(self) -> bool:
-        """Whether the backward about to run updates the local copy: not when
-        its step's fetch comes from this process at once (the fetched block
-        replaces the copy before the next pass)."""
-        core = self.core
-        local = not ((core.step + 1) % core.n_fetch == 0 and self._in_process)
-        self._skipped_update = not local  # then its fetch must land before the next pass
-        return local
+            await sync.after_step(step, self._nursery)
 
     def _held(self, x: np.ndarray, in_flight: int) -> None:
         """Record the weight versions and bytes kept for the ``in_flight``
@@ -486,94 +433,6 @@ class PartitionRunner:
         if isinstance(version, bool) or not isinstance(version, int):
             raise DBNodeError(f"partition {self.job.uid}: version {version!r} is not a count")
         return codecs.decode(frame.array), version
-
-    async def _after_step(self, step: int) -> None:
-        core = self.core
-        push, fetch = core.push_due, core.fetch_due
-        if not (push or fetch):
-            return
-        await self._sync_done.wait()  # one push/fetch in flight at a time
-        self._raise_sync_error()
-        self._install_ready()
-        grads = core.take_gradients() if push else None
-        # Every shard would refuse them, and the local copy has them already.
-        # (Shards in this process check them anyway: no second pass here.)
-        if grads is not None and not self._in_process and not kernels.all_finite(grads):
-            raise Diverged(f"diverged at step {step} (its gradients hold NaN or infinity)")
-        staging = None
-        if fetch:
-            staging = core.block()
-            core.fetch_issued()
-        self._sync_done = trio.Event()
-        if self._in_process or self._skipped_update:
-            # Shards in this process: a push is a few passes over memory, done
-            # now rather than beside the next step's GEMMs, whose threads it
-            # would only slow (two loads on the cores the step has). A step
-            # that left its update to this fetch waits for it even if a remap
-            # has moved the shards away meanwhile.
-            await self._sync(grads, staging, step)
-            self._raise_sync_error()
-        else:
-            self._nursery.start_soon(self._sync, grads, staging, step)
-
-    async def _sync(self, grads, staging, step: int) -> None:
-        done = self._sync_done
-        try:
-            # A shard node that died, froze or was fenced off: the driver
-            # restores its pieces elsewhere and remaps, and the request goes
-            # again to the new map (a remap also cancels one still waiting on
-            # the old). The shards drop whatever part of a push they had
-            # already applied, so nothing counts twice.
-            deadline = trio.current_time() + REMAP_WAIT
-            while True:
-                remapped = self._remapped
-                with trio.CancelScope() as self._sync_scope:
-                    try:
-                        await self._send(grads, staging, step)
-                        break
-                    except NotFiniteError:  # refused by a shard in this process
-                        raise Diverged(
-                            f"diverged at step {step} (its gradients hold NaN or infinity)"
-                        ) from None
-                    except Exception as exc:
-                        if not _shard_moved(exc) or trio.current_time() > deadline:
-                            raise
-                if not self._sync_scope.cancelled_caught:
-                    with trio.move_on_after(RETRY_DELAY):
-                        await remapped.wait()
-            if staging is not None:
-                self._ready = staging
-        except Exception as exc:
-            self._sync_error = exc
-        finally:
-            self._sync_scope = None
-            if grads is not None:
-                self.core.release(grads)
-            if staging is not None and self._ready is not staging:
-                self.core.release(staging)
-            done.set()
-
-    async def _send(self, grads, staging, step: int) -> None:
-        """One push (paired with a fetch into ``staging`` when given), or one fetch."""
-        if grads is not None:
-            into = None if staging is None else {self.block: staging}
-            acked = await self.client.push(
-                {self.block: grads}, pusher=self.job.pusher, seq=step, fetch_into=into
-            )
-            self.status.pushes += acked
-        elif staging is not None:
-            await self.client.pull({self.block: staging})
-
-    def _install_ready(self) -> None:
-        if self._ready is not None:
-            previous = self.core.install(self._ready)
-            if previous is not None:  # else a minibatch in flight still reads it
-                self.core.release(previous)
-            self._ready = None
-
-    def _raise_sync_error(self) -> None:
-        if self._sync_error is not None:
-            raise self._sync_error
 
 
 # ----------------------------------------------------------- the service

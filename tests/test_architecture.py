@@ -165,6 +165,7 @@ LOWER_THAN_SERVICES = ["dbnode.kernels", "dbnode.reference", "dbnode.optim", "db
                        "dbnode.threads", "dbnode.partition_core", "dbnode.metrics",
                        "dbnode.saved", "dbnode.pipeline"]  # fmt: skip
 UPPER = ["dbnode.wire", "dbnode.codecs", "dbnode.ps", "dbnode.runs", "dbnode.node", "dbnode.partition",
+         "dbnode.partition_sync",
          "dbnode.control", "dbnode.driver"]  # fmt: skip
 
 

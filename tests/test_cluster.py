@@ -463,6 +463,7 @@ def test_status_shows_a_running_run_with_its_rates(nodes, tmp_path):
                             str(secret), "--interval", "0.5", timeout=60).stdout  # fmt: skip
             parts = [line for line in table.splitlines() if "partition" in line]
         assert "  run xor-" in table and "shard " in table and "pushes" in table, table
+        assert "staleness mean " in table, table  # how stale the applied pushes were
         assert rated(parts), table
         assert any("-> 127.0.0.1:" in line for line in parts), table  # activations cross nodes
     finally:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from .. import control
 from ..aio import first_error
 from ..errors import DBNodeError, RunInterrupted, StopTraining
 from ..metrics import evaluate
@@ -185,6 +186,7 @@ async def finish(run: RunState, inputs, out_dir, start, train_seconds, ended: En
             links[link] = links.get(link, 0) + nbytes
     summary = Summary(
         pipeline=pipeline_figures(run),
+        staleness=control.StalenessReport.figures(run.staleness.values()),
         config=config.to_dict(),
         replicas=len(run.replicas),
         partitions=run.partitions,

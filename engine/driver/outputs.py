@@ -132,6 +132,10 @@ class Summary:
             and bytes (``held_bytes``) it kept for minibatches in flight, and
             the most local updates between its weights and those below
             (``lag``) (:mod:`dbnode.pipeline`).
+        staleness: how stale the pushes the shards applied were: pushes by
+            staleness in versions (``histogram``; its last bucket, 256,
+            counts that many or more), ``mean`` and ``max``, and pushes
+            ``refused`` as staler than ``train.max_staleness``.
     """
 
     config: dict[str, Any]
@@ -169,6 +173,7 @@ class Summary:
     wire_bytes: int = 0
     links: dict[str, int] = field(default_factory=dict)
     pipeline: dict[str, Any] = field(default_factory=dict)
+    staleness: dict[str, Any] = field(default_factory=dict)
 
 
 def metric_columns(task: str) -> list[str]:

@@ -149,6 +149,8 @@ class RunState:
         self.last_checkpoint: checkpoint.Checkpoint | None = None
         self.versions: dict[int, int] = {}  # piece key -> last version seen
         self.counters: dict[Address, tuple[int, int]] = {}  # host -> (fenced, not finite)
+        # host -> its shard's staleness counts (kept when it dies: they happened)
+        self.staleness: dict[Address, control.StalenessReport] = {}
         self.lost_updates = 0
         self.initial_versions = 0  # the shards' versions at the start (a resumed run's)
         self.start_examples = 0  # examples trained before this run (a resumed run's)
@@ -254,6 +256,7 @@ class RunState:
             wire_push=c.wire.push,
             wire_activations=c.wire.activations,
             pipeline=depth_of(c.train.pipeline, self.partitions),
+            max_staleness=None if c.train.max_staleness < 0 else c.train.max_staleness,
         )
 
     async def launch(self, replica: Replica, inputs: Inputs, run: bool) -> None:
@@ -528,6 +531,7 @@ class RunState:
         answers = await self.health.poll(heartbeat, rejoin)
         for host, answer in answers.items():
             self.counters[host] = (answer.fenced, answer.not_finite)
+            self.staleness[host] = answer.staleness
             for key, version in answer.versions.items():
                 piece = int(key)
                 if self.shard_hosts[self.plan.slice(piece).shard] == host:

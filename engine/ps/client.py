@@ -9,17 +9,35 @@ buffers (no gather, no scatter copies).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import trio
 
 from .. import codecs
+from ..errors import ErrorCode, RemoteError, TooStaleError
 from ..placement import ShardPlan
 from ..wire import Address, MessageKind, Peers
 from .shard import ParameterShard
 
-__all__ = ["ParameterClient"]
+__all__ = ["ParameterClient", "Pushed"]
+
+
+class Pushed(NamedTuple):
+    """What a push did, piece by piece.
+
+    Attributes:
+        applied: pieces the shards applied (or dropped as a retry's duplicate).
+        refused: the keys of pieces refused as staler than ``max_staleness``
+            (nothing applied; their fetch, if one was asked, was still made).
+        versions: piece key -> the shard's version after the push (with a
+            fetch: the fetched value's), for every piece not refused, and
+            for every piece with a fetch.
+    """
+
+    applied: int
+    refused: tuple[int, ...]
+    versions: dict[int, int]
 
 
 class ParameterClient:
@@ -185,12 +203,7 @@ class ParameterClient:
             if shard is not None:
                 versions[key] = shard.pull(key, out=view).version
             else:
-                landing = self._land(key, view)
-                reply = await self._request(
-                    MessageKind.PULL, key, into=landing, meta=self._fetch_meta
-                )
-                versions[key] = reply.seq
-                self._landed(landing, view)
+                versions[key] = await self._pull_one(key, view)
 
         await self._each(self._pieces(into), one)
         return versions
@@ -202,7 +215,9 @@ class ParameterClient:
         pusher: str,
         seq: int,
         fetch_into: dict[str, np.ndarray] | None = None,
-    ) -> int:
+        versions: dict[int, int] | None = None,
+        max_staleness: int | None = None,
+    ) -> Pushed:
         """Send gradients to be applied by the shards' optimizers.
 
         Args:
@@ -212,40 +227,83 @@ class ParameterClient:
             fetch_into: the same tensors' buffers: each piece's reply then
                 brings its values after the push (PUSH_PULL: one round trip
                 for both).
+            versions: piece key -> the version of the parameters its
+                gradient was computed from (the shards count staleness and
+                apply their policy), for every piece; None: not said.
+            max_staleness: with ``versions``: a piece staler than this is
+                refused rather than applied.
 
         Returns:
-            How many pieces the shards acknowledged (all of them).
+            What was applied, refused and fetched (:class:`Pushed`).
 
         Raises:
-            RemoteError: a shard refused (wrong shape or dtype, ...).
+            RemoteError: a shard refused (wrong shape or dtype, ...), other
+                than as too stale.
             TransportError: a shard could not be reached in time.
         """
         targets = self.plan_views(fetch_into) if fetch_into is not None else {}
         meta = {**(self._fetch_meta if targets else self._meta), "pusher": pusher}
         tag = (pusher, seq)  # a retried push sends what it sent before
+        refused: list[int] = []
+        fetched: dict[int, int] = {}
+
+        def condition(key: int) -> dict[str, int]:
+            if versions is None:
+                return {}
+            if max_staleness is None:
+                return {"version": versions[key]}
+            return {"version": versions[key], "max_staleness": max_staleness}
 
         async def one(key, view):
             shard = self._in_process(key)
             if shard is not None:
                 grad = self._encoder.sent(key, view, tag)
-                if targets:
-                    shard.push_pull(key, grad, pusher=pusher, seq=seq, out=targets[key])
-                else:
-                    shard.push(key, grad, pusher=pusher, seq=seq)
+                try:
+                    if targets:
+                        fetched[key] = shard.push_pull(
+                            key, grad, pusher=pusher, seq=seq, out=targets[key], **condition(key)
+                        ).version
+                    else:
+                        fetched[key] = shard.push(key, grad, pusher=pusher, seq=seq,
+                                                  **condition(key))  # fmt: skip
+                except TooStaleError:
+                    refused.append(key)
+                    if targets:
+                        fetched[key] = shard.pull(key, out=targets[key]).version
                 return
             wire = self._encoder.encode(key, view, tag)
-            if targets:
-                landing = self._land(key, targets[key])
-                await self._request(
-                    MessageKind.PUSH_PULL, key, array=wire, seq=seq, meta=meta, into=landing
-                )
-                self._landed(landing, targets[key])
-            else:
-                await self._request(MessageKind.PUSH, key, array=wire, seq=seq, meta=meta)
+            piece_meta = {**meta, **condition(key)} if versions is not None else meta
+            try:
+                if targets:
+                    landing = self._land(key, targets[key])
+                    reply = await self._request(
+                        MessageKind.PUSH_PULL, key, array=wire, seq=seq, meta=piece_meta,
+                        into=landing,
+                    )  # fmt: skip
+                    fetched[key] = reply.seq
+                    self._landed(landing, targets[key])
+                else:
+                    reply = await self._request(
+                        MessageKind.PUSH, key, array=wire, seq=seq, meta=piece_meta
+                    )
+                    fetched[key] = reply.seq
+            except RemoteError as exc:
+                if exc.code != ErrorCode.TOO_STALE:
+                    raise
+                refused.append(key)
+                if targets:
+                    fetched[key] = await self._pull_one(key, targets[key])
 
         pieces = self._pieces(grads)
         await self._each(pieces, one)
-        return len(pieces)
+        return Pushed(len(pieces) - len(refused), tuple(sorted(refused)), fetched)
+
+    async def _pull_one(self, key: int, view: np.ndarray) -> int:
+        """Fetch piece ``key`` from another process into ``view``; its version."""
+        landing = self._land(key, view)
+        reply = await self._request(MessageKind.PULL, key, into=landing, meta=self._fetch_meta)
+        self._landed(landing, view)
+        return reply.seq
 
     def _land(self, key: int, view: np.ndarray) -> np.ndarray:
         """Where a fetched piece arrives: ``view`` itself, or a buffer of the

@@ -159,7 +159,8 @@ class ShardService:
         return codecs.decode(array, out=self._scratch[: array.size].reshape(array.shape))
 
     def _apply(self, run: NodeRun, frame: Frame) -> int:
-        pusher = frame.meta.get("pusher")
+        meta = frame.meta
+        pusher = meta.get("pusher")
         try:
             # Without a pusher a push is not deduplicated: its seq means nothing.
             return run.shard.push(
@@ -167,6 +168,8 @@ class ShardService:
                 self._gradient(frame.array),
                 pusher=pusher,
                 seq=frame.seq if pusher is not None else None,
+                version=meta.get("version"),
+                max_staleness=meta.get("max_staleness"),
             )
         except NotFiniteError:
             run.not_finite += 1

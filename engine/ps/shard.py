@@ -37,17 +37,24 @@ from ..errors import (
     ShapeMismatchError,
     ShardError,
     SnapshotError,
+    TooStaleError,
     UnknownKeyError,
 )
 from ..optim import OPTIMIZERS, Optimizer, Schedule, Scheduled, from_wire
 from . import snapshot
 
 __all__ = [
+    "STALENESS_BUCKETS",
     "ParameterShard",
     "Pulled",
+    "Staleness",
 ]
 
 _MAX_U64 = 2**64 - 1
+
+#: The staleness histogram's last bucket: it counts pushes this many
+#: versions stale or more (the mean and max stay exact).
+STALENESS_BUCKETS = 256
 
 
 # ------------------------------------------------------------------ state
@@ -136,6 +143,31 @@ def _check_key(key) -> int:
     return int(key)
 
 
+@dataclass(eq=False)
+class Staleness:
+    """How stale the pushes a shard applied were, counted as they come.
+
+    Attributes:
+        histogram: staleness in versions -> pushes applied (piece updates);
+            the last bucket, :data:`STALENESS_BUCKETS`, counts that many or more.
+        total: the staleness summed over those pushes (exact).
+        max: the largest (exact).
+        refused: pushes refused for being staler than their ``max_staleness``.
+    """
+
+    histogram: dict[int, int] = field(default_factory=dict)
+    total: int = 0
+    max: int = 0
+    refused: int = 0
+
+    def add(self, tau: int) -> None:
+        """Count one applied push ``tau`` versions stale."""
+        bucket = min(tau, STALENESS_BUCKETS)
+        self.histogram[bucket] = self.histogram.get(bucket, 0) + 1
+        self.total += tau
+        self.max = max(self.max, tau)
+
+
 # ------------------------------------------------------------------ shard
 
 
@@ -159,6 +191,7 @@ class ParameterShard:
         self.shard_id = int(shard_id)
         self._tensors: dict[int, _Tensor] = {}
         self._rejected_unknown = 0  # pushes to keys the shard does not hold
+        self.staleness = Staleness()
 
     # -- introspection ------------------------------------------------------
 
@@ -397,10 +430,19 @@ class ParameterShard:
         return Pulled(out, t.version)
 
     def push(
-        self, key: int, grad: np.ndarray, *, pusher: str | None = None, seq: int | None = None
-    ) -> int:
+        self, key: int, grad: np.ndarray, *, pusher: str | None = None, seq: int | None = None,
+        version: int | None = None, max_staleness: int | None = None,
+    ) -> int:  # fmt: skip
         """Apply ``grad`` to tensor ``key`` with its optimizer, in place, and
         return the new version.
+
+        Staleness: ``version`` is the version of the parameters the gradient
+        was computed from; the push's staleness is the shard's version when
+        it applies it minus that (0 if the pusher is ahead, e.g. after a
+        restore from an older checkpoint). It is counted in
+        :attr:`staleness`, scales the step by the optimizer's policy
+        (``staleness_factor``) and, with ``max_staleness``, a push staler
+        than that is refused (:class:`TooStaleError`, nothing applied).
 
         ``grad`` must have exactly the tensor's shape and dtype; it is checked
         before anything is touched, so a rejected push leaves parameters,
@@ -418,7 +460,8 @@ class ParameterShard:
 
         Raises:
             UnknownKeyError, ShapeMismatchError, DTypeMismatchError,
-            ShardError (bad pusher/seq or a non-array gradient).
+            ShardError (bad pusher/seq/version/max_staleness or a non-array
+            gradient), TooStaleError.
         """
         t = self._tensors.get(key) if isinstance(key, (int, np.integer)) else None
         if t is None:
@@ -426,12 +469,29 @@ class ParameterShard:
             self._get(key)  # raises UnknownKeyError
         try:
             self._check_push(t, grad, pusher, seq)
+            for name, value in (("version", version), ("max_staleness", max_staleness)):
+                if value is not None and not _is_uint(value):
+                    raise ShardError(
+                        t.key, f"key {t.key} ({t.name}): {name} must be an integer in "
+                        f"[0, 2**64), got {value!r}",
+                    )  # fmt: skip
         except ShardError:
             t.rejected += 1
             raise
         if pusher is not None and seq <= t.last_seq.get(pusher, -1):
             t.duplicates += 1
             return t.version
+        scale = t.scale
+        if version is not None:
+            tau = max(0, t.version - int(version))
+            if max_staleness is not None and tau > max_staleness:
+                self.staleness.refused += 1
+                raise TooStaleError(
+                    t.key, f"key {t.key} ({t.name}): the push is {tau} versions stale, "
+                    f"more than its max_staleness {max_staleness}",
+                )  # fmt: skip
+            self.staleness.add(tau)
+            scale *= t.optimizer.staleness_factor(tau)
         if t.pins:
             # A zero-copy send of the current buffer is in flight: leave it
             # to the send and update a copy (see pin).
@@ -439,7 +499,7 @@ class ParameterShard:
             t.pins = 0
         # Checked above, so the kernel cannot fail half-way: it validates its
         # operands before it writes, and they are now known to be valid.
-        t.optimizer.apply(t.value, grad, t.state, t.version + 1, t.scale)
+        t.optimizer.apply(t.value, grad, t.state, t.version + 1, scale)
         t.version += 1
         t.pushes += 1
         if pusher is not None:
@@ -448,14 +508,16 @@ class ParameterShard:
 
     def push_pull(
         self, key: int, grad: np.ndarray, *, pusher: str | None = None, seq: int | None = None,
+        version: int | None = None, max_staleness: int | None = None,
         out: np.ndarray | None = None,
     ) -> Pulled:  # fmt: skip
         """:meth:`push`, then :meth:`pull`: the updated parameters (a copy,
         into ``out`` if given) and the version after the push. A duplicate
-        push is dropped as in :meth:`push` and the current value returned."""
+        push is dropped as in :meth:`push` and the current value returned;
+        a push too stale raises as :meth:`push`'s (pull then)."""
         if out is not None:
             self._check_out(self._get(key), out)  # before the push is applied
-        self.push(key, grad, pusher=pusher, seq=seq)
+        self.push(key, grad, pusher=pusher, seq=seq, version=version, max_staleness=max_staleness)
         return self.pull(key, out=out)
 
     def _check_out(self, t: _Tensor, out) -> None:
