@@ -5,7 +5,8 @@ A run config has these sections::
     [model]      layers, activation, output, loss, dtype, init, partitions
     [data]       train, test, test_fraction
     [train]      replicas | examples_per_replica, batch_size, epochs,
-                 n_fetch, n_push, pipeline, max_staleness, seed, eval_interval,
+                 n_fetch, n_push, pipeline, max_staleness, warmstart_steps, seed,
+                 eval_interval,
                  early_stopping = {patience, metric, min_delta}
     [schedule]   name, every, factor, min_factor, patience, metric
     [optimizer]  name, learning_rate, and the named optimizer's own settings
@@ -111,6 +112,9 @@ class TrainConfig:
         pipeline: minibatches a replica in several layer partitions keeps
             in flight (:mod:`dbnode.pipeline`); 0: one per partition; 1:
             one at a time (no pipelining).
+        warmstart_steps: the first replica trains alone for this many
+            steps before the others start from the shards' parameters (the
+            paper's warmstarting; 0: all start at once).
         max_staleness: the shards refuse a push computed from parameters
             more than this many versions behind theirs, and its replica
             fetches before pushing again (SSP-style); -1: no bound.
@@ -128,6 +132,7 @@ class TrainConfig:
     n_push: int = 1
     pipeline: int = 0
     max_staleness: int = -1
+    warmstart_steps: int = 0
     seed: int = 0
     eval_interval: float = 2.0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -374,6 +379,8 @@ class RunConfig:
                 "train.pipeline", t.pipeline,
                 f"must be in [0, {MAX_PIPELINE}] (0: one minibatch in flight per partition)",
             )  # fmt: skip
+        if t.warmstart_steps < 0:
+            raise ConfigError("train.warmstart_steps", t.warmstart_steps, "must be >= 0")
         if t.max_staleness < -1:
             raise ConfigError(
                 "train.max_staleness", t.max_staleness, "must be >= 0, or -1 for no bound"

@@ -215,3 +215,21 @@ def test_free_replicas_are_stale_and_a_bound_holds(cluster, tmp_path):
     # What was refused was never applied, and the run still learns.
     assert bounded.pushes["applied"] == bounded.pushes["acknowledged"]
     assert bounded.test_accuracy > 0.5  # ten classes: chance is 0.1
+
+
+def test_warmstart_runs_the_first_replica_alone_then_the_others(cluster, tmp_path):
+    """Warmed for longer than its whole schedule, the first replica trains
+    alone to its end; only then does the second start, from the shards'
+    parameters: one replica at a time, so no push is ever stale."""
+    summary = _run(cluster, tmp_path, replicas=2, warmstart_steps=10_000)
+    (event,) = [e for e in summary.events if e["event"] == "warmstart done"]
+    steps_each = summary.pushes["applied"] // 2
+    assert event["replica"] == 0 and event["steps"] == steps_each
+    assert summary.staleness["histogram"] == {"0": summary.pushes["applied"]}
+    assert summary.examples == 2 * (1797 - 359)  # both epochs of the 1,797 less 359 held out
+    assert summary.test_accuracy > 0.5
+
+
+def test_warmstart_steps_must_not_be_negative():
+    with pytest.raises(ConfigError, match="train.warmstart_steps"):
+        RunConfig.from_dict({"model": {"layers": [2, 1]}, "train": {"warmstart_steps": -1}})

@@ -289,10 +289,17 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
         run.start_examples = sum(r.base_examples for r in run.replicas)
         run.lineage.add(inputs.resume.run_id)
         run.event("resumed", checkpoint=str(inputs.resume.path))
+    # Warmstart: the first replica alone, the others created but held
+    # (a resumed run was warmed already).
+    warm = config.train.warmstart_steps if inputs.resume is None else 0
     for replica in run.replicas:
+        replica.held = bool(warm) and replica is not run.replicas[0]
         await run.launch(replica, inputs, run=False)
-    for host in run.hosts:
-        await run.control(host, control.Run(run=run.id))
+    if warm:
+        await run.set_running(run.replicas[:1], 0.0)
+    else:
+        for host in run.hosts:
+            await run.control(host, control.Run(run=run.id))
 
     ended = Ending()
     with trio.CancelScope() as loop_scope:
@@ -451,6 +458,14 @@ async def _watch_in(
             replica.done = all(s is not None and s.done for s in mine)
         if window_count:
             run.last_loss = window_sum / window_count
+        held = [r for r in run.replicas if r.held]
+        if held:
+            first = run.replicas[0]
+            steps = first.last.step if first.last is not None else 0
+            if steps >= config.train.warmstart_steps or first.over:
+                # From here the others fetch the shards' parameters: the warm model.
+                await run.set_running(held, time.monotonic() - start)
+                run.event("warmstart done", replica=first.index, steps=steps)
         examples = sum(r.examples for r in run.replicas)
         finished = all(r.over for r in run.replicas)
         now = time.monotonic()
@@ -504,7 +519,7 @@ async def _watch_in(
             )
             reported_events = len(run.events)
         if finished:
-            seconds = [r.last.seconds for r in run.replicas if r.done and r.last]
+            seconds = [r.offset + r.last.seconds for r in run.replicas if r.done and r.last]
             return max(seconds, default=now - start)
 
 

@@ -65,6 +65,8 @@ class Replica:
     links_before: dict[str, int] = field(default_factory=dict)
     links_now: dict[int, dict[str, int]] = field(default_factory=dict)
     reports: dict[int, control.PartitionReport] = field(default_factory=dict)  # latest, by index
+    held: bool = False  # created, waiting for the warmstart to end before it runs
+    offset: float = 0.0  # seconds into training when it was set running
 
     @property
     def links(self) -> dict[str, int]:
@@ -259,6 +261,19 @@ class RunState:
             max_staleness=None if c.train.max_staleness < 0 else c.train.max_staleness,
         )
 
+    async def set_running(self, replicas: list[Replica], at: float) -> None:
+        """Set the (created, held) partitions of ``replicas`` running.
+
+        Args:
+            replicas: the replicas.
+            at: seconds into training (their :attr:`Replica.offset`).
+        """
+        for host in dict.fromkeys(h for r in replicas for h in r.hosts):
+            uids = tuple(u for r in replicas for h, u in zip(r.hosts, r.uids) if h == host)
+            await self.control(host, control.Run(run=self.id, uids=uids), timeout=self.op_timeout)
+        for replica in replicas:
+            replica.held, replica.offset = False, at
+
     async def launch(self, replica: Replica, inputs: Inputs, run: bool) -> None:
         """Create a replica's partitions on their nodes and give them its data."""
         replica.uids = [next(self._uids) for _ in range(self.partitions)]
@@ -317,7 +332,7 @@ class RunState:
                 ", ".join(format_address(h) for h in replica.hosts),
             )
             try:
-                await self.launch(replica, inputs, run=True)
+                await self.launch(replica, inputs, run=not replica.held)
                 break
             except NodeUnreachable as exc:  # one of its new nodes failed meanwhile
                 self.health.declare_dead(exc.host, exc)
