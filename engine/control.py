@@ -489,9 +489,10 @@ class PartitionJob(Request):
     @property
     def pusher(self) -> str:
         """The name this partition pushes under."""
-        # A restarted replica pushes under a new name: its sequence numbers
-        # start again, and the shards must not take them for retries.
-        return f"r{self.replica}p{self.index}i{self.incarnation}"
+        # The same in every incarnation of the replica: its sequence numbers
+        # are global steps, so a restarted replica's push of a step that an
+        # earlier incarnation had pushed already is dropped as a retry.
+        return f"r{self.replica}p{self.index}"
 
 
 @dataclass(frozen=True)

@@ -321,7 +321,7 @@ def test_stats():
         "key": 7, "name": "layer0.weight[0:4]", "shape": [4, 3], "dtype": "float64", "version": 1,
         "pushes": 1, "duplicates": 0, "rejected": 0, "bytes": 96, "state_bytes": 96,
         "optimizer": {"name": "momentum", "learning_rate": 0.1, "momentum": 0.8}, "scale": 1.0,
-        "pushers": 1,
+        "pushers": 1, "last_seq": {"p": 1},
     }  # fmt: skip
     assert t8["bytes"] == 32 and t8["version"] == 0
     assert st["totals"] == {"tensors": 2, "bytes": 128, "state_bytes": 128, "pushes": 1,

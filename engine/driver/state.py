@@ -21,6 +21,7 @@ import trio
 from .. import control, kernels
 from ..blocks import block_views, blocks, pack_block
 from ..config import RunConfig, format_address
+from ..data import examples_after
 from ..errors import DBNodeError, NodeUnreachable, RemoteError, TransportError
 from ..pipeline import depth_of
 from ..ps.client import ParameterClient
@@ -292,6 +293,29 @@ class RunState:
                     host, control.Run(run=self.id, uids=uids), timeout=self.op_timeout
                 )
 
+    async def _applied_through(self, replica: Replica) -> int | None:
+        """Where a restarted replica goes on: the first step whose gradients
+        some partition of it has not had applied, as the shards say (each
+        piece's last applied ``seq`` from the replica's pushers). Its last
+        report may be late by a heartbeat, and its partitions are at
+        different steps: restarting there, every step is applied exactly
+        once (pushes already applied are dropped as retries). None when a
+        shard cannot tell."""
+        try:
+            stats = await self.client.stats()
+        except DBNodeError as exc:
+            log.warning("replica %d: the shards' last pushes unknown (%s)", replica.index, exc)
+            return None
+        last_seq = {t["key"]: t["last_seq"] for node in stats for t in node["tensors"]}
+        steps = []
+        for index in range(self.partitions):
+            pusher = f"r{replica.index}p{index}"  # control.PartitionJob.pusher
+            for piece in self.plan.pieces(f"block{index}"):
+                if piece.key not in last_seq:
+                    return None
+                steps.append(last_seq[piece.key].get(pusher, replica.start_step - 1) + 1)
+        return min(steps)
+
     async def restart(
         self, replica: Replica, inputs: Inputs, reason: str, node_failure: bool
     ) -> None:
@@ -315,7 +339,13 @@ class RunState:
                     f"replica {replica.index} failed {replica.failures} times; last: {reason}"
                 )
         await self._stop_partitions(replica)  # the survivors wait for peers that are gone
-        if replica.last is not None:
+        applied = await self._applied_through(replica)
+        if applied is not None:
+            replica.start_step = applied
+            replica.base_examples = examples_after(
+                replica.n_examples, self.config.train.batch_size, applied
+            )
+        elif replica.last is not None:
             replica.base_examples += replica.last.examples
             replica.start_step = replica.last.step
         replica.incarnation, replica.last = replica.incarnation + 1, None

@@ -567,7 +567,7 @@ class ParameterShard:
     def stats(self) -> dict[str, Any]:
         """JSON-ready statistics: ``{"shard", "tensors": [per key: key, name,
         shape, dtype, version, pushes, duplicates, rejected, bytes,
-        state_bytes, optimizer, pushers], "totals": {tensors, bytes,
+        state_bytes, optimizer, scale, pushers, last_seq (by pusher)], "totals": {tensors, bytes,
         state_bytes, pushes, duplicates, rejected}}``. ``rejected`` in the
         totals includes pushes to unknown keys."""
         tensors = []
@@ -584,6 +584,7 @@ class ParameterShard:
                 "optimizer": t.optimizer.to_wire(),
                 "scale": t.scale,
                 "pushers": len(t.last_seq),
+                "last_seq": dict(t.last_seq),
             })  # fmt: skip
         counters = ("bytes", "state_bytes", "pushes", "duplicates", "rejected")
         totals = {k: sum(d[k] for d in tensors) for k in counters}

