@@ -118,6 +118,12 @@ class TrainConfig:
         max_staleness: the shards refuse a push computed from parameters
             more than this many versions behind theirs, and its replica
             fetches before pushing again (SSP-style); -1: no bound.
+        portion_steps: steps per leased portion of a replica's schedule
+            (:mod:`dbnode.driver.leases`); 0: an eighth of an epoch, in
+            whole push periods.
+        backups: a replica that has trained its own portions takes over
+            the later portions of the slowest other one, or trains a copy
+            of its last (the first copy to push a step has it applied).
         seed: for initialisation, data order and the held-out split.
         eval_interval: seconds between evaluations (besides one at the end
             of every epoch).
@@ -133,6 +139,8 @@ class TrainConfig:
     pipeline: int = 0
     max_staleness: int = -1
     warmstart_steps: int = 0
+    portion_steps: int = 0
+    backups: bool = True
     seed: int = 0
     eval_interval: float = 2.0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -379,8 +387,9 @@ class RunConfig:
                 "train.pipeline", t.pipeline,
                 f"must be in [0, {MAX_PIPELINE}] (0: one minibatch in flight per partition)",
             )  # fmt: skip
-        if t.warmstart_steps < 0:
-            raise ConfigError("train.warmstart_steps", t.warmstart_steps, "must be >= 0")
+        for key in ("warmstart_steps", "portion_steps"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 0")
         if t.max_staleness < -1:
             raise ConfigError(
                 "train.max_staleness", t.max_staleness, "must be >= 0, or -1 for no bound"
@@ -603,6 +612,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(key, value, "must be a string")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "must be true or false")
         return value
     raise TypeError(f"unsupported config type {hint!r} for {key}")  # pragma: no cover
 

@@ -448,6 +448,10 @@ class PartitionJob(Request):
             (:func:`dbnode.pipeline.depth_of`).
         max_staleness: the shards refuse a push computed from parameters
             more versions behind theirs than this (None: any).
+        end_step: where it stops (0: the end of the schedule); a backup
+            trains the steps ``[start_step, end_step)`` of another's schedule.
+        portion_steps: steps per leased portion of the schedule (0: one
+            portion); its pushes are named after their portion (:meth:`pusher`).
     """
 
     op: ClassVar[Op] = Op.START
@@ -480,19 +484,30 @@ class PartitionJob(Request):
     wire_activations: str = in_meta(string(CODECS), "f32", omit_default=True)
     pipeline: int = in_meta(integer(1), 1, omit_default=True)
     max_staleness: int | None = in_meta(optional(_COUNT), None, omit_default=True)
+    end_step: int = in_meta(_COUNT, 0, omit_default=True)
+    portion_steps: int = in_meta(_COUNT, 0, omit_default=True)
 
     @property
     def spec(self) -> ModelSpec:
         """The model (the ``model`` field)."""
         return self.model
 
-    @property
-    def pusher(self) -> str:
-        """The name this partition pushes under."""
-        # The same in every incarnation of the replica: its sequence numbers
-        # are global steps, so a restarted replica's push of a step that an
-        # earlier incarnation had pushed already is dropped as a retry.
-        return f"r{self.replica}p{self.index}"
+    def pusher(self, step: int) -> str:
+        """The name this partition pushes ``step``'s gradients under."""
+        # The same in every incarnation of the replica and in any backup of
+        # its portion: sequence numbers are steps of its schedule, so a push
+        # of a step that another had pushed already is dropped as a retry.
+        # One name per portion: a backup of a later portion never makes the
+        # shards drop the replica's own pushes of an earlier one.
+        return pusher_name(self.replica, self.index, self.portion_steps, step)
+
+
+def pusher_name(replica: int, index: int, portion_steps: int, step: int) -> str:
+    """The name partition ``index`` of replica ``replica``'s schedule (or a
+    backup of it) pushes ``step``'s gradients under: one per portion of
+    ``portion_steps`` steps (0: one for the whole schedule)."""
+    name = f"r{replica}p{index}"
+    return f"{name}q{step // portion_steps}" if portion_steps else name
 
 
 @dataclass(frozen=True)

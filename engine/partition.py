@@ -184,9 +184,13 @@ class PartitionRunner:
         self.job = job
         self.service = service
         self.run_state = run
-        self.status = PartitionStatus(
-            step=job.start_step, steps=steps_per_run(job.n_examples, job.batch_size, job.epochs)
-        )
+        steps = steps_per_run(job.n_examples, job.batch_size, job.epochs)
+        if job.end_step and not job.start_step < job.end_step <= steps:
+            raise ValueError(
+                f"end_step {job.end_step} is not in (start_step {job.start_step}, {steps}]"
+            )
+        steps = job.end_step or steps
+        self.status = PartitionStatus(step=job.start_step, steps=steps)
         self.started = False
         self.reserved = 0  # bytes of the node's memory budget granted to it
         self.cancel_scope = trio.CancelScope()
@@ -327,7 +331,7 @@ class PartitionRunner:
         job, core, status, sync = self.job, self.core, self.status, self.sync
         order = batch_indices(job.n_examples, job.batch_size, job.epochs, job.seed + job.replica)
         # Steps before start_step were done by an earlier incarnation of the replica.
-        batches = itertools.islice(order, job.start_step, None)
+        batches = itertools.islice(order, job.start_step, self.status.steps)
         if core.is_first and core.is_last:
             for step, idx in enumerate(batches, job.start_step):
                 sync.install_ready()

@@ -158,8 +158,15 @@ class ShardSync:
             nursery: where a push or fetch to another process goes on in
                 the background.
         """
-        core = self.core
-        push, fetch = core.push_due, core.fetch_due or self._fetch_now
+        core, portion = self.core, self.job.portion_steps
+        # Push periods are counted in steps of the schedule, whatever step a
+        # copy starts at, and a portion's last step ends one: every copy of a
+        # portion (a restarted or backup one) pushes the same steps under the
+        # same seq, so the shards can drop the one that comes second.
+        push = self._acc_versions is not None and (
+            (step + 1) % self.job.n_push == 0 or (portion > 0 and (step + 1) % portion == 0)
+        )
+        fetch = core.fetch_due or self._fetch_now
         if not (push or fetch):
             return
         await self._done.wait()  # one push/fetch in flight at a time
@@ -205,7 +212,7 @@ class ShardSync:
         await self._done.wait()
         self.raise_error()
         self.install_ready()
-        if self.core.step % job.n_push:  # the last steps' gradients
+        if self._acc_versions is not None:  # the last steps' gradients
             # Numbered on from the loop's pushes (seq = the global step),
             # or a restarted replica's last push is dropped as a retry.
             last = job.start_step + self.core.step
@@ -261,7 +268,7 @@ class ShardSync:
             return
         into = None if staging is None else {self.block: staging}
         pushed = await self.client.push(
-            {self.block: grads}, pusher=self.job.pusher, seq=step, fetch_into=into,
+            {self.block: grads}, pusher=self.job.pusher(step), seq=step, fetch_into=into,
             versions=versions, max_staleness=self.job.max_staleness,
         )  # fmt: skip
         self.status.pushes += pushed.applied

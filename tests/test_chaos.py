@@ -87,7 +87,12 @@ def calm(tmp_path_factory):
 
 
 def test_an_undisturbed_run_applies_exactly_what_was_acknowledged(calm):
-    assert calm["pushes"]["acknowledged"] == calm["pushes"]["applied"] > 0
+    # Every acknowledged push is in the model or was dropped as a copy of one
+    # that is (a backup's); copies the driver stopped may have pushed after
+    # their last report, so acknowledged may fall short. Without backups
+    # the two are equal (tests/test_leases.py: as many applied either way).
+    pushes = calm["pushes"]
+    assert 0 < pushes["acknowledged"] <= pushes["applied"] + pushes["duplicates"]
     assert calm["lost_updates"] == 0 and calm["dead_nodes"] == []
 
 
@@ -107,5 +112,8 @@ def test_a_run_survives_kills_freezes_and_restarts(cluster, tmp_path, calm, seed
     # twice); acknowledged pushes missing from the model are counted lost,
     # but for those that reached a shard node after its last heartbeat.
     assert pushes["applied"] <= pushes["acknowledged"] * 1.05 + 200, (done, summary)
-    assert pushes["applied"] + lost >= pushes["acknowledged"] * 0.9, (done, summary)
+    assert pushes["applied"] + pushes["duplicates"] + lost >= pushes["acknowledged"] * 0.9, (
+        done,
+        summary,
+    )
     assert "Traceback" not in err

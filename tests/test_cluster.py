@@ -15,8 +15,9 @@ import pytest
 import dbnode
 from dbnode.config import RunConfig
 from dbnode.data import XOR_ROWS, XOR_TARGETS
-from dbnode.driver import load_data, plan, train
+from dbnode.driver import load_data, train
 from dbnode.driver.inputs import shard_optimizer
+from dbnode.driver.plan import plan  # the function: the package name is also its module
 from dbnode.model import init_params, load_params, predict
 from dbnode.optim import from_wire, make_optimizer
 from dbnode.trainer import Trainer

@@ -147,10 +147,12 @@ async def finish(run: RunState, inputs, out_dir, start, train_seconds, ended: En
     divergence. A failed run keeps what can still be read, then raises."""
     config = run.config
     final: dict[str, np.ndarray] | None = None
+    duplicates = 0
     try:
         if not (ended.early or ended.error):
             await run.poll()  # the shards' final versions
         final = await run.model()
+        duplicates = await run.duplicates()
         if run.checkpoint_dir is not None:
             await run.checkpoint()
     except (DBNodeError, trio.TooSlowError, BaseExceptionGroup) as exc:
@@ -158,7 +160,7 @@ async def finish(run: RunState, inputs, out_dir, start, train_seconds, ended: En
             raise
         log.warning("the final model could not be read: %s", first_error(exc))
     seconds = time.monotonic() - start
-    trained = sum(r.examples for r in run.replicas)
+    trained = run.trained_examples()
     figures = await evaluate_model(run, inputs, final) if final is not None else {}
     run.history.append(metrics_row(run, inputs, seconds, trained, run.last_loss, figures))
     if run.stopper.on and final is not None:
@@ -220,8 +222,11 @@ async def finish(run: RunState, inputs, out_dir, start, train_seconds, ended: En
         diverged=diverged,
         lost_updates=run.lost_updates,
         pushes={
-            "acknowledged": sum(r.acknowledged for r in run.replicas),
+            "acknowledged": sum(
+                r.acknowledged + sum(b.acknowledged for b in r.backups) for r in run.replicas
+            ),
             "applied": sum(run.versions.values()) - run.initial_versions,
+            "duplicates": duplicates,
         },
         fenced_requests=fenced,
         refused_not_finite=not_finite,

@@ -110,10 +110,12 @@ class Summary:
         diverged: replicas whose loss stopped being finite.
         lost_updates: pushes lost with dead shard nodes (applied after the
             copy they were restored from was taken).
-        pushes: piece updates the shards acknowledged to the replicas
-            (``acknowledged``, as far as the driver heard) and those the
-            final model holds (``applied``): equal in a run that lost
-            nothing, since a retried push is never applied twice.
+        pushes: piece updates the shards acknowledged to the replicas and
+            their backups (``acknowledged``, as far as the driver heard),
+            those the final model holds (``applied``), and the pushes the
+            shards dropped as copies of one already applied (``duplicates``:
+            a backup's or a retry's). In a run that lost nothing,
+            acknowledged = applied + duplicates.
         fenced_requests: shard requests refused for a stale shard map.
         refused_not_finite: pushes the shards refused for NaN or infinity.
         warnings: what the user should look at.

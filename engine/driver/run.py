@@ -435,14 +435,7 @@ async def _watch_in(
                 continue
             failure, by_node, mine = _replica_state(run, replica, answers)
             replica.saw(mine)
-            if mine[-1] is not None:
-                last = mine[-1]
-                replica.last = last
-                seen_sum, seen_count = replica.seen_loss
-                if math.isfinite(last.loss_sum):
-                    window_sum += last.loss_sum - seen_sum
-                    window_count += last.loss_count - seen_count
-                    replica.seen_loss = (last.loss_sum, last.loss_count)
+            window_sum, window_count = _count_loss(replica, mine, window_sum, window_count)
             diverged = next(
                 (s.error.removeprefix("Diverged: ") for s in mine if s and s.diverged), None
             )
@@ -456,6 +449,17 @@ async def _watch_in(
                 await run.restart(replica, inputs, failure, node_failure=by_node)
                 continue
             replica.done = all(s is not None and s.done for s in mine)
+        for backup in run.running_backups:
+            failure, _, mine = _replica_state(run, backup, answers)
+            backup.saw(mine)
+            window_sum, window_count = _count_loss(backup, mine, window_sum, window_count)
+            failure = failure or next((s.error for s in mine if s and s.diverged), None)
+            if failure:
+                await run.backup_failed(backup, failure)
+            else:
+                backup.done = all(s is not None and s.done for s in mine)
+        await run.lease_backups(inputs)
+        await run.settle()
         if window_count:
             run.last_loss = window_sum / window_count
         held = [r for r in run.replicas if r.held]
@@ -466,7 +470,7 @@ async def _watch_in(
                 # From here the others fetch the shards' parameters: the warm model.
                 await run.set_running(held, time.monotonic() - start)
                 run.event("warmstart done", replica=first.index, steps=steps)
-        examples = sum(r.examples for r in run.replicas)
+        examples = run.trained_examples()
         finished = all(r.over for r in run.replicas)
         now = time.monotonic()
         if not finished:
@@ -519,8 +523,24 @@ async def _watch_in(
             )
             reported_events = len(run.events)
         if finished:
+            if any(r.backups for r in run.replicas):  # it waited for them all
+                return now - start
             seconds = [r.offset + r.last.seconds for r in run.replicas if r.done and r.last]
             return max(seconds, default=now - start)
+
+
+def _count_loss(replica: Replica, mine: list, window_sum: float, window_count: float):
+    """Take a replica's last partition's report (if it came) as its last,
+    adding the loss it reports since the last look to the window's."""
+    last = mine[-1]
+    if last is not None:
+        replica.last = last
+        seen_sum, seen_count = replica.seen_loss
+        if math.isfinite(last.loss_sum):
+            window_sum += last.loss_sum - seen_sum
+            window_count += last.loss_count - seen_count
+            replica.seen_loss = (last.loss_sum, last.loss_count)
+    return window_sum, window_count
 
 
 async def _send_scale(run: RunState) -> None:

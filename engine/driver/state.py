@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import trio
 from .. import control, kernels
 from ..blocks import block_views, blocks, pack_block
 from ..config import RunConfig, format_address
-from ..data import examples_after
+from ..data import examples_after, steps_per_run
 from ..errors import DBNodeError, NodeUnreachable, RemoteError, TransportError
 from ..pipeline import depth_of
 from ..ps.client import ParameterClient
@@ -30,6 +31,7 @@ from ..wire import Address, Peers
 from . import checkpoint
 from .health import FailureDetector
 from .inputs import Inputs, identity_hash, run_identity
+from .leases import backup_range, first_unapplied, portion_steps
 from .outputs import MetricsLog, metric_columns
 from .plan import layout
 from .recovery import ShardBackups, Source, lost_updates
@@ -68,6 +70,14 @@ class Replica:
     reports: dict[int, control.PartitionReport] = field(default_factory=dict)  # latest, by index
     held: bool = False  # created, waiting for the warmstart to end before it runs
     offset: float = 0.0  # seconds into training when it was set running
+    # Leases (dbnode.driver.leases): where its job stops (0: its schedule's
+    # end), where its own share ends now that backups took the rest, the
+    # backups of its schedule, and the backup it runs for another.
+    end_step: int = 0
+    share_end: int | None = None
+    backups: list[Replica] = field(default_factory=list)
+    helping: Replica | None = None
+    launched: float = 0.0  # when its current job was launched (time.monotonic)
 
     @property
     def links(self) -> dict[str, int]:
@@ -103,6 +113,19 @@ class Replica:
     @property
     def examples(self) -> int:
         return self.base_examples + (self.last.examples if self.last else 0)
+
+    def speed(self, now: float) -> float:
+        """Steps per second its current job has shown (0: none yet)."""
+        last = self.last
+        if last is not None and last.done and last.seconds > 0:
+            return (last.step - self.start_step) / last.seconds
+        return (self.progress - self.start_step) / max(1e-3, now - self.launched)
+
+    @property
+    def progress(self) -> int:
+        """The step all its partitions have passed, as last reported."""
+        steps = [r.step for r in self.reports.values()]
+        return min(steps) if len(steps) == len(self.uids) else self.start_step
 
     @property
     def over(self) -> bool:
@@ -140,6 +163,9 @@ class RunState:
         self.epoch = 0
         self.shard_hosts = [hosts[h] for h in placement.shards]
         self.client = ParameterClient(self.plan, self.shard_hosts, peers, run=run_id)
+        t = config.train
+        longest = max(s.stop - s.start for s in inputs.shards)
+        self.portion = portion_steps(t.portion_steps, -(-longest // t.batch_size), t.n_push)
         self._uids = iter(range(1, 2**32))
         self.replicas = [
             Replica(r, rows, [hosts[h] for h in placement.partitions[r]], [])
@@ -260,6 +286,8 @@ class RunState:
             wire_activations=c.wire.activations,
             pipeline=depth_of(c.train.pipeline, self.partitions),
             max_staleness=None if c.train.max_staleness < 0 else c.train.max_staleness,
+            end_step=replica.end_step,
+            portion_steps=self.portion,
         )
 
     async def set_running(self, replicas: list[Replica], at: float) -> None:
@@ -274,10 +302,12 @@ class RunState:
             await self.control(host, control.Run(run=self.id, uids=uids), timeout=self.op_timeout)
         for replica in replicas:
             replica.held, replica.offset = False, at
+            replica.launched = time.monotonic()
 
     async def launch(self, replica: Replica, inputs: Inputs, run: bool) -> None:
         """Create a replica's partitions on their nodes and give them its data."""
         replica.uids = [next(self._uids) for _ in range(self.partitions)]
+        replica.launched = time.monotonic()
         for p in range(self.partitions):
             await self.control(replica.hosts[p], self.job(replica, p), timeout=self.op_timeout)
         rows = replica.rows
@@ -293,27 +323,34 @@ class RunState:
                     host, control.Run(run=self.id, uids=uids), timeout=self.op_timeout
                 )
 
+    def steps_of(self, replica: Replica) -> int:
+        """Where ``replica``'s job ends: its ``end_step``, or its schedule's end."""
+        t = self.config.train
+        return replica.end_step or steps_per_run(replica.n_examples, t.batch_size, t.epochs)
+
     async def _applied_through(self, replica: Replica) -> int | None:
-        """Where a restarted replica goes on: the first step whose gradients
-        some partition of it has not had applied, as the shards say (each
-        piece's last applied ``seq`` from the replica's pushers). Its last
-        report may be late by a heartbeat, and its partitions are at
-        different steps: restarting there, every step is applied exactly
-        once (pushes already applied are dropped as retries). None when a
-        shard cannot tell."""
+        """Where a restarted (or backed-up) replica goes on: the first step
+        of its job whose gradients some partition of it has not had applied,
+        as the shards say (each piece's last applied ``seq`` from the
+        schedule's pushers). Its last report may be late by a heartbeat, and
+        its partitions are at different steps: going on there, every step is
+        applied exactly once (pushes already applied are dropped as
+        retries). None when a shard cannot tell."""
         try:
-            stats = await self.client.stats()
+            stats = await self.client.stats(pushers=f"r{replica.index}p")
         except DBNodeError as exc:
             log.warning("replica %d: the shards' last pushes unknown (%s)", replica.index, exc)
             return None
         last_seq = {t["key"]: t["last_seq"] for node in stats for t in node["tensors"]}
+        end = self.steps_of(replica)
         steps = []
         for index in range(self.partitions):
-            pusher = f"r{replica.index}p{index}"  # control.PartitionJob.pusher
+            pusher = partial(control.pusher_name, replica.index, index, self.portion)
             for piece in self.plan.pieces(f"block{index}"):
                 if piece.key not in last_seq:
                     return None
-                steps.append(last_seq[piece.key].get(pusher, replica.start_step - 1) + 1)
+                seqs = last_seq[piece.key]
+                steps.append(first_unapplied(seqs, pusher, replica.start_step, end, self.portion))
         return min(steps)
 
     async def restart(
@@ -340,6 +377,10 @@ class RunState:
                 )
         await self._stop_partitions(replica)  # the survivors wait for peers that are gone
         applied = await self._applied_through(replica)
+        if applied is not None and applied >= self.steps_of(replica):  # backups did the rest
+            replica.done = True
+            self.event("replica done by backups", replica=replica.index)
+            return
         if applied is not None:
             replica.start_step = applied
             replica.base_examples = examples_after(
@@ -349,7 +390,7 @@ class RunState:
             replica.base_examples += replica.last.examples
             replica.start_step = replica.last.step
         replica.incarnation, replica.last = replica.incarnation + 1, None
-        replica.seen_loss = (0.0, 0)
+        replica.seen_loss, replica.reports = (0.0, 0), {}
         replica.acked_before, replica.acked = replica.acknowledged, {}
         replica.links_before, replica.links_now = replica.links, {}
         while True:
@@ -377,6 +418,119 @@ class RunState:
             at_step=replica.start_step,
             on=[format_address(h) for h in replica.hosts],
         )
+
+    @property
+    def running_backups(self) -> list[Replica]:
+        """The backups still training (:mod:`dbnode.driver.leases`)."""
+        return [b for r in self.replicas for b in r.backups if not b.over]
+
+    def trained_examples(self) -> int:
+        """Examples trained so far: the replicas', and those of the backups of
+        schedules not yet all applied (a copy's may count a step twice)."""
+        total = sum(r.examples for r in self.replicas)
+        return total + sum(b.examples for r in self.replicas if not r.over for b in r.backups)
+
+    async def duplicates(self) -> int:
+        """Pushes the live shards dropped as copies of pushes already applied
+        (a backup's, or a retry's); 0 when a shard cannot tell."""
+        try:
+            stats = await self.client.stats(pushers="-")  # no name: the totals only
+        except DBNodeError:
+            return 0
+        return sum(node["totals"]["duplicates"] for node in stats)
+
+    async def lease_backups(self, inputs: Inputs) -> None:
+        """Give each replica that has trained its own portions a backup of the
+        slowest other one (:mod:`dbnode.driver.leases`)."""
+        if not self.config.train.backups:
+            return
+        for helper in self.replicas:
+            if not helper.done or (helper.helping is not None and not helper.helping.over):
+                continue
+            if any(h in self.dead for h in helper.hosts):
+                continue
+            slow = [r for r in self.replicas if not r.over and not r.held and r.last is not None]
+            if not slow:
+                return
+            share = lambda r: (r.share_end or self.steps_of(r)) - r.progress  # noqa: E731
+            target = max(slow, key=share)
+            end = target.share_end or self.steps_of(target)
+            now = time.monotonic()
+            mine = (helper.helping or helper).speed(now)  # its last job's pace
+            theirs = target.speed(now)
+            keep = theirs / (theirs + mine) if theirs + mine > 0 else 0.5
+            cut = backup_range(target.progress, end, self.portion, keep)
+            previous = target.share_end
+            if cut is None:  # less than a portion left: a copy of the rest, once
+                if any(not b.over for b in target.backups):
+                    continue
+                begin = await self._applied_through(
+                    Replica(
+                        target.index,
+                        target.rows,
+                        [],
+                        [],
+                        start_step=target.start_step,
+                        end_step=end,
+                    )  # fmt: skip
+                )
+                if begin is None or begin >= end:
+                    continue
+                cut = (begin, end)
+            else:
+                target.share_end = cut[0]
+            backup = Replica(target.index, target.rows, list(helper.hosts), [],
+                             start_step=cut[0], end_step=cut[1])  # fmt: skip
+            try:
+                await self.launch(backup, inputs, run=True)
+            except NodeUnreachable as exc:
+                self.health.declare_dead(exc.host, exc)
+                await self._stop_partitions(backup)
+                target.share_end = previous
+                continue
+            target.backups.append(backup)
+            helper.helping = backup
+            self.event("backup leased", replica=helper.index, of=target.index,
+                       steps=list(cut))  # fmt: skip
+
+    async def backup_failed(self, backup: Replica, reason: str) -> None:
+        """Stop a failed backup; its steps go back to the replica it backed
+        up (which trains through them anyway, or leases them out again)."""
+        backup.diverged = reason  # over, for good
+        await self._stop_partitions(backup)
+        for replica in self.replicas:
+            if backup in replica.backups and replica.share_end == backup.start_step:
+                later = [b.start_step for b in replica.backups
+                         if not b.diverged and b.start_step > backup.start_step]  # fmt: skip
+                replica.share_end = min(later, default=None)
+        self.event("backup failed", of=backup.index, steps=[backup.start_step, backup.end_step],
+                   reason=reason)  # fmt: skip
+
+    async def settle(self) -> None:
+        """End the replicas whose every step the shards have applied (their
+        backups took the rest), and the copies still training for them."""
+        for replica in self.replicas:
+            live = [b for b in replica.backups if not b.over]
+            if replica.over:
+                for backup in live:  # it trained through: the copies lost
+                    await self._stop_partitions(backup)
+                    backup.done = True
+                continue
+            if not replica.backups or replica.held or replica.last is None:
+                continue
+            share = replica.share_end or self.steps_of(replica)
+            if live or replica.progress < share:
+                continue
+            whole = Replica(replica.index, replica.rows, [], [], start_step=replica.start_step)
+            if await self._applied_through(whole) != self.steps_of(replica):
+                continue  # a push still on its way, or a backup failed: later
+            await self._stop_partitions(replica)
+            replica.done = True
+            t = self.config.train
+            replica.base_examples = examples_after(
+                replica.n_examples, t.batch_size, self.steps_of(replica)
+            ) - (replica.last.examples if replica.last else 0)
+            self.event("replica done by backups", replica=replica.index)
 
     async def _stop_partitions(self, replica: Replica) -> None:
         for host, uid in zip(replica.hosts, replica.uids):

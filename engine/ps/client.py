@@ -331,8 +331,11 @@ class ParameterClient:
         """
         return dict(self._pieces(tensors))
 
-    async def stats(self) -> list[dict[str, Any]]:
+    async def stats(self, pushers: str = "") -> list[dict[str, Any]]:
         """The STATS of every distinct shard node.
+
+        Args:
+            pushers: list only the last seqs of pushers whose names start with this.
 
         Returns:
             One STATS answer (its meta: the run's shard there) per node, in
@@ -345,6 +348,7 @@ class ParameterClient:
         out = []
         for address in dict.fromkeys(self.shards):
             ch = await self.peers.get(address)
-            reply = await ch.request(MessageKind.STATS, timeout=self.timeout, meta=self._meta)
+            meta = {**self._meta, "pushers": pushers} if pushers else self._meta
+            reply = await ch.request(MessageKind.STATS, timeout=self.timeout, meta=meta)
             out.append(reply.meta)
         return out

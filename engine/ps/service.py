@@ -185,7 +185,12 @@ class ShardService:
         return self._value(run, frame)
 
     def _stats(self, frame: Frame) -> Reply:
-        return Reply(meta=self.runs.for_request(frame.meta).shard.stats())
+        pushers = frame.meta.get("pushers", "")
+        if not isinstance(pushers, str):
+            raise RequestError(
+                ErrorCode.BAD_REQUEST, f"STATS: pushers must be a string, got {pushers!r}"
+            )
+        return Reply(meta=self.runs.for_request(frame.meta).shard.stats(pushers))
 
     # -- snapshots ----------------------------------------------------------------
 

@@ -564,12 +564,18 @@ class ParameterShard:
                     t.key, f"{where}: seq must be an integer in [0, 2**64), got {seq!r}"
                 )
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, pushers: str = "") -> dict[str, Any]:
         """JSON-ready statistics: ``{"shard", "tensors": [per key: key, name,
         shape, dtype, version, pushes, duplicates, rejected, bytes,
         state_bytes, optimizer, scale, pushers, last_seq (by pusher)], "totals": {tensors, bytes,
         state_bytes, pushes, duplicates, rejected}}``. ``rejected`` in the
-        totals includes pushes to unknown keys."""
+        totals includes pushes to unknown keys.
+
+        Args:
+            pushers: ``last_seq`` lists only the pushers whose names start
+                with this (a run has a name per portion: all of them may be
+                many).
+        """
         tensors = []
         for key in self.keys():
             t = self._tensors[key]
@@ -584,7 +590,7 @@ class ParameterShard:
                 "optimizer": t.optimizer.to_wire(),
                 "scale": t.scale,
                 "pushers": len(t.last_seq),
-                "last_seq": dict(t.last_seq),
+                "last_seq": {k: v for k, v in t.last_seq.items() if k.startswith(pushers)},
             })  # fmt: skip
         counters = ("bytes", "state_bytes", "pushes", "duplicates", "rejected")
         totals = {k: sum(d[k] for d in tensors) for k in counters}
