@@ -53,7 +53,7 @@ def replica_only_node(sets: list[str]) -> str:
 def node_pid(driver: subprocess.Popen, name: str) -> int:
     """The pid of the driver's embedded node ``name`` (its ``--name``)."""
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and driver.poll() is None:
         for entry in Path("/proc").iterdir():
             try:
                 args = (entry / "cmdline").read_bytes().split(b"\0")
@@ -64,7 +64,7 @@ def node_pid(driver: subprocess.Popen, name: str) -> int:
                 if args[args.index(b"--name") + 1].decode() == name:
                     return int(entry.name)
         time.sleep(0.05)
-    raise RuntimeError(f"embedded node {name} not found")
+    raise RuntimeError(f"embedded node {name} not found: {driver.communicate()[1][-2000:]}")
 
 
 def train(out: Path, sets: list[str], slow: bool) -> dict:
@@ -114,10 +114,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             reference = None
-            for name, (run_sets, slow) in runs.items():
-                summary = train(
-                    Path(tmp) / f"{round_}-{len(seconds[name])}-{name[:4]}", run_sets, slow
-                )
+            for i, (name, (run_sets, slow)) in enumerate(runs.items()):
+                summary = train(Path(tmp) / f"{round_}-{i}", run_sets, slow)
                 seconds[name].append(summary["train_seconds"])
                 leased = sum(e["event"] == "backup leased" for e in summary["events"])
                 print(f"round {round_}: {name:<20} {summary['train_seconds']:6.2f} s  "
