@@ -5,14 +5,14 @@ A run config has these sections::
     [model]      layers, activation, output, loss, dtype, init, partitions
     [data]       train, test, test_fraction
     [train]      replicas | examples_per_replica, batch_size, epochs,
-                 n_fetch, n_push, pipeline, max_staleness, warmstart_steps, seed,
-                 eval_interval,
+                 n_fetch, n_push, pipeline, max_staleness, warmstart_steps,
+                 portion_steps, max_replicas, backups, seed, eval_interval,
                  early_stopping = {patience, metric, min_delta}
     [schedule]   name, every, factor, min_factor, patience, metric
     [optimizer]  name, learning_rate, and the named optimizer's own settings
                  (momentum: momentum; adagrad: eps; adam: beta1, beta2, eps) -- see dbnode.optim
-    [cluster]    hosts, parameter_shards, secret_file, nodes, heartbeat, lease,
-                 backup_interval
+    [cluster]    hosts, parameter_shards, secret_file, hosts_file, nodes,
+                 heartbeat, lease, backup_interval
     [checkpoint] interval, keep, dir
     [wire]       fetch, push, activations
 
@@ -121,6 +121,8 @@ class TrainConfig:
         portion_steps: steps per leased portion of a replica's schedule
             (:mod:`dbnode.driver.leases`); 0: an eighth of an epoch, in
             whole push periods.
+        max_replicas: replicas in all, with the helpers of nodes that join
+            during the run (``cluster.hosts_file``); 0: no limit.
         backups: a replica that has trained its own portions takes over
             the later portions of the slowest other one, or trains a copy
             of its last (the first copy to push a step has it applied).
@@ -140,6 +142,7 @@ class TrainConfig:
     max_staleness: int = -1
     warmstart_steps: int = 0
     portion_steps: int = 0
+    max_replicas: int = 0
     backups: bool = True
     seed: int = 0
     eval_interval: float = 2.0
@@ -184,6 +187,9 @@ class ClusterConfig:
             traffic between machines), else its share of every partition's
             bytes.
         secret_file: the secret for ``hosts`` ("": ``$DBNODE_SECRET``).
+        hosts_file: a file of ``host:port`` lines, more nodes besides
+            ``hosts``; read again during the run: nodes added join it, nodes
+            removed are drained (:mod:`dbnode.driver.elastic`).
         nodes: nodes of the embedded local cluster (0: one per layer partition
             of every replica, up to one per core).
         heartbeat: seconds; a node silent for three of them is dead.
@@ -197,6 +203,7 @@ class ClusterConfig:
     hosts: tuple[str, ...] = ()
     parameter_shards: int = 0
     secret_file: str = ""
+    hosts_file: str = ""
     nodes: int = 0
     heartbeat: float = 1.0
     lease: float = 10.0
@@ -387,7 +394,7 @@ class RunConfig:
                 "train.pipeline", t.pipeline,
                 f"must be in [0, {MAX_PIPELINE}] (0: one minibatch in flight per partition)",
             )  # fmt: skip
-        for key in ("warmstart_steps", "portion_steps"):
+        for key in ("warmstart_steps", "portion_steps", "max_replicas"):
             if getattr(t, key) < 0:
                 raise ConfigError(f"train.{key}", getattr(t, key), "must be >= 0")
         if t.max_staleness < -1:
@@ -487,7 +494,8 @@ class RunConfig:
 #: The keys that hold paths: relative ones in a config file are taken from
 #: the file's directory.
 PATH_KEYS = (("data", "train"), ("data", "test"), ("model", "init"),
-             ("cluster", "secret_file"), ("checkpoint", "dir"))  # fmt: skip
+             ("cluster", "secret_file"), ("cluster", "hosts_file"),
+             ("checkpoint", "dir"))  # fmt: skip
 
 
 def _resolved(raw: dict[str, Any], base: Path) -> dict[str, Any]:

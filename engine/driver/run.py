@@ -48,12 +48,14 @@ from ..errors import ConfigError, DBNodeError
 from ..ps.shard import ParameterShard
 from ..wire import Address, Peers, load_secret
 from .cluster import LocalCluster, embedded_nodes
+from .elastic import HostsFile, follow, read_hosts
 from .ending import Ending, evaluate_model, figures_of, finish, metrics_row, reporting
 from .inputs import Arrays, Inputs, find_resume, prepare, shard_optimizer
 from .outputs import MetricsLog, Progress, Summary, metric_columns, prepare_out_dir, write_outputs
 from .plan import distinct_nodes, node_shapes, oversubscribed
 from .state import Replica, RunState
 from .stopping import EarlyStopper, Plateau
+from .stragglers import backup_failed, lease_backups, settle
 
 __all__ = ["Progress", "Summary", "train", "write_outputs"]
 
@@ -142,6 +144,13 @@ def train(
         )
     name = name or "run"
     hosts = list(hosts or [_address(h) for h in config.cluster.hosts])
+    if config.cluster.hosts_file:
+        try:
+            hosts += [h for h in read_hosts(config.cluster.hosts_file) if h not in hosts]
+        except OSError as exc:
+            raise ConfigError("cluster.hosts_file", config.cluster.hosts_file, str(exc)) from None
+        if not hosts:
+            raise ConfigError("cluster.hosts_file", config.cluster.hosts_file, "lists no node")
     if hosts:
         if secret is None:
             secret = load_secret(config.cluster.secret_file or None)
@@ -424,14 +433,19 @@ async def _watch_in(
     every = config.checkpoint.interval
     next_checkpoint = time.monotonic() + every
     seen_dead: set[Address] = set()
+    hosts_file = HostsFile(config.cluster.hosts_file) if config.cluster.hosts_file else None
+    if hosts_file is not None:
+        hosts_file.changed()  # as read at the start
     while True:
         await trio.sleep(min(0.2, config.cluster.heartbeat))
+        if hosts_file is not None:
+            await follow(run, hosts_file, inputs)
         await run.fence(seen_dead)  # a node declared dead meanwhile (a restart's, say)
         answers = await run.poll()
         await run.fence(seen_dead)
         window_sum = window_count = 0.0
         for replica in run.replicas:
-            if replica.over:
+            if replica.over or replica.parked:  # parked: its partitions were stopped
                 continue
             failure, by_node, mine = _replica_state(run, replica, answers)
             replica.saw(mine)
@@ -455,11 +469,11 @@ async def _watch_in(
             window_sum, window_count = _count_loss(backup, mine, window_sum, window_count)
             failure = failure or next((s.error for s in mine if s and s.diverged), None)
             if failure:
-                await run.backup_failed(backup, failure)
+                await backup_failed(run, backup, failure, inputs)
             else:
                 backup.done = all(s is not None and s.done for s in mine)
-        await run.lease_backups(inputs)
-        await run.settle()
+        await lease_backups(run, inputs)
+        await settle(run)
         if window_count:
             run.last_loss = window_sum / window_count
         held = [r for r in run.replicas if r.held]

@@ -31,7 +31,7 @@ from ..wire import Address, Peers
 from . import checkpoint
 from .health import FailureDetector
 from .inputs import Inputs, identity_hash, run_identity
-from .leases import backup_range, first_unapplied, portion_steps
+from .leases import first_unapplied, portion_steps
 from .outputs import MetricsLog, metric_columns
 from .plan import layout
 from .recovery import ShardBackups, Source, lost_updates
@@ -78,6 +78,7 @@ class Replica:
     backups: list[Replica] = field(default_factory=list)
     helping: Replica | None = None
     launched: float = 0.0  # when its current job was launched (time.monotonic)
+    parked: bool = False  # its share applied, its partitions stopped, backups on the rest
 
     @property
     def links(self) -> dict[str, int]:
@@ -125,7 +126,7 @@ class Replica:
     def progress(self) -> int:
         """The step all its partitions have passed, as last reported."""
         steps = [r.step for r in self.reports.values()]
-        return min(steps) if len(steps) == len(self.uids) else self.start_step
+        return min(steps) if steps and len(steps) == len(self.uids) else self.start_step
 
     @property
     def over(self) -> bool:
@@ -165,6 +166,7 @@ class RunState:
         self.client = ParameterClient(self.plan, self.shard_hosts, peers, run=run_id)
         t = config.train
         longest = max(s.stop - s.start for s in inputs.shards)
+        self.helpers: list[Replica] = []  # of nodes that joined (dbnode.driver.elastic)
         self.portion = portion_steps(t.portion_steps, -(-longest // t.batch_size), t.n_push)
         self._uids = iter(range(1, 2**32))
         self.replicas = [
@@ -328,7 +330,7 @@ class RunState:
         t = self.config.train
         return replica.end_step or steps_per_run(replica.n_examples, t.batch_size, t.epochs)
 
-    async def _applied_through(self, replica: Replica) -> int | None:
+    async def applied_through(self, replica: Replica) -> int | None:
         """Where a restarted (or backed-up) replica goes on: the first step
         of its job whose gradients some partition of it has not had applied,
         as the shards say (each piece's last applied ``seq`` from the
@@ -375,8 +377,8 @@ class RunState:
                 raise DBNodeError(
                     f"replica {replica.index} failed {replica.failures} times; last: {reason}"
                 )
-        await self._stop_partitions(replica)  # the survivors wait for peers that are gone
-        applied = await self._applied_through(replica)
+        await self.stop_partitions(replica)  # the survivors wait for peers that are gone
+        applied = await self.applied_through(replica)
         if applied is not None and applied >= self.steps_of(replica):  # backups did the rest
             replica.done = True
             self.event("replica done by backups", replica=replica.index)
@@ -407,7 +409,7 @@ class RunState:
                 break
             except NodeUnreachable as exc:  # one of its new nodes failed meanwhile
                 self.health.declare_dead(exc.host, exc)
-                await self._stop_partitions(replica)
+                await self.stop_partitions(replica)
                 reason = str(exc)
         self.restarts.append(
             {"replica": replica.index, "at_step": replica.start_step, "reason": reason}
@@ -418,6 +420,11 @@ class RunState:
             at_step=replica.start_step,
             on=[format_address(h) for h in replica.hosts],
         )
+
+    @property
+    def live_helpers(self) -> list[Replica]:
+        """The helper replicas of nodes that joined and are still in the run."""
+        return [h for h in self.helpers if h.diverged is None]
 
     @property
     def running_backups(self) -> list[Replica]:
@@ -439,100 +446,8 @@ class RunState:
             return 0
         return sum(node["totals"]["duplicates"] for node in stats)
 
-    async def lease_backups(self, inputs: Inputs) -> None:
-        """Give each replica that has trained its own portions a backup of the
-        slowest other one (:mod:`dbnode.driver.leases`)."""
-        if not self.config.train.backups:
-            return
-        for helper in self.replicas:
-            if not helper.done or (helper.helping is not None and not helper.helping.over):
-                continue
-            if any(h in self.dead for h in helper.hosts):
-                continue
-            slow = [r for r in self.replicas if not r.over and not r.held and r.last is not None]
-            if not slow:
-                return
-            share = lambda r: (r.share_end or self.steps_of(r)) - r.progress  # noqa: E731
-            target = max(slow, key=share)
-            end = target.share_end or self.steps_of(target)
-            now = time.monotonic()
-            mine = (helper.helping or helper).speed(now)  # its last job's pace
-            theirs = target.speed(now)
-            keep = theirs / (theirs + mine) if theirs + mine > 0 else 0.5
-            cut = backup_range(target.progress, end, self.portion, keep)
-            previous = target.share_end
-            if cut is None:  # less than a portion left: a copy of the rest, once
-                if any(not b.over for b in target.backups):
-                    continue
-                begin = await self._applied_through(
-                    Replica(
-                        target.index,
-                        target.rows,
-                        [],
-                        [],
-                        start_step=target.start_step,
-                        end_step=end,
-                    )  # fmt: skip
-                )
-                if begin is None or begin >= end:
-                    continue
-                cut = (begin, end)
-            else:
-                target.share_end = cut[0]
-            backup = Replica(target.index, target.rows, list(helper.hosts), [],
-                             start_step=cut[0], end_step=cut[1])  # fmt: skip
-            try:
-                await self.launch(backup, inputs, run=True)
-            except NodeUnreachable as exc:
-                self.health.declare_dead(exc.host, exc)
-                await self._stop_partitions(backup)
-                target.share_end = previous
-                continue
-            target.backups.append(backup)
-            helper.helping = backup
-            self.event("backup leased", replica=helper.index, of=target.index,
-                       steps=list(cut))  # fmt: skip
-
-    async def backup_failed(self, backup: Replica, reason: str) -> None:
-        """Stop a failed backup; its steps go back to the replica it backed
-        up (which trains through them anyway, or leases them out again)."""
-        backup.diverged = reason  # over, for good
-        await self._stop_partitions(backup)
-        for replica in self.replicas:
-            if backup in replica.backups and replica.share_end == backup.start_step:
-                later = [b.start_step for b in replica.backups
-                         if not b.diverged and b.start_step > backup.start_step]  # fmt: skip
-                replica.share_end = min(later, default=None)
-        self.event("backup failed", of=backup.index, steps=[backup.start_step, backup.end_step],
-                   reason=reason)  # fmt: skip
-
-    async def settle(self) -> None:
-        """End the replicas whose every step the shards have applied (their
-        backups took the rest), and the copies still training for them."""
-        for replica in self.replicas:
-            live = [b for b in replica.backups if not b.over]
-            if replica.over:
-                for backup in live:  # it trained through: the copies lost
-                    await self._stop_partitions(backup)
-                    backup.done = True
-                continue
-            if not replica.backups or replica.held or replica.last is None:
-                continue
-            share = replica.share_end or self.steps_of(replica)
-            if live or replica.progress < share:
-                continue
-            whole = Replica(replica.index, replica.rows, [], [], start_step=replica.start_step)
-            if await self._applied_through(whole) != self.steps_of(replica):
-                continue  # a push still on its way, or a backup failed: later
-            await self._stop_partitions(replica)
-            replica.done = True
-            t = self.config.train
-            replica.base_examples = examples_after(
-                replica.n_examples, t.batch_size, self.steps_of(replica)
-            ) - (replica.last.examples if replica.last else 0)
-            self.event("replica done by backups", replica=replica.index)
-
-    async def _stop_partitions(self, replica: Replica) -> None:
+    async def stop_partitions(self, replica: Replica) -> None:
+        """Stop a replica's partitions on the nodes that still answer."""
         for host, uid in zip(replica.hosts, replica.uids):
             if host not in self.dead:
                 try:
@@ -549,7 +464,7 @@ class RunState:
             raise DBNodeError(f"no node left to restart replica {replica.index} on ({reason})")
         load = {h: 0 for h in live}
         for other in self.replicas:
-            if other is not replica and not other.over:
+            if other is not replica and not (other.over or other.parked):
                 for h in other.hosts:
                     if h in load:
                         load[h] += 1
@@ -642,7 +557,7 @@ class RunState:
             return
         seen.update(newly)
         restored = await self._restore_shards(lost) if lost else []
-        await self._advance_epoch()
+        await self.advance_epoch()
         for i, source, lost_now in restored:
             age = round(time.time() - source.time, 3)
             log.warning(
@@ -699,7 +614,7 @@ class RunState:
             restored.append((i, source, lost_now))
         return restored
 
-    async def _advance_epoch(self) -> None:
+    async def advance_epoch(self) -> None:
         """A new shard map epoch on every live node (and this driver's client)."""
         self.epoch += 1
         remap = control.Remap(run=self.id, epoch=self.epoch, shards=tuple(self.shard_hosts))
