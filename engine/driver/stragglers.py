@@ -55,7 +55,7 @@ async def lease_backups(run: RunState, inputs: Inputs) -> None:
         cut = backup_range(target.progress, end, run.portion, keep)
         previous = target.share_end
         if cut is None:  # less than a portion left: a copy of the rest, once
-            if any(not b.over for b in target.backups):
+            if target.progress >= end or any(not b.over for b in target.backups):
                 continue
             begin = await run.applied_through(
                 Replica(
