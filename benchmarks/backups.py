@@ -34,7 +34,7 @@ from pathlib import Path
 from common import environment
 
 from dbnode.config import RunConfig
-from dbnode.driver.plan import plan
+from dbnode.driver.planning import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "digits.toml"

@@ -17,7 +17,7 @@ from dbnode.config import RunConfig
 from dbnode.data import XOR_ROWS, XOR_TARGETS
 from dbnode.driver import load_data, train
 from dbnode.driver.inputs import shard_optimizer
-from dbnode.driver.plan import plan  # the function: the package name is also its module
+from dbnode.driver.planning import plan
 from dbnode.model import init_params, load_params, predict
 from dbnode.optim import from_wire, make_optimizer
 from dbnode.trainer import Trainer

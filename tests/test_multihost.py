@@ -28,7 +28,7 @@ import pytest
 from dbnode.config import RunConfig
 from dbnode.data import XOR_ROWS, XOR_TARGETS
 from dbnode.driver import load_data
-from dbnode.driver.plan import layout
+from dbnode.driver.planning import layout
 from dbnode.model import load_params, predict
 from dbnode.traffic import NodeShape
 

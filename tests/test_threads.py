@@ -128,7 +128,7 @@ def test_train_plan_prints_the_placement_without_training(tmp_path):
 
 
 def test_oversubscription_is_judged_per_machine():
-    from dbnode.driver.plan import oversubscribed
+    from dbnode.driver.planning import oversubscribed
 
     base = control.InfoReply(node_id="x", name="n", version="v", pid=1, cores=2,
                              address=("h", 1), max_memory=1, memory=0, runs=0)  # fmt: skip

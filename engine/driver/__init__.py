@@ -34,7 +34,7 @@ _EXPORTS = {
     "check_data": ".inputs",
     "load_data": ".inputs",
     "prepare": ".inputs",
-    "plan": ".plan",
+    "plan": ".planning",
 }
 
 __all__ = sorted(_EXPORTS)

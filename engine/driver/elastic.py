@@ -26,7 +26,7 @@ from ..config import format_address, parse_address
 from ..errors import ConfigError, DBNodeError
 from ..wire import Address
 from .inputs import Inputs
-from .plan import distinct_nodes
+from .planning import distinct_nodes
 from .state import Replica, RunState
 from .stragglers import backup_failed
 

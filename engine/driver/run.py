@@ -52,7 +52,7 @@ from .elastic import HostsFile, follow, read_hosts
 from .ending import Ending, evaluate_model, figures_of, finish, metrics_row, reporting
 from .inputs import Arrays, Inputs, find_resume, prepare, shard_optimizer
 from .outputs import MetricsLog, Progress, Summary, metric_columns, prepare_out_dir, write_outputs
-from .plan import distinct_nodes, node_shapes, oversubscribed
+from .planning import distinct_nodes, node_shapes, oversubscribed
 from .state import Replica, RunState
 from .stopping import EarlyStopper, Plateau
 from .stragglers import backup_failed, lease_backups, settle

@@ -33,7 +33,7 @@ from .health import FailureDetector
 from .inputs import Inputs, identity_hash, run_identity
 from .leases import first_unapplied, portion_steps
 from .outputs import MetricsLog, metric_columns
-from .plan import layout
+from .planning import layout
 from .recovery import ShardBackups, Source, lost_updates
 from .stopping import EarlyStopper, Plateau
 
