@@ -56,12 +56,19 @@ class HostsFile:
 
     Args:
         path: the file.
+        nodes: the run's nodes now; those the file does not list (given
+            as ``cluster.hosts`` or ``--hosts``) are never drained.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, nodes: list[Address] = ()) -> None:
         self.path = Path(path)
         self._seen: tuple[int, int] | None = None
         self._complained = False
+        try:
+            listed = read_hosts(self.path)
+        except (OSError, ConfigError):
+            listed = []
+        self.fixed = [h for h in nodes if h not in listed]
 
     def changed(self) -> list[Address] | None:
         """The hosts it lists now, if it changed since the last look (None:
@@ -91,7 +98,7 @@ async def follow(run: RunState, hosts_file: HostsFile, inputs: Inputs) -> None:
         if host not in run.hosts and host not in run.dead:
             await join(run, host)
     for host in list(run.hosts):
-        if host not in listed:
+        if host not in listed and host not in hosts_file.fixed:
             await leave(run, host, inputs)
 
 

@@ -433,9 +433,8 @@ async def _watch_in(
     every = config.checkpoint.interval
     next_checkpoint = time.monotonic() + every
     seen_dead: set[Address] = set()
-    hosts_file = HostsFile(config.cluster.hosts_file) if config.cluster.hosts_file else None
-    if hosts_file is not None:
-        hosts_file.changed()  # as read at the start
+    path = config.cluster.hosts_file
+    hosts_file = HostsFile(path, list(run.hosts)) if path else None
     while True:
         await trio.sleep(min(0.2, config.cluster.heartbeat))
         if hosts_file is not None:
