@@ -57,11 +57,9 @@ async def lease_backups(run: RunState, inputs: Inputs) -> None:
         if cut is None:  # less than a portion left: a copy of the rest, once
             if target.progress >= end or any(not b.over for b in target.backups):
                 continue
-            begin = await run.applied_through(
-                Replica(
-                    target.index, target.rows, [], [], start_step=target.start_step, end_step=end
-                )  # fmt: skip
-            )
+            rest = Replica(target.index, target.rows, [], [], start_step=target.start_step,
+                           end_step=end)  # fmt: skip
+            begin = await run.applied_through(rest)
             if begin is None or begin >= end:
                 continue
             cut = (begin, end)
