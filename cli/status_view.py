@@ -28,10 +28,20 @@ def _staleness(report: dict[str, Any] | None) -> str:
     return text + (f" refused {report['refused']}" if report["refused"] else "")
 
 
+def _pipeline(p: dict[str, Any], was: dict[str, Any], interval: float) -> str:
+    """`` idle 31% stashed 1``: the share of the interval a partition waited
+    for its neighbours, and the weight versions it keeps for minibatches in
+    flight (pipelined replicas, docs/pipeline.md)."""
+    text = ""
+    if was and interval > 0 and "idle" in p and "idle" in was:
+        text += f"  idle {min(1.0, max(0.0, (p['idle'] - was['idle']) / interval)):.0%}"
+    return text + (f"  stashed {p['stashed']}" if p.get("stashed") else "")
+
+
 def render(first: list[dict[str, Any]], second: list[dict[str, Any]], interval: float) -> str:
     """The table: per node its identity and memory; per run its name, lease
-    and shard (size, pushes/s, how stale they were); per partition its step, steps/s, examples/s
-    and bytes/s it sends to each peer.
+    and shard (size, pushes/s, how stale they were); per partition its step, steps/s, examples/s,
+    the share of the time it waited for its neighbours, and bytes/s it sends to each peer.
 
     Args:
         first: :func:`dbnode.driver.status` answers, the earlier look.
@@ -80,6 +90,7 @@ def render(first: list[dict[str, Any]], second: list[dict[str, Any]], interval: 
                     f"    partition {uid:>3}  step {p['step']}/{p['steps']}  "
                     f"{_rate(p['step'], was.get('step'), interval)} steps  "
                     f"{_rate(p['examples'], was.get('examples'), interval)} examples"
+                    + _pipeline(p, was, interval)
                     + (f"  {links}" if links else "")
                     + (f"  {state}" if state else "")
                 )

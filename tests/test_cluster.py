@@ -471,6 +471,7 @@ def test_status_shows_a_running_run_with_its_rates(nodes, tmp_path):
         assert "staleness mean " in table, table  # how stale the applied pushes were
         assert rated(parts), table
         assert any("-> 127.0.0.1:" in line for line in parts), table  # activations cross nodes
+        assert all(" idle " in line for line in parts), table  # waiting on its neighbours
     finally:
         proc.send_signal(signal.SIGINT)  # a clean stop closes the run on the shared nodes
         try:
