@@ -141,7 +141,7 @@ async def leave(run: RunState, host: Address, inputs: Inputs) -> None:
             helper.diverged = f"node {name} left"  # over: never leased again
     for backup in run.running_backups:
         if host in backup.hosts:
-            await backup_failed(run, backup, f"node {name} left", inputs)
+            await backup_failed(run, backup, f"node {name} left")
     for replica in run.replicas:
         if not (replica.over or replica.parked) and host in replica.hosts:
             await run.restart(replica, inputs, f"node {name} left", node_failure=True)

@@ -468,11 +468,11 @@ async def _watch_in(
             window_sum, window_count = _count_loss(backup, mine, window_sum, window_count)
             failure = failure or next((s.error for s in mine if s and s.diverged), None)
             if failure:
-                await backup_failed(run, backup, failure, inputs)
+                await backup_failed(run, backup, failure)
             else:
                 backup.done = all(s is not None and s.done for s in mine)
+        await settle(run, inputs)
         await lease_backups(run, inputs)
-        await settle(run)
         if window_count:
             run.last_loss = window_sum / window_count
         held = [r for r in run.replicas if r.held]

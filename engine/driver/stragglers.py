@@ -43,10 +43,13 @@ async def lease_backups(run: RunState, inputs: Inputs) -> None:
             continue
         slow = [r for r in run.replicas
                 if not (r.over or r.held or r.parked) and r.last is not None]  # fmt: skip
+        slow += [b for r in run.replicas if not r.over
+                 for b in r.backups if not b.over and b.last is not None]  # fmt: skip
         if not slow:
             return
         share = lambda r: (r.share_end or run.steps_of(r)) - r.progress  # noqa: E731
         target = max(slow, key=share)
+        owner = _owner(run, target)
         end = target.share_end or run.steps_of(target)
         now = time.monotonic()
         mine = (helper.helping or helper).speed(now)  # its last job's pace
@@ -55,7 +58,8 @@ async def lease_backups(run: RunState, inputs: Inputs) -> None:
         cut = backup_range(target.progress, end, run.portion, keep)
         previous = target.share_end
         if cut is None:  # less than a portion left: a copy of the rest, once
-            if target.progress >= end or any(not b.over for b in target.backups):
+            busy = target is not owner or any(not b.over for b in owner.backups)
+            if busy or target.progress >= end:
                 continue
             rest = Replica(target.index, target.rows, [], [], start_step=target.start_step,
                            end_step=end)  # fmt: skip
@@ -74,32 +78,34 @@ async def lease_backups(run: RunState, inputs: Inputs) -> None:
             await run.stop_partitions(backup)
             target.share_end = previous
             continue
-        target.backups.append(backup)
+        owner.backups.append(backup)
         helper.helping = backup
         run.event("backup leased", replica=helper.index, of=target.index, steps=list(cut))
 
 
-async def backup_failed(run: RunState, backup: Replica, reason: str, inputs: Inputs) -> None:
-    """Stop a failed backup; its steps go back to the replica it backed up
-    (which trains through them, or leases them out again); a parked one
-    goes on from its first step the shards have not applied."""
+def _owner(run: RunState, copy: Replica) -> Replica:
+    """The replica whose schedule ``copy`` trains (itself, or the one it backs up)."""
+    return next((r for r in run.replicas if copy in r.backups), copy)
+
+
+async def backup_failed(run: RunState, backup: Replica, reason: str) -> None:
+    """Stop a failed backup; its steps go back to the copy it was cut from
+    (which trains through them: every copy runs to its own end, and only
+    stops early once its share is applied). If that copy stopped already,
+    :func:`settle` sets its replica going again."""
     backup.diverged = reason  # over, for good
     await run.stop_partitions(backup)
     run.event("backup failed", of=backup.index, steps=[backup.start_step, backup.end_step],
               reason=reason)  # fmt: skip
-    for replica in run.replicas:
-        if backup not in replica.backups:
-            continue
-        if replica.share_end == backup.start_step:
-            later = [b.start_step for b in replica.backups
+    owner = _owner(run, backup)
+    for copy in [owner, *owner.backups]:
+        if copy.share_end == backup.start_step and not copy.over:
+            later = [b.start_step for b in owner.backups
                      if b.diverged is None and b.start_step > backup.start_step]  # fmt: skip
-            replica.share_end = min(later, default=None)
-        if replica.parked and not replica.over:
-            replica.parked = False
-            await run.restart(replica, inputs, f"its backup failed: {reason}", node_failure=True)
+            copy.share_end = min(later, default=None) if copy is owner else None
 
 
-async def settle(run: RunState) -> None:
+async def settle(run: RunState, inputs: Inputs) -> None:
     """Park the replicas whose own share the shards hold while their backups
     train on; end those whose every step the shards hold (their backups did
     the rest), and the copies still training for them."""
@@ -112,6 +118,14 @@ async def settle(run: RunState) -> None:
             continue
         if not replica.backups or replica.held or replica.last is None:
             continue
+        for backup in live:  # a backup whose own share is applied ends
+            if backup.share_end is not None and backup.progress >= backup.share_end:
+                own = Replica(backup.index, backup.rows, [], [],
+                              start_step=backup.start_step, end_step=backup.share_end)  # fmt: skip
+                if await run.applied_through(own) == backup.share_end:
+                    await run.stop_partitions(backup)
+                    backup.done = True
+        live = [b for b in live if not b.over]
         share = replica.share_end or run.steps_of(replica)
         if live:
             # Its own share behind it (not a copy racing it): free its nodes.
@@ -127,7 +141,13 @@ async def settle(run: RunState) -> None:
             continue
         whole = Replica(replica.index, replica.rows, [], [], start_step=replica.start_step)
         end = run.steps_of(replica)
-        if await run.applied_through(whole) != end:
+        applied = await run.applied_through(whole)
+        if applied is not None and applied < end and replica.parked:
+            # Steps no copy trains (a backup failed after it parked): it goes on.
+            replica.parked = False
+            await run.restart(replica, inputs, "steps left by a failed backup", node_failure=True)
+            continue
+        if applied != end:
             continue  # a push still on its way: later
         await run.stop_partitions(replica)
         replica.done, replica.parked = True, False
