@@ -122,3 +122,27 @@ def test_a_slowed_replica_is_backed_up_and_every_step_is_applied_once(tmp_path):
     assert hit["examples"] == calm["examples"]
     assert not hit["restarts"] and not hit["diverged"]
     assert hit["test_accuracy"] >= calm["test_accuracy"] - 0.03
+
+
+def test_a_checkpoint_from_before_portions_still_resumes(tmp_path):
+    """Keys added to [train] since a checkpoint was written (its identity
+    lacks them) match at their defaults; backups may change on resume;
+    portion_steps may not (pushes are named after their portion)."""
+    from dbnode.driver import checkpoint
+    from dbnode.driver.inputs import find_resume, identity_hash, run_identity
+
+    config = RunConfig.from_dict({"model": {"layers": [2, 2, 1]}, "data": {"train": "xor"}})
+    old = run_identity(config)
+    for key in ("portion_steps", "max_replicas", "backups"):
+        old["train"].pop(key, None)
+    checkpoint.write(tmp_path, {0: b"x"}, identity_hash(config), {0: 3}, 2, "old", old)
+    assert find_resume(config, tmp_path).replica_steps == {0: 3}
+    no_backups = RunConfig.from_dict(
+        {"model": {"layers": [2, 2, 1]}, "data": {"train": "xor"}, "train": {"backups": False}}
+    )
+    find_resume(no_backups, tmp_path)
+    other = RunConfig.from_dict(
+        {"model": {"layers": [2, 2, 1]}, "data": {"train": "xor"}, "train": {"portion_steps": 8}}
+    )
+    with pytest.raises(ConfigError, match="train.portion_steps"):
+        find_resume(other, tmp_path)

@@ -20,10 +20,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import trio
 
 from .. import control
 from ..config import format_address, parse_address
-from ..errors import ConfigError, DBNodeError
+from ..errors import DBNodeError, NodeUnreachable
 from ..wire import Address
 from .inputs import Inputs
 from .planning import distinct_nodes
@@ -56,19 +57,15 @@ class HostsFile:
 
     Args:
         path: the file.
-        nodes: the run's nodes now; those the file does not list (given
-            as ``cluster.hosts`` or ``--hosts``) are never drained.
+        fixed: nodes the run was given otherwise (``cluster.hosts``,
+            ``--hosts``): never drained, whatever the file says.
     """
 
-    def __init__(self, path: str | os.PathLike, nodes: list[Address] = ()) -> None:
+    def __init__(self, path: str | os.PathLike, fixed: list[Address] = ()) -> None:
         self.path = Path(path)
+        self.fixed = list(fixed)
         self._seen: tuple[int, int] | None = None
         self._complained = False
-        try:
-            listed = read_hosts(self.path)
-        except (OSError, ConfigError):
-            listed = []
-        self.fixed = [h for h in nodes if h not in listed]
 
     def changed(self) -> list[Address] | None:
         """The hosts it lists now, if it changed since the last look (None:
@@ -80,7 +77,7 @@ class HostsFile:
             if mark == self._seen:
                 return None
             hosts = read_hosts(self.path)
-        except (OSError, ConfigError) as exc:
+        except (OSError, ValueError) as exc:  # ConfigError, or not text
             if not self._complained:
                 log.warning("cluster.hosts_file %s not read (%s); the nodes stay", self.path, exc)
                 self._complained = True
@@ -105,16 +102,22 @@ async def follow(run: RunState, hosts_file: HostsFile, inputs: Inputs) -> None:
 async def join(run: RunState, host: Address) -> None:
     """Open the run on a new node and give it a helper replica."""
     name = format_address(host)
-    try:
-        distinct = await distinct_nodes(run.peers, [*run.health.live, host])
-        if host not in distinct:
-            run.event("host not joined", node=name, why="the same node as one in the run")
-            return
-        await run.control(host, run.open_request(), timeout=run.op_timeout)
-    except DBNodeError as exc:
-        run.event("host not joined", node=name, why=str(exc)[:200])
-        log.warning("node %s not joined: %s", name, exc)
+    why = f"no answer within {run.op_timeout:g} s"
+    with trio.move_on_after(run.op_timeout):  # an unroutable host must not stall the run
+        try:
+            (info,) = (await distinct_nodes(run.peers, [host])).values()
+            if info.node_id in run.node_ids.values():
+                why = "the same node as one in the run"
+            else:
+                await run.control(host, run.open_request(), timeout=run.op_timeout)
+                why = ""
+        except DBNodeError as exc:
+            why = str(exc)[:200]
+    if why:
+        run.event("host not joined", node=name, why=why)
+        log.warning("node %s not joined: %s", name, why)
         return
+    run.node_ids[host] = info.node_id
     run.hosts.append(host)  # the failure detector's list too: it is heartbeaten now
     cap = run.config.train.max_replicas
     helpers = 0
@@ -135,7 +138,12 @@ async def leave(run: RunState, host: Address, inputs: Inputs) -> None:
         run.warn(f"node {name} left the hosts file but is the run's last node: it stays")
         return
     run.hosts.remove(host)
+    if host in run.dead and host not in run.shard_hosts:  # may come back, listed again
+        run.health.dead.discard(host)
     moved = await _move_shards(run, host) if host not in run.dead else []
+    if moved is None:
+        run.warn(f"node {name} left the hosts file but no other node took its shards: it stays")
+        return
     for helper in run.helpers:
         if host in helper.hosts:
             helper.diverged = f"node {name} left"  # over: never leased again
@@ -153,25 +161,58 @@ async def leave(run: RunState, host: Address, inputs: Inputs) -> None:
     run.event("host left", node=name, shards=moved)
 
 
-async def _move_shards(run: RunState, host: Address) -> list[int]:
-    """Move the plan shards on ``host`` to the least loaded other nodes,
-    losing nothing: the node's shard map epoch moves on alone first, so it
-    refuses every later push (the pushers send it again after the remap)."""
+async def _move_shards(run: RunState, host: Address) -> list[int] | None:
+    """Move the plan shards on ``host`` (already out of ``run.hosts``) to
+    the least loaded other nodes, losing nothing: the node's shard map
+    epoch moves on alone first, so it refuses every later push (the pushers
+    send it again after the remap).
+
+    Returns:
+        The plan shards moved; None when one could not be (no other node
+        took it): then the node is back in the run, holding what is left.
+    """
     moving = [i for i, h in enumerate(run.shard_hosts) if h == host and run.plan.on_shard(i)]
     if not moving:
         return []
     fence = control.Remap(run=run.id, epoch=run.epoch + 1, shards=tuple(run.shard_hosts))
     try:
         await run.control(host, fence, timeout=run.op_timeout)
-        run.epoch += 1  # the map that follows is one past the fence
-        for i in moving:
-            data = np.frombuffer(await run.export(i), np.uint8)
-            live = run.health.live
-            target = min(live, key=lambda h: (run.shard_hosts.count(h), live.index(h)))
-            await run.control(target, control.Import(run=run.id, data=data))
-            run.shard_hosts[i] = target
-    except DBNodeError as exc:  # it died meanwhile: its shards are restored as a dead node's
+    except DBNodeError as exc:  # gone: its shards are restored as a dead node's
         run.health.declare_dead(host, exc)
         return []
+    run.epoch += 1  # the map that follows is one past the fence
+    moved: list[int] | None = []
+    for i in moving:
+        try:
+            data = np.frombuffer(await run.export(i), np.uint8)
+        except NodeUnreachable as exc:
+            run.health.declare_dead(host, exc)  # the rest are restored as a dead node's
+            break
+        target = await _import(run, data)
+        if target is None:
+            run.hosts.append(host)  # kept: it still holds this shard
+            moved = None
+            break
+        run.shard_hosts[i] = target
+        moved.append(i)
     await run.advance_epoch()
-    return moving
+    return moved
+
+
+async def _import(run: RunState, data: np.ndarray) -> Address | None:
+    """Import a plan shard's snapshot into the least loaded live node that
+    takes it (None: none did)."""
+    refused: set[Address] = set()
+    while True:
+        live = [h for h in run.health.live if h not in refused]
+        if not live:
+            return None
+        target = min(live, key=lambda h: (run.shard_hosts.count(h), live.index(h)))
+        try:
+            await run.control(target, control.Import(run=run.id, data=data))
+            return target
+        except NodeUnreachable as exc:
+            run.health.declare_dead(target, exc)
+        except DBNodeError as exc:  # e.g. over its memory budget
+            log.warning("node %s did not take a shard: %s", format_address(target), exc)
+            refused.add(target)

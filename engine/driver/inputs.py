@@ -6,6 +6,7 @@ here, as a :class:`~dbnode.errors.ConfigError` naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .. import data as datasets
-from ..config import RunConfig
+from ..config import RunConfig, TrainConfig
 from ..errors import ConfigError
 from ..metrics import data_warnings, task_of
 from ..model import ModelSpec, init_params, load_params
@@ -184,8 +185,14 @@ def prepare(config: RunConfig, arrays: Arrays | None = None) -> Inputs:
 
 
 # Keys of [train] that may change when a run is resumed: how it is watched,
-# when it may end early, and how long it goes on (more epochs extend it).
-RESUMABLE_CHANGES = ("eval_interval", "early_stopping", "epochs")
+# when it may end early, how long it goes on (more epochs extend it), and
+# how slow replicas are helped (not train.portion_steps: pushes are named
+# after their portion).
+RESUMABLE_CHANGES = ("eval_interval", "early_stopping", "epochs", "backups", "max_replicas")
+
+
+# What a key that a checkpoint's identity lacks (one added since) meant then.
+_DEFAULTS = {"train": dataclasses.asdict(TrainConfig())}
 
 
 def run_identity(config: RunConfig) -> dict[str, Any]:
@@ -234,6 +241,8 @@ def find_resume(config: RunConfig, directory: str | Path) -> checkpoint.Checkpoi
         for section in sorted(set(ours) | set(newest.identity)):
             theirs, mine = newest.identity.get(section, {}), ours.get(section, {})
             for key in sorted(set(theirs) | set(mine)):
+                if key not in theirs and mine.get(key) == _DEFAULTS.get(section, {}).get(key):
+                    continue  # a key added since that checkpoint, at its default
                 if theirs.get(key) != mine.get(key):
                     raise ConfigError(
                         f"{section}.{key}", mine.get(key),

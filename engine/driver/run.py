@@ -55,7 +55,7 @@ from .outputs import MetricsLog, Progress, Summary, metric_columns, prepare_out_
 from .planning import distinct_nodes, node_shapes, oversubscribed
 from .state import Replica, RunState
 from .stopping import EarlyStopper, Plateau
-from .stragglers import backup_failed, lease_backups, settle
+from .stragglers import backup_done, backup_failed, lease_backups, settle
 
 __all__ = ["Progress", "Summary", "train", "write_outputs"]
 
@@ -144,17 +144,20 @@ def train(
         )
     name = name or "run"
     hosts = list(hosts or [_address(h) for h in config.cluster.hosts])
+    fixed = tuple(hosts)  # never drained through the hosts file
     if config.cluster.hosts_file:
         try:
             hosts += [h for h in read_hosts(config.cluster.hosts_file) if h not in hosts]
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError("cluster.hosts_file", config.cluster.hosts_file, str(exc)) from None
         if not hosts:
             raise ConfigError("cluster.hosts_file", config.cluster.hosts_file, "lists no node")
     if hosts:
         if secret is None:
             secret = load_secret(config.cluster.secret_file or None)
-        return trio.run(_run, config, hosts, secret, inputs, out_dir, progress, name, watchers)
+        return trio.run(
+            _run, config, hosts, secret, inputs, out_dir, progress, name, watchers, fixed
+        )
     roles = len(inputs.shards) * config.model.partitions
     with LocalCluster(config.cluster.nodes or embedded_nodes(roles)) as cluster:
         secret = cluster.secret_file.read_bytes()
@@ -176,17 +179,18 @@ async def _run(
     progress,
     name: str,
     watchers: tuple[EarlyStopper, Plateau | None],
+    fixed: tuple[Address, ...] = (),
 ) -> Summary:
     try:
         return await _run_in_nursery(
-            config, hosts, secret, inputs, out_dir, progress, name, watchers
+            config, hosts, secret, inputs, out_dir, progress, name, watchers, fixed
         )
     except BaseExceptionGroup as group:  # what a user meets is the error inside
         raise first_error(group) from None
 
 
 async def _run_in_nursery(
-    config, hosts, secret, inputs, out_dir, progress, name, watchers
+    config, hosts, secret, inputs, out_dir, progress, name, watchers, fixed
 ) -> Summary:
     """:func:`_run`'s body: the run's nursery (its channels, its side tasks)."""
     start = time.monotonic()
@@ -213,6 +217,8 @@ async def _run_in_nursery(
                 stopper=watchers[0],
                 plateau=watchers[1],
             )
+            run.node_ids = {host: info.node_id for host, info in distinct.items()}
+            run.fixed_hosts = [h for h in distinct if h in fixed]
             if len(distinct) < len(hosts):
                 run.event("duplicate hosts", given=len(hosts), nodes=len(distinct))
             for text in (*oversubscribed(distinct), *inputs.warnings):
@@ -434,7 +440,7 @@ async def _watch_in(
     next_checkpoint = time.monotonic() + every
     seen_dead: set[Address] = set()
     path = config.cluster.hosts_file
-    hosts_file = HostsFile(path, list(run.hosts)) if path else None
+    hosts_file = HostsFile(path, run.fixed_hosts) if path else None
     while True:
         await trio.sleep(min(0.2, config.cluster.heartbeat))
         if hosts_file is not None:
@@ -469,8 +475,8 @@ async def _watch_in(
             failure = failure or next((s.error for s in mine if s and s.diverged), None)
             if failure:
                 await backup_failed(run, backup, failure)
-            else:
-                backup.done = all(s is not None and s.done for s in mine)
+            elif all(s is not None and s.done for s in mine):
+                await backup_done(run, backup)
         await settle(run, inputs)
         await lease_backups(run, inputs)
         if window_count:
@@ -483,7 +489,7 @@ async def _watch_in(
                 # From here the others fetch the shards' parameters: the warm model.
                 await run.set_running(held, time.monotonic() - start)
                 run.event("warmstart done", replica=first.index, steps=steps)
-        examples = run.trained_examples()
+        examples = min(run.trained_examples(), total)  # copies racing count twice
         finished = all(r.over for r in run.replicas)
         now = time.monotonic()
         if not finished:

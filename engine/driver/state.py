@@ -167,6 +167,8 @@ class RunState:
         t = config.train
         longest = max(s.stop - s.start for s in inputs.shards)
         self.helpers: list[Replica] = []  # of nodes that joined (dbnode.driver.elastic)
+        self.node_ids: dict[Address, str] = {}  # each node's own id (one node, one place)
+        self.fixed_hosts: list[Address] = []  # given, not from cluster.hosts_file
         self.portion = portion_steps(t.portion_steps, -(-longest // t.batch_size), t.n_push)
         self._uids = iter(range(1, 2**32))
         self.replicas = [
@@ -338,10 +340,13 @@ class RunState:
         its partitions are at different steps: going on there, every step is
         applied exactly once (pushes already applied are dropped as
         retries). None when a shard cannot tell."""
-        try:
-            stats = await self.client.stats(pushers=f"r{replica.index}p")
-        except DBNodeError as exc:
-            log.warning("replica %d: the shards' last pushes unknown (%s)", replica.index, exc)
+        stats = None
+        with trio.move_on_after(self.op_timeout):  # a frozen shard node must not stall the run
+            try:
+                stats = await self.client.stats(pushers=f"r{replica.index}p")
+            except DBNodeError as exc:
+                log.warning("replica %d: the shards' last pushes unknown (%s)", replica.index, exc)
+        if stats is None:
             return None
         last_seq = {t["key"]: t["last_seq"] for node in stats for t in node["tensors"]}
         end = self.steps_of(replica)
@@ -379,20 +384,25 @@ class RunState:
                 )
         await self.stop_partitions(replica)  # the survivors wait for peers that are gone
         applied = await self.applied_through(replica)
-        if applied is not None and applied >= self.steps_of(replica):  # backups did the rest
-            replica.done = True
-            self.event("replica done by backups", replica=replica.index)
-            return
+        if applied is None and replica.last is not None:
+            # The shards cannot tell: from the step every partition reported,
+            # at the start of its push period (a period pushed already is
+            # dropped as a retry; partial ones would lose their first steps).
+            applied = replica.progress - replica.progress % self.config.train.n_push
         if applied is not None:
             replica.start_step = applied
             replica.base_examples = examples_after(
                 replica.n_examples, self.config.train.batch_size, applied
             )
-        elif replica.last is not None:
-            replica.base_examples += replica.last.examples
-            replica.start_step = replica.last.step
-        replica.incarnation, replica.last = replica.incarnation + 1, None
-        replica.seen_loss, replica.reports = (0.0, 0), {}
+        replica.last, replica.reports = None, {}
+        if replica.share_end is not None and replica.start_step >= replica.share_end:
+            replica.share_end = None  # its share is behind it: backups may cut anew
+        if replica.start_step >= self.steps_of(replica):  # backups did the rest
+            replica.done, replica.parked = True, False
+            self.event("replica done by backups", replica=replica.index)
+            return
+        replica.incarnation = replica.incarnation + 1
+        replica.seen_loss = (0.0, 0)
         replica.acked_before, replica.acked = replica.acknowledged, {}
         replica.links_before, replica.links_now = replica.links, {}
         while True:

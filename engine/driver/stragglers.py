@@ -12,15 +12,18 @@ applied and its backups train the rest; it is done once they are.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from ..data import examples_after
-from ..errors import NodeUnreachable
+from ..errors import DBNodeError, NodeUnreachable
 from .inputs import Inputs
 from .leases import backup_range
 from .state import Replica, RunState
 
-__all__ = ["backup_failed", "lease_backups", "settle"]
+__all__ = ["backup_done", "backup_failed", "lease_backups", "settle"]
+
+log = logging.getLogger("dbnode.driver")
 
 
 def _idle(replica: Replica) -> bool:
@@ -39,7 +42,8 @@ async def lease_backups(run: RunState, inputs: Inputs) -> None:
     if not run.config.train.backups:
         return
     for helper in run.replicas + run.helpers:
-        if not _idle(helper) or any(h in run.dead for h in helper.hosts):
+        live = run.health.live  # not a node that died or left the run
+        if not _idle(helper) or any(h not in live for h in helper.hosts):
             continue
         slow = [r for r in run.replicas
                 if not (r.over or r.held or r.parked) and r.last is not None]  # fmt: skip
@@ -73,14 +77,23 @@ async def lease_backups(run: RunState, inputs: Inputs) -> None:
                          start_step=cut[0], end_step=cut[1])  # fmt: skip
         try:
             await run.launch(backup, inputs, run=True)
-        except NodeUnreachable as exc:
-            run.health.declare_dead(exc.host, exc)
+        except DBNodeError as exc:  # refused (its memory budget, say) or gone: not now
+            if isinstance(exc, NodeUnreachable):
+                run.health.declare_dead(exc.host, exc)
+            log.info("backup of replica %d not leased: %s", target.index, exc)
             await run.stop_partitions(backup)
             target.share_end = previous
             continue
         owner.backups.append(backup)
         helper.helping = backup
         run.event("backup leased", replica=helper.index, of=target.index, steps=list(cut))
+
+
+async def backup_done(run: RunState, backup: Replica) -> None:
+    """A backup that trained its steps: its partitions go, freeing what they
+    hold on their nodes (a data shard, parameter blocks)."""
+    backup.done = True
+    await run.stop_partitions(backup)
 
 
 def _owner(run: RunState, copy: Replica) -> Replica:
@@ -113,8 +126,7 @@ async def settle(run: RunState, inputs: Inputs) -> None:
         live = [b for b in replica.backups if not b.over]
         if replica.over:
             for backup in live:  # it trained through: the copies lost
-                await run.stop_partitions(backup)
-                backup.done = True
+                await backup_done(run, backup)
             continue
         if not replica.backups or replica.held or replica.last is None:
             continue
@@ -123,8 +135,7 @@ async def settle(run: RunState, inputs: Inputs) -> None:
                 own = Replica(backup.index, backup.rows, [], [],
                               start_step=backup.start_step, end_step=backup.share_end)  # fmt: skip
                 if await run.applied_through(own) == backup.share_end:
-                    await run.stop_partitions(backup)
-                    backup.done = True
+                    await backup_done(run, backup)
         live = [b for b in live if not b.over]
         share = replica.share_end or run.steps_of(replica)
         if live:
@@ -137,8 +148,8 @@ async def settle(run: RunState, inputs: Inputs) -> None:
                     replica.parked = True
                     run.event("replica parked", replica=replica.index, at_step=share)
             continue
-        if not replica.parked and replica.progress < share:
-            continue
+        if not replica.parked and replica.share_end is not None and replica.progress < share:
+            continue  # its own share not trained yet: the schedule cannot be complete
         whole = Replica(replica.index, replica.rows, [], [], start_step=replica.start_step)
         end = run.steps_of(replica)
         applied = await run.applied_through(whole)
