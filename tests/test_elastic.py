@@ -71,21 +71,29 @@ def nodes(tmp_path):
 
 
 def test_a_run_grows_onto_nodes_added_to_its_hosts_file(tmp_path, nodes):
+    """One node added is running; the other is listed before it starts,
+    and joins at a retry."""
     pytest.importorskip("sklearn")
     hosts = tmp_path / "hosts"
     hosts.write_text(nodes[0].address + "\n")
+    late = nodes[2]
+    late.kill()  # listed first, started later on the same port
     out = tmp_path / "grown"
-    proc = _start(nodes, hosts, out, "--set", "train.replicas=2", "--set", "train.epochs=80",
-                  "--set", "train.eval_interval=0.2")  # fmt: skip
+    proc = _start(nodes, hosts, out, "--set", "train.replicas=2", "--set", "train.epochs=400",
+                  "--set", "train.eval_interval=0.5")  # fmt: skip
     _when_training(out, proc)
     hosts.write_text("\n".join(n.address for n in nodes) + "\n")
+    time.sleep(0.5)
+    late.start(late.port)
     summary = _summary(proc, out)
     joined = [e for e in summary["events"] if e["event"] == "host joined"]
     assert sorted(e["node"] for e in joined) == sorted(n.address for n in nodes[1:]), joined
+    refused = [e for e in summary["events"] if e["event"] == "host not joined"]
+    assert [e["node"] for e in refused] == [late.address], summary["events"]  # said once
     # The new nodes' helpers (replicas 2 and 3) took over portions.
     helped = {e["replica"] for e in summary["events"] if e["event"] == "backup leased"}
     assert helped & {2, 3}, summary["events"]
-    assert summary["examples"] == 80 * 1438 and not summary["restarts"]
+    assert summary["examples"] == 400 * 1438 and not summary["restarts"]
     assert summary["test_accuracy"] >= 0.93
     assert summary["pushes"]["acknowledged"] <= (
         summary["pushes"]["applied"] + summary["pushes"]["duplicates"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,10 @@ class HostsFile:
     def __init__(self, path: str | os.PathLike, fixed: list[Address] = ()) -> None:
         self.path = Path(path)
         self.fixed = list(fixed)
+        self.listed: list[Address] = []  # as last read
+        self.unjoined: set[Address] = set()  # listed, tried, not joined (yet)
+        self.retry_at = 0.0  # when those are tried again (time.monotonic)
+        self.backoff = JOIN_RETRY[0]  # seconds to the retry after that
         self._seen: tuple[int, int] | None = None
         self._complained = False
 
@@ -83,27 +88,55 @@ class HostsFile:
                 self._complained = True
             return None
         self._seen, self._complained = mark, False
+        self.listed = hosts
         return hosts
 
 
+# Seconds before the first retry to join a listed node that did not answer
+# (it may be starting; each retry waits twice as long, up to the last), and
+# how long a retry waits for its answer.
+JOIN_RETRY = (1.0, 30.0)
+RETRY_WAIT = 0.5
+
+
 async def follow(run: RunState, hosts_file: HostsFile, inputs: Inputs) -> None:
-    """Join the nodes the hosts file added and drain those it dropped."""
+    """Join the nodes the hosts file added and drain those it dropped; try
+    again, now and then, the listed nodes that could not join."""
     listed = hosts_file.changed()
-    if listed is None or not listed:  # an empty file is a mistake, not "drain all"
+    now = time.monotonic()
+    if listed is not None:
+        hosts_file.backoff = JOIN_RETRY[0]
+    elif not (hosts_file.unjoined and now >= hosts_file.retry_at):
+        return
+    listed = hosts_file.listed
+    if not listed:  # an empty file is a mistake, not "drain all"
         return
     for host in listed:
         if host not in run.hosts and host not in run.dead:
-            await join(run, host)
+            quiet = host in hosts_file.unjoined  # said once already
+            if await join(run, host, quiet):
+                hosts_file.unjoined.discard(host)
+            else:
+                hosts_file.unjoined.add(host)
+    hosts_file.unjoined &= set(listed)
+    hosts_file.retry_at = now + hosts_file.backoff
+    hosts_file.backoff = min(2 * hosts_file.backoff, JOIN_RETRY[1])
     for host in list(run.hosts):
         if host not in listed and host not in hosts_file.fixed:
             await leave(run, host, inputs)
 
 
-async def join(run: RunState, host: Address) -> None:
-    """Open the run on a new node and give it a helper replica."""
+async def join(run: RunState, host: Address, quiet: bool = False) -> bool:
+    """Open the run on a new node and give it a helper replica.
+
+    Returns:
+        Whether it joined (else an event says why, unless ``quiet``).
+    """
     name = format_address(host)
-    why = f"no answer within {run.op_timeout:g} s"
-    with trio.move_on_after(run.op_timeout):  # an unroutable host must not stall the run
+    # A retry waits briefly: the watch loop waits with it, every JOIN_RETRY.
+    wait = RETRY_WAIT if quiet else run.op_timeout
+    why = f"no answer within {wait:g} s"
+    with trio.move_on_after(wait):  # an unroutable host must not stall the run
         try:
             (info,) = (await distinct_nodes(run.peers, [host])).values()
             if info.node_id in run.node_ids.values():
@@ -114,9 +147,10 @@ async def join(run: RunState, host: Address) -> None:
         except DBNodeError as exc:
             why = str(exc)[:200]
     if why:
-        run.event("host not joined", node=name, why=why)
-        log.warning("node %s not joined: %s", name, why)
-        return
+        if not quiet:
+            run.event("host not joined", node=name, why=why)
+            log.warning("node %s not joined (it will be tried again): %s", name, why)
+        return False
     run.node_ids[host] = info.node_id
     run.hosts.append(host)  # the failure detector's list too: it is heartbeaten now
     cap = run.config.train.max_replicas
@@ -128,6 +162,7 @@ async def join(run: RunState, host: Address) -> None:
         helpers = 1
     log.info("node %s joined the run (%d helper replica)", name, helpers)
     run.event("host joined", node=name, replicas=helpers)
+    return True
 
 
 async def leave(run: RunState, host: Address, inputs: Inputs) -> None:
