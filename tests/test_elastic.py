@@ -125,3 +125,32 @@ def test_a_node_removed_from_the_hosts_file_is_drained_without_losing_its_shards
     assert all(r["reason"].endswith("left") for r in summary["restarts"]), summary["restarts"]
     assert summary["test_accuracy"] >= calm["test_accuracy"] - 0.03
     assert two[1].alive()  # drained, not killed
+
+
+def test_a_helper_node_killed_mid_backup_loses_nothing(tmp_path, nodes):
+    """kill -9 of a joined node while its helper trains a backup: the backup
+    fails, its steps go back to the replica it was cut from, and every step
+    of every schedule is still applied exactly once."""
+    pytest.importorskip("sklearn")
+    hosts = tmp_path / "hosts"
+    hosts.write_text(nodes[0].address + "\n")
+    out = tmp_path / "hit"
+    epochs = 300
+    proc = _start(nodes[:2], hosts, out, "--set", "train.replicas=2",
+                  "--set", f"train.epochs={epochs}", "--set", "train.eval_interval=0.5")  # fmt: skip
+    _when_training(out, proc)
+    hosts.write_text(f"{nodes[0].address}\n{nodes[1].address}\n")
+    deadline = time.monotonic() + 60
+    for line in proc.stderr:  # events come as they happen, one a line
+        if "backup leased" in line and "replica=2" in line or time.monotonic() > deadline:
+            break
+    nodes[1].kill()
+    out_text, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    events = [e["event"] for e in summary["events"]]
+    assert "backup failed" in events and "node dead" in events, summary["events"]
+    steps = epochs * -(-719 // 16)  # each replica's schedule: 719 examples, batches of 16
+    assert summary["pushes"]["applied"] == 2 * steps  # one piece per step
+    assert summary["examples"] == epochs * 1438
+    assert summary["test_accuracy"] >= 0.93
