@@ -559,6 +559,14 @@ def test_a_shard_node_killed_mid_run_is_restored_and_the_run_completes(tmp_path,
     )
     victim, nodes = embedded_node(proc, node_with("shard", EXAMPLES / "digits.toml", common))
     time.sleep(1.5)
+    if copy == "checkpoint":  # a busy machine may take longer to write the first one
+        written = tmp_path / "hit" / "checkpoints"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(
+            p.name.startswith("ckpt-") and not p.name.endswith(".tmp")
+            for p in (written.iterdir() if written.exists() else ())
+        ):
+            time.sleep(0.05)
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]

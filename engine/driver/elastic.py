@@ -8,9 +8,10 @@ replicas' portions (:mod:`dbnode.driver.leases`), so the run goes faster
 without anything starting again. A node that disappears is drained: its
 parameter shards move to the other nodes with nothing lost (its copy is
 fenced off first, so a push refused there is sent again to the new one),
-the replicas with partitions on it go on elsewhere from the first step the
-shards have not applied, its backups give their steps back, and the run is
-closed on it. Joins and leaves are summary events.
+the replicas with partitions on it train to the end of their current
+portion while backups elsewhere take the rest, its own backups give their
+steps back, and the run is closed on it once nothing runs there. Joins and
+leaves are summary events.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from ..config import format_address, parse_address
 from ..errors import DBNodeError, NodeUnreachable
 from ..wire import Address
 from .inputs import Inputs
+from .leases import backup_range
 from .planning import distinct_nodes
 from .state import Replica, RunState
 from .stragglers import backup_failed
 
-__all__ = ["HostsFile", "follow", "join", "leave", "read_hosts"]
+__all__ = ["HostsFile", "drained", "follow", "join", "leave", "read_hosts"]
 
 log = logging.getLogger("dbnode.driver")
 
@@ -102,6 +104,7 @@ RETRY_WAIT = 0.5
 async def follow(run: RunState, hosts_file: HostsFile, inputs: Inputs) -> None:
     """Join the nodes the hosts file added and drain those it dropped; try
     again, now and then, the listed nodes that could not join."""
+    await drained(run)
     listed = hosts_file.changed()
     now = time.monotonic()
     if listed is not None:
@@ -122,7 +125,7 @@ async def follow(run: RunState, hosts_file: HostsFile, inputs: Inputs) -> None:
     hosts_file.retry_at = now + hosts_file.backoff
     hosts_file.backoff = min(2 * hosts_file.backoff, JOIN_RETRY[1])
     for host in list(run.hosts):
-        if host not in listed and host not in hosts_file.fixed:
+        if host not in listed and host not in hosts_file.fixed and host not in run.draining:
             await leave(run, host, inputs)
 
 
@@ -166,17 +169,25 @@ async def join(run: RunState, host: Address, quiet: bool = False) -> bool:
 
 
 async def leave(run: RunState, host: Address, inputs: Inputs) -> None:
-    """Drain a node the hosts file no longer lists."""
+    """Start draining a node the hosts file no longer lists: its shards
+    move at once; each replica with a partition there trains on to the end
+    of its current portion, and a backup on other nodes takes the rest
+    (:func:`drained` closes the node once nothing runs there)."""
     name = format_address(host)
-    others = [h for h in run.health.live if h != host]
+    others = [h for h in run.placeable if h != host]
     if not others:
         run.warn(f"node {name} left the hosts file but is the run's last node: it stays")
         return
-    run.hosts.remove(host)
-    if host in run.dead and host not in run.shard_hosts:  # may come back, listed again
-        run.health.dead.discard(host)
-    moved = await _move_shards(run, host) if host not in run.dead else []
+    if host in run.dead:  # its replicas restart on failure as ever
+        run.hosts.remove(host)
+        if host not in run.shard_hosts:  # may come back, listed again
+            run.health.dead.discard(host)
+        run.event("host left", node=name, shards=[])
+        return
+    run.draining.add(host)
+    moved = await _move_shards(run, host)
     if moved is None:
+        run.draining.discard(host)
         run.warn(f"node {name} left the hosts file but no other node took its shards: it stays")
         return
     for helper in run.helpers:
@@ -187,29 +198,74 @@ async def leave(run: RunState, host: Address, inputs: Inputs) -> None:
             await backup_failed(run, backup, f"node {name} left")
     for replica in run.replicas:
         if not (replica.over or replica.parked) and host in replica.hosts:
-            await run.restart(replica, inputs, f"node {name} left", node_failure=True)
+            await _hand_over(run, replica, inputs, f"node {name} left")
+    log.info("node %s is leaving the run", name)
+    run.event("host draining", node=name, shards=moved)
+
+
+async def _hand_over(run: RunState, replica: Replica, inputs: Inputs, reason: str) -> None:
+    """Let ``replica`` train to the end of its current portion, and a backup
+    on other nodes the rest of its share (it is then parked); with less
+    than a portion left it simply finishes. A held one moves at once."""
+    if replica.held:
+        await run.restart(replica, inputs, reason, node_failure=True)
+        return
+    end = replica.share_end or run.steps_of(replica)
+    cut = backup_range(replica.progress, end, run.portion, keep=0.0)
+    if cut is None:
+        return
+    backup = Replica(replica.index, replica.rows, run.least_loaded(replica, reason), [],
+                     start_step=cut[0], end_step=cut[1])  # fmt: skip
     try:
-        await run.control(host, control.Close(run=run.id), timeout=run.op_timeout)
-    except DBNodeError:
-        pass  # gone already: its lease frees the run there
-    log.info("node %s left the run", name)
-    run.event("host left", node=name, shards=moved)
+        await run.launch(backup, inputs, run=True)
+    except DBNodeError as exc:  # no taker now: it moves at once instead
+        log.info("replica %d not handed over (%s): restarted", replica.index, exc)
+        await run.stop_partitions(backup)
+        await run.restart(replica, inputs, reason, node_failure=True)
+        return
+    replica.share_end = cut[0]
+    replica.backups.append(backup)
+    run.event("replica handed over", replica=replica.index, at_step=cut[0],
+              on=[format_address(h) for h in backup.hosts])  # fmt: skip
+
+
+async def drained(run: RunState) -> None:
+    """Close the run on the leaving nodes where nothing of it runs any more."""
+    for host in list(run.draining):
+        running = [r for r in run.replicas if not (r.over or r.parked)] + run.running_backups
+        if host not in run.dead and any(host in r.hosts for r in running):
+            continue
+        run.draining.discard(host)
+        run.hosts.remove(host)
+        try:
+            await run.control(host, control.Close(run=run.id), timeout=run.op_timeout)
+        except DBNodeError:
+            pass  # gone already: its lease frees the run there
+        log.info("node %s left the run", format_address(host))
+        run.event("host left", node=format_address(host))
 
 
 async def _move_shards(run: RunState, host: Address) -> list[int] | None:
-    """Move the plan shards on ``host`` (already out of ``run.hosts``) to
-    the least loaded other nodes, losing nothing: the node's shard map
-    epoch moves on alone first, so it refuses every later push (the pushers
-    send it again after the remap).
+    """Move the plan shards on ``host`` (draining) to the least loaded
+    other nodes, losing nothing: the node's shard map epoch moves on alone
+    first, so it refuses every later push (the pushers send it again after
+    the remap, which the node gets too: its partitions train on).
 
     Returns:
         The plan shards moved; None when one could not be (no other node
-        took it): then the node is back in the run, holding what is left.
+        took it): the node keeps what is left.
     """
     moving = [i for i, h in enumerate(run.shard_hosts) if h == host and run.plan.on_shard(i)]
     if not moving:
         return []
-    fence = control.Remap(run=run.id, epoch=run.epoch + 1, shards=tuple(run.shard_hosts))
+    # The fence's map already points the moving shards elsewhere: the node's
+    # own partitions (which get the fence's epoch too) must not push to its
+    # copy either once it is exported.
+    planned = list(run.shard_hosts)
+    for i in moving:
+        live = run.placeable
+        planned[i] = min(live, key=lambda h: (planned.count(h), live.index(h)))
+    fence = control.Remap(run=run.id, epoch=run.epoch + 1, shards=tuple(planned))
     try:
         await run.control(host, fence, timeout=run.op_timeout)
     except DBNodeError as exc:  # gone: its shards are restored as a dead node's
@@ -223,9 +279,8 @@ async def _move_shards(run: RunState, host: Address) -> list[int] | None:
         except NodeUnreachable as exc:
             run.health.declare_dead(host, exc)  # the rest are restored as a dead node's
             break
-        target = await _import(run, data)
-        if target is None:
-            run.hosts.append(host)  # kept: it still holds this shard
+        target = await _import(run, data, planned[i])
+        if target is None:  # it keeps what is left
             moved = None
             break
         run.shard_hosts[i] = target
@@ -234,15 +289,17 @@ async def _move_shards(run: RunState, host: Address) -> list[int] | None:
     return moved
 
 
-async def _import(run: RunState, data: np.ndarray) -> Address | None:
-    """Import a plan shard's snapshot into the least loaded live node that
-    takes it (None: none did)."""
+async def _import(run: RunState, data: np.ndarray, first: Address) -> Address | None:
+    """Import a plan shard's snapshot into ``first``, or else the least
+    loaded live node that takes it (None: none did)."""
     refused: set[Address] = set()
+    target = first
     while True:
-        live = [h for h in run.health.live if h not in refused]
+        live = [h for h in run.placeable if h not in refused]
         if not live:
             return None
-        target = min(live, key=lambda h: (run.shard_hosts.count(h), live.index(h)))
+        if target not in live:
+            target = min(live, key=lambda h: (run.shard_hosts.count(h), live.index(h)))
         try:
             await run.control(target, control.Import(run=run.id, data=data))
             return target

@@ -169,6 +169,7 @@ class RunState:
         self.helpers: list[Replica] = []  # of nodes that joined (dbnode.driver.elastic)
         self.node_ids: dict[Address, str] = {}  # each node's own id (one node, one place)
         self.fixed_hosts: list[Address] = []  # given, not from cluster.hosts_file
+        self.draining: set[Address] = set()  # leaving: nothing new is placed there
         self.portion = portion_steps(t.portion_steps, -(-longest // t.batch_size), t.n_push)
         self._uids = iter(range(1, 2**32))
         self.replicas = [
@@ -204,6 +205,11 @@ class RunState:
     @property
     def dead(self) -> set[Address]:
         return self.health.dead
+
+    @property
+    def placeable(self) -> list[Address]:
+        """The live nodes new partitions and shards may go to (not draining)."""
+        return [h for h in self.health.live if h not in self.draining]
 
     def event(self, what: str, **details) -> None:
         # Wall time to line up with other logs, run time to read the run by.
@@ -406,7 +412,7 @@ class RunState:
         replica.acked_before, replica.acked = replica.acknowledged, {}
         replica.links_before, replica.links_now = replica.links, {}
         while True:
-            replica.hosts = self._least_loaded(replica, reason)
+            replica.hosts = self.least_loaded(replica, reason)
             log.warning(
                 "replica %d failed (%s); restarting it at step %d on %s",
                 replica.index,
@@ -468,8 +474,10 @@ class RunState:
                 except DBNodeError:
                     pass
 
-    def _least_loaded(self, replica: Replica, reason: str) -> list[Address]:
-        live = self.health.live
+    def least_loaded(self, replica: Replica, reason: str) -> list[Address]:
+        """The nodes for ``replica``'s partitions: the placeable ones
+        running the fewest other partitions."""
+        live = self.placeable
         if not live:
             raise DBNodeError(f"no node left to restart replica {replica.index} on ({reason})")
         load = {h: 0 for h in live}

@@ -42,7 +42,7 @@ async def lease_backups(run: RunState, inputs: Inputs) -> None:
     if not run.config.train.backups:
         return
     for helper in run.replicas + run.helpers:
-        live = run.health.live  # not a node that died or left the run
+        live = run.placeable  # not a node that died, left or is leaving
         if not _idle(helper) or any(h not in live for h in helper.hosts):
             continue
         slow = [r for r in run.replicas
