@@ -100,28 +100,30 @@ def test_a_run_grows_onto_nodes_added_to_its_hosts_file(tmp_path, nodes):
     )
 
 
-def test_a_node_removed_from_the_hosts_file_is_drained_without_losing_its_shards(tmp_path, nodes):
+def test_nodes_removed_from_the_hosts_file_are_drained_without_losing_their_shards(tmp_path, nodes):
+    """Two of three nodes dropped in one edit: what they held and ran goes
+    to the one left, nothing of one drain lands on the other."""
     pytest.importorskip("sklearn")
-    two = nodes[:2]
     hosts = tmp_path / "hosts"
-    # Two layer partitions: one parameter shard per partition, one on each node.
+    # Two layer partitions: one parameter shard per partition.
     more = ["--set", "model.partitions=2", "--set", "train.replicas=2",
             "--set", "train.epochs=60", "--set", "train.eval_interval=0.2",
             "--set", "train.backups=false"]  # fmt: skip
-    hosts.write_text("\n".join(n.address for n in two) + "\n")
-    calm = _summary(_start(two, hosts, tmp_path / "calm", *more), tmp_path / "calm")
+    hosts.write_text("\n".join(n.address for n in nodes) + "\n")
+    calm = _summary(_start(nodes, hosts, tmp_path / "calm", *more), tmp_path / "calm")
     out = tmp_path / "drained"
-    proc = _start(two, hosts, out, *more)
+    proc = _start(nodes, hosts, out, *more)
     _when_training(out, proc)
-    hosts.write_text(two[0].address + "\n")
+    hosts.write_text(nodes[0].address + "\n")
     summary = _summary(proc, out)
     events = summary["events"]
+    leaving = sorted(n.address for n in nodes[1:])
     draining = [e for e in events if e["event"] == "host draining"]
-    assert [e["node"] for e in draining] == [two[1].address], events
-    assert draining[0]["shards"], "the drained node held a parameter shard"
-    # Its replicas trained to the end of their portion, backups took the rest.
+    assert sorted(e["node"] for e in draining) == leaving, events
+    assert any(e["shards"] for e in draining), "a drained node held a parameter shard"
+    # Their replicas trained to the end of their portion, backups took the rest.
     assert any(e["event"] == "replica handed over" for e in events), events
-    assert [e["node"] for e in events if e["event"] == "host left"] == [two[1].address], events
+    assert sorted(e["node"] for e in events if e["event"] == "host left") == leaving, events
     # Moved, not restored: nothing lost, every step applied once, no node
     # dead, nothing restarted.
     assert summary["lost_updates"] == 0 and summary["dead_nodes"] == []
@@ -129,7 +131,7 @@ def test_a_node_removed_from_the_hosts_file_is_drained_without_losing_its_shards
     assert summary["examples"] == calm["examples"]
     assert summary["restarts"] == [], summary["restarts"]
     assert summary["test_accuracy"] >= calm["test_accuracy"] - 0.03
-    assert two[1].alive()  # drained, not killed
+    assert all(n.alive() for n in nodes)  # drained, not killed
 
 
 def test_a_helper_node_killed_mid_backup_loses_nothing(tmp_path, nodes):

@@ -104,7 +104,7 @@ RETRY_WAIT = 0.5
 async def follow(run: RunState, hosts_file: HostsFile, inputs: Inputs) -> None:
     """Join the nodes the hosts file added and drain those it dropped; try
     again, now and then, the listed nodes that could not join."""
-    await drained(run)
+    await drained(run, inputs)
     listed = hosts_file.changed()
     now = time.monotonic()
     if listed is not None:
@@ -124,9 +124,11 @@ async def follow(run: RunState, hosts_file: HostsFile, inputs: Inputs) -> None:
     hosts_file.unjoined &= set(listed)
     hosts_file.retry_at = now + hosts_file.backoff
     hosts_file.backoff = min(2 * hosts_file.backoff, JOIN_RETRY[1])
-    for host in list(run.hosts):
-        if host not in listed and host not in hosts_file.fixed and host not in run.draining:
-            await leave(run, host, inputs)
+    dropped = [h for h in run.hosts
+               if h not in listed and h not in hosts_file.fixed and h not in run.draining]  # fmt: skip
+    run.draining.update(dropped)  # first: nothing of one goes to another
+    for host in dropped:
+        await leave(run, host, inputs)
 
 
 async def join(run: RunState, host: Address, quiet: bool = False) -> bool:
@@ -169,38 +171,43 @@ async def join(run: RunState, host: Address, quiet: bool = False) -> bool:
 
 
 async def leave(run: RunState, host: Address, inputs: Inputs) -> None:
-    """Start draining a node the hosts file no longer lists: its shards
-    move at once; each replica with a partition there trains on to the end
-    of its current portion, and a backup on other nodes takes the rest
-    (:func:`drained` closes the node once nothing runs there)."""
+    """Start draining a node the hosts file no longer lists (already in
+    ``run.draining``): its shards move at once; each replica with a
+    partition there trains on to the end of its current portion, and a
+    backup on other nodes takes the rest (:func:`drained` sees it through
+    and closes the node once nothing runs there)."""
     name = format_address(host)
-    others = [h for h in run.placeable if h != host]
-    if not others:
+    if not run.placeable:
+        run.draining.discard(host)
         run.warn(f"node {name} left the hosts file but is the run's last node: it stays")
         return
     if host in run.dead:  # its replicas restart on failure as ever
-        run.hosts.remove(host)
-        if host not in run.shard_hosts:  # may come back, listed again
-            run.health.dead.discard(host)
-        run.event("host left", node=name, shards=[])
+        run.event("host draining", node=name, shards=[])
         return
-    run.draining.add(host)
     moved = await _move_shards(run, host)
     if moved is None:
         run.draining.discard(host)
-        run.warn(f"node {name} left the hosts file but no other node took its shards: it stays")
+        run.warn(f"node {name} left the hosts file but its shards could not move: it stays")
         return
     for helper in run.helpers:
         if host in helper.hosts:
             helper.diverged = f"node {name} left"  # over: never leased again
-    for backup in run.running_backups:
-        if host in backup.hosts:
-            await backup_failed(run, backup, f"node {name} left")
-    for replica in run.replicas:
-        if not (replica.over or replica.parked) and host in replica.hosts:
-            await _hand_over(run, replica, inputs, f"node {name} left")
     log.info("node %s is leaving the run", name)
     run.event("host draining", node=name, shards=moved)
+    await _drain(run, host, inputs)
+
+
+async def _drain(run: RunState, host: Address, inputs: Inputs) -> None:
+    """Hand over what still trains on a leaving node and is not handed over
+    yet (again, if a backup that took over failed); its backups give their
+    steps back."""
+    reason = f"node {format_address(host)} left"
+    for backup in run.running_backups:
+        if host in backup.hosts:
+            await backup_failed(run, backup, reason)
+    for replica in run.replicas:  # a no-op for those already cut at their portion's end
+        if not (replica.over or replica.parked) and host in replica.hosts:
+            await _hand_over(run, replica, inputs, reason)
 
 
 async def _hand_over(run: RunState, replica: Replica, inputs: Inputs, reason: str) -> None:
@@ -208,7 +215,10 @@ async def _hand_over(run: RunState, replica: Replica, inputs: Inputs, reason: st
     on other nodes the rest of its share (it is then parked); with less
     than a portion left it simply finishes. A held one moves at once."""
     if replica.held:
-        await run.restart(replica, inputs, reason, node_failure=True)
+        try:
+            await run.restart(replica, inputs, reason, node_failure=True)
+        except DBNodeError as exc:  # tried again at the next poll
+            log.info("replica %d not moved yet: %s", replica.index, exc)
         return
     end = replica.share_end or run.steps_of(replica)
     cut = backup_range(replica.progress, end, run.portion, keep=0.0)
@@ -218,10 +228,9 @@ async def _hand_over(run: RunState, replica: Replica, inputs: Inputs, reason: st
                      start_step=cut[0], end_step=cut[1])  # fmt: skip
     try:
         await run.launch(backup, inputs, run=True)
-    except DBNodeError as exc:  # no taker now: it moves at once instead
-        log.info("replica %d not handed over (%s): restarted", replica.index, exc)
+    except DBNodeError as exc:  # no taker now: it trains on there, and is tried again
+        log.info("replica %d not handed over yet: %s", replica.index, exc)
         await run.stop_partitions(backup)
-        await run.restart(replica, inputs, reason, node_failure=True)
         return
     replica.share_end = cut[0]
     replica.backups.append(backup)
@@ -229,18 +238,25 @@ async def _hand_over(run: RunState, replica: Replica, inputs: Inputs, reason: st
               on=[format_address(h) for h in backup.hosts])  # fmt: skip
 
 
-async def drained(run: RunState) -> None:
-    """Close the run on the leaving nodes where nothing of it runs any more."""
+async def drained(run: RunState, inputs: Inputs) -> None:
+    """See the drains through: hand over again what a failed backup gave
+    back, and close the run on the leaving nodes where nothing of it runs
+    and no parameter shard is left."""
     for host in list(run.draining):
+        if host not in run.dead:
+            await _drain(run, host, inputs)
         running = [r for r in run.replicas if not (r.over or r.parked)] + run.running_backups
-        if host not in run.dead and any(host in r.hosts for r in running):
+        busy = any(host in r.hosts for r in running) and host not in run.dead
+        if busy or host in run.shard_hosts:  # a dead one's shards are restored first
             continue
         run.draining.discard(host)
         run.hosts.remove(host)
-        try:
-            await run.control(host, control.Close(run=run.id), timeout=run.op_timeout)
-        except DBNodeError:
-            pass  # gone already: its lease frees the run there
+        run.node_ids.pop(host, None)  # it may join again, listed again
+        if host not in run.dead:
+            try:
+                await run.control(host, control.Close(run=run.id), timeout=run.op_timeout)
+            except DBNodeError:
+                pass  # gone already: its lease frees the run there
         log.info("node %s left the run", format_address(host))
         run.event("host left", node=format_address(host))
 
@@ -268,9 +284,12 @@ async def _move_shards(run: RunState, host: Address) -> list[int] | None:
     fence = control.Remap(run=run.id, epoch=run.epoch + 1, shards=tuple(planned))
     try:
         await run.control(host, fence, timeout=run.op_timeout)
-    except DBNodeError as exc:  # gone: its shards are restored as a dead node's
+    except NodeUnreachable as exc:  # gone: its shards are restored as a dead node's
         run.health.declare_dead(host, exc)
         return []
+    except DBNodeError as exc:  # refused: it keeps them
+        log.warning("node %s refused the fence: %s", format_address(host), exc)
+        return None
     run.epoch += 1  # the map that follows is one past the fence
     moved: list[int] | None = []
     for i in moving:
@@ -278,6 +297,10 @@ async def _move_shards(run: RunState, host: Address) -> list[int] | None:
             data = np.frombuffer(await run.export(i), np.uint8)
         except NodeUnreachable as exc:
             run.health.declare_dead(host, exc)  # the rest are restored as a dead node's
+            break
+        except DBNodeError as exc:  # refused: it keeps what is left
+            log.warning("node %s did not export shard %d: %s", format_address(host), i, exc)
+            moved = None
             break
         target = await _import(run, data, planned[i])
         if target is None:  # it keeps what is left

@@ -485,7 +485,7 @@ async def _watch_in(
         if held:
             first = run.replicas[0]
             steps = first.last.step if first.last is not None else 0
-            if steps >= config.train.warmstart_steps or first.over:
+            if steps >= config.train.warmstart_steps or first.over or first.parked:
                 # From here the others fetch the shards' parameters: the warm model.
                 await run.set_running(held, time.monotonic() - start)
                 run.event("warmstart done", replica=first.index, steps=steps)

@@ -463,9 +463,10 @@ class RunState:
         return sum(node["totals"]["duplicates"] for node in stats)
 
     async def stop_partitions(self, replica: Replica) -> None:
-        """Stop a replica's partitions on the nodes that still answer."""
+        """Stop a replica's partitions on the nodes that still answer (and
+        are still in the run: one that left was closed)."""
         for host, uid in zip(replica.hosts, replica.uids):
-            if host not in self.dead:
+            if host not in self.dead and host in self.hosts:
                 try:
                     stop = control.Stop(run=self.id, uids=(uid,))
                     await self.control(host, stop, timeout=self.op_timeout)
@@ -614,7 +615,7 @@ class RunState:
             data = np.frombuffer(source.data, np.uint8)
             refused: dict[Address, str] = {}
             while True:  # a node may fail or refuse while it takes them: then the next one
-                live = [h for h in self.health.live if h not in refused]
+                live = [h for h in self.placeable if h not in refused]
                 if not live:
                     why = "; ".join(refused.values()) or "no node is left"
                     raise DBNodeError(f"node {dead_names} died holding parameter shards: {why}")

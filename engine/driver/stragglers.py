@@ -160,7 +160,8 @@ async def settle(run: RunState, inputs: Inputs) -> None:
             continue
         if applied != end:
             continue  # a push still on its way: later
-        await run.stop_partitions(replica)
+        if not replica.parked:  # a parked one's partitions were stopped
+            await run.stop_partitions(replica)
         replica.done, replica.parked = True, False
         replica.base_examples = examples_after(
             replica.n_examples, run.config.train.batch_size, end
