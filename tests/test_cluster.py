@@ -659,10 +659,14 @@ def test_huge_weights_earn_a_warning(tmp_path):
         "train", str(EXAMPLES / "digits.toml"), "--set", "optimizer.learning_rate=1e4",
         "--set", "train.epochs=2", "--out", str(tmp_path),
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    # Asynchronous replicas at this rate may also overflow to infinity (the
+    # run then fails as diverged): the warning comes either way.
+    assert out.returncode in (0, 1) and "Traceback" not in out.stderr, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert any("learning rate" in w for w in summary["warnings"]), summary["warnings"]
     assert "is probably too high" in out.stderr
+    if out.returncode == 1:
+        assert "diverged" in out.stderr and "lower optimizer.learning_rate" in out.stderr
 
 
 def test_non_finite_targets_are_refused_before_anything_starts(tmp_path):
