@@ -506,8 +506,14 @@ def pusher_name(replica: int, index: int, portion_steps: int, step: int) -> str:
     """The name partition ``index`` of replica ``replica``'s schedule (or a
     backup of it) pushes ``step``'s gradients under: one per portion of
     ``portion_steps`` steps (0: one for the whole schedule)."""
-    name = f"r{replica}p{index}"
+    name = f"{pusher_prefix(replica)}{index}"
     return f"{name}q{step // portion_steps}" if portion_steps else name
+
+
+def pusher_prefix(replica: int) -> str:
+    """What the names of every push of replica ``replica``'s schedule (and
+    of its backups) start with, and no other's."""
+    return f"r{replica}p"
 
 
 @dataclass(frozen=True)

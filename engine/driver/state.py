@@ -349,7 +349,7 @@ class RunState:
         stats = None
         with trio.move_on_after(self.op_timeout):  # a frozen shard node must not stall the run
             try:
-                stats = await self.client.stats(pushers=f"r{replica.index}p")
+                stats = await self.client.stats(pushers=control.pusher_prefix(replica.index))
             except DBNodeError as exc:
                 log.warning("replica %d: the shards' last pushes unknown (%s)", replica.index, exc)
         if stats is None:
