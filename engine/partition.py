@@ -49,6 +49,7 @@ from .placement import plan_shards
 from .ps.client import ParameterClient
 from .ps.shard import ParameterShard
 from .runs import NodeRun, RunTable
+from .turns import Turns
 from .wire import Address, Frame, MessageKind, Peers
 
 __all__ = [
@@ -165,7 +166,10 @@ class PartitionRunner:
     back. After each step it pushes accumulated gradients every ``n_push``
     steps and fetches parameters every ``n_fetch`` steps, in a background
     task (at most one in flight), so the loop only waits for the network
-    when the previous push or fetch has not finished by the next one.
+    when the previous push or fetch has not finished by the next one. Its
+    passes compute in the node's turns (:mod:`dbnode.turns`), but for
+    steps small enough to stay in the event loop; a whole-model replica
+    that will wait for its turn fetches just before it instead.
 
     A failure of any kind (an exception group among them) ends the partition
     alone: it is reported through its status, never raised into the node.
@@ -333,11 +337,14 @@ class PartitionRunner:
         # Steps before start_step were done by an earlier incarnation of the replica.
         batches = itertools.islice(order, job.start_step, self.status.steps)
         if core.is_first and core.is_last:
+            turns, prepare = self.service.turns, partial(sync.deferred_fetch, self._nursery)
             for step, idx in enumerate(batches, job.start_step):
-                sync.install_ready()
-                local = sync.local_update()
-                sync.forwarded(0)
-                loss = await self._compute(core.whole_step, self.x[idx], self.y[idx], local)
+                if self._offload:
+                    async with turns.turn(prepare):
+                        args = self._whole_step_args(idx)
+                        loss = await trio.to_thread.run_sync(core.whole_step, *args)
+                else:  # in the event loop, which computes one step at a time anyway
+                    loss = core.whole_step(*self._whole_step_args(idx))
                 if not math.isfinite(loss):
                     raise Diverged(f"diverged at step {step} (loss {loss})")
                 sync.backwarded(0)
@@ -345,7 +352,9 @@ class PartitionRunner:
                 status.loss_count += len(idx)
                 status.step = step + 1
                 status.examples += len(idx)
-                await sync.after_step(step, self._nursery)
+                # Its next turn will wait: fetch then, not now (dbnode.turns).
+                defer = self._offload and turns.crowded
+                await sync.after_step(step, self._nursery, defer_fetch=defer)
             return
         send = partial(self.service.send, self.run_state, codec=job.wire_activations)
         sizes: dict[int, int] = {}  # step -> its batch's examples, while in flight
@@ -401,10 +410,19 @@ class PartitionRunner:
         held = stashed * core.flat.nbytes + in_flight * features * x.shape[0] * x.itemsize
         status.held_bytes = max(status.held_bytes, held)
 
+    def _whole_step_args(self, idx: np.ndarray) -> tuple:
+        """A whole-model step's inputs, with the newest fetch installed."""
+        sync = self.sync
+        sync.install_ready()
+        local = sync.local_update()
+        sync.forwarded(0)
+        return self.x[idx], self.y[idx], local
+
     async def _compute(self, fn, *args):
-        if self._offload:
+        if not self._offload:  # in the event loop: one at a time anyway
+            return fn(*args)
+        async with self.service.turns.turn():
             return await trio.to_thread.run_sync(fn, *args)
-        return fn(*args)
 
     async def _receive(self, kind: MessageKind, step: int) -> tuple[np.ndarray, int]:
         """The activations or deltas of ``step``, decoded from their codec, and
@@ -463,6 +481,7 @@ class PartitionService:
 
     def __init__(self, runs: RunTable, peers: Peers, address: Callable[[], Address]) -> None:
         self.runs = runs
+        self.turns = Turns()  # shared by every run's partitions here
         self.peers = peers
         self.address = address
         self.handlers = {MessageKind.FORWARD: self._deliver, MessageKind.BACKWARD: self._deliver}

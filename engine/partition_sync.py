@@ -5,7 +5,9 @@ passes): every ``n_push`` steps the gradients accumulated since the last
 push go to the parameter shards, every ``n_fetch`` steps fresh parameters
 come back, one request in flight at a time and in the background, so the
 passes only wait for the network when the previous request has not finished
-by the next one.
+by the next one. (Shards in this process, or a staleness bound: at once. A
+whole-model replica about to wait for its node's turn: the fetch waits for
+it too, :mod:`dbnode.turns`.)
 
 Every push says which version of the parameters its gradients were
 computed from (per shard piece: the version of the last fetch installed,
@@ -85,6 +87,8 @@ class ShardSync:
         self._slot_versions: list[dict[int, int]] = [{}] * core.ahead
         self._acc_versions: dict[int, int] | None = None
         self._fetch_now = False  # a push was refused as too stale: fetch before the next
+        self._deferred = False  # a fetch due is left for just before the next step
+        self._deferred_sent = False  # ... and is on its way
 
     @property
     def in_process(self) -> bool:
@@ -150,13 +154,16 @@ class ShardSync:
         if self._error is not None:
             raise self._error
 
-    async def after_step(self, step: int, nursery: trio.Nursery) -> None:
+    async def after_step(self, step: int, nursery: trio.Nursery, defer_fetch: bool = False) -> None:
         """Push and fetch as the step just taken's periods say.
 
         Args:
             step: the step's global number (the push's ``seq``).
             nursery: where a push or fetch to another process goes on in
                 the background.
+            defer_fetch: leave a fetch due for :meth:`deferred_fetch`, just
+                before the next step (its turn will wait: a fetch made now
+                would be as old as the wait by then).
         """
         core, portion = self.core, self.job.portion_steps
         # Push periods are counted in steps of the schedule, whatever step a
@@ -167,6 +174,8 @@ class ShardSync:
             (step + 1) % self.job.n_push == 0 or (portion > 0 and (step + 1) % portion == 0)
         )
         fetch = core.fetch_due or self._fetch_now
+        if fetch and defer_fetch:
+            self._deferred, self._fetch_now, fetch = True, False, False
         if not (push or fetch):
             return
         await self._done.wait()  # one push/fetch in flight at a time
@@ -196,6 +205,34 @@ class ShardSync:
         else:
             nursery.start_soon(self.sync, grads, staging, step, versions)
 
+    async def deferred_fetch(self, nursery: trio.Nursery | None = None) -> None:
+        """Make the fetch :meth:`after_step` left for later, and wait for it
+        (installed by the next :meth:`install_ready`).
+
+        Args:
+            nursery: where the request goes on (else it is made here). A
+                cancelled call then only stops waiting, and the next one
+                waits on: a request cut off midway would cost its connection.
+        """
+        if self._deferred:
+            await self._done.wait()  # the push before it is applied first
+            self.raise_error()
+            self.install_ready()
+            staging = self.core.block()
+            self.core.fetch_issued()
+            self._done = trio.Event()
+            self._deferred = False
+            step = self.job.start_step + self.core.step
+            if nursery is None:
+                await self.sync(None, staging, step, None)
+            else:
+                self._deferred_sent = True
+                nursery.start_soon(self.sync, None, staging, step, None)
+        if self._deferred_sent:
+            await self._done.wait()
+            self._deferred_sent = False
+        self.raise_error()
+
     def _take(self) -> tuple[np.ndarray, dict[int, int]]:
         """The gradients for a push, and the versions they were computed from."""
         versions = self._acc_versions if self._acc_versions is not None else self.versions
@@ -209,6 +246,7 @@ class ShardSync:
         """After the last step: wait for the push or fetch in flight, install
         it, and push the last steps' gradients if a period was left open."""
         job = self.job
+        await self.deferred_fetch()  # the last step's, if it left one
         await self._done.wait()
         self.raise_error()
         self.install_ready()

@@ -151,6 +151,7 @@ ALLOWED = {
     "dbnode.optim": ["dbnode.kernels", "dbnode.errors"],
     "dbnode.placement": ["dbnode.errors"],
     "dbnode.pipeline": [],
+    "dbnode.turns": [],
     "dbnode.runs": ["dbnode.errors"],
     "dbnode.traffic": ["dbnode.errors", "dbnode.placement"],
     "dbnode.threads": ["dbnode.kernels"],
@@ -163,7 +164,7 @@ LOWER_THAN_SERVICES = ["dbnode.kernels", "dbnode.reference", "dbnode.optim", "db
                        "dbnode.layers", "dbnode.blocks", "dbnode.data", "dbnode.placement",
                        "dbnode.config", "dbnode.trainer", "dbnode.durable", "dbnode.traffic",
                        "dbnode.threads", "dbnode.partition_core", "dbnode.metrics",
-                       "dbnode.saved", "dbnode.pipeline"]  # fmt: skip
+                       "dbnode.saved", "dbnode.pipeline", "dbnode.turns"]  # fmt: skip
 UPPER = ["dbnode.wire", "dbnode.codecs", "dbnode.ps", "dbnode.runs", "dbnode.node", "dbnode.partition",
          "dbnode.partition_sync",
          "dbnode.control", "dbnode.driver"]  # fmt: skip

@@ -375,7 +375,7 @@ def test_a_replica_node_killed_mid_run_is_replaced_and_the_run_completes(tmp_pat
         text=True,
     )
     victim, nodes = embedded_node(proc, node_with("partitions", EXAMPLES / "digits.toml", common))
-    time.sleep(1.0)
+    wait_training(tmp_path / "hit")  # a node killed during set-up fails the run instead
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
@@ -390,6 +390,16 @@ def test_a_replica_node_killed_mid_run_is_replaced_and_the_run_completes(tmp_pat
     calm_pushes = json.loads((tmp_path / "calm" / "summary.json").read_text())["pushes"]
     assert summary["pushes"]["applied"] == calm_pushes["applied"], summary["restarts"]
     wait_until_gone(nodes)
+
+
+def wait_training(out: Path, timeout: float = 30) -> None:
+    """Until the run in ``out`` has logged its first evaluation (it trains)."""
+    metrics, deadline = out / "metrics.csv", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{out}: no evaluation within {timeout} s")
 
 
 def calm_json_examples(tmp_path):

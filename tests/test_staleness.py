@@ -233,3 +233,25 @@ def test_warmstart_runs_the_first_replica_alone_then_the_others(cluster, tmp_pat
 def test_warmstart_steps_must_not_be_negative():
     with pytest.raises(ConfigError, match="train.warmstart_steps"):
         RunConfig.from_dict({"model": {"layers": [2, 1]}, "train": {"warmstart_steps": -1}})
+
+
+def test_replicas_sharing_a_node_take_turns_and_stay_fresh(tmp_path):
+    """Four replicas on one node of one thread compute one at a time, and each
+    fetches while the one before it computes: every push is about one turn
+    (one other replica's push) stale, not as stale as the queue is long
+    (about 3 here without the lobby's fetch)."""
+    config = RunConfig.from_dict({
+        # Large enough that a step computes in a worker thread (OFFLOAD_FLOPS).
+        "model": {"layers": [64, 512, 256, 10], "activation": "relu", "output": "softmax",
+                  "loss": "cross_entropy", "init": "he"},
+        "data": {"train": "digits", "test_fraction": 0.2},
+        "train": {"batch_size": 16, "epochs": 2, "seed": 0, "replicas": 4},
+        "optimizer": {"name": "sgd", "learning_rate": 0.05},
+    })  # fmt: skip
+    with LocalCluster(1, threads=[1]) as one:
+        summary = train(config, hosts=one.addresses, out_dir=tmp_path,
+                        secret=one.secret_file.read_bytes())  # fmt: skip
+    staleness = summary.staleness
+    assert sum(staleness["histogram"].values()) == summary.pushes["applied"]
+    assert staleness["mean"] < 1.5, staleness
+    assert summary.test_accuracy > 0.8
