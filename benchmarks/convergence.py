@@ -98,8 +98,14 @@ def mnist(directory: str) -> tuple[str, str]:
     if not all(present(name) for name in MNIST_FILES):
         folder.mkdir(parents=True, exist_ok=True)
         print(f"mnist: downloading {MNIST_URL} into {folder}", flush=True)
-        with urllib.request.urlopen(MNIST_URL, timeout=120) as response:
-            payload = response.read()
+        try:
+            with urllib.request.urlopen(MNIST_URL, timeout=120) as response:
+                payload = response.read()
+        except OSError as exc:
+            raise SystemExit(
+                f"mnist: cannot download {MNIST_URL} ({exc}): put MNIST's four idx files "
+                f"in {folder}, or name their folder with --mnist DIR"
+            ) from None
         if hashlib.sha256(payload).hexdigest() != MNIST_SHA256:
             raise SystemExit(f"mnist: {MNIST_URL} does not have the expected SHA-256")
         with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
