@@ -571,12 +571,14 @@ class PartitionService:
 
     async def _deliver(self, frame: Frame) -> None:
         run = self.runs.get(frame.meta.get("run"))
+        if frame.key in run.stopped:
+            # The neighbours of a stopped copy (a backup ended, a replica
+            # parked) may still be sending: expected, nothing to answer.
+            return
         try:
             await self._runner(run, frame.key).inbox_send.send(frame)
         except trio.ClosedResourceError:  # stopped meanwhile
-            raise RequestError(
-                ErrorCode.UNKNOWN_KEY, f"run {run.id}: partition {frame.key} was stopped"
-            ) from None
+            return
 
     async def _start(self, job: control.PartitionJob) -> None:
         run = self.runs.get(job.run)
@@ -674,5 +676,6 @@ class PartitionService:
         for uid in request.uids:
             runner = run.partitions.pop(uid, None)
             if runner is not None:
+                run.stopped.add(uid)
                 runner.stop()
                 run.reserved -= runner.reserved

@@ -52,6 +52,8 @@ class NodeRun:
         shard: the run's parameter shard (its pieces on this node).
         partitions: uid -> the run's layer partitions on this node
             (:class:`~dbnode.partition.PartitionRunner`).
+        stopped: uids of its partitions stopped here (a uid is never reused
+            in a run): frames their neighbours still send are dropped.
         scope: cancels everything the run computes on this node.
         nursery: where its partitions run (set by the node once open).
         reserved: bytes of memory its partitions were granted.
@@ -66,6 +68,7 @@ class NodeRun:
     epoch: int = 0
     shard: Any = None  # a ParameterShard: made by the table's ``new_shard``
     partitions: dict[int, Any] = field(default_factory=dict)
+    stopped: set[int] = field(default_factory=set)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     nursery: trio.Nursery | None = None
     reserved: int = 0

@@ -539,6 +539,13 @@ async def test_a_node_answers_the_partition_ops_and_survives_their_misuse():
 
         await control.call(ch, control.Stop(run=RUN, uids=(3, 42)))
         assert (await control.call(ch, control.Heartbeat(run=RUN))).partitions == {}
+        # Activations still on their way to the stopped partition are dropped
+        # (its neighbours may not have stopped yet); to one never started, an error.
+        x = np.zeros((4, 2), np.float32)
+        await ch.request(MessageKind.FORWARD, key=3, array=x, meta={"run": RUN}, timeout=10)
+        with pytest.raises(RemoteError, match="no partition 99") as unknown:
+            await ch.request(MessageKind.FORWARD, key=99, array=x, meta={"run": RUN}, timeout=10)
+        assert unknown.value.code == ErrorCode.UNKNOWN_KEY
         await ch.aclose()
         nursery.cancel_scope.cancel()
 
