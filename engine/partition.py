@@ -169,7 +169,8 @@ class PartitionRunner:
     when the previous push or fetch has not finished by the next one. Its
     passes compute in the node's turns (:mod:`dbnode.turns`), but for
     steps small enough to stay in the event loop; a whole-model replica
-    that will wait for its turn fetches just before it instead.
+    that takes turns fetches for its next step when that turn starts (from
+    shards in this process), or one turn ahead when it will wait, instead.
 
     A failure of any kind (an exception group among them) ends the partition
     alone: it is reported through its status, never raised into the node.
@@ -337,12 +338,10 @@ class PartitionRunner:
         # Steps before start_step were done by an earlier incarnation of the replica.
         batches = itertools.islice(order, job.start_step, self.status.steps)
         if core.is_first and core.is_last:
-            turns, prepare = self.service.turns, partial(sync.deferred_fetch, self._nursery)
+            turns = self.service.turns
             for step, idx in enumerate(batches, job.start_step):
                 if self._offload:
-                    async with turns.turn(prepare):
-                        args = self._whole_step_args(idx)
-                        loss = await trio.to_thread.run_sync(core.whole_step, *args)
+                    loss = await self._whole_step_in_turn(idx)
                 else:  # in the event loop, which computes one step at a time anyway
                     loss = core.whole_step(*self._whole_step_args(idx))
                 if not math.isfinite(loss):
@@ -352,8 +351,9 @@ class PartitionRunner:
                 status.loss_count += len(idx)
                 status.step = step + 1
                 status.examples += len(idx)
-                # Its next turn will wait: fetch then, not now (dbnode.turns).
-                defer = self._offload and turns.crowded
+                # Fetch when the next turn starts rather than now: from shards in
+                # this process (a copy), or when the turn will wait (dbnode.turns).
+                defer = self._offload and (sync.in_process or turns.crowded)
                 await sync.after_step(step, self._nursery, defer_fetch=defer)
             return
         send = partial(self.service.send, self.run_state, codec=job.wire_activations)
@@ -409,6 +409,23 @@ class PartitionRunner:
         features = x.shape[1] + sum(job.spec.layers[job.first + 1 : job.last + 1])
         held = stashed * core.flat.nbytes + in_flight * features * x.shape[0] * x.itemsize
         status.held_bytes = max(status.held_bytes, held)
+
+    async def _whole_step_in_turn(self, idx: np.ndarray) -> float:
+        """A whole-model step computed in the node's turn, from parameters as
+        fresh as they are when it starts (:meth:`ShardSync.fetch_at_turn`)."""
+        sync, turns = self.sync, self.service.turns
+        while True:
+            lobby = partial(sync.deferred_fetch, self._nursery) if sync.needs_lobby else None
+            async with turns.turn(lobby):
+                # One pass of the event loop first: the replica that has just
+                # left the turn applies its push to shards here in it.
+                await trio.lowlevel.checkpoint()
+                if sync.fetch_at_turn():
+                    args = self._whole_step_args(idx)
+                    return await trio.to_thread.run_sync(self.core.whole_step, *args)
+            # Its shard fenced off or moved: fetch out of the turn (across the
+            # remap), then queue again.
+            await sync.deferred_fetch()
 
     def _whole_step_args(self, idx: np.ndarray) -> tuple:
         """A whole-model step's inputs, with the newest fetch installed."""

@@ -6,8 +6,9 @@ push go to the parameter shards, every ``n_fetch`` steps fresh parameters
 come back, one request in flight at a time and in the background, so the
 passes only wait for the network when the previous request has not finished
 by the next one. (Shards in this process, or a staleness bound: at once. A
-whole-model replica about to wait for its node's turn: the fetch waits for
-it too, :mod:`dbnode.turns`.)
+whole-model replica whose steps take its node's turns, :mod:`dbnode.turns`:
+when its next turn starts from shards in this process, else in the lobby a
+turn ahead when it will wait.)
 
 Every push says which version of the parameters its gradients were
 computed from (per shard piece: the version of the last fetch installed,
@@ -149,6 +150,58 @@ class ShardSync:
             self._ready = None
             self.versions = self._ready_versions
 
+    @property
+    def needs_lobby(self) -> bool:
+        """Whether the next turn has a fetch to prepare in the lobby
+        (:mod:`dbnode.turns`): one left for it that comes from another
+        node, or one already on its way. From shards in this process it is
+        made when the turn starts instead (:meth:`fetch_at_turn`)."""
+        return self._deferred_sent or (self._deferred and not self.in_process)
+
+    def fetch_at_turn(self) -> bool:
+        """When a whole-model step's turn starts: make the fetch left for it
+        if shards in this process hold the whole block (a copy, after the
+        push of the turn before: as fresh as can be), else bring this
+        process's pieces of a fetch made earlier up to date (a copy each:
+        fetched a turn ago, they would lack the pushes of the replicas that
+        computed meanwhile; sound as :meth:`PartitionCore.install` needs, no
+        push having gone since that fetch, which is over).
+
+        Returns:
+            False when the fetch left for the step cannot be made by a copy
+            (its shard fenced off or moved, a remap on its way): make it with
+            :meth:`deferred_fetch` out of the turn, which nobody else should
+            wait for meanwhile.
+        """
+        if self._deferred_sent:
+            return False
+        if not self._deferred:
+            self._freshen_ready()
+            return True
+        if not (self._done.is_set() and self.in_process):
+            return False
+        self.raise_error()
+        self.install_ready()
+        staging = self.core.block()
+        try:
+            fetched = self.client.pull_in_process({self.block: staging})
+        except RemoteError:
+            fetched = {}
+        if len(fetched) < len(self.client.plan.pieces(self.block)):
+            self.core.release(staging)
+            return False
+        self._ready, self._ready_versions, self._deferred = staging, fetched, False
+        return True
+
+    def _freshen_ready(self) -> None:
+        if self._ready is None or not self._done.is_set():
+            return
+        try:
+            fresh = self.client.pull_in_process({self.block: self._ready})
+        except RemoteError:  # fenced off, a remap on its way: the fetch stands
+            return
+        self._ready_versions = {**self._ready_versions, **fresh}
+
     def raise_error(self) -> None:
         """Raise what the last push or fetch failed with, if it did."""
         if self._error is not None:
@@ -161,9 +214,9 @@ class ShardSync:
             step: the step's global number (the push's ``seq``).
             nursery: where a push or fetch to another process goes on in
                 the background.
-            defer_fetch: leave a fetch due for :meth:`deferred_fetch`, just
-                before the next step (its turn will wait: a fetch made now
-                would be as old as the wait by then).
+            defer_fetch: leave a fetch due for the next step's turn
+                (:meth:`fetch_at_turn`, or :meth:`deferred_fetch` in its
+                lobby): made now, it would be as old as the wait by then.
         """
         core, portion = self.core, self.job.portion_steps
         # Push periods are counted in steps of the schedule, whatever step a

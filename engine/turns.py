@@ -15,8 +15,10 @@ parallel. Hence the lobby: as many places as turns, entered one turn ahead.
 A whole-model replica that will have to wait leaves its fetch for the lobby
 (see :meth:`dbnode.partition_sync.ShardSync.after_step`) and makes it
 there, while the turn before its own computes; its parameters are then
-about one turn old however many replicas share the node. A partition with
-nothing to prepare queues for its turn directly.
+about one turn old however many replicas share the node. (From shards in
+its own process it fetches when its turn starts instead: a copy, as fresh
+as can be, that keeps nobody waiting.) A partition with nothing to prepare
+queues for its turn directly.
 """
 
 from __future__ import annotations

@@ -3,16 +3,24 @@ from; shards count how stale each applied push was, scale its step by the
 optimizer's policy and refuse those past ``train.max_staleness``."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import trio
 
 from dbnode import reference
+from dbnode.blocks import block_layout
 from dbnode.config import RunConfig
 from dbnode.control import StalenessReport
 from dbnode.driver import LocalCluster, train
-from dbnode.errors import ConfigError, ErrorCode, ShardError, TooStaleError
+from dbnode.errors import ConfigError, ErrorCode, RemoteError, ShardError, TooStaleError
+from dbnode.model import ModelSpec
 from dbnode.optim import SGD, Adagrad, from_wire
+from dbnode.partition_core import PartitionCore
+from dbnode.partition_sync import ShardSync
+from dbnode.placement import plan_shards
+from dbnode.ps import ParameterClient
 from dbnode.ps.shard import STALENESS_BUCKETS, ParameterShard
 
 
@@ -151,6 +159,37 @@ def test_a_snapshot_keeps_the_policy(tmp_path):
     assert restored.optimizer(1).staleness == "inverse"
 
 
+def test_a_refresh_copies_only_the_pieces_held_in_this_process():
+    """What a replica refreshes at its turn: the pieces a shard of its own
+    process holds, with their versions, and nothing of the others (no
+    request: they stay as the lobby's fetch brought them)."""
+    plan = plan_shards({"w": (8, 4)}, 2, 4, min_split_bytes=0)
+    here, there = ("127.0.0.1", 1), ("127.0.0.1", 2)
+    shard, w = ParameterShard(), np.arange(32, dtype=np.float32).reshape(8, 4)
+    mine = [p for p in plan.pieces("w") if p.shard == 0]
+    assert mine and len(mine) < len(plan.pieces("w"))
+    for piece in mine:
+        shard.init(piece.key, piece.name, piece.of(w).copy(), optimizer=SGD(1.0))
+        shard.push(piece.key, np.ones(piece.shape, np.float32))  # version 1
+    client = ParameterClient(plan, [here, there], peers=None, run="r",
+                             local=lambda address, epoch: shard if address == here else None)  # fmt: skip
+    into = np.full((8, 4), -7.0, np.float32)
+    versions = client.pull_in_process({"w": into})
+    assert versions == {p.key: 1 for p in mine}
+    for piece in plan.pieces("w"):
+        expected = piece.of(w) - 1 if piece.shard == 0 else np.full(piece.shape, -7.0)
+        np.testing.assert_array_equal(piece.of(into), expected)
+
+    def fenced(address, epoch):  # this process's shard moved on: a remap is coming
+        raise RemoteError(ErrorCode.STALE_EPOCH, "stale epoch")
+
+    client = ParameterClient(plan, [here, there], peers=None, run="r", local=fenced)
+    untouched = np.full((8, 4), -7.0, np.float32)
+    with pytest.raises(RemoteError):
+        client.pull_in_process({"w": untouched})
+    assert (untouched == -7.0).all()
+
+
 def test_reports_of_several_nodes_add_up():
     a = StalenessReport(histogram={"0": 3, "2": 1}, total=2, max=2, refused=1)
     b = StalenessReport(histogram={"2": 1, "10": 2}, total=22, max=10, refused=0)
@@ -236,10 +275,11 @@ def test_warmstart_steps_must_not_be_negative():
 
 
 def test_replicas_sharing_a_node_take_turns_and_stay_fresh(tmp_path):
-    """Four replicas on one node of one thread compute one at a time, and each
-    fetches while the one before it computes: every push is about one turn
-    (one other replica's push) stale, not as stale as the queue is long
-    (about 3 here without the lobby's fetch)."""
+    """Four replicas on one node of one thread compute one at a time, each
+    fetching its parameters (a copy: the shard is in the same process) when
+    its turn starts, after the push of the turn before: its push is fresh,
+    not as stale as the queue is long (about 3 here when each fetched right
+    after its own push, about 1 when it fetched in the lobby)."""
     config = RunConfig.from_dict({
         # Large enough that a step computes in a worker thread (OFFLOAD_FLOPS).
         "model": {"layers": [64, 512, 256, 10], "activation": "relu", "output": "softmax",
@@ -253,5 +293,62 @@ def test_replicas_sharing_a_node_take_turns_and_stay_fresh(tmp_path):
                         secret=one.secret_file.read_bytes())  # fmt: skip
     staleness = summary.staleness
     assert sum(staleness["histogram"].values()) == summary.pushes["applied"]
-    assert staleness["mean"] < 1.5, staleness
+    assert staleness["mean"] < 0.5, staleness
     assert summary.test_accuracy > 0.8
+
+
+async def test_a_turn_copies_its_fetch_from_this_process_unless_the_shard_is_fenced():
+    """A whole-model replica whose block a shard of its own process holds
+    leaves its fetch for its next turn and makes it there (a copy, after the
+    pushes made meanwhile); when that shard is fenced off (a remap coming),
+    it makes none in the turn, which nobody should wait for, and fetches out
+    of it once the remap has come."""
+    spec = ModelSpec(layers=(3, 4, 2), dtype="float64")
+    size = block_layout(spec, 0, 2)[1]
+    plan = plan_shards({"block0": (size,)}, 1, 8)
+    here = ("127.0.0.1", 1)
+    shard = ParameterShard()
+    shard.init(0, "block0", np.zeros(size), optimizer=SGD(0.1))
+    fenced = False
+
+    def local(address, epoch):
+        if fenced:
+            raise RemoteError(ErrorCode.STALE_EPOCH, "stale epoch")
+        return shard
+
+    client = ParameterClient(plan, [here], peers=None, run="r", local=local)
+    core = PartitionCore(spec, 0, 2, np.zeros(size), 0.1)
+    job = SimpleNamespace(max_staleness=None, n_push=1, portion_steps=0, start_step=0,
+                          pusher=lambda step: "r0")  # fmt: skip
+    sync = ShardSync(job, core, client, "block0", SimpleNamespace(pushes=0))
+    await sync.first_fetch()
+    x, y = np.ones((2, 3)), np.array([[0.0, 1.0], [1.0, 0.0]])
+
+    async def step(n: int, nursery) -> None:
+        local = sync.local_update()
+        sync.forwarded(0)
+        core.whole_step(x, y, local)
+        sync.backwarded(0)
+        await sync.after_step(n, nursery, defer_fetch=True)
+
+    async with trio.open_nursery() as nursery:
+        await step(0, nursery)
+        assert shard.version(0) == 1 and not sync.needs_lobby  # pushed; the fetch left
+        shard.push(0, np.ones(size), pusher="r1", seq=0)  # the turn before's push
+        assert sync.fetch_at_turn()
+        sync.install_ready()
+        np.testing.assert_array_equal(core.flat, shard.pull(0).value)
+        assert sync.versions == {0: 2}
+
+        await step(1, nursery)
+        fenced = True
+        before = core.flat.copy()
+        assert not sync.fetch_at_turn()  # no copy: the fetch is still to make
+        sync.install_ready()
+        np.testing.assert_array_equal(core.flat, before)
+        fenced = False  # the remap has come
+        await sync.deferred_fetch()
+        assert sync.fetch_at_turn()
+        sync.install_ready()
+        np.testing.assert_array_equal(core.flat, shard.pull(0).value)
+        assert sync.versions == {0: 3}

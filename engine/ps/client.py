@@ -208,6 +208,24 @@ class ParameterClient:
         await self._each(self._pieces(into), one)
         return versions
 
+    def pull_in_process(self, into: dict[str, np.ndarray]) -> dict[int, int]:
+        """Refresh the pieces of tensors held by shards of this process (a
+        copy each, no request), leaving the others as they are.
+
+        Args:
+            into: name -> the buffer whose rows to refresh.
+
+        Returns:
+            Piece key -> its version, for the pieces refreshed.
+
+        Raises:
+            RemoteError: this process's shard is fenced off (STALE_EPOCH: a
+                remap is on its way); then nothing was refreshed.
+        """
+        held = [(key, view, shard) for key, view in self._pieces(into)
+                if (shard := self._in_process(key)) is not None]  # fmt: skip
+        return {key: shard.pull(key, out=view).version for key, view, shard in held}
+
     async def push(
         self,
         grads: dict[str, np.ndarray],
