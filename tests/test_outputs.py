@@ -16,6 +16,7 @@ import pytest
 
 import dbnode
 from dbnode import RunConfig, StopTraining
+from dbnode.driver.run import poll_period
 from dbnode.errors import ConfigError
 from dbnode.model import read_description
 
@@ -215,6 +216,17 @@ def test_sigterm_keeps_the_model_and_the_curve_so_far(tmp_path):
 
 def rows_if(path: Path) -> list[dict[str, str]]:
     return rows(path) if path.is_file() else []
+
+
+def test_the_driver_looks_at_a_run_as_often_as_it_asks_for_evaluations():
+    """Every 0.2 s, or sooner when evaluations (or heartbeats) are asked
+    for more often: ``train.eval_interval = 0.1`` means ten rows a second,
+    not five."""
+    assert poll_period(RunConfig.load(EXAMPLES / "xor.toml")) == 0.2
+    often = RunConfig.load(EXAMPLES / "xor.toml", ["train.eval_interval=0.1"])
+    assert poll_period(often) == 0.1
+    beating = RunConfig.load(EXAMPLES / "xor.toml", ["cluster.heartbeat=0.05"])
+    assert poll_period(beating) == 0.05
 
 
 def test_a_callback_that_raises_stop_training_ends_the_run_and_keeps_everything(tmp_path):

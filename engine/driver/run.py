@@ -406,6 +406,13 @@ async def _renew_leases(run: RunState) -> None:
         await trio.sleep(run.config.cluster.heartbeat)
 
 
+def poll_period(config: RunConfig) -> float:
+    """Seconds between the driver's looks at a run (its nodes' reports, due
+    evaluations, the warm-up's end): 0.2, or less when the run asks for
+    heartbeats or evaluations more often."""
+    return min(0.2, config.cluster.heartbeat, config.train.eval_interval)
+
+
 async def _watch(run: RunState, inputs: Inputs, progress, start, stop) -> float:
     async with trio.open_nursery() as side:
         return await _watch_in(run, inputs, progress, start, stop, _SideJobs(side))
@@ -442,7 +449,7 @@ async def _watch_in(
     path = config.cluster.hosts_file
     hosts_file = HostsFile(path, run.fixed_hosts) if path else None
     while True:
-        await trio.sleep(min(0.2, config.cluster.heartbeat))
+        await trio.sleep(poll_period(config))
         if hosts_file is not None:
             await follow(run, hosts_file, inputs)
         await run.fence(seen_dead)  # a node declared dead meanwhile (a restart's, say)
