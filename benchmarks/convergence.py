@@ -196,11 +196,11 @@ def plot(results: dict, path: str) -> None:
         ax.set(title=f"{data}: Adagrad + warmstart", xlabel="seconds", ylabel="held-out accuracy")
         ax.legend()
         ax = axes[1][col]
-        for policy in POLICIES:
+        for i, policy in enumerate(POLICIES):  # one colour per policy in every panel
             points = sorted((replicas, r["to_target"]) for (d, replicas, p), r in results.items()
                             if d == data and p == policy and r["to_target"] is not None)  # fmt: skip
             if points:
-                ax.plot(*zip(*points), marker="o", label=policy)
+                ax.plot(*zip(*points), marker="o", label=policy, color=f"C{i}")
         ax.set(title=f"{data}: seconds to {DATA[data]['target']:.1%}", xlabel="replicas",
                ylabel="seconds", xscale="log", xticks=[1, 2, 4, 8], xticklabels=["1", "2", "4", "8"])  # fmt: skip
         ax.minorticks_off()
