@@ -180,9 +180,7 @@ class ShardSync:
             return True
         if not (self._done.is_set() and self.in_process):
             return False
-        self.raise_error()
-        self.install_ready()
-        staging = self.core.block()
+        staging = self._staging()
         try:
             fetched = self.client.pull_in_process({self.block: staging})
         except RemoteError:
@@ -192,6 +190,13 @@ class ShardSync:
             return False
         self._ready, self._ready_versions, self._deferred = staging, fetched, False
         return True
+
+    def _staging(self) -> np.ndarray:
+        """Where the next fetch lands, once the last request is over: its
+        error raised, its fetch installed."""
+        self.raise_error()
+        self.install_ready()
+        return self.core.block()
 
     def _freshen_ready(self) -> None:
         if self._ready is None or not self._done.is_set():
@@ -269,9 +274,7 @@ class ShardSync:
         """
         if self._deferred:
             await self._done.wait()  # the push before it is applied first
-            self.raise_error()
-            self.install_ready()
-            staging = self.core.block()
+            staging = self._staging()
             self.core.fetch_issued()
             self._done = trio.Event()
             self._deferred = False

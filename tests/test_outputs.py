@@ -23,10 +23,10 @@ from dbnode.model import read_description
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 DBNODE = [sys.executable, "-m", "dbnode.cli"]
-# A short XOR run that converges: 4 replicas of 3 000 examples, four hidden
-# units rather than the example's two: with two, about
-# one such run in eight sticks at XOR's local minimum (0.72-0.77 held out),
-# as the replicas' pushes happen to interleave.
+# A short XOR run that converges: 4 replicas of 3 000 examples, with four
+# hidden units rather than the example's two (with two, about one such run in
+# eight sticks at XOR's local minimum, 0.72-0.77 held out, as the replicas'
+# pushes happen to interleave).
 SHORT = ["--set", 'data.train="xor:12000"', "--set", "train.examples_per_replica=3000",
          "--set", "model.layers=[2, 4, 1]"]  # fmt: skip
 
