@@ -343,6 +343,7 @@ def test_reduce_on_plateau_lowers_the_shards_learning_rate(tmp_path):
 
     config = RunConfig.load(EXAMPLES / "digits.toml", [
         "train.epochs=40", "train.eval_interval=1000", "checkpoint.interval=600",
+        "optimizer.learning_rate=1e-9",  # the model stands still: every evaluation is a plateau
         'schedule.name="plateau"', "schedule.patience=1", "schedule.factor=0.5",
         'schedule.metric="test_accuracy"'])  # fmt: skip
     summary = dbnode.train(config, out_dir=tmp_path / "run")
