@@ -10,7 +10,9 @@ environment, one whole-model replica per partition, evaluations every
 test images take the driver's one thread about 0.1 s) and reads its curve from ``metrics.csv``: held-out
 accuracy against seconds since the run started (set-up included). For
 each data set, replica count and policy it prints the median seconds to
-the target over ``--repeat`` runs with seeds 0, 1, ... (``never`` if the
+the target over ``--repeat`` runs with seeds 0, 1, ... (taken seed by
+seed, every replica count in turn, so the host's drift hits them alike;
+``never`` if the
 median run ended below it; each run's in brackets), that run's final accuracy and the
 staleness the shards measured, then the two ratios the issue asks for:
 Adagrad + warmstart with 2 replicas against 1, and with 8 against 2.
@@ -237,23 +239,28 @@ def main() -> None:
                 continue
             d = DATA[data]
             target = d["target"]
+            counts = [int(r) for r in args.replicas.split(",")]
             for policy in args.policies.split(","):
-                for replicas in map(int, args.replicas.split(",")):
-                    runs = []
-                    for seed in range(args.repeat):
+                # Seed by seed, every replica count in turn: the host's speed
+                # drifts over minutes, and the counts are compared with each other.
+                runs: dict[int, list] = {replicas: [] for replicas in counts}
+                for seed in range(args.repeat):
+                    for replicas in counts:
                         config = config_for(
                             data, sources[data], replicas, policy, args.eval or d["eval"], seed
                         )
                         out = os.path.join(tmp, f"{data}-{policy}-{replicas}-{seed}")
                         summary = train(config, out_dir=out)
                         points = curve(out)
-                        runs.append((seconds_to(points, target), points, summary))
+                        runs[replicas].append((seconds_to(points, target), points, summary))
+                for replicas in counts:
                     # The median over seeds; a run that never got there counts as the slowest.
-                    times = sorted(runs, key=lambda r: math.inf if r[0] is None else r[0])
+                    each_run = runs[replicas]
+                    times = sorted(each_run, key=lambda r: math.inf if r[0] is None else r[0])
                     t, points, summary = times[len(times) // 2]
                     results[(data, replicas, policy)] = {"curve": points, "to_target": t}
                     st = summary.staleness
-                    each = ", ".join("never" if r[0] is None else f"{r[0]:.2f}" for r in runs)
+                    each = ", ".join("never" if r[0] is None else f"{r[0]:.2f}" for r in each_run)
                     print(
                         f"{data:<8} {policy:<26} {replicas} replica(s)  to {target:.1%}: "
                         + (f"{t:6.2f} s" if t is not None else " never ")

@@ -11,7 +11,7 @@ import numpy as np
 from . import kernels
 from .model import ModelSpec
 
-__all__ = ["block_layout", "block_views", "blocks", "pack_block"]
+__all__ = ["BlockPool", "block_layout", "block_views", "blocks", "pack_block"]
 
 
 def block_layout(
@@ -107,3 +107,68 @@ def pack_block(spec: ModelSpec, params: dict[str, np.ndarray], first: int, last:
     for name, view in block_views(spec, flat, first, last).items():
         view[...] = params[name]
     return flat
+
+
+class BlockPool:
+    """Blocks of one layout that nobody holds, and each block's tensor views.
+
+    A partition cycles through a few blocks: its local copy, where a fetch
+    lands, its gradients, a push in flight. Replicas of one run that share
+    a node (and take turns to compute) share a pool: a step's gradients
+    land in the block the turn before has just pushed, still in the
+    caches, rather than in one of several models' own, long evicted.
+    Taking and giving are safe from any thread (a step in a worker thread
+    takes its gradient block).
+
+    Args:
+        spec: the network.
+        first: the first layer of the blocks.
+        last: one past their last layer.
+    """
+
+    def __init__(self, spec: ModelSpec, first: int, last: int):
+        self.spec, self.first, self.last = spec, first, last
+        self.length = block_layout(spec, first, last)[1]
+        self._free: list[np.ndarray] = []
+        self._made = 0
+        self._views: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+
+    def take(self) -> np.ndarray:
+        """A block nobody holds (its contents are garbage, its padding zero), or a new one."""
+        try:
+            return self._free.pop()  # the last given: the likeliest still cached
+        except IndexError:
+            self._made += 1
+            return kernels.zeros(self.length, self.spec.np_dtype)
+
+    def give(self, block: np.ndarray) -> None:
+        """Hand back a block nobody reads any more.
+
+        Args:
+            block: one of this layout (its contents are never read again).
+        """
+        self._free.append(block)
+
+    def views(self, block: np.ndarray) -> dict[str, np.ndarray]:
+        """``block``'s tensor views (:func:`block_views`), made once per
+        block: the few blocks in use are re-viewed at every step, and
+        making the views costs more than a tiny step.
+
+        Args:
+            block: a block of this layout.
+
+        Returns:
+            Parameter name -> its view into ``block``.
+
+        Raises:
+            ValueError: ``block`` is not of this layout's shape.
+        """
+        cached = self._views.get(id(block))
+        if cached is None or cached[0] is not block:
+            # Views keep their block alive: forget those of blocks gone (a
+            # stopped partition's) once there are more than the pool's own.
+            if len(self._views) > 2 * self._made + 8:
+                self._views.clear()
+            cached = (block, block_views(self.spec, block, self.first, self.last))
+            self._views[id(block)] = cached
+        return cached[1]

@@ -31,7 +31,7 @@ import trio
 
 from . import codecs, control, kernels
 from .aio import first_error
-from .blocks import blocks
+from .blocks import BlockPool, blocks
 from .config import format_address
 from .control import Op
 from .data import batch_indices, steps_per_run
@@ -226,6 +226,7 @@ class PartitionRunner:
             job.n_fetch,
             job.n_push,
             ahead=ahead(job.index, len(job.bounds), job.pipeline),
+            pool=run.pools.setdefault((job.first, job.last), BlockPool(spec, job.first, job.last)),
         )
         self.client = ParameterClient(
             self.plan,
@@ -338,7 +339,6 @@ class PartitionRunner:
         # Steps before start_step were done by an earlier incarnation of the replica.
         batches = itertools.islice(order, job.start_step, self.status.steps)
         if core.is_first and core.is_last:
-            turns = self.service.turns
             for step, idx in enumerate(batches, job.start_step):
                 if self._offload:
                     loss = await self._whole_step_in_turn(idx)
@@ -351,10 +351,7 @@ class PartitionRunner:
                 status.loss_count += len(idx)
                 status.step = step + 1
                 status.examples += len(idx)
-                # Fetch when the next turn starts rather than now: from shards in
-                # this process (a copy), or when the turn will wait (dbnode.turns).
-                defer = self._offload and (sync.in_process or turns.crowded)
-                await sync.after_step(step, self._nursery, defer_fetch=defer)
+                await sync.after_step(step, self._nursery, defer_fetch=self._defers_fetch())
             return
         send = partial(self.service.send, self.run_state, codec=job.wire_activations)
         sizes: dict[int, int] = {}  # step -> its batch's examples, while in flight
@@ -421,17 +418,27 @@ class PartitionRunner:
                 # left the turn applies its push to shards here in it.
                 await trio.lowlevel.checkpoint()
                 if sync.fetch_at_turn():
-                    args = self._whole_step_args(idx)
+                    args = self._whole_step_args(idx, self._defers_fetch(in_turn=True))
                     return await trio.to_thread.run_sync(self.core.whole_step, *args)
             # Its shard fenced off or moved: fetch out of the turn (across the
             # remap), then queue again.
             await sync.deferred_fetch()
 
-    def _whole_step_args(self, idx: np.ndarray) -> tuple:
-        """A whole-model step's inputs, with the newest fetch installed."""
+    def _defers_fetch(self, in_turn: bool = False) -> bool:
+        """Whether a whole-model step leaves its fetch for its next turn
+        rather than make it at once: from shards in this process (a copy
+        when the turn starts), or when the turn will wait (the node crowded,
+        :mod:`dbnode.turns`); asked after the step, or from inside its turn."""
+        turns = self.service.turns
+        crowded = turns.crowded_after_turn if in_turn else turns.crowded
+        return self._offload and (self.sync.in_process or crowded)
+
+    def _whole_step_args(self, idx: np.ndarray, deferred: bool = False) -> tuple:
+        """A whole-model step's inputs, with the newest fetch installed
+        (``deferred``: its next fetch will be left for its next turn)."""
         sync = self.sync
         sync.install_ready()
-        local = sync.local_update()
+        local = sync.local_update(deferred)
         sync.forwarded(0)
         return self.x[idx], self.y[idx], local
 

@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from . import kernels
-from .blocks import block_layout, block_views
+from .blocks import BlockPool
 from .model import LayerStack, Loss, ModelSpec
 
 __all__ = ["PartitionCore"]
@@ -48,6 +48,8 @@ class PartitionCore:
         ahead: minibatches forwarded before the backward of the first
             (:func:`dbnode.pipeline.ahead`): each backward then uses the
             weights its forward used, kept until it is done.
+        pool: where its spare blocks come from and go back to, shared with
+            partitions of the same layers (default: its own).
 
     Raises:
         ValueError: ``n_fetch``, ``n_push`` or ``ahead`` is below 1.
@@ -63,6 +65,7 @@ class PartitionCore:
         n_fetch: int = 1,
         n_push: int = 1,
         ahead: int = 1,
+        pool: BlockPool | None = None,
     ):
         if n_fetch < 1 or n_push < 1:
             raise ValueError(f"n_fetch and n_push must be >= 1, got {n_fetch} and {n_push}")
@@ -70,14 +73,16 @@ class PartitionCore:
             raise ValueError(f"ahead must be >= 1, got {ahead}")
         self.spec, self.first, self.last = spec, first, last
         self.flat = flat
-        self._view_cache: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
-        self._grad = self._zeros()
+        self.pool = pool if pool is not None else BlockPool(spec, first, last)
+        # Where backward writes; taken from the pool when a backward needs it
+        # (None after it has become the accumulation).
+        self._grad: np.ndarray | None = self.pool.take()
         self.stack = LayerStack(
             spec,
-            self._views(flat),
+            self.pool.views(flat),
             first,
             last,
-            grads=self._views(self._grad),
+            grads=self.pool.views(self._grad),
         )
         self.is_first = first == 0
         self.is_last = last == spec.n_layers
@@ -87,31 +92,15 @@ class PartitionCore:
         self.step = 0
         # Gradients since the last push: what the next push sends, and what a
         # fetched value lacks of this partition's own work (see install).
-        self._acc = self._zeros()
+        self._acc: np.ndarray | None = None  # taken from the pool when first needed
         self._acc_empty = True  # nothing accumulated: _acc's contents mean zero
         self._fetch_pending = False
-        self._free: list[np.ndarray] = []  # blocks nobody holds (gradients or parameters)
         self._delta: np.ndarray | None = None
         # Weight stashing: the parameter block each kept forward read. A block
         # still read may not be updated in place, nor reused.
         self.ahead = ahead
         self.stack.slots = ahead
         self._stashed: list[np.ndarray | None] = [None] * ahead
-
-    def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """``flat``'s tensor views, made once per buffer: the few blocks a
-        partition cycles through are re-viewed at every step, and making the
-        views costs more than a tiny step."""
-        cached = self._view_cache.get(id(flat))
-        if cached is None or cached[0] is not flat:
-            if len(self._view_cache) > 8:  # buffers come and go only on restarts
-                self._view_cache.clear()
-            cached = (flat, block_views(self.spec, flat, self.first, self.last))
-            self._view_cache[id(flat)] = cached
-        return cached[1]
-
-    def _zeros(self) -> np.ndarray:
-        return kernels.zeros(block_layout(self.spec, self.first, self.last)[1], self.spec.np_dtype)
 
     @property
     def params(self) -> dict[str, np.ndarray]:
@@ -151,7 +140,7 @@ class PartitionCore:
             return
         self._stashed[slot] = None
         if block is not self.flat and not self._read(block):
-            self._free.append(block)  # an old version nobody reads any more
+            self.pool.give(block)  # an old version nobody reads any more
 
     def block(self) -> np.ndarray:
         """A parameter-sized block nobody holds (e.g. where a fetch lands).
@@ -159,7 +148,7 @@ class PartitionCore:
         Returns:
             A free block (its contents are garbage), or a new one.
         """
-        return self._free.pop() if self._free else self._zeros()
+        return self.pool.take()
 
     def loss_delta(self, out: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
         """The last partition's loss on its output, and the delta that starts backward.
@@ -198,6 +187,9 @@ class PartitionCore:
             The delta for the partition below (None for the first).
         """
         preactivation = self.loss is not None and self.loss.preactivation
+        if self._grad is None:
+            self._grad = self.pool.take()
+            self.stack.grads = self.pool.views(self._grad)
         below = self.stack.backward(
             delta, need_delta_below=not self.is_first, preactivation=preactivation, slot=slot
         )
@@ -214,10 +206,11 @@ class PartitionCore:
             else:
                 kernels.sgd(self.flat, self._grad, self.learning_rate)
         if self._acc_empty:
-            # The first gradients since a push are the accumulation: the
-            # buffers swap instead of a pass over the block.
-            self._acc, self._grad = self._grad, self._acc
-            self.stack.grads = self._views(self._grad)
+            # The first gradients since a push are the accumulation: no pass
+            # over the block. The next backward takes a block from the pool.
+            if self._acc is not None:
+                self.pool.give(self._acc)
+            self._acc, self._grad = self._grad, None
             self._acc_empty = False
         else:
             kernels.accumulate(self._acc, self._grad)
@@ -262,9 +255,11 @@ class PartitionCore:
                 "its correction is the gradients accumulated since the last push"
             )
         if self._acc_empty:
-            self._acc.fill(0)  # nothing since the last push (not a step's end)
-        taken = self._acc
-        self._acc = self._free.pop() if self._free else self._zeros()
+            taken = self._acc if self._acc is not None else self.pool.take()
+            taken.fill(0)  # nothing since the last push (not a step's end)
+        else:
+            taken = self._acc
+        self._acc = None
         self._acc_empty = True
         return taken
 
@@ -275,7 +270,7 @@ class PartitionCore:
             grads: a block :meth:`take_gradients` gave (its contents are never
                 read again: the next backward overwrites it).
         """
-        self._free.append(grads)
+        self.pool.give(grads)
 
     def fetch_issued(self) -> None:
         """Mark a fetch as sent: until it is installed no gradients may be
@@ -318,7 +313,7 @@ class PartitionCore:
         """Make ``block`` the local copy; the previous one, unless a kept
         forward still reads it (then None: it is freed by that backward)."""
         previous, self.flat = self.flat, block
-        self.stack.params = self._views(block)
+        self.stack.params = self.pool.views(block)
         if self._read(previous):
             return None
         return previous

@@ -119,16 +119,21 @@ class ShardSync:
         """Fetch the block into the local copy, before the first step."""
         self.versions = await self.client.pull({self.block: self.core.flat})
 
-    def local_update(self) -> bool:
+    def local_update(self, deferred: bool = False) -> bool:
         """Whether the backward about to run updates the local copy: not when
-        its step's fetch comes from this process at once (the fetched block
-        replaces the copy before the next pass).
+        its step's fetch replaces the copy before the next pass anyway (it
+        comes from this process at once, or it is left for the next turn).
+
+        Args:
+            deferred: the step's fetch will be left for its next turn
+                (:meth:`after_step`'s ``defer_fetch``).
 
         Returns:
             False when the update is left to that fetch.
         """
         core = self.core
-        local = not ((core.step + 1) % core.n_fetch == 0 and self.in_process)
+        due = (core.step + 1) % core.n_fetch == 0
+        local = not (due and (self.in_process or deferred))
         self._skipped_update = not local  # then its fetch must land before the next pass
         return local
 
@@ -250,7 +255,11 @@ class ShardSync:
             core.fetch_issued()
             self._fetch_now = False
         self._done = trio.Event()
-        if self.in_process or self._skipped_update or self.job.max_staleness is not None:
+        if (
+            self.in_process
+            or (self._skipped_update and fetch)
+            or self.job.max_staleness is not None
+        ):
             # Shards in this process: a push is a few passes over memory, done
             # now rather than beside the next step's GEMMs, whose threads it
             # would only slow (two loads on the cores the step has). A step

@@ -59,6 +59,9 @@ class NodeRun:
         reserved: bytes of memory its partitions were granted.
         fenced: shard requests refused for a stale epoch.
         not_finite: pushes refused for NaN or infinity.
+        pools: ``(first, last)`` -> the spare blocks
+            (:class:`~dbnode.blocks.BlockPool`) its partitions of those
+            layers share.
     """
 
     id: str
@@ -74,6 +77,7 @@ class NodeRun:
     reserved: int = 0
     fenced: int = 0
     not_finite: int = 0
+    pools: dict[tuple[int, int], Any] = field(default_factory=dict)
     opened: float = field(default_factory=time.time)
 
     def renew(self, now: float) -> None:

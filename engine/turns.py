@@ -51,11 +51,20 @@ class Turns:
     def crowded(self) -> bool:
         """Whether a partition asking for a turn now would wait for it:
         every turn taken, or others already waiting."""
+        return self._crowded(self._compute.statistics().borrowed_tokens)
+
+    @property
+    def crowded_after_turn(self) -> bool:
+        """From inside a turn: whether, were it over, a partition asking for
+        a turn would wait for it (others are waiting for every slot)."""
+        return self._crowded(self._compute.statistics().borrowed_tokens - 1)
+
+    def _crowded(self, computing: int) -> bool:
         lobby, compute = self._lobby.statistics(), self._compute.statistics()
         # They take the free turns first (a lobby place waiting for its turn
         # is counted twice: harmless, every turn is taken then).
         ahead = lobby.borrowed_tokens + lobby.tasks_waiting + compute.tasks_waiting
-        return ahead >= self.slots - compute.borrowed_tokens
+        return ahead >= self.slots - computing
 
     @asynccontextmanager
     async def turn(self, prepare=None):

@@ -4,7 +4,7 @@ without the network (the cluster tests repeat this over TCP)."""
 import numpy as np
 import pytest
 
-from dbnode.blocks import block_layout, block_views, pack_block
+from dbnode.blocks import BlockPool, block_layout, block_views, pack_block
 from dbnode.data import batch_indices
 from dbnode.model import Loss, ModelSpec, init_params
 from dbnode.optim import make_optimizer
@@ -160,6 +160,39 @@ def test_core_buffers():
     )
     with pytest.raises(RuntimeError, match="last partition"):
         middle.loss_delta(np.zeros((1, 4), np.float32), np.zeros((1, 2), np.float32))
+
+
+def test_partitions_sharing_a_pool_compute_in_the_block_the_other_just_gave_back():
+    """Replicas taking turns on a node share their spare blocks: a step's
+    gradients land in the block the turn before pushed (the one still in
+    the caches), and each replica's arithmetic is that of one on its own."""
+    spec = ModelSpec((3, 4, 2), dtype="float32")
+    pool = BlockPool(spec, 0, 2)
+    x, y = np.ones((2, 3), np.float32), np.array([[0, 1], [1, 0]], np.float32)
+    cores = [PartitionCore(spec, 0, 2, pack_block(spec, init_params(spec, seed=k), 0, 2), 0.1,
+                           pool=pool) for k in range(2)]  # fmt: skip
+    alone = [PartitionCore(spec, 0, 2, pack_block(spec, init_params(spec, seed=k), 0, 2), 0.1)
+             for k in range(2)]  # fmt: skip
+    for _ in range(3):
+        for core, own in zip(cores, alone):
+            pushed = []
+            for c in (core, own):
+                c.whole_step(x, y)
+                pushed.append(c.take_gradients())
+            np.testing.assert_array_equal(*pushed)
+            core.release(pushed[0])
+            own.release(pushed[1])
+            np.testing.assert_array_equal(core.flat, own.flat)
+        assert pool.take() is pushed[0]  # the last given comes first
+        pool.give(pushed[0])
+    # The other replica's next gradients overwrite that block: nothing of its
+    # old contents stays (the padding between tensors stays zero).
+    cores[0].whole_step(x, y)
+    grads = cores[0].take_gradients()
+    assert grads is pushed[0]
+    alone[0].whole_step(x, y)
+    np.testing.assert_array_equal(grads, alone[0].take_gradients())
+    assert pool.views(grads) is pool.views(grads)  # made once per block
 
 
 def test_a_late_fetch_keeps_the_local_steps_taken_since_it_was_issued():

@@ -81,6 +81,23 @@ def test_crowded_says_whether_a_turn_asked_for_now_would_wait():
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
+def test_crowded_after_turn_says_whether_the_turn_asked_for_next_would_wait():
+    """Asked from inside a turn (a step choosing whether to leave its fetch
+    for its next turn), the turn it holds does not count."""
+
+    async def main():
+        turns = Turns(1)
+        async with turns.turn():
+            assert turns.crowded and not turns.crowded_after_turn  # alone on the node
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_take, turns, "b", [], None, 1.0)
+                await trio.testing.wait_all_tasks_blocked()
+                assert turns.crowded_after_turn  # "b" would go first
+                nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_a_failed_turn_gives_its_slot_back():
     async def main():
         turns = Turns(1)
