@@ -277,6 +277,11 @@ class PartitionCore:
         taken (see :meth:`install`)."""
         self._fetch_pending = True
 
+    def fetch_abandoned(self) -> None:
+        """Mark the fetch sent as never to be installed (it failed, or a
+        remap cut it off): gradients may be taken again."""
+        self._fetch_pending = False
+
     def install(self, fetched: np.ndarray) -> np.ndarray:
         """Make a fetched parameter block the local copy, after re-applying
         the local gradients it lacks. No copy: the blocks swap.

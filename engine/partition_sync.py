@@ -394,6 +394,7 @@ class ShardSync:
             self._ready_versions = await self.client.pull({self.block: staging})
         except BaseException:
             self.core.release(staging)
+            self.core.fetch_abandoned()
             self._fetch_now = True  # the next step's push fetches (and installs) instead
             raise
         self._ready = staging

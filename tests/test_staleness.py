@@ -375,3 +375,41 @@ async def test_a_turn_copies_its_fetch_from_this_process_unless_the_shard_is_fen
         sync.install_ready()
         np.testing.assert_array_equal(core.flat, shard.pull(0).value)
         assert sync.versions == {0: 3}
+
+
+async def test_a_fetch_cut_off_by_a_remap_leaves_the_next_push_free_to_go():
+    """A push refused as too stale fetches at once; if a remap cuts that
+    fetch off, nothing waits for it any more: the next step pushes (and
+    fetches with it) instead of failing for a fetch still "in flight"."""
+    spec = ModelSpec(layers=(3, 4, 2), dtype="float64")
+    size = block_layout(spec, 0, 2)[1]
+    plan = plan_shards({"block0": (size,)}, 1, 8)
+    shard = ParameterShard()
+    shard.init(0, "block0", np.zeros(size), optimizer=SGD(0.1))
+    fenced = False
+
+    def local(address, epoch):
+        if fenced:
+            raise RemoteError(ErrorCode.STALE_EPOCH, "stale epoch")
+        return shard
+
+    client = ParameterClient(plan, [("127.0.0.1", 1)], peers=None, run="r", local=local)
+    core = PartitionCore(spec, 0, 2, np.zeros(size), 0.1)
+    job = SimpleNamespace(max_staleness=1, n_push=1, portion_steps=0, start_step=0,
+                          pusher=lambda step: "r0")  # fmt: skip
+    sync = ShardSync(job, core, client, "block0", SimpleNamespace(pushes=0))
+    await sync.first_fetch()
+    x, y = np.ones((2, 3)), np.array([[0.0, 1.0], [1.0, 0.0]])
+    fenced = True
+    with pytest.raises(RemoteError):
+        await sync._fetch_now_into(core.block())
+    fenced = False
+    async with trio.open_nursery() as nursery:
+        local = sync.local_update()
+        sync.forwarded(0)
+        core.whole_step(x, y, local)
+        sync.backwarded(0)
+        await sync.after_step(0, nursery)  # pushes and fetches: nothing in flight
+    sync.install_ready()
+    assert shard.version(0) == 1 and sync.versions == {0: 1}
+    np.testing.assert_array_equal(core.flat, shard.pull(0).value)
