@@ -118,7 +118,8 @@ class BlockPool:
     land in the block the turn before has just pushed, still in the
     caches, rather than in one of several models' own, long evicted.
     Taking and giving are safe from any thread (a step in a worker thread
-    takes its gradient block).
+    takes its gradient block): a list's ``pop`` and ``append`` are atomic
+    under CPython's GIL.
 
     Args:
         spec: the network.
@@ -165,8 +166,9 @@ class BlockPool:
         """
         cached = self._views.get(id(block))
         if cached is None or cached[0] is not block:
-            # Views keep their block alive: forget those of blocks gone (a
-            # stopped partition's) once there are more than the pool's own.
+            # Views keep their block alive. A partition gives its blocks back
+            # when it ends (PartitionCore.close), so the pool's own are all
+            # there are but for a few it was started with.
             if len(self._views) > 2 * self._made + 8:
                 self._views.clear()
             cached = (block, block_views(self.spec, block, self.first, self.last))

@@ -282,6 +282,8 @@ class PartitionRunner:
                 await self._run()
         except Exception as exc:  # ExceptionGroups too: nothing of ours reaches the node
             self._failed(exc)
+        finally:
+            self.sync.close()  # its steps and requests are over: the blocks go back
 
     def stop(self) -> None:
         """Cancel the partition; frames still arriving for it are refused."""
@@ -702,4 +704,6 @@ class PartitionService:
             if runner is not None:
                 run.stopped.add(uid)
                 runner.stop()
+                if not runner.started:
+                    runner.sync.close()  # it never ran: its blocks go back now
                 run.reserved -= runner.reserved

@@ -118,10 +118,13 @@ class PartitionCore:
         Returns:
             The output: a view of a buffer that the slot's next forward overwrites.
         """
-        if self.ahead > 1:
-            if self._stashed[slot] is not None:
+        if self._stashed[slot] is not None:
+            if self.ahead > 1:
                 raise RuntimeError(f"slot {slot} holds a forward whose backward is not done")
-            self._stashed[slot] = self.flat
+            self._unstash(slot)  # a forward whose backward never came (its loss not finite)
+        # Kept even when alone: a fetch installed before its backward (a
+        # pipeline's last partition) must not hand these weights out.
+        self._stashed[slot] = self.flat
         return self.stack.forward(x, slot)
 
     @property
@@ -271,6 +274,16 @@ class PartitionCore:
                 read again: the next backward overwrites it).
         """
         self.pool.give(grads)
+
+    def close(self) -> None:
+        """After the last step (nothing computes, pushes or fetches any
+        more): give every block it holds back to the pool, for the run's
+        other partitions and the next incarnation of this one."""
+        held = [self.flat, self._grad, self._acc, *self._stashed]
+        self.flat = self._grad = self._acc = None
+        self._stashed = [None] * self.ahead
+        for block in {id(b): b for b in held if b is not None}.values():
+            self.pool.give(block)
 
     def fetch_issued(self) -> None:
         """Mark a fetch as sent: until it is installed no gradients may be

@@ -264,7 +264,8 @@ class ShardSync:
             # now rather than beside the next step's GEMMs, whose threads it
             # would only slow (two loads on the cores the step has). A step
             # that left its update to this fetch waits for it even if a remap
-            # has moved the shards away meanwhile. Under a staleness bound the
+            # has moved the shards away meanwhile (one left for the next turn
+            # lands before that turn's step anyway). Under a staleness bound the
             # next step waits too: computed from parameters a fetch behind,
             # its push would be refused all the more often.
             await self.sync(grads, staging, step, versions)
@@ -322,6 +323,14 @@ class ShardSync:
             grads, versions = self._take()
             await self.sync(grads, None, last, versions)
             self.raise_error()
+
+    def close(self) -> None:
+        """After the partition's last step and request: give its blocks back
+        (:meth:`PartitionCore.close`), a fetch that landed too."""
+        if self._ready is not None:
+            self.core.release(self._ready)
+            self._ready = None
+        self.core.close()
 
     async def sync(self, grads, staging, step: int, versions: dict[int, int] | None) -> None:
         """One push of ``grads`` (computed from ``versions``) and/or a fetch

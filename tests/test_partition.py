@@ -193,6 +193,40 @@ def test_partitions_sharing_a_pool_compute_in_the_block_the_other_just_gave_back
     alone[0].whole_step(x, y)
     np.testing.assert_array_equal(grads, alone[0].take_gradients())
     assert pool.views(grads) is pool.views(grads)  # made once per block
+    # A partition that ends gives back every block it holds: the next
+    # incarnation of a replica computes in them, nothing is made anew.
+    cores[0].release(grads)
+    held = {id(cores[0].flat), id(grads)}
+    cores[0].close()
+    assert cores[0].flat is None
+    assert {id(pool.take()) for _ in range(2)} == held
+
+
+def test_a_fetch_installed_between_a_forward_and_its_backward_keeps_the_weights_it_read():
+    """A pipeline's last partition (one minibatch in flight) may install a
+    fetch between its forward and its backward: the block the forward read
+    is not handed out (the backward's gradient block would overwrite the
+    weights it is computing with), and the gradients are those of the
+    weights the forward read."""
+    spec = ModelSpec((3, 4, 2), dtype="float64")
+    flat = pack_block(spec, init_params(spec, seed=1), 0, 2)
+    x, y = np.ones((2, 3)), np.array([[0.0, 1.0], [1.0, 0.0]])
+    core, reference = (
+        PartitionCore(spec, 0, 2, flat.copy(), 0.1),
+        PartitionCore(spec, 0, 2, flat, 0.1),
+    )
+    for c in (core, reference):  # a step and its push before
+        _, delta = c.loss_delta(c.forward(x), y)
+        c.backward(delta, local_update=False)
+        c.release(c.take_gradients())
+    _, delta = core.loss_delta(core.forward(x), y)
+    previous = core.install(flat + 1.0)  # a fetch lands
+    if previous is not None:  # as the runner does: nobody reads it any more
+        core.release(previous)
+    core.backward(delta, local_update=False)
+    _, delta = reference.loss_delta(reference.forward(x), y)
+    reference.backward(delta, local_update=False)
+    np.testing.assert_array_equal(core.take_gradients(), reference.take_gradients())
 
 
 def test_a_late_fetch_keeps_the_local_steps_taken_since_it_was_issued():

@@ -413,3 +413,49 @@ async def test_a_fetch_cut_off_by_a_remap_leaves_the_next_push_free_to_go():
     sync.install_ready()
     assert shard.version(0) == 1 and sync.versions == {0: 1}
     np.testing.assert_array_equal(core.flat, shard.pull(0).value)
+
+
+async def test_a_step_whose_fetch_waits_for_its_turn_leaves_its_update_to_that_fetch():
+    """A replica whose shard is on another node and whose node is crowded
+    leaves its fetch for its next turn, and its local update with it (the
+    fetch replaces the local copy before the next step). If the node is no
+    longer crowded when the step ends, it fetches at once and waits."""
+    spec = ModelSpec(layers=(3, 4, 2), dtype="float64")
+    size = block_layout(spec, 0, 2)[1]
+    plan = plan_shards({"block0": (size,)}, 1, 8)
+    shard = ParameterShard()
+    shard.init(0, "block0", np.zeros(size), optimizer=SGD(0.1))
+    client = ParameterClient(plan, [("127.0.0.1", 1)], peers=None, run="r",
+                             local=lambda address, epoch: shard)  # fmt: skip
+    core = PartitionCore(spec, 0, 2, np.zeros(size), 0.1)
+    job = SimpleNamespace(max_staleness=None, n_push=1, portion_steps=0, start_step=0,
+                          pusher=lambda step: "r0")  # fmt: skip
+    sync = ShardSync(job, core, client, "block0", SimpleNamespace(pushes=0))
+    await sync.first_fetch()
+    # As if the shard were on another node (its requests are calls here).
+    sync._in_process_at, sync._in_process_cached = client.epoch, False
+    x, y = np.ones((2, 3)), np.array([[0.0, 1.0], [1.0, 0.0]])
+
+    def step() -> None:
+        local = sync.local_update(deferred=True)
+        assert not local
+        before = core.flat.copy()
+        sync.forwarded(0)
+        core.whole_step(x, y, local)
+        sync.backwarded(0)
+        np.testing.assert_array_equal(core.flat, before)  # left to the fetch
+
+    async with trio.open_nursery() as nursery:
+        step()
+        await sync.after_step(0, nursery, defer_fetch=True)
+        assert sync.needs_lobby
+        await sync.deferred_fetch(nursery)  # in the lobby, before the next turn
+        sync.install_ready()
+        np.testing.assert_array_equal(core.flat, shard.pull(0).value)
+        assert shard.version(0) == 1 and sync.versions == {0: 1}
+
+        step()
+        await sync.after_step(1, nursery, defer_fetch=False)  # not crowded any more
+        sync.install_ready()  # landed already: the step waited for it
+        np.testing.assert_array_equal(core.flat, shard.pull(0).value)
+        assert shard.version(0) == 2 and sync.versions == {0: 2}
