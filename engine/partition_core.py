@@ -210,9 +210,8 @@ class PartitionCore:
                 kernels.sgd(self.flat, self._grad, self.learning_rate)
         if self._acc_empty:
             # The first gradients since a push are the accumulation: no pass
-            # over the block. The next backward takes a block from the pool.
-            if self._acc is not None:
-                self.pool.give(self._acc)
+            # over the block (_acc is None then: taken by the last push). The
+            # next backward takes a block from the pool.
             self._acc, self._grad = self._grad, None
             self._acc_empty = False
         else:

@@ -320,56 +320,71 @@ def test_replicas_taking_turns_with_shards_on_another_node_fetch_in_the_lobby(tm
     assert summary.test_accuracy > 0.8
 
 
+_X, _Y = np.ones((2, 3)), np.array([[0.0, 1.0], [1.0, 0.0]])
+
+
+async def _sync_beside_its_shard(max_staleness=None):
+    """A whole-model partition's :class:`ShardSync` and core, its block held by
+    one shard in this process (its requests are calls), after its first
+    fetch; ``fence.on = True`` fences the shard off (a remap coming)."""
+    spec = ModelSpec(layers=(3, 4, 2), dtype="float64")
+    size = block_layout(spec, 0, 2)[1]
+    shard = ParameterShard()
+    shard.init(0, "block0", np.zeros(size), optimizer=SGD(0.1))
+    fence = SimpleNamespace(on=False)
+
+    def local(address, epoch):
+        if fence.on:
+            raise RemoteError(ErrorCode.STALE_EPOCH, "stale epoch")
+        return shard
+
+    plan = plan_shards({"block0": (size,)}, 1, 8)
+    client = ParameterClient(plan, [("127.0.0.1", 1)], peers=None, run="r", local=local)
+    core = PartitionCore(spec, 0, 2, np.zeros(size), 0.1)
+    job = SimpleNamespace(max_staleness=max_staleness, n_push=1, portion_steps=0, start_step=0,
+                          pusher=lambda step: "r0")  # fmt: skip
+    sync = ShardSync(job, core, client, "block0", SimpleNamespace(pushes=0))
+    await sync.first_fetch()
+    return shard, core, sync, fence
+
+
+def _whole_step(core: PartitionCore, sync: ShardSync, deferred: bool = False) -> bool:
+    """One step as the runner takes it; whether it updated the local copy."""
+    local = sync.local_update(deferred)
+    sync.forwarded(0)
+    core.whole_step(_X, _Y, local)
+    sync.backwarded(0)
+    return local
+
+
 async def test_a_turn_copies_its_fetch_from_this_process_unless_the_shard_is_fenced():
     """A whole-model replica whose block a shard of its own process holds
     leaves its fetch for its next turn and makes it there (a copy, after the
     pushes made meanwhile); when that shard is fenced off (a remap coming),
     it makes none in the turn, which nobody should wait for, and fetches out
     of it once the remap has come."""
-    spec = ModelSpec(layers=(3, 4, 2), dtype="float64")
-    size = block_layout(spec, 0, 2)[1]
-    plan = plan_shards({"block0": (size,)}, 1, 8)
-    here = ("127.0.0.1", 1)
-    shard = ParameterShard()
-    shard.init(0, "block0", np.zeros(size), optimizer=SGD(0.1))
-    fenced = False
-
-    def local(address, epoch):
-        if fenced:
-            raise RemoteError(ErrorCode.STALE_EPOCH, "stale epoch")
-        return shard
-
-    client = ParameterClient(plan, [here], peers=None, run="r", local=local)
-    core = PartitionCore(spec, 0, 2, np.zeros(size), 0.1)
-    job = SimpleNamespace(max_staleness=None, n_push=1, portion_steps=0, start_step=0,
-                          pusher=lambda step: "r0")  # fmt: skip
-    sync = ShardSync(job, core, client, "block0", SimpleNamespace(pushes=0))
-    await sync.first_fetch()
-    x, y = np.ones((2, 3)), np.array([[0.0, 1.0], [1.0, 0.0]])
+    shard, core, sync, fence = await _sync_beside_its_shard()
 
     async def step(n: int, nursery) -> None:
-        local = sync.local_update()
-        sync.forwarded(0)
-        core.whole_step(x, y, local)
-        sync.backwarded(0)
+        _whole_step(core, sync)
         await sync.after_step(n, nursery, defer_fetch=True)
 
     async with trio.open_nursery() as nursery:
         await step(0, nursery)
         assert shard.version(0) == 1 and not sync.needs_lobby  # pushed; the fetch left
-        shard.push(0, np.ones(size), pusher="r1", seq=0)  # the turn before's push
+        shard.push(0, np.ones(core.flat.size), pusher="r1", seq=0)  # the turn before's push
         assert sync.fetch_at_turn()
         sync.install_ready()
         np.testing.assert_array_equal(core.flat, shard.pull(0).value)
         assert sync.versions == {0: 2}
 
         await step(1, nursery)
-        fenced = True
+        fence.on = True
         before = core.flat.copy()
         assert not sync.fetch_at_turn()  # no copy: the fetch is still to make
         sync.install_ready()
         np.testing.assert_array_equal(core.flat, before)
-        fenced = False  # the remap has come
+        fence.on = False  # the remap has come
         await sync.deferred_fetch()
         assert sync.fetch_at_turn()
         sync.install_ready()
@@ -381,34 +396,13 @@ async def test_a_fetch_cut_off_by_a_remap_leaves_the_next_push_free_to_go():
     """A push refused as too stale fetches at once; if a remap cuts that
     fetch off, nothing waits for it any more: the next step pushes (and
     fetches with it) instead of failing for a fetch still "in flight"."""
-    spec = ModelSpec(layers=(3, 4, 2), dtype="float64")
-    size = block_layout(spec, 0, 2)[1]
-    plan = plan_shards({"block0": (size,)}, 1, 8)
-    shard = ParameterShard()
-    shard.init(0, "block0", np.zeros(size), optimizer=SGD(0.1))
-    fenced = False
-
-    def local(address, epoch):
-        if fenced:
-            raise RemoteError(ErrorCode.STALE_EPOCH, "stale epoch")
-        return shard
-
-    client = ParameterClient(plan, [("127.0.0.1", 1)], peers=None, run="r", local=local)
-    core = PartitionCore(spec, 0, 2, np.zeros(size), 0.1)
-    job = SimpleNamespace(max_staleness=1, n_push=1, portion_steps=0, start_step=0,
-                          pusher=lambda step: "r0")  # fmt: skip
-    sync = ShardSync(job, core, client, "block0", SimpleNamespace(pushes=0))
-    await sync.first_fetch()
-    x, y = np.ones((2, 3)), np.array([[0.0, 1.0], [1.0, 0.0]])
-    fenced = True
+    shard, core, sync, fence = await _sync_beside_its_shard(max_staleness=1)
+    fence.on = True
     with pytest.raises(RemoteError):
         await sync._fetch_now_into(core.block())
-    fenced = False
+    fence.on = False
     async with trio.open_nursery() as nursery:
-        local = sync.local_update()
-        sync.forwarded(0)
-        core.whole_step(x, y, local)
-        sync.backwarded(0)
+        _whole_step(core, sync)
         await sync.after_step(0, nursery)  # pushes and fetches: nothing in flight
     sync.install_ready()
     assert shard.version(0) == 1 and sync.versions == {0: 1}
@@ -420,29 +414,13 @@ async def test_a_step_whose_fetch_waits_for_its_turn_leaves_its_update_to_that_f
     leaves its fetch for its next turn, and its local update with it (the
     fetch replaces the local copy before the next step). If the node is no
     longer crowded when the step ends, it fetches at once and waits."""
-    spec = ModelSpec(layers=(3, 4, 2), dtype="float64")
-    size = block_layout(spec, 0, 2)[1]
-    plan = plan_shards({"block0": (size,)}, 1, 8)
-    shard = ParameterShard()
-    shard.init(0, "block0", np.zeros(size), optimizer=SGD(0.1))
-    client = ParameterClient(plan, [("127.0.0.1", 1)], peers=None, run="r",
-                             local=lambda address, epoch: shard)  # fmt: skip
-    core = PartitionCore(spec, 0, 2, np.zeros(size), 0.1)
-    job = SimpleNamespace(max_staleness=None, n_push=1, portion_steps=0, start_step=0,
-                          pusher=lambda step: "r0")  # fmt: skip
-    sync = ShardSync(job, core, client, "block0", SimpleNamespace(pushes=0))
-    await sync.first_fetch()
+    shard, core, sync, _ = await _sync_beside_its_shard()
     # As if the shard were on another node (its requests are calls here).
-    sync._in_process_at, sync._in_process_cached = client.epoch, False
-    x, y = np.ones((2, 3)), np.array([[0.0, 1.0], [1.0, 0.0]])
+    sync._in_process_at, sync._in_process_cached = sync.client.epoch, False
 
     def step() -> None:
-        local = sync.local_update(deferred=True)
-        assert not local
         before = core.flat.copy()
-        sync.forwarded(0)
-        core.whole_step(x, y, local)
-        sync.backwarded(0)
+        assert not _whole_step(core, sync, deferred=True)
         np.testing.assert_array_equal(core.flat, before)  # left to the fetch
 
     async with trio.open_nursery() as nursery:
