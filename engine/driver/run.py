@@ -305,14 +305,15 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
         run.lineage.add(inputs.resume.run_id)
         run.event("resumed", checkpoint=str(inputs.resume.path))
     # Warmstart: the first replica alone, the others created but held
-    # (a resumed run was warmed already).
+    # (a resumed run was warmed already). It starts before they are made:
+    # shipping their data takes a core it leaves free.
     warm = config.train.warmstart_steps if inputs.resume is None else 0
     for replica in run.replicas:
         replica.held = bool(warm) and replica is not run.replicas[0]
         await run.launch(replica, inputs, run=False)
-    if warm:
-        await run.set_running(run.replicas[:1], 0.0)
-    else:
+        if warm and replica is run.replicas[0]:
+            await run.set_running([replica], 0.0)
+    if not warm:
         for host in run.hosts:
             await run.control(host, control.Run(run=run.id))
 
