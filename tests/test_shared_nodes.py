@@ -107,11 +107,16 @@ def test_a_driver_killed_outright_leaves_nothing_computing(two, tmp_path):
     driver.kill()
     driver.communicate(timeout=30)
     killed = time.monotonic()
-    while any(runs_on(two)) and time.monotonic() - killed < 10:
+    while True:
+        # Timed from when each status call begins: the call itself (a CLI
+        # process starting up, 0.5-1 s on a busy host) is no part of the lease.
+        asked = time.monotonic() - killed
+        runs = runs_on(two)
+        if not any(runs) or asked > 10:
+            break
         time.sleep(0.1)
-    freed = time.monotonic() - killed
-    assert runs_on(two) == [{}, {}]
-    assert freed <= 1.5 + 1.0, freed  # the lease, and the sweep's period with slack
+    assert runs == [{}, {}]
+    assert asked <= 1.5 + 1.0, asked  # the lease, and the sweep's period with slack
     before = [n.cpu_seconds() for n in two]
     time.sleep(1.0)
     assert all(n.cpu_seconds() - c < 0.2 for n, c in zip(two, before)), "still computing"
