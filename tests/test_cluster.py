@@ -216,6 +216,8 @@ def test_xor_example_converges_on_the_embedded_cluster(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["replicas"] == 25 and summary["examples"] == 50_000
     assert summary["test_accuracy"] == 1.0
+    # Standard output piped: the summary as JSON, for scripts.
+    assert json.loads(out.stdout)["run_id"] == summary["run_id"]
     metrics = (tmp_path / "metrics.csv").read_text().splitlines()
     assert (
         metrics[0] == ("epoch,examples,seconds,train_loss,train_accuracy,test_loss,test_accuracy")
@@ -328,16 +330,16 @@ def embedded_node(driver: subprocess.Popen, name: str) -> tuple[int, set[int]]:
     return next(pid for pid, n in nodes.items() if n == name), set(nodes)
 
 
-def test_killing_the_node_that_holds_the_parameters_with_no_copy_fails_clearly():
+def test_killing_the_node_that_holds_the_parameters_with_no_copy_fails_clearly(tmp_path):
     sets = ["--set", "cluster.nodes=3", "--set", "cluster.backup_interval=0"]
     proc = subprocess.Popen(
-        [*DBNODE, "train", str(EXAMPLES / "xor.toml"), *sets],
+        [*DBNODE, "train", str(EXAMPLES / "xor.toml"), *sets, "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     victim, nodes = embedded_node(proc, node_with("shard", EXAMPLES / "xor.toml", sets))
-    time.sleep(1.5)
+    wait_training(tmp_path)  # a node killed during set-up fails the run otherwise
     os.kill(victim, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
@@ -596,8 +598,9 @@ def test_a_shard_node_killed_mid_run_is_restored_and_the_run_completes(tmp_path,
 
 def test_a_killed_run_resumes_from_its_newest_checkpoint(tmp_path):
     pytest.importorskip("sklearn")
-    # Long enough (about 10 s here) that the driver is surely killed mid-run.
-    common = ["--set", "train.epochs=400", "--set", "checkpoint.interval=0.3"]
+    # Long enough (3-6 s of training on two cores) that the driver is surely
+    # killed mid-run: it dies at the first checkpoint, 0.3 s in.
+    common = ["--set", "train.epochs=60", "--set", "checkpoint.interval=0.3"]
     first = tmp_path / "first"
     proc = subprocess.Popen(
         [*DBNODE, "train", str(EXAMPLES / "digits.toml"), *common, "--out", str(first)],
