@@ -41,7 +41,7 @@ from dbnode.saved import load as load_model
 from dbnode.threads import available_cores, environment_threads, limit_threads
 from dbnode.wire import load_secret
 
-from .progress import ProgressPrinter
+from .progress import ProgressPrinter, summary_text
 from .status_view import render as render_status
 
 log = logging.getLogger("dbnode")
@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("text", "jsonl"),
         default="text",
         help="progress as text, or one JSON object per line (default %(default)s)",
+    )
+    train.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as JSON on a terminal too (it is always so when standard "
+        "output is not a terminal, and in OUT/summary.json)",
     )
     train.add_argument(
         "--resume",
@@ -438,7 +444,9 @@ def cmd_train(args) -> int:
     show.close()
     # The config and the curve are in the run directory (summary.json, metrics.csv).
     shown = {k: v for k, v in summary.__dict__.items() if k not in ("config", "history")}
-    print(json.dumps(shown, indent=2))
+    # Scripts read the JSON (standard output piped); a person reads a few lines.
+    print(json.dumps(shown, indent=2) if args.json or not sys.stdout.isatty()
+          else summary_text(shown))  # fmt: skip
     return 0
 
 
