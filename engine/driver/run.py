@@ -44,7 +44,7 @@ from .. import control
 from ..aio import first_error
 from ..config import RunConfig, format_address, parse_address
 from ..data import examples_after
-from ..errors import ConfigError, DBNodeError
+from ..errors import ConfigError, DBNodeError, NodeUnreachable
 from ..ps.shard import ParameterShard
 from ..wire import Address, Peers, load_secret
 from .cluster import LocalCluster, embedded_nodes
@@ -304,18 +304,31 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
         run.start_examples = sum(r.base_examples for r in run.replicas)
         run.lineage.add(inputs.resume.run_id)
         run.event("resumed", checkpoint=str(inputs.resume.path))
+    if config.cluster.backup_interval:
+        # A first copy before any replica is made: a shard's node lost while
+        # they are (shipping a big data set takes a while) is restored from it.
+        await run.backup()
     # Warmstart: the first replica alone, the others created but held
     # (a resumed run was warmed already). It starts before they are made:
     # shipping their data takes a core it leaves free.
     warm = config.train.warmstart_steps if inputs.resume is None else 0
     for replica in run.replicas:
         replica.held = bool(warm) and replica is not run.replicas[0]
-        await run.launch(replica, inputs, run=False)
-        if warm and replica is run.replicas[0]:
-            await run.set_running([replica], 0.0)
+        try:
+            await run.launch(replica, inputs, run=False)
+            if warm and replica is run.replicas[0]:
+                await run.set_running([replica], 0.0)
+        except NodeUnreachable as exc:
+            # A node lost while the run is set up is dealt with as one lost
+            # later: the watch loop restores its shards and restarts its
+            # replicas on the others.
+            run.health.declare_dead(exc.host, exc)
     if not warm:
-        for host in run.hosts:
-            await run.control(host, control.Run(run=run.id))
+        for host in run.health.live:
+            try:
+                await run.control(host, control.Run(run=run.id))
+            except NodeUnreachable as exc:
+                run.health.declare_dead(exc.host, exc)
 
     ended = Ending()
     with trio.CancelScope() as loop_scope:

@@ -315,9 +315,18 @@ class RunState:
             replica.launched = time.monotonic()
 
     async def launch(self, replica: Replica, inputs: Inputs, run: bool) -> None:
-        """Create a replica's partitions on their nodes and give them its data."""
+        """Create a replica's partitions on their nodes and give them its data.
+
+        Raises:
+            NodeUnreachable: one of its nodes is gone (or was declared dead
+                already: it is not tried again); its uids are set, so the
+                watch loop finds it failed and restarts it elsewhere.
+        """
         replica.uids = [next(self._uids) for _ in range(self.partitions)]
         replica.launched = time.monotonic()
+        dead = next((h for h in replica.hosts if h in self.dead), None)
+        if dead is not None:
+            raise NodeUnreachable(dead, f"node {format_address(dead)} is dead")
         for p in range(self.partitions):
             await self.control(replica.hosts[p], self.job(replica, p), timeout=self.op_timeout)
         rows = replica.rows

@@ -1,0 +1,99 @@
+"""A node lost while a run is set up (its replicas being created and their
+data shipped): the run goes on without it, as for a node lost later -- its
+shards restored from the driver's first copy, its replicas restarted on the
+others -- or, with nothing to restore its shards from, fails saying so.
+
+Three real ``dbnode serve`` processes; the victim is killed (-9) right
+before the driver creates the second replica, so the loss falls inside the
+set-up every time (a timed kill lands anywhere from the first request to
+the first steps, depending on the machine's load)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from serve_node import ServeNode
+from test_cluster import EXAMPLES
+
+import dbnode
+from dbnode.config import parse_address
+from dbnode.driver.state import RunState
+from dbnode.errors import DBNodeError
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started = [ServeNode(tmp_path, f"setup-{i}") for i in range(3)]
+    yield started
+    for node in started:
+        node.kill()
+
+
+def kill_during_setup(monkeypatch, nodes, victim: str) -> list[str]:
+    """Kill ``victim`` ("shard": the node of parameter shard 0; "partitions":
+    one of the second replica's nodes holding no shard) as the driver is
+    about to create the second replica; the killed node's address, once done."""
+    killed: list[str] = []
+    launch = RunState.launch
+
+    async def launch_and_kill(state, replica, inputs, run):
+        if replica is state.replicas[1] and not killed:
+            if victim == "shard":
+                host = state.shard_hosts[0]
+            else:
+                host = next(h for h in replica.hosts if h not in state.shard_hosts)
+            address = f"{host[0]}:{host[1]}"
+            node = next(n for n in nodes if n.address == address)
+            os.kill(node.proc.pid, signal.SIGKILL)
+            node.proc.wait()
+            killed.append(address)
+        await launch(state, replica, inputs, run=run)
+
+    monkeypatch.setattr(RunState, "launch", launch_and_kill)
+    return killed
+
+
+def config(*sets: str) -> dbnode.RunConfig:
+    return dbnode.RunConfig.load(
+        EXAMPLES / "digits.toml",
+        ["train.epochs=20", "cluster.heartbeat=0.5", "cluster.parameter_shards=1", *sets],
+    )
+
+
+@pytest.mark.parametrize("victim", ["partitions", "shard"])
+def test_a_node_lost_while_the_run_is_set_up_is_replaced(tmp_path, nodes, monkeypatch, victim):
+    pytest.importorskip("sklearn")
+    killed = kill_during_setup(monkeypatch, nodes, victim)
+    summary = dbnode.train(
+        config(),
+        hosts=[parse_address(n.address) for n in nodes],
+        secret=nodes[0].secret.read_bytes(),
+        out_dir=tmp_path / "out",
+    )
+    assert killed and summary.dead_nodes == killed, (killed, summary.dead_nodes)
+    assert summary.restarts, summary.events  # its replicas went on elsewhere
+    if victim == "shard":
+        restored = [e for e in summary.events if e["event"] == "shards restored"]
+        assert restored and restored[0]["source"] == "backup", summary.events
+    assert summary.examples == 20 * 1438
+    assert summary.test_accuracy >= 0.93
+    model = dbnode.load(tmp_path / "out")
+    assert all(np.isfinite(w).all() for w in model.params.values())
+
+
+def test_without_a_copy_a_shard_node_lost_during_set_up_fails_the_run_clearly(
+    tmp_path, nodes, monkeypatch
+):
+    killed = kill_during_setup(monkeypatch, nodes, "shard")
+    with pytest.raises(DBNodeError, match="died holding parameter shards and there is no copy"):
+        dbnode.train(
+            config("cluster.backup_interval=0"),
+            hosts=[parse_address(n.address) for n in nodes],
+            secret=nodes[0].secret.read_bytes(),
+            out_dir=tmp_path / "out",
+        )
+    assert killed
+    assert all(n.alive() for n in nodes if n.address not in killed)
