@@ -441,7 +441,8 @@ def cmd_train(args) -> int:
                 file=sys.stderr,
             )
         return 130
-    show.close()
+    finally:
+        show.close()  # a failure's message then starts on a line of its own
     # The config and the curve are in the run directory (summary.json, metrics.csv).
     shown = {k: v for k, v in summary.__dict__.items() if k not in ("config", "history")}
     # Scripts read the JSON (standard output piped); a person reads a few lines.

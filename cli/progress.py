@@ -161,12 +161,15 @@ def tally(kinds: Counter[str]) -> str:
 def summary_text(summary: dict) -> str:
     """A finished run in a few lines, for a terminal: what it trained, how
     well, what went wrong, and where everything else is (summary.json)."""
-    n_nodes = summary["nodes"]
-    lines = [
-        f"{summary['run_name']}: {summary['examples']:,} examples in {summary['seconds']:.1f} s "
-        f"({summary['examples_per_second']:,.0f}/s), {summary['replicas']} replicas on "
-        f"{n_nodes} node{'s' if n_nodes != 1 else ''}"
-    ]
+    n_nodes, examples, rate = summary["nodes"], summary["examples"], summary["examples_per_second"]
+    this_run = round(rate * summary["train_seconds"])  # a resumed run's total holds earlier ones
+    trained = (
+        f"trained {examples:,} examples in {summary['seconds']:.1f} s ({rate:,.0f}/s)"
+        if this_run >= 0.99 * examples
+        else f"trained to {examples:,} examples, {this_run:,} of them in this run's "
+        f"{summary['seconds']:.1f} s ({rate:,.0f}/s)"
+    )
+    lines = [f"{trained}, {summary['replicas']} replicas on {n_nodes} node{'s' * (n_nodes != 1)}"]
     if summary.get("test"):
         lines.append(f"  held out: {held_out(summary['test'])}")
     if summary.get("stopped"):
@@ -181,7 +184,7 @@ def summary_text(summary: dict) -> str:
         if pushes.get("duplicates"):
             text += f", {pushes['duplicates']:,} duplicates dropped"
         staleness = summary.get("staleness") or {}
-        if "mean" in staleness:
+        if staleness.get("mean") is not None:  # None: no push said its version
             text += f"; staleness mean {staleness['mean']:.2f}, max {staleness['max']}"
         lines.append(text)
     trouble = [

@@ -5,7 +5,7 @@ push: those the shards acknowledged are in the final model or counted lost
 with a dead shard node, never applied twice.
 
 ``DBNODE_CHAOS_EPOCHS`` makes the runs longer (the default, 250 epochs, keeps
-the suite short: 20-25 s runs and 6-7 disturbances each on a slow 2-core
+the suite short: 22-26 s runs and 6-7 disturbances each on a slow 2-core
 host; the seeded schedules' second disturbance ends 5.4 and 8.1 s in).
 """
 
@@ -49,8 +49,7 @@ def chaos(nodes, driver: subprocess.Popen, rng: random.Random) -> list[str]:
     """Disturb one node at a time until the run ends; what was done, in order."""
     done = []
     # The clock starts once the run's partitions are started (the driver
-    # backs the shards up as it starts watching them): a kill before the
-    # first backup would leave nothing to restore, by design.
+    # has backed the shards up before creating them).
     deadline = time.monotonic() + 60
     while not any(", from step" in n.logs() for n in nodes) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -89,7 +89,7 @@ def test_on_a_terminal_routine_events_are_counted_and_the_others_shown(monkeypat
 
 def test_the_summary_on_a_terminal_is_a_few_lines_that_name_what_went_wrong():
     summary = {"run_name": "digits-1", "examples": 43_000, "seconds": 12.34,
-               "examples_per_second": 3_500.4, "replicas": 4, "nodes": 1,
+               "train_seconds": 12.284, "examples_per_second": 3_500.4, "replicas": 4, "nodes": 1,
                "test": {"loss": 0.1, "accuracy": 0.97}, "stopped": None, "best": None,
                "pushes": {"applied": 1_344, "duplicates": 0, "acknowledged": 1_344},
                "staleness": {"mean": 1.25, "max": 6, "histogram": {}},
@@ -97,7 +97,7 @@ def test_the_summary_on_a_terminal_is_a_few_lines_that_name_what_went_wrong():
                "warnings": [], "out_dir": "runs/digits-1"}  # fmt: skip
     calm = summary_text(summary).splitlines()
     assert calm == [
-        "digits-1: 43,000 examples in 12.3 s (3,500/s), 4 replicas on 1 node",
+        "trained 43,000 examples in 12.3 s (3,500/s), 4 replicas on 1 node",
         "  held out: test loss 0.1000 acc 0.970",
         "  pushes: 1,344 applied; staleness mean 1.25, max 6",
         "  outputs: runs/digits-1 (summary.json has every figure; --json prints it)",
@@ -106,6 +106,14 @@ def test_the_summary_on_a_terminal_is_a_few_lines_that_name_what_went_wrong():
                      "warnings": ["node a:1 asks for 4 threads"],
                      "best": {"metric": "test_loss", "value": 0.08, "epoch": 7.0},
                      "stopped": "early stopping: test_loss did not improve"}  # fmt: skip
+    # A resumed run: its total holds the earlier runs' examples, its rate
+    # only its own; and with no push that said its version, no staleness.
+    resumed = summary | {"examples": 86_000, "staleness": {"mean": None, "max": None}}
+    assert summary_text(resumed).splitlines()[0] == (
+        "trained to 86,000 examples, 42,999 of them in this run's 12.3 s (3,500/s), "
+        "4 replicas on 1 node"
+    )
+    assert "staleness" not in summary_text(resumed)
     text = summary_text(hit)
     assert "  trouble: dead nodes 1, replica restarts 2, updates lost 12" in text
     assert "  warning: node a:1 asks for 4 threads" in text

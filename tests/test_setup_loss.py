@@ -32,11 +32,12 @@ def nodes(tmp_path):
         node.kill()
 
 
-def kill_during_setup(monkeypatch, nodes, victim: str) -> list[str]:
+def kill_during_setup(monkeypatch, nodes, victim: str) -> list:
     """Kill ``victim`` ("shard": the node of parameter shard 0; "partitions":
     one of the second replica's nodes holding no shard) as the driver is
-    about to create the second replica; the killed node's address, once done."""
-    killed: list[str] = []
+    about to create the second replica. Returns, once done, the killed
+    node's address and the indices of the replicas placed on it."""
+    killed: list = []
     launch = RunState.launch
 
     async def launch_and_kill(state, replica, inputs, run):
@@ -49,7 +50,7 @@ def kill_during_setup(monkeypatch, nodes, victim: str) -> list[str]:
             node = next(n for n in nodes if n.address == address)
             os.kill(node.proc.pid, signal.SIGKILL)
             node.proc.wait()
-            killed.append(address)
+            killed.extend([address, {r.index for r in state.replicas if host in r.hosts}])
         await launch(state, replica, inputs, run=run)
 
     monkeypatch.setattr(RunState, "launch", launch_and_kill)
@@ -73,8 +74,12 @@ def test_a_node_lost_while_the_run_is_set_up_is_replaced(tmp_path, nodes, monkey
         secret=nodes[0].secret.read_bytes(),
         out_dir=tmp_path / "out",
     )
-    assert killed and summary.dead_nodes == killed, (killed, summary.dead_nodes)
-    assert summary.restarts, summary.events  # its replicas went on elsewhere
+    address, placed = killed
+    assert summary.dead_nodes == [address], (killed, summary.dead_nodes)
+    # Its replicas, and only they, went on elsewhere, for that reason (the
+    # others' first fetches found the shards where they were restored).
+    assert {r["replica"] for r in summary.restarts} == placed, summary.restarts
+    assert all(r["reason"] == f"node {address} is dead" for r in summary.restarts)
     if victim == "shard":
         restored = [e for e in summary.events if e["event"] == "shards restored"]
         assert restored and restored[0]["source"] == "backup", summary.events
@@ -95,5 +100,4 @@ def test_without_a_copy_a_shard_node_lost_during_set_up_fails_the_run_clearly(
             secret=nodes[0].secret.read_bytes(),
             out_dir=tmp_path / "out",
         )
-    assert killed
-    assert all(n.alive() for n in nodes if n.address not in killed)
+    assert all(n.alive() for n in nodes if n.address != killed[0])

@@ -320,9 +320,14 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
                 await run.set_running([replica], 0.0)
         except NodeUnreachable as exc:
             # A node lost while the run is set up is dealt with as one lost
-            # later: the watch loop restores its shards and restarts its
-            # replicas on the others.
+            # later: its shards restored (below), its replicas restarted on
+            # the others by the watch loop. This one's partitions made
+            # already must not start without their data.
             run.health.declare_dead(exc.host, exc)
+            await run.stop_partitions(replica)
+    # Before anything runs: the partitions' first fetches go to the shards'
+    # new nodes instead of failing on the dead one.
+    await run.fence()
     if not warm:
         for host in run.health.live:
             try:
@@ -459,16 +464,15 @@ async def _watch_in(
     next_epoch = sum(r.examples for r in run.replicas) // n + 1  # a resumed run's too
     every = config.checkpoint.interval
     next_checkpoint = time.monotonic() + every
-    seen_dead: set[Address] = set()
     path = config.cluster.hosts_file
     hosts_file = HostsFile(path, run.fixed_hosts) if path else None
     while True:
         await trio.sleep(poll_period(config))
         if hosts_file is not None:
             await follow(run, hosts_file, inputs)
-        await run.fence(seen_dead)  # a node declared dead meanwhile (a restart's, say)
+        await run.fence()  # a node declared dead meanwhile (a restart's, say)
         answers = await run.poll()
-        await run.fence(seen_dead)
+        await run.fence()
         window_sum = window_count = 0.0
         for replica in run.replicas:
             if replica.over or replica.parked:  # parked: its partitions were stopped
@@ -616,10 +620,12 @@ def _replica_state(
     """Why a replica has failed (or None), whether a node's failure caused
     it, and its partitions' reports (None where none came)."""
     mine: list[control.PartitionReport | None] = []
-    failure, by_node = None, True
+    dead = next((h for h in replica.hosts if h in run.dead), None)
+    # A dead node is the reason, whatever its partners reported meanwhile
+    # (waiting for a peer that is gone, say).
+    failure, by_node = (f"node {format_address(dead)} is dead" if dead else None), True
     for host, uid in zip(replica.hosts, replica.uids):
         if host in run.dead:
-            failure = failure or f"node {format_address(host)} is dead"
             mine.append(None)
             continue
         answer = answers.get(host)

@@ -177,6 +177,7 @@ class RunState:
             for r, rows in enumerate(inputs.shards)
         ]
         self.health = FailureDetector(hosts, 3 * config.cluster.heartbeat, self.event)
+        self.fenced: set[Address] = set()  # the dead nodes :meth:`fence` has dealt with
         self.backups = ShardBackups(config.cluster.backup_interval)
         self.checkpoint_dir: Path | None = None
         self.lineage = {run_id}  # the runs whose checkpoints are this run's
@@ -562,18 +563,16 @@ class RunState:
         self.last_checkpoint = written
         self.event("checkpoint", number=written.number)
 
-    async def fence(self, seen: set[Address]) -> None:
-        """Move the run past the nodes declared dead since ``seen`` was last
-        updated: restore the parameter shards they held on live nodes, and
-        advance the shard map's epoch everywhere, so that nothing they (or
+    async def fence(self) -> None:
+        """Move the run past the nodes declared dead since the last call:
+        restore the parameter shards they held on live nodes, and advance
+        the shard map's epoch everywhere, so that nothing they (or
         partitions not told yet) still send is applied.
-
-        Args:
-            seen: the dead nodes already dealt with; updated.
 
         Raises:
             DBNodeError: shards were lost with no copy or no node to take them.
         """
+        seen = self.fenced
         seen.intersection_update(self.dead)  # rejoined nodes may die again
         newly = self.dead - seen
         lost = [
@@ -617,9 +616,13 @@ class RunState:
                 self.backups.source, i, self.checkpoint_dir, self.lineage
             )
             if source is None:
+                why = (
+                    "it died before the first backup" if self.backups.interval
+                    else "cluster.backup_interval is 0 and no checkpoint"
+                )  # fmt: skip
                 raise DBNodeError(
                     f"node {dead_names} died holding parameter shards and there is no copy "
-                    "to restore them from (cluster.backup_interval is 0 and no checkpoint)"
+                    f"to restore them from ({why})"
                 )
             data = np.frombuffer(source.data, np.uint8)
             refused: dict[Address, str] = {}
