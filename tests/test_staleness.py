@@ -3,6 +3,7 @@ from; shards count how stale each applied push was, scale its step by the
 optimizer's policy and refuse those past ``train.max_staleness``."""
 
 import json
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,6 +15,7 @@ from dbnode.blocks import block_layout
 from dbnode.config import RunConfig
 from dbnode.control import StalenessReport
 from dbnode.driver import LocalCluster, train
+from dbnode.driver.state import RunState
 from dbnode.errors import ConfigError, ErrorCode, RemoteError, ShardError, TooStaleError
 from dbnode.model import ModelSpec
 from dbnode.optim import SGD, Adagrad, from_wire
@@ -267,6 +269,26 @@ def test_warmstart_runs_the_first_replica_alone_then_the_others(cluster, tmp_pat
     assert summary.staleness["histogram"] == {"0": summary.pushes["applied"]}
     assert summary.examples == 2 * (1797 - 359)  # both epochs of the 1,797 less 359 held out
     assert summary.test_accuracy > 0.5
+
+
+def test_replicas_made_after_the_warm_up_start_at_once(cluster, tmp_path, monkeypatch):
+    """Shipping the held replicas' data is slowed (0.4 s each): the warm-up
+    ends while they are made, those made go, and the rest go as they are
+    made -- not all of them once the last is (the watch loop's release)."""
+    made: dict[int, float] = {}  # replica -> seconds into the run its launch ended
+    launch = RunState.launch
+
+    async def slow_launch(state, replica, inputs, run):
+        if replica.index > 0:
+            await trio.sleep(0.4)
+        await launch(state, replica, inputs, run=run)
+        made[replica.index] = time.monotonic() - state.started
+
+    monkeypatch.setattr(RunState, "launch", slow_launch)
+    summary = _run(cluster, tmp_path, replicas=4, warmstart_steps=5)
+    (event,) = [e for e in summary.events if e["event"] == "warmstart done"]
+    assert event["seconds"] < made[3], (event, made)  # before the last was made
+    assert 5 <= event["steps"] and summary.examples == 2 * (1797 - 359)
 
 
 def test_warmstart_steps_must_not_be_negative():

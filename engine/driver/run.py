@@ -236,6 +236,27 @@ async def _run_in_nursery(
     return summary
 
 
+async def _warmed(run: RunState, first: Replica, steps: int) -> bool:
+    """Whether the warm replica ``first`` has taken ``steps`` steps (or can
+    tell none: a node of it lost leaves the warm-up to the watch loop),
+    recorded as the warm-up's end."""
+    taken = []
+    for host, uid in zip(first.hosts, first.uids):
+        if host in run.dead:
+            return False
+        try:
+            reply = await run.control(host, control.Heartbeat(run=run.id), timeout=run.op_timeout)
+        except NodeUnreachable as exc:
+            run.health.declare_dead(exc.host, exc)
+            return False
+        report = reply.partitions.get(str(uid))
+        taken.append(report.step if report is not None else 0)
+    if min(taken, default=0) < steps:
+        return False
+    run.event("warmstart done", replica=first.index, steps=min(taken))
+    return True
+
+
 async def _close_everywhere(run: RunState) -> None:
     """Free the run on every node that still answers (best effort: the
     leases free it on the others)."""
@@ -310,14 +331,17 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
         await run.backup()
     # Warmstart: the first replica alone, the others created but held
     # (a resumed run was warmed already). It starts before they are made:
-    # shipping their data takes a core it leaves free.
+    # shipping their data takes a core it leaves free. Once it has warmed,
+    # those made go and the rest go as they are made, not after the last.
     warm = config.train.warmstart_steps if inputs.resume is None else 0
+    first, warming = run.replicas[0], bool(warm)
     for replica in run.replicas:
-        replica.held = bool(warm) and replica is not run.replicas[0]
+        replica.held = warming and replica is not first
         try:
             await run.launch(replica, inputs, run=False)
-            if warm and replica is run.replicas[0]:
-                await run.set_running([replica], 0.0)
+            if warm and (replica is first or not warming):
+                await run.set_running([replica], 0.0 if replica is first else
+                                      time.monotonic() - start)  # fmt: skip
         except NodeUnreachable as exc:
             # A node lost while the run is set up is dealt with as one lost
             # later: its shards restored (below), its replicas restarted on
@@ -325,6 +349,13 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
             # already must not start without their data.
             run.health.declare_dead(exc.host, exc)
             await run.stop_partitions(replica)
+        if warming and replica is not first and await _warmed(run, first, warm):
+            warming = False
+            made = [r for r in run.replicas if r.held and r.uids and not set(r.hosts) & run.dead]
+            try:
+                await run.set_running(made, time.monotonic() - start)
+            except NodeUnreachable as exc:  # those still held go at the watch loop's release
+                run.health.declare_dead(exc.host, exc)
     # Before anything runs: the partitions' first fetches go to the shards'
     # new nodes instead of failing on the dead one.
     await run.fence()
