@@ -116,8 +116,16 @@ class ShardSync:
             self._scope.cancel()
 
     async def first_fetch(self) -> None:
-        """Fetch the block into the local copy, before the first step."""
-        self.versions = await self.client.pull({self.block: self.core.flat})
+        """Fetch the block into the local copy, before the first step:
+        retried across remaps like every later request, so a shard node
+        lost just before it is waited for (the driver restores its pieces
+        and remaps) rather than failing the replica."""
+        staging = self.core.block()
+        self.core.fetch_issued()
+        self._done = trio.Event()
+        await self.sync(None, staging, self.job.start_step, None)
+        self.raise_error()
+        self.install_ready()
 
     def local_update(self, deferred: bool = False) -> bool:
         """Whether the backward about to run updates the local copy: not when

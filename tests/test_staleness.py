@@ -20,7 +20,7 @@ from dbnode.errors import ConfigError, ErrorCode, RemoteError, ShardError, TooSt
 from dbnode.model import ModelSpec
 from dbnode.optim import SGD, Adagrad, from_wire
 from dbnode.partition_core import PartitionCore
-from dbnode.partition_sync import ShardSync
+from dbnode.partition_sync import RETRY_DELAY, ShardSync
 from dbnode.placement import plan_shards
 from dbnode.ps import ParameterClient
 from dbnode.ps.shard import STALENESS_BUCKETS, ParameterShard
@@ -345,10 +345,11 @@ def test_replicas_taking_turns_with_shards_on_another_node_fetch_in_the_lobby(tm
 _X, _Y = np.ones((2, 3)), np.array([[0.0, 1.0], [1.0, 0.0]])
 
 
-async def _sync_beside_its_shard(max_staleness=None):
+async def _sync_beside_its_shard(max_staleness=None, fetched=True):
     """A whole-model partition's :class:`ShardSync` and core, its block held by
     one shard in this process (its requests are calls), after its first
-    fetch; ``fence.on = True`` fences the shard off (a remap coming)."""
+    fetch (unless not ``fetched``); ``fence.on = True`` fences the shard off
+    (a remap coming)."""
     spec = ModelSpec(layers=(3, 4, 2), dtype="float64")
     size = block_layout(spec, 0, 2)[1]
     shard = ParameterShard()
@@ -366,7 +367,8 @@ async def _sync_beside_its_shard(max_staleness=None):
     job = SimpleNamespace(max_staleness=max_staleness, n_push=1, portion_steps=0, start_step=0,
                           pusher=lambda step: "r0")  # fmt: skip
     sync = ShardSync(job, core, client, "block0", SimpleNamespace(pushes=0))
-    await sync.first_fetch()
+    if fetched:
+        await sync.first_fetch()
     return shard, core, sync, fence
 
 
@@ -412,6 +414,24 @@ async def test_a_turn_copies_its_fetch_from_this_process_unless_the_shard_is_fen
         sync.install_ready()
         np.testing.assert_array_equal(core.flat, shard.pull(0).value)
         assert sync.versions == {0: 3}
+
+
+async def test_a_first_fetch_refused_for_a_moved_shard_waits_for_the_remap():
+    """A replica whose shard node is lost just before its first fetch (the
+    driver fencing it off) fetches from the new map once the remap comes,
+    as every later request does, instead of failing and being restarted."""
+    shard, core, sync, fence = await _sync_beside_its_shard(fetched=False)
+    shard.push(0, np.ones(core.flat.size), pusher="r1", seq=0)  # moved on meanwhile
+    fence.on = True
+    with trio.fail_after(RETRY_DELAY / 2):  # the remap, not the retry timer, sends it again
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sync.first_fetch)
+            await trio.sleep(0.05)
+            assert not sync._done.is_set()  # refused: waiting for the remap
+            fence.on = False
+            sync.remap(sync.client.epoch + 1, (("127.0.0.1", 1),))
+    np.testing.assert_array_equal(core.flat, shard.pull(0).value)
+    assert sync.versions == {0: 1}
 
 
 async def test_a_fetch_cut_off_by_a_remap_leaves_the_next_push_free_to_go():
