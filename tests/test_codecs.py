@@ -205,6 +205,8 @@ async def test_a_client_trains_through_a_live_node_in_16_bits(tmp_path, fetch, p
 
 
 async def test_a_node_refuses_an_unknown_codec_and_keeps_serving(tmp_path):
+    """Refused before anything is done: a PUSH_PULL whose reply cannot be
+    encoded applies nothing (its sender would push again)."""
     node = ServeNode(tmp_path, "codec")
     try:
         async with trio.open_nursery() as nursery:
@@ -217,6 +219,18 @@ async def test_a_node_refuses_an_unknown_codec_and_keeps_serving(tmp_path):
             await ch.request(MessageKind.INIT, key=0, array=value, meta=meta)
             with pytest.raises(RemoteError, match="codec 'f8' is not one of"):
                 await ch.request(MessageKind.PULL, key=0, meta={"run": "c", "codec": "f8"})
+            ones = np.ones(4, np.float32)
+            with pytest.raises(RemoteError, match="codec 'f8' is not one of"):
+                await ch.request(MessageKind.PUSH_PULL, key=0, array=ones,
+                                 meta={"run": "c", "codec": "f8"})  # fmt: skip
+            await ch.request(MessageKind.INIT, key=1, array=np.ones(4), meta={**meta, "name": "v"})
+            with pytest.raises(RemoteError, match="codec bf16 needs a float32 tensor"):
+                await ch.request(MessageKind.PUSH_PULL, key=1, array=np.ones(4),
+                                 meta={"run": "c", "codec": "bf16"})  # fmt: skip
+            for key, held in ((0, value), (1, np.ones(4))):
+                reply = await ch.request(MessageKind.PULL, key=key, meta={"run": "c"})
+                assert reply.seq == 0  # nothing applied
+                np.testing.assert_array_equal(reply.array, held)
             # A push in bf16 is applied as its float32 value.
             grad = codecs.encode(np.full(4, 1.5, np.float32), "bf16")
             await ch.request(MessageKind.PUSH, key=0, array=grad, meta={"run": "c"})

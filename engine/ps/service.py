@@ -124,29 +124,35 @@ class ShardService:
         )
         return Reply(seq=version)
 
-    def _value(self, run: NodeRun, frame: Frame) -> Reply:
+    def _reply_codec(self, run: NodeRun, frame: Frame) -> str:
+        """The codec a value goes back in, checked before anything is done."""
         codec = frame.meta.get("codec", "f32")
         if codec not in codecs.CODECS:
             raise RequestError(
                 ErrorCode.BAD_REQUEST, f"codec {codec!r} is not one of {codecs.CODECS}"
             )
+        dtype = run.shard.dtype(frame.key)
+        if codec != "f32" and dtype != np.float32:
+            raise RequestError(
+                ErrorCode.DTYPE_MISMATCH,
+                f"codec {codec} needs a float32 tensor; key {frame.key} is {dtype}",
+            )
+        return codec
+
+    def _value(self, run: NodeRun, frame: Frame, codec: str) -> Reply:
         # The reply goes out from the live buffer, zero-copy; a push that
         # comes meanwhile updates a copy, until the send releases the pin.
         (value, version), unpin = run.shard.pin(frame.key)
         if codec == "f32":
             return Reply(array=value, seq=version, release=unpin)
         try:  # encoded at once, into a buffer of the reply's own
-            if value.dtype != np.float32:
-                raise RequestError(
-                    ErrorCode.DTYPE_MISMATCH,
-                    f"codec {codec} needs a float32 tensor; key {frame.key} is {value.dtype}",
-                )
             return Reply(array=codecs.encode(value, codec), seq=version)
         finally:
             unpin()
 
     def _pull(self, frame: Frame) -> Reply:
-        return self._value(self.runs.for_request(frame.meta), frame)
+        run = self.runs.for_request(frame.meta)
+        return self._value(run, frame, self._reply_codec(run, frame))
 
     def _gradient(self, array: np.ndarray | None) -> np.ndarray | None:
         """A pushed gradient as float32, decoded into the service's scratch
@@ -181,8 +187,9 @@ class ShardService:
 
     def _push_pull(self, frame: Frame) -> Reply:
         run = self.runs.for_request(frame.meta)
+        codec = self._reply_codec(run, frame)  # a request refused changes nothing
         self._apply(run, frame)
-        return self._value(run, frame)
+        return self._value(run, frame, codec)
 
     def _stats(self, frame: Frame) -> Reply:
         pushers = frame.meta.get("pushers", "")

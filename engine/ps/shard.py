@@ -272,6 +272,10 @@ class ParameterShard:
             inner = t.optimizer.inner if isinstance(t.optimizer, Scheduled) else t.optimizer
             t.optimizer = Scheduled(inner, made) if made is not None else inner
 
+    def dtype(self, key: int) -> np.dtype:
+        """Tensor ``key``'s dtype."""
+        return self._get(key).value.dtype
+
     def version(self, key: int) -> int:
         """The version of tensor ``key`` (pushes applied so far)."""
         return self._get(key).version
