@@ -290,6 +290,20 @@ class Node:
 
     async def _remap(self, request: control.Remap) -> None:
         run = self.runs.get(request.run)
+        # Checked before anything changes. An older map (a late retry of a
+        # remap) would unfence what a newer one fenced off.
+        if request.epoch < run.epoch:
+            raise RequestError(
+                ErrorCode.STALE_EPOCH,
+                f"run {run.id}: remap to epoch {request.epoch}, older than its {run.epoch}",
+            )
+        for runner in run.partitions.values():
+            if len(request.shards) != runner.plan.n_shards:
+                raise RequestError(
+                    ErrorCode.BAD_REQUEST,
+                    f"run {run.id}: {len(request.shards)} shard addresses for a plan of "
+                    f"{runner.plan.n_shards}",
+                )
         run.epoch = request.epoch
         for runner in run.partitions.values():
             runner.remap(request.epoch, request.shards)

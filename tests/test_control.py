@@ -462,6 +462,16 @@ async def test_a_stale_epoch_is_refused_and_counted():
         await ch.request(MessageKind.PUSH, key=1, array=np.ones(2), meta=shard_meta(epoch=1))
         beat = await control.call(ch, control.Heartbeat(run=RUN))
         assert (beat.epoch, beat.fenced, beat.versions) == (1, 2, {"1": 1})
+        # A late retry of an older remap cannot unfence what the newer fenced off,
+        # and a map that does not fit the run's partitions changes nothing.
+        with pytest.raises(RemoteError, match="older than") as late:
+            await control.call(ch, control.Remap(run=RUN, epoch=0, shards=(address,)))
+        assert late.value.code == ErrorCode.STALE_EPOCH
+        await control.call(ch, dataclasses.replace(job(shards=(address,)), next=None, start_step=0))
+        with pytest.raises(RemoteError, match="2 shard addresses for a plan of 1") as misfit:
+            await control.call(ch, control.Remap(run=RUN, epoch=2, shards=(address, address)))
+        assert misfit.value.code == ErrorCode.BAD_REQUEST
+        assert (await control.call(ch, control.Heartbeat(run=RUN))).epoch == 1
         await ch.aclose()
         nursery.cancel_scope.cancel()
 
