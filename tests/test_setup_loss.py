@@ -1,5 +1,6 @@
 """A node lost while a run is set up (its replicas being created and their
-data shipped): the run goes on without it, as for a node lost later -- its
+data shipped, or the held ones set running as the warm-up ends): the run
+goes on without it, as for a node lost later -- its
 shards restored from the driver's first copy, its replicas restarted on the
 others -- or, with nothing to restore its shards from, fails saying so.
 
@@ -101,3 +102,35 @@ def test_without_a_copy_a_shard_node_lost_during_set_up_fails_the_run_clearly(
             out_dir=tmp_path / "out",
         )
     assert all(n.alive() for n in nodes if n.address != killed[0])
+
+
+def test_a_node_lost_as_the_warm_up_ends_is_replaced(tmp_path, nodes, monkeypatch):
+    """Killed right before the driver sets the held replicas running (the
+    warm-up over): that node's replicas go on elsewhere, the others start."""
+    pytest.importorskip("sklearn")
+    killed: list = []
+    set_running = RunState.set_running
+
+    async def kill_and_set_running(state, replicas, at):
+        if state.replicas[0] not in replicas and not killed:
+            host = next(h for r in replicas for h in r.hosts if h not in state.shard_hosts)
+            address = f"{host[0]}:{host[1]}"
+            node = next(n for n in nodes if n.address == address)
+            os.kill(node.proc.pid, signal.SIGKILL)
+            node.proc.wait()
+            killed.extend([address, {r.index for r in state.replicas if host in r.hosts}])
+        await set_running(state, replicas, at)
+
+    monkeypatch.setattr(RunState, "set_running", kill_and_set_running)
+    summary = dbnode.train(
+        config("train.warmstart_steps=30"),
+        hosts=[parse_address(n.address) for n in nodes],
+        secret=nodes[0].secret.read_bytes(),
+        out_dir=tmp_path / "out",
+    )
+    address, placed = killed
+    assert summary.dead_nodes == [address], (killed, summary.dead_nodes)
+    assert {r["replica"] for r in summary.restarts} == placed, summary.restarts
+    assert any(e["event"] == "warmstart done" for e in summary.events)
+    assert summary.examples == 20 * 1438
+    assert summary.test_accuracy >= 0.93

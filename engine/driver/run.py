@@ -352,10 +352,7 @@ async def _train(run: RunState, inputs: Inputs, out_dir, progress, start, nurser
         if warming and replica is not first and await _warmed(run, first, warm):
             warming = False
             made = [r for r in run.replicas if r.held and r.uids and not set(r.hosts) & run.dead]
-            try:
-                await run.set_running(made, time.monotonic() - start)
-            except NodeUnreachable as exc:  # those still held go at the watch loop's release
-                run.health.declare_dead(exc.host, exc)
+            await run.set_running(made, time.monotonic() - start)
     # Before anything runs: the partitions' first fetches go to the shards'
     # new nodes instead of failing on the dead one.
     await run.fence()

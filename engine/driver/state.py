@@ -302,15 +302,24 @@ class RunState:
         )
 
     async def set_running(self, replicas: list[Replica], at: float) -> None:
-        """Set the (created, held) partitions of ``replicas`` running.
+        """Set the (created, held) partitions of ``replicas`` running. A node
+        found gone meanwhile is declared dead: its replicas are restarted
+        elsewhere as those of any node lost, the others go.
 
         Args:
             replicas: the replicas.
             at: seconds into training (their :attr:`Replica.offset`).
         """
         for host in dict.fromkeys(h for r in replicas for h in r.hosts):
+            if host in self.dead:
+                continue
             uids = tuple(u for r in replicas for h, u in zip(r.hosts, r.uids) if h == host)
-            await self.control(host, control.Run(run=self.id, uids=uids), timeout=self.op_timeout)
+            try:
+                await self.control(
+                    host, control.Run(run=self.id, uids=uids), timeout=self.op_timeout
+                )
+            except NodeUnreachable as exc:
+                self.health.declare_dead(exc.host, exc)
         for replica in replicas:
             replica.held, replica.offset = False, at
             replica.launched = time.monotonic()
