@@ -270,11 +270,24 @@ class CheckpointError(DBNodeError):
 
 # -- runs (dbnode.partition, dbnode.driver) -----------------------------------------
 
-__all__ += ["Diverged", "NodeUnreachable", "RunInterrupted", "StopTraining"]
+__all__ += ["Diverged", "NodeRefused", "NodeUnreachable", "RunInterrupted", "StopTraining"]
 
 
 class NodeUnreachable(DBNodeError):
     """A node of a run did not answer the driver (gone, frozen, or cut off).
+
+    Attributes:
+        host: the node's address.
+    """
+
+    def __init__(self, host, message: str) -> None:
+        self.host = host
+        super().__init__(message)
+
+
+class NodeRefused(DBNodeError):
+    """A node of a run refused to take a replica's partition or data (over
+    its memory budget, say): another node may.
 
     Attributes:
         host: the node's address.

@@ -20,9 +20,11 @@ from serve_node import ServeNode
 from test_cluster import EXAMPLES
 
 import dbnode
+from dbnode import control
 from dbnode.config import parse_address
 from dbnode.driver.state import RunState
 from dbnode.errors import DBNodeError
+from dbnode.wire import MessageKind
 
 
 @pytest.fixture
@@ -134,3 +136,47 @@ def test_a_node_lost_as_the_warm_up_ends_is_replaced(tmp_path, nodes, monkeypatc
     assert any(e["event"] == "warmstart done" for e in summary.events)
     assert summary.examples == 20 * 1438
     assert summary.test_accuracy >= 0.93
+
+
+def test_a_node_that_refuses_a_restarted_replica_is_passed_over(tmp_path, monkeypatch):
+    """The node picked for a lost node's replica refuses it (another run on
+    that shared node has taken its memory budget): the replica goes on the
+    next node instead of failing the run."""
+    pytest.importorskip("sklearn")
+    nodes = [ServeNode(tmp_path, f"budget-{i}", extra=("--max-memory", "64M")) for i in range(3)]
+    try:
+        killed = kill_during_setup(monkeypatch, nodes, "partitions")
+        hogged: list = []
+        launch = RunState.launch
+
+        async def hog_then_launch(state, replica, inputs, run):
+            restart = killed and not set(replica.hosts) & state.dead
+            if restart and replica.index in killed[1] and not hogged:
+                host = replica.hosts[0]
+                info = await state.control(host, control.Info())
+                await state.control(host, control.Open(run="hog", name="hog", lease=600.0))
+                ch = await state.peers.get(host)
+                hog = np.zeros((info.max_memory - info.memory) // 2 // 8 - 1024)
+                adagrad = {"name": "adagrad", "learning_rate": 0.1}  # its state as big: 2x counted
+                meta = {"run": "hog", "name": "hog", "optimizer": adagrad}
+                await ch.request(MessageKind.INIT, key=1, array=hog, meta=meta)
+                hogged.append(f"{host[0]}:{host[1]}")
+            await launch(state, replica, inputs, run=run)
+
+        monkeypatch.setattr(RunState, "launch", hog_then_launch)
+        summary = dbnode.train(
+            config(),
+            hosts=[parse_address(n.address) for n in nodes],
+            secret=nodes[0].secret.read_bytes(),
+            out_dir=tmp_path / "out",
+        )
+        address, placed = killed
+        assert hogged, "no replica was restarted"
+        assert summary.dead_nodes == [address]
+        assert {r["replica"] for r in summary.restarts} == placed, summary.restarts
+        assert summary.examples == 20 * 1438
+        assert summary.test_accuracy >= 0.93
+        assert any(n.alive() for n in nodes if n.address == hogged[0])
+    finally:
+        for node in nodes:
+            node.kill()

@@ -23,7 +23,7 @@ from .. import control, kernels
 from ..blocks import block_views, blocks, pack_block
 from ..config import RunConfig, format_address
 from ..data import examples_after, steps_per_run
-from ..errors import DBNodeError, NodeUnreachable, RemoteError, TransportError
+from ..errors import DBNodeError, NodeRefused, NodeUnreachable, RemoteError, TransportError
 from ..pipeline import depth_of
 from ..ps.client import ParameterClient
 from ..traffic import NodeShape
@@ -331,20 +331,30 @@ class RunState:
             NodeUnreachable: one of its nodes is gone (or was declared dead
                 already: it is not tried again); its uids are set, so the
                 watch loop finds it failed and restarts it elsewhere.
+            NodeRefused: one of its nodes refused a partition or its data.
         """
         replica.uids = [next(self._uids) for _ in range(self.partitions)]
         replica.launched = time.monotonic()
         dead = next((h for h in replica.hosts if h in self.dead), None)
         if dead is not None:
             raise NodeUnreachable(dead, f"node {format_address(dead)} is dead")
+
+        async def place(host: Address, request: control.Request) -> None:
+            try:
+                await self.control(host, request, timeout=self.op_timeout)
+            except RemoteError as exc:
+                raise NodeRefused(
+                    host, f"node {format_address(host)} refused ({request.op}): {exc.message}"
+                ) from None
+
         for p in range(self.partitions):
-            await self.control(replica.hosts[p], self.job(replica, p), timeout=self.op_timeout)
+            await place(replica.hosts[p], self.job(replica, p))
         rows = replica.rows
         x = np.ascontiguousarray(inputs.x[rows], dtype=self.spec.np_dtype)
         first, last = replica.hosts[0], replica.hosts[-1]
-        await self.control(first, control.Data(run=self.id, uid=replica.uids[0], role="x", array=x))
+        await place(first, control.Data(run=self.id, uid=replica.uids[0], role="x", array=x))
         y = np.ascontiguousarray(inputs.y[rows])
-        await self.control(last, control.Data(run=self.id, uid=replica.uids[-1], role="y", array=y))
+        await place(last, control.Data(run=self.id, uid=replica.uids[-1], role="y", array=y))
         if run:
             for host in dict.fromkeys(replica.hosts):
                 uids = tuple(u for h, u in zip(replica.hosts, replica.uids) if h == host)
@@ -430,8 +440,9 @@ class RunState:
         replica.seen_loss = (0.0, 0)
         replica.acked_before, replica.acked = replica.acknowledged, {}
         replica.links_before, replica.links_now = replica.links, {}
+        refused: dict[Address, str] = {}
         while True:
-            replica.hosts = self.least_loaded(replica, reason)
+            replica.hosts = self.least_loaded(replica, reason, refused)
             log.warning(
                 "replica %d failed (%s); restarting it at step %d on %s",
                 replica.index,
@@ -446,6 +457,10 @@ class RunState:
                 self.health.declare_dead(exc.host, exc)
                 await self.stop_partitions(replica)
                 reason = str(exc)
+            except NodeRefused as exc:  # over its memory budget, say: the next node may take it
+                log.warning("replica %d: %s; trying the other nodes", replica.index, exc)
+                refused[exc.host] = str(exc)
+                await self.stop_partitions(replica)
         self.restarts.append(
             {"replica": replica.index, "at_step": replica.start_step, "reason": reason}
         )
@@ -494,12 +509,17 @@ class RunState:
                 except DBNodeError:
                     pass
 
-    def least_loaded(self, replica: Replica, reason: str) -> list[Address]:
+    def least_loaded(
+        self, replica: Replica, reason: str, refused: dict[Address, str] | None = None
+    ) -> list[Address]:
         """The nodes for ``replica``'s partitions: the placeable ones
-        running the fewest other partitions."""
-        live = self.placeable
+        running the fewest other partitions (none that ``refused`` it: node
+        -> what it said)."""
+        refused = refused or {}
+        live = [h for h in self.placeable if h not in refused]
         if not live:
-            raise DBNodeError(f"no node left to restart replica {replica.index} on ({reason})")
+            why = "; ".join([reason, *refused.values()])
+            raise DBNodeError(f"no node left to restart replica {replica.index} on ({why})")
         load = {h: 0 for h in live}
         for other in self.replicas:
             if other is not replica and not (other.over or other.parked):
