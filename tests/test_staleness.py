@@ -249,11 +249,15 @@ def test_free_replicas_are_stale_and_a_bound_holds(cluster, tmp_path):
     free = _run(cluster, tmp_path / "free", replicas=4, n_fetch=4)
     assert free.staleness["max"] > 1 and free.staleness["refused"] == 0
     assert sum(free.staleness["histogram"].values()) == free.pushes["applied"]
-    bounded = _run(cluster, tmp_path / "bounded", replicas=4, n_fetch=4, max_staleness=1)
+    # No backups: a backup's copies of applied pushes are acknowledged too
+    # (dropped as duplicates), which a slow machine brings on.
+    bounded = _run(cluster, tmp_path / "bounded", replicas=4, n_fetch=4, max_staleness=1,
+                   backups=False)  # fmt: skip
     assert bounded.staleness["max"] <= 1
     assert set(bounded.staleness["histogram"]) <= {"0", "1"}
     assert sum(bounded.staleness["histogram"].values()) == bounded.pushes["applied"]
     # What was refused was never applied, and the run still learns.
+    assert bounded.pushes["duplicates"] == 0
     assert bounded.pushes["applied"] == bounded.pushes["acknowledged"]
     assert bounded.test_accuracy > 0.5  # ten classes: chance is 0.1
 
