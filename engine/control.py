@@ -405,7 +405,9 @@ class Status(Request):
 class Remap(Request):
     """Moves the run to shard map `epoch`: its partitions on the node send to
     `shards` from now on, and the node refuses shard requests of any other
-    epoch (STALE_EPOCH)."""
+    epoch (STALE_EPOCH). A remap to an older epoch than the run's is itself
+    STALE_EPOCH, and one whose `shards` do not fit the run's partitions'
+    plan BAD_REQUEST: either changes nothing."""
 
     op: ClassVar[Op] = Op.REMAP
     run: str = _run()
