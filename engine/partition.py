@@ -651,6 +651,7 @@ class PartitionService:
                     f"inputs of shape {array.shape} for partition {request.uid}: only a first "
                     f"partition takes inputs, of {spec.layers[0]} features",
                 )
+            self._fits(run, runner, array.size * spec.np_dtype.itemsize, runner.x)
             x = array.astype(spec.np_dtype, copy=False)
             self._account(run, runner, x, runner.x)
             runner.x = x
@@ -659,6 +660,8 @@ class PartitionService:
             raise RequestError(
                 ErrorCode.BAD_REQUEST, f"partition {request.uid} is not a last partition"
             )
+        kind = np.dtype(np.intp) if spec.takes_labels else spec.np_dtype
+        self._fits(run, runner, array.size * kind.itemsize, runner.y)
         y = runner.core.loss.targets(array)
         if spec.takes_labels and (y.min() < 0 or y.max() >= spec.layers[-1]):
             raise RequestError(
@@ -678,12 +681,19 @@ class PartitionService:
         self._account(run, runner, y, runner.y)
         runner.y = y
 
+    def _fits(self, run: NodeRun, runner: PartitionRunner, nbytes: int, previous) -> None:
+        """Refuse a data shard that would not fit the node's memory budget as
+        ``nbytes`` in place of the one it replaces: checked before it is
+        converted (a copy up to 8 times the received payload, which the
+        transport's limit bounded)."""
+        change = nbytes - (previous.nbytes if previous is not None else 0)
+        self.runs.reserve(change, f"data for partition {runner.job.uid} of run {run.id}")
+
     def _account(self, run: NodeRun, runner: PartitionRunner, array: np.ndarray, previous) -> None:
         """Count a data shard against the node's memory budget, in place of
-        the one it replaces (it is already received: the transport's payload
-        limit bounded it); refuse it if it does not fit."""
+        the one it replaces (refused if it does not fit)."""
+        self._fits(run, runner, array.nbytes, previous)
         change = array.nbytes - (previous.nbytes if previous is not None else 0)
-        self.runs.reserve(change, f"data for partition {runner.job.uid} of run {run.id}")
         runner.reserved += change
         run.reserved += change
 

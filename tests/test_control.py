@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tracemalloc
 from functools import partial
 from pathlib import Path
 
@@ -490,6 +491,23 @@ async def test_the_memory_budget_refuses_before_allocating():
             meta = shard_meta(name="w", optimizer=sgd)
             await ch.request(MessageKind.INIT, key=1, array=np.zeros(1 << 18), meta=meta)
         assert (await control.call(ch, control.Info())).memory == 0
+        # Data whose float64 copy would not fit is refused before it is made
+        # (a 256 KiB payload of bytes, 2 MiB converted).
+        n = 1 << 17
+        await control.call(ch, job(shards=(address,), next=None, n_examples=n, uid=5))
+        held = (await control.call(ch, control.Info())).memory
+        tracemalloc.start()
+        try:
+            x = np.ones((n, 2), np.uint8)
+            tracemalloc.reset_peak()
+            with pytest.raises(RemoteError, match="data for partition 5 .* budget") as data:
+                await control.call(ch, control.Data(run=RUN, uid=5, role="x", array=x))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert data.value.code == ErrorCode.UNAVAILABLE
+        assert peak < 4 * x.nbytes, peak  # the payload's copies, never its conversion
+        assert (await control.call(ch, control.Info())).memory == held
         await ch.aclose()
         nursery.cancel_scope.cancel()
 
