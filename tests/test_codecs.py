@@ -10,7 +10,7 @@ from hypothesis.extra import numpy as hnp
 from serve_node import ServeNode
 
 from dbnode import codecs, control, kernels, reference
-from dbnode.errors import RemoteError
+from dbnode.errors import ErrorCode, RemoteError
 from dbnode.placement import plan_shards
 from dbnode.ps import ParameterClient, ParameterShard
 from dbnode.wire import BFLOAT16, MessageKind, Peers
@@ -231,6 +231,13 @@ async def test_a_node_refuses_an_unknown_codec_and_keeps_serving(tmp_path):
                 reply = await ch.request(MessageKind.PULL, key=key, meta={"run": "c"})
                 assert reply.seq == 0  # nothing applied
                 np.testing.assert_array_equal(reply.array, held)
+            # A 16-bit gradient for no tensor, or of the wrong shape, is
+            # refused as such (tests/test_control.py: before it is widened).
+            small = codecs.encode(np.ones(5, np.float32), "bf16")
+            for key, code in ((99, ErrorCode.UNKNOWN_KEY), (0, ErrorCode.SHAPE_MISMATCH)):
+                with pytest.raises(RemoteError) as refused:
+                    await ch.request(MessageKind.PUSH, key=key, array=small, meta={"run": "c"})
+                assert refused.value.code == code
             # A push in bf16 is applied as its float32 value.
             grad = codecs.encode(np.full(4, 1.5, np.float32), "bf16")
             await ch.request(MessageKind.PUSH, key=0, array=grad, meta={"run": "c"})

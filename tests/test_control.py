@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import trio
 
-from dbnode import control
+from dbnode import codecs, control
 from dbnode.control import Op
 from dbnode.errors import DBNodeError, ErrorCode, RemoteError, RequestError
 from dbnode.model import ModelSpec
@@ -508,6 +508,34 @@ async def test_the_memory_budget_refuses_before_allocating():
         assert data.value.code == ErrorCode.UNAVAILABLE
         assert peak < 4 * x.nbytes, peak  # the payload's copies, never its conversion
         assert (await control.call(ch, control.Info())).memory == held
+        await ch.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_16_bit_push_that_fits_no_tensor_is_refused_before_it_is_widened():
+    """Widened to float32 in a buffer the node keeps, it would hold twice
+    its payload for good: for a key that does not exist, or a gradient of
+    the wrong shape, nothing is allocated."""
+    async with trio.open_nursery() as nursery:
+        ch = await channel(nursery, await start_node(nursery))
+        await open_run(ch)
+        sgd = {"name": "sgd", "learning_rate": 1.0}
+        meta = shard_meta(name="w", optimizer=sgd)
+        await ch.request(MessageKind.INIT, key=1, array=np.zeros(4, np.float32), meta=meta)
+        big = codecs.encode(np.ones(1 << 22, np.float32), "bf16")
+        tracemalloc.start()
+        try:
+            for key, code in ((99, ErrorCode.UNKNOWN_KEY), (1, ErrorCode.SHAPE_MISMATCH)):
+                before = tracemalloc.get_traced_memory()[0]
+                with pytest.raises(RemoteError) as refused:
+                    await ch.request(MessageKind.PUSH, key=key, array=big, meta=shard_meta())
+                assert refused.value.code == code
+                # At most the payload, in the receiving buffer the connection
+                # reuses; widened, another twice that.
+                kept = tracemalloc.get_traced_memory()[0] - before
+                assert kept < big.nbytes * 3 // 2, kept
+        finally:
+            tracemalloc.stop()
         await ch.aclose()
         nursery.cancel_scope.cancel()
 

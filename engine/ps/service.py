@@ -34,7 +34,14 @@ import numpy as np
 
 from .. import codecs, control, kernels
 from ..control import Op
-from ..errors import ErrorCode, NotFiniteError, RequestError, ShardError, SnapshotError
+from ..errors import (
+    ErrorCode,
+    NotFiniteError,
+    RequestError,
+    ShapeMismatchError,
+    ShardError,
+    SnapshotError,
+)
 from ..runs import NodeRun, RunTable
 from ..wire import Frame, MessageKind, Reply
 from .shard import ParameterShard
@@ -154,12 +161,20 @@ class ShardService:
         run = self.runs.for_request(frame.meta)
         return self._value(run, frame, self._reply_codec(run, frame))
 
-    def _gradient(self, array: np.ndarray | None) -> np.ndarray | None:
+    def _gradient(self, run: NodeRun, key: int, array: np.ndarray | None) -> np.ndarray | None:
         """A pushed gradient as float32, decoded into the service's scratch
         buffer if it came in a 16-bit codec (handlers run one at a time, and
-        the shard is done with it when its push returns)."""
+        the shard is done with it when its push returns). Only a gradient
+        that fits the tensor is decoded: the scratch grows to the largest
+        tensor pushed, never to what a request says."""
         if array is None or codecs.codec_of(array.dtype) == "f32":
             return array
+        shape = run.shard.shape(key)  # an unknown key raises here
+        if array.shape != shape:
+            raise ShapeMismatchError(
+                key, f"key {key} ({run.shard.name(key)}): gradient shape expected {shape}, "
+                f"got {array.shape}",
+            )  # fmt: skip
         if self._scratch.size < array.size:
             self._scratch = kernels.empty(array.size, np.float32)
         return codecs.decode(array, out=self._scratch[: array.size].reshape(array.shape))
@@ -171,7 +186,7 @@ class ShardService:
             # Without a pusher a push is not deduplicated: its seq means nothing.
             return run.shard.push(
                 frame.key,
-                self._gradient(frame.array),
+                self._gradient(run, frame.key, frame.array),
                 pusher=pusher,
                 seq=frame.seq if pusher is not None else None,
                 version=meta.get("version"),

@@ -276,6 +276,10 @@ class ParameterShard:
         """Tensor ``key``'s dtype."""
         return self._get(key).value.dtype
 
+    def shape(self, key: int) -> tuple[int, ...]:
+        """Tensor ``key``'s shape."""
+        return self._get(key).value.shape
+
     def version(self, key: int) -> int:
         """The version of tensor ``key`` (pushes applied so far)."""
         return self._get(key).version
