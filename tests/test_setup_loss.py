@@ -1,13 +1,15 @@
-"""A node lost while a run is set up (its replicas being created and their
-data shipped, or the held ones set running as the warm-up ends): the run
-goes on without it, as for a node lost later -- its
-shards restored from the driver's first copy, its replicas restarted on the
-others -- or, with nothing to restore its shards from, fails saying so.
+"""A node lost at the edges of a run -- while it is set up (its replicas
+being created and their data shipped), as the warm-up ends (the held
+replicas set running), or as it finishes (before the final model is read)
+-- is dealt with as one lost mid-run: its shards restored from the
+driver's copy, its replicas restarted on the others (past any node that
+refuses them); or, with nothing to restore its shards from, the run fails
+saying so.
 
-Three real ``dbnode serve`` processes; the victim is killed (-9) right
-before the driver creates the second replica, so the loss falls inside the
-set-up every time (a timed kill lands anywhere from the first request to
-the first steps, depending on the machine's load)."""
+Three real ``dbnode serve`` processes; the victim is killed (-9) from a
+wrapper around the driver's own step (creating the second replica, setting
+the held ones running, finishing), so the loss falls at that point every
+time (a timed kill lands anywhere, depending on the machine's load)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from test_cluster import EXAMPLES
 import dbnode
 from dbnode import control
 from dbnode.config import parse_address
+from dbnode.driver import run as driver_run
 from dbnode.driver.state import RunState
 from dbnode.errors import DBNodeError
 from dbnode.wire import MessageKind
@@ -180,3 +183,35 @@ def test_a_node_that_refuses_a_restarted_replica_is_passed_over(tmp_path, monkey
     finally:
         for node in nodes:
             node.kill()
+
+
+def test_the_shard_node_lost_as_the_run_finishes_is_restored_for_the_final_model(
+    tmp_path, nodes, monkeypatch
+):
+    """Killed once the replicas are done, before the driver reads the final
+    model: its shard is restored from the backup and the model read there."""
+    pytest.importorskip("sklearn")
+    finish = driver_run.finish
+    killed = []
+
+    async def kill_then_finish(state, *args, **kwargs):
+        host = state.shard_hosts[0]
+        node = next(n for n in nodes if n.address == f"{host[0]}:{host[1]}")
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait()
+        killed.append(node.address)
+        return await finish(state, *args, **kwargs)
+
+    monkeypatch.setattr(driver_run, "finish", kill_then_finish)
+    summary = dbnode.train(
+        config(),
+        hosts=[parse_address(n.address) for n in nodes],
+        secret=nodes[0].secret.read_bytes(),
+        out_dir=tmp_path / "out",
+    )
+    assert summary.dead_nodes == killed
+    restored = [e for e in summary.events if e["event"] == "shards restored"]
+    assert restored and restored[0]["source"] == "backup", summary.events
+    assert summary.test_accuracy >= 0.9
+    model = dbnode.load(tmp_path / "out")
+    assert all(np.isfinite(w).all() for w in model.params.values())

@@ -151,6 +151,7 @@ async def finish(run: RunState, inputs, out_dir, start, train_seconds, ended: En
     try:
         if not (ended.early or ended.error):
             await run.poll()  # the shards' final versions
+        await run.fence()  # a shard node found dead since: read its copy's new home
         final = await run.model()
         duplicates = await run.duplicates()
         if run.checkpoint_dir is not None:

@@ -611,9 +611,9 @@ class RunState:
         ]
         if not newly and not lost:
             return
-        seen.update(newly)
         restored = await self._restore_shards(lost) if lost else []
         await self.advance_epoch()
+        seen.update(newly)  # only now: cut off before, the next call does it again
         for i, source, lost_now in restored:
             age = round(time.time() - source.time, 3)
             log.warning(
