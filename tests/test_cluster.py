@@ -666,6 +666,30 @@ def test_a_run_whose_replicas_all_diverge_fails_and_keeps_the_last_finite_model(
     assert all(np.isfinite(p).all() for p in model.params.values())
 
 
+def test_a_replica_that_diverges_alone_stops_and_the_summary_counts_what_was_trained(tmp_path):
+    """One replica's data shard overflows (its gradients are NaN at once):
+    it stops, the others train on, and the summary's examples (and rate)
+    are those trained, not every example of every epoch."""
+    sklearn = pytest.importorskip("sklearn.datasets")
+    x, y = sklearn.load_digits(return_X_y=True)
+    x, y = (x / 16).astype(np.float32)[:1792], y[:1792]
+    x_test, y_test = x.copy(), y.copy()
+    x[-448:] *= 3e38  # the last of 4 replicas' shard
+    config = RunConfig.from_dict({
+        "model": {"layers": [64, 32, 10], "activation": "relu", "output": "softmax",
+                  "loss": "cross_entropy"},
+        "train": {"batch_size": 16, "epochs": 5, "replicas": 4, "seed": 0},
+        "optimizer": {"name": "sgd", "learning_rate": 0.05},
+    })  # fmt: skip
+    summary = train(config, out_dir=tmp_path, x=x, y=y, x_test=x_test, y_test=y_test)
+    assert [d["replica"] for d in summary.diverged] == [3], summary.diverged
+    total = 5 * len(x)
+    assert total * 3 // 4 <= summary.examples < total * 3 // 4 + 16 * 4, summary.examples
+    rate = summary.examples / summary.train_seconds
+    assert summary.examples_per_second == pytest.approx(rate, rel=0.01)
+    assert summary.test_accuracy >= 0.85
+
+
 def test_huge_weights_earn_a_warning(tmp_path):
     pytest.importorskip("sklearn")
     out = run_cli(

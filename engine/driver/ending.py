@@ -176,6 +176,9 @@ async def finish(run: RunState, inputs, out_dir, start, train_seconds, ended: En
     diverged = [
         {"replica": r.index, "reason": r.diverged} for r in run.replicas if r.diverged is not None
     ]
+    # Every example of every epoch, unless the run ended early or replicas
+    # stopped short of their schedules (diverged): then what was trained.
+    examples = min(trained, total) if early or diverged else total
     biggest = max((float(np.max(np.abs(p))) for p in (final or {}).values() if p.size), default=0)
     if biggest > HUGE_WEIGHT:
         run.warn(
@@ -199,12 +202,10 @@ async def finish(run: RunState, inputs, out_dir, start, train_seconds, ended: En
         replicas=len(run.replicas),
         partitions=run.partitions,
         nodes=len(run.hosts),
-        examples=trained if early else total,
+        examples=examples,
         seconds=round(seconds, 3),
         train_seconds=round(train_seconds, 4),
-        examples_per_second=round(
-            ((trained if early else total) - run.start_examples) / train_seconds, 1
-        ),
+        examples_per_second=round((examples - run.start_examples) / train_seconds, 1),
         final_train_loss=run.last_loss,
         task=inputs.task,
         test=test,

@@ -85,7 +85,9 @@ class Summary:
     Attributes:
         config: the run config, as nested dicts.
         replicas, partitions, nodes: the run's size.
-        examples: examples the run was to train.
+        examples: examples the run was to train (every example of every
+            epoch); of a run that ended early or whose replicas diverged,
+            those trained.
         seconds: wall time of the run, setup included.
         train_seconds: the replicas' training loops, to the last applied push.
         examples_per_second: ``examples / train_seconds``.
