@@ -105,8 +105,10 @@ def test_nodes_removed_from_the_hosts_file_are_drained_without_losing_their_shar
     to the one left, nothing of one drain lands on the other."""
     pytest.importorskip("sklearn")
     hosts = tmp_path / "hosts"
-    # Two layer partitions: one parameter shard per partition.
+    # Two layer partitions, their blocks on 6 parameter shards: some hold
+    # nothing, on the nodes that leave too.
     more = ["--set", "model.partitions=2", "--set", "train.replicas=2",
+            "--set", "cluster.parameter_shards=6",
             "--set", "train.epochs=60", "--set", "train.eval_interval=0.2",
             "--set", "train.backups=false"]  # fmt: skip
     hosts.write_text("\n".join(n.address for n in nodes) + "\n")

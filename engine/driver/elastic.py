@@ -271,14 +271,16 @@ async def _move_shards(run: RunState, host: Address) -> list[int] | None:
         The plan shards moved; None when one could not be (no other node
         took it): the node keeps what is left.
     """
-    moving = [i for i, h in enumerate(run.shard_hosts) if h == host and run.plan.on_shard(i)]
-    if not moving:
+    mine = [i for i, h in enumerate(run.shard_hosts) if h == host]
+    if not mine:
         return []
+    moving = [i for i in mine if run.plan.on_shard(i)]
     # The fence's map already points the moving shards elsewhere: the node's
     # own partitions (which get the fence's epoch too) must not push to its
-    # copy either once it is exported.
+    # copy either once it is exported. Empty plan shards move with the map
+    # alone (nothing to export), or the node would never be done.
     planned = list(run.shard_hosts)
-    for i in moving:
+    for i in mine:
         live = run.placeable
         planned[i] = min(live, key=lambda h: (planned.count(h), live.index(h)))
     fence = control.Remap(run=run.id, epoch=run.epoch + 1, shards=tuple(planned))
@@ -291,6 +293,9 @@ async def _move_shards(run: RunState, host: Address) -> list[int] | None:
         log.warning("node %s refused the fence: %s", format_address(host), exc)
         return None
     run.epoch += 1  # the map that follows is one past the fence
+    for i in mine:
+        if i not in moving:
+            run.shard_hosts[i] = planned[i]
     moved: list[int] | None = []
     for i in moving:
         try:
