@@ -572,10 +572,12 @@ async def _watch_in(
             if run.plateau is not None and (scale := run.plateau.update(row)) is not None:
                 run.event("learning rate lowered", scale=scale, epoch=row["epoch"])
                 run.plateau.sent_epoch = -1
-        # A restored shard (a new shard map epoch) is told the scale again.
-        if run.plateau is not None and run.plateau.sent_epoch != run.epoch:
-            run.plateau.sent_epoch = run.epoch
-            if run.plateau.scale < 1.0:
+        # A restored shard (a new shard map epoch) is told the scale again;
+        # while a send is on its way, once it is over (it may predate the map).
+        plateau = run.plateau
+        if plateau is not None and plateau.sent_epoch != run.epoch and "scale" not in jobs.busy:
+            plateau.sent_epoch = run.epoch
+            if plateau.scale < 1.0:
                 jobs.start("scale", partial(_send_scale, run))
         if progress:
             progress(
