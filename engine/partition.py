@@ -284,6 +284,7 @@ class PartitionRunner:
             self._failed(exc)
         finally:
             self.sync.close()  # its steps and requests are over: the blocks go back
+            self.inbox_send.close()  # what its neighbours still send is dropped
 
     def stop(self) -> None:
         """Cancel the partition; frames still arriving for it are refused."""
@@ -601,9 +602,21 @@ class PartitionService:
             # The neighbours of a stopped copy (a backup ended, a replica
             # parked) may still be sending: expected, nothing to answer.
             return
+        runner = self._runner(run, frame.key)
         try:
-            await self._runner(run, frame.key).inbox_send.send(frame)
-        except trio.ClosedResourceError:  # stopped meanwhile
+            if runner.started:  # its pipeline bounds what may wait: the inbox holds it
+                await runner.inbox_send.send(frame)
+                return
+            # Not set running yet, its neighbours are not either: a peer that
+            # fills its inbox anyway must not stall the connection (shared by
+            # every run) until the partition runs, which it may never do.
+            runner.inbox_send.send_nowait(frame)
+        except trio.WouldBlock:
+            raise RequestError(
+                ErrorCode.UNAVAILABLE,
+                f"run {run.id}: partition {frame.key} is not running and its inbox is full",
+            ) from None
+        except trio.ClosedResourceError:  # stopped or over meanwhile
             return
 
     async def _start(self, job: control.PartitionJob) -> None:

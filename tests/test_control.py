@@ -540,6 +540,27 @@ async def test_a_16_bit_push_that_fits_no_tensor_is_refused_before_it_is_widened
         nursery.cancel_scope.cancel()
 
 
+async def test_frames_for_a_partition_not_running_never_stall_the_connection():
+    """A peer that floods a partition not set running (it may never be)
+    fills its inbox; the rest is refused at once, and the connection, which
+    carries other runs' requests too, goes on answering them."""
+    async with trio.open_nursery() as nursery:
+        address = await start_node(nursery)
+        ch = await channel(nursery, address)
+        await open_run(ch, "one")
+        await open_run(ch, "two")
+        await control.call(ch, job(run="one", shards=(address,), next=None, start_step=0))
+        meta = shard_meta("two", name="w", optimizer={"name": "sgd", "learning_rate": 1.0})
+        await ch.request(MessageKind.INIT, key=1, array=np.zeros(2), meta=meta)
+        for step in range(80):  # its inbox holds 4
+            await ch.notify(MessageKind.FORWARD, key=7, seq=step, array=np.ones((1, 3)),
+                            meta={"run": "one"})  # fmt: skip
+        with trio.fail_after(5):
+            assert (await ch.request(MessageKind.PULL, key=1, meta=shard_meta("two"))).seq == 0
+        await ch.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_node_answers_the_partition_ops_and_survives_their_misuse():
     async with trio.open_nursery() as nursery:
         address = await start_node(nursery)
