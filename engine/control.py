@@ -603,7 +603,8 @@ class ImportReply(Message):
 class Import(Request):
     """Takes over the tensors of an exported snapshot into the run's shard (a
     dead node's pieces, from the driver's backup or checkpoint); their keys
-    must be new to it."""
+    must be new to it, and each is checked as INIT checks a tensor (keys,
+    dtypes, finite values and state)."""
 
     op: ClassVar[Op] = Op.IMPORT
     reply: ClassVar[type[Message]] = ImportReply

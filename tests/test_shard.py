@@ -618,3 +618,54 @@ def test_snapshot_of_some_keys_merges_into_another_shard(tmp_path):
         b.merge(ParameterShard.restore(tmp_path / "part.npz"))
     with pytest.raises(UnknownKeyError):
         a.snapshot(tmp_path / "bad.npz", keys=[7])
+
+
+def _forged(change) -> bytes:
+    """A well-formed snapshot (its checksum right) of a one-tensor shard, its
+    record, value and state changed by ``change(record, value, state)``."""
+    import io
+
+    from dbnode.ps import snapshot
+
+    shard = ParameterShard()
+    shard.init(1, "w", np.ones(4, np.float32), optimizer={"name": "momentum",
+               "learning_rate": 0.1, "momentum": 0.9})  # fmt: skip
+    header, ((record, value, state),) = shard._records(None)
+    record, value, state = dict(record), value.copy(), {k: v.copy() for k, v in state.items()}
+    record, value, state = change(record, value, state)
+    buf = io.BytesIO()
+    snapshot.dump(buf, header, [(record, value, state)])
+    return buf.getvalue()
+
+
+def _changed(record, **changes):
+    return {**record, **changes}
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (lambda r, v, s: (r, np.array([np.nan, 1, 1, 1], np.float32), s), "NaN or infinity"),
+        (lambda r, v, s: (r, v, {"velocity": np.full(4, np.inf, np.float32)}), "NaN or infinity"),
+        (
+            lambda r, v, s: (
+                _changed(r, dtype="int32"),
+                v.astype(np.int32),
+                {"velocity": s["velocity"].astype(np.int32)},
+            ),
+            "dtype must be float32 or float64",
+        ),
+        (lambda r, v, s: (_changed(r, key=2**40), v, s), "key must be an integer"),
+        (lambda r, v, s: (_changed(r, scale=float("nan")), v, s), "bad scale"),
+        (lambda r, v, s: (_changed(r, version=-3), v, s), "bad scale or counts"),
+        (lambda r, v, s: (_changed(r, last_seq=[1, 2]), v, s), "bad record"),
+        (lambda r, v, s: ({k: x for k, x in r.items() if k != "name"}, v, s), "bad record"),
+    ],
+)
+def test_a_snapshot_from_elsewhere_is_checked_as_an_init_is(change, says):
+    """An ``import`` takes a peer's bytes, whose checksum proves only that
+    they arrived whole: what INIT would refuse is refused (SnapshotError),
+    never taken in to be pulled or to fail a later push."""
+    with pytest.raises(SnapshotError, match=says):
+        ParameterShard.from_bytes(_forged(change))
+    assert ParameterShard.from_bytes(_forged(lambda r, v, s: (r, v, s))).keys() == [1]

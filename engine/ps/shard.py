@@ -679,22 +679,33 @@ class ParameterShard:
     def _from_snapshot(
         cls, where, meta: dict[str, Any], records: list[snapshot.Record]
     ) -> ParameterShard:
-        shard = cls(int(meta["shard"]))
-        shard._rejected_unknown = int(meta["rejected_unknown"])
-        for d, value, state in records:
-            key = int(d["key"])
-            try:
+        # Checked as INIT checks what it takes: a snapshot may come from a
+        # peer (an ``import``), and its checksum says nothing of who made it.
+        try:
+            shard = cls(int(meta["shard"]))
+            shard._rejected_unknown = int(meta["rejected_unknown"])
+            for d, value, state in records:
+                key = _check_key(d["key"])
+                name = str(d["name"])
+                _kernel_dtype(key, name, value.dtype)
                 opt = _make_optimizer(key, d["optimizer"])
-            except ShardError as exc:
-                raise SnapshotError(where, str(exc)) from None
-            if sorted(opt.state(value)) != sorted(state):
-                raise SnapshotError(
-                    where, f"key {key}: state {sorted(state)} does not fit optimizer {opt.name}"
-                )
-            shard._tensors[key] = _Tensor(
-                key, d["name"], value, opt, state,
-                version=int(d["version"]), pushes=int(d["pushes"]), duplicates=int(d["duplicates"]),
-                rejected=int(d["rejected"]), scale=float(d.get("scale", 1.0)),
-                last_seq={str(p): int(s) for p, s in d["last_seq"].items()},
-            )  # fmt: skip
+                if sorted(opt.state(value)) != sorted(state):
+                    raise SnapshotError(
+                        where, f"key {key}: state {sorted(state)} does not fit optimizer {opt.name}"
+                    )
+                if not all(kernels.all_finite(a) for a in (value, *state.values())):
+                    raise SnapshotError(where, f"key {key}: its values hold NaN or infinity")
+                scale = float(d.get("scale", 1.0))
+                counts = [int(d[c]) for c in ("version", "pushes", "duplicates", "rejected")]
+                if not (0 < scale < math.inf) or min(counts) < 0:
+                    raise SnapshotError(where, f"key {key}: bad scale or counts")
+                shard._tensors[key] = _Tensor(
+                    key, name, value, opt, state, version=counts[0],
+                    pushes=counts[1], duplicates=counts[2], rejected=counts[3], scale=scale,
+                    last_seq={str(p): int(q) for p, q in dict(d["last_seq"]).items()},
+                )  # fmt: skip
+        except SnapshotError:
+            raise
+        except (ShardError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SnapshotError(where, f"bad record: {type(exc).__name__}: {exc}") from None
         return shard
