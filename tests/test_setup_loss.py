@@ -52,15 +52,31 @@ def kill_during_setup(monkeypatch, nodes, victim: str) -> list:
                 host = state.shard_hosts[0]
             else:
                 host = next(h for h in replica.hosts if h not in state.shard_hosts)
-            address = f"{host[0]}:{host[1]}"
-            node = next(n for n in nodes if n.address == address)
-            os.kill(node.proc.pid, signal.SIGKILL)
-            node.proc.wait()
+            address = kill(nodes, host)
             killed.extend([address, {r.index for r in state.replicas if host in r.hosts}])
         await launch(state, replica, inputs, run=run)
 
     monkeypatch.setattr(RunState, "launch", launch_and_kill)
     return killed
+
+
+def kill(nodes, host) -> str:
+    """``kill -9`` the node at ``host``, and wait for it; its address."""
+    address = f"{host[0]}:{host[1]}"
+    node = next(n for n in nodes if n.address == address)
+    os.kill(node.proc.pid, signal.SIGKILL)
+    node.proc.wait()
+    return address
+
+
+def train_on(nodes, out, *sets: str) -> dbnode.Summary:
+    """Train :func:`config` with ``sets`` on ``nodes``, into ``out``."""
+    return dbnode.train(
+        config(*sets),
+        hosts=[parse_address(n.address) for n in nodes],
+        secret=nodes[0].secret.read_bytes(),
+        out_dir=out,
+    )
 
 
 def config(*sets: str) -> dbnode.RunConfig:
@@ -74,12 +90,7 @@ def config(*sets: str) -> dbnode.RunConfig:
 def test_a_node_lost_while_the_run_is_set_up_is_replaced(tmp_path, nodes, monkeypatch, victim):
     pytest.importorskip("sklearn")
     killed = kill_during_setup(monkeypatch, nodes, victim)
-    summary = dbnode.train(
-        config(),
-        hosts=[parse_address(n.address) for n in nodes],
-        secret=nodes[0].secret.read_bytes(),
-        out_dir=tmp_path / "out",
-    )
+    summary = train_on(nodes, tmp_path / "out")
     address, placed = killed
     assert summary.dead_nodes == [address], (killed, summary.dead_nodes)
     # Its replicas, and only they, went on elsewhere, for that reason (the
@@ -100,12 +111,7 @@ def test_without_a_copy_a_shard_node_lost_during_set_up_fails_the_run_clearly(
 ):
     killed = kill_during_setup(monkeypatch, nodes, "shard")
     with pytest.raises(DBNodeError, match="died holding parameter shards and there is no copy"):
-        dbnode.train(
-            config("cluster.backup_interval=0"),
-            hosts=[parse_address(n.address) for n in nodes],
-            secret=nodes[0].secret.read_bytes(),
-            out_dir=tmp_path / "out",
-        )
+        train_on(nodes, tmp_path / "out", "cluster.backup_interval=0")
     assert all(n.alive() for n in nodes if n.address != killed[0])
 
 
@@ -119,20 +125,12 @@ def test_a_node_lost_as_the_warm_up_ends_is_replaced(tmp_path, nodes, monkeypatc
     async def kill_and_set_running(state, replicas, at):
         if state.replicas[0] not in replicas and not killed:
             host = next(h for r in replicas for h in r.hosts if h not in state.shard_hosts)
-            address = f"{host[0]}:{host[1]}"
-            node = next(n for n in nodes if n.address == address)
-            os.kill(node.proc.pid, signal.SIGKILL)
-            node.proc.wait()
+            address = kill(nodes, host)
             killed.extend([address, {r.index for r in state.replicas if host in r.hosts}])
         await set_running(state, replicas, at)
 
     monkeypatch.setattr(RunState, "set_running", kill_and_set_running)
-    summary = dbnode.train(
-        config("train.warmstart_steps=30"),
-        hosts=[parse_address(n.address) for n in nodes],
-        secret=nodes[0].secret.read_bytes(),
-        out_dir=tmp_path / "out",
-    )
+    summary = train_on(nodes, tmp_path / "out", "train.warmstart_steps=30")
     address, placed = killed
     assert summary.dead_nodes == [address], (killed, summary.dead_nodes)
     assert {r["replica"] for r in summary.restarts} == placed, summary.restarts
@@ -167,12 +165,7 @@ def test_a_node_that_refuses_a_restarted_replica_is_passed_over(tmp_path, monkey
             await launch(state, replica, inputs, run=run)
 
         monkeypatch.setattr(RunState, "launch", hog_then_launch)
-        summary = dbnode.train(
-            config(),
-            hosts=[parse_address(n.address) for n in nodes],
-            secret=nodes[0].secret.read_bytes(),
-            out_dir=tmp_path / "out",
-        )
+        summary = train_on(nodes, tmp_path / "out")
         address, placed = killed
         assert hogged, "no replica was restarted"
         assert summary.dead_nodes == [address]
@@ -196,19 +189,11 @@ def test_the_shard_node_lost_as_the_run_finishes_is_restored_for_the_final_model
 
     async def kill_then_finish(state, *args, **kwargs):
         host = state.shard_hosts[0]
-        node = next(n for n in nodes if n.address == f"{host[0]}:{host[1]}")
-        os.kill(node.proc.pid, signal.SIGKILL)
-        node.proc.wait()
-        killed.append(node.address)
+        killed.append(kill(nodes, host))
         return await finish(state, *args, **kwargs)
 
     monkeypatch.setattr(driver_run, "finish", kill_then_finish)
-    summary = dbnode.train(
-        config(),
-        hosts=[parse_address(n.address) for n in nodes],
-        secret=nodes[0].secret.read_bytes(),
-        out_dir=tmp_path / "out",
-    )
+    summary = train_on(nodes, tmp_path / "out")
     assert summary.dead_nodes == killed
     restored = [e for e in summary.events if e["event"] == "shards restored"]
     assert restored and restored[0]["source"] == "backup", summary.events
