@@ -126,17 +126,20 @@ async def client_handshake(
     """
     shake = ClientHandshake(secret, name)
     rings = None
-    if shm:
-        try:
-            rings = SharedRings.offer()
-        except OSError as exc:
-            log.debug("no shared memory for %s: %s", conn.peer, exc)
 
     async def steps() -> dict[str, Any]:
+        nonlocal rings
         await conn.send_frame(MessageKind.HELLO, meta=shake.hello())
         auth = shake.on_challenge(await conn.receive_frame())
-        if rings is not None:  # only a server that proved it knows the secret learns it
-            auth = {**auth, "shm": {"path": rings.path, "size": rings.size}}
+        # Made only for a server that proved it knows the secret (the only
+        # one that learns its name): a segment costs every page of it at once.
+        if shm:
+            try:
+                rings = SharedRings.offer()
+            except OSError as exc:
+                log.debug("no shared memory for %s: %s", conn.peer, exc)
+            else:
+                auth = {**auth, "shm": {"path": rings.path, "size": rings.size}}
         await conn.send_frame(MessageKind.AUTH, meta=auth)
         return shake.on_auth_ok(await conn.receive_frame())
 
