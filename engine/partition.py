@@ -704,8 +704,7 @@ class PartitionService:
 
     def _account(self, run: NodeRun, runner: PartitionRunner, array: np.ndarray, previous) -> None:
         """Count a data shard against the node's memory budget, in place of
-        the one it replaces (refused if it does not fit)."""
-        self._fits(run, runner, array.nbytes, previous)
+        the one it replaces (:meth:`_fits` checked it before it was made)."""
         change = array.nbytes - (previous.nbytes if previous is not None else 0)
         runner.reserved += change
         run.reserved += change
